@@ -1,0 +1,329 @@
+"""The wire vocabulary: magics, command bytes and typed messages for both links.
+
+Client link (frontend / Python clients <-> broker FRONTEND ROUTER), magic ``VLM1``.
+Worker link (model workers and the supervisor <-> broker BACKEND ROUTER), magic ``VLW1``.
+Each message class is a frozen dataclass bound to one (link, command byte); `common/wire.py` is the
+only module that turns them into frames. Field types are limited to what msgpack carries and what
+`wire.decode` validates: str, int, float, bool, dict, list and their `| None` forms.
+Images and other bulk bytes never go into a message: they travel as raw blob frames after it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any, ClassVar
+
+MAGIC_CLIENT = b"VLM1"
+MAGIC_WORKER = b"VLW1"
+PROTO_MINOR = 1  # `v` in every envelope; unknown keys from a newer minor are ignored
+
+
+class Link(Enum):
+    CLIENT = MAGIC_CLIENT
+    WORKER = MAGIC_WORKER
+
+
+# Job ids are client-chosen strings (uuid4 hex by our client); model ids are config keys.
+JobId = str
+ModelId = str
+
+# Model states as the broker reports them (GET /v1/models).
+MODEL_STATES = ("unloaded", "loading", "loaded", "draining", "unloading", "failed")
+# Worker states as workers report them in READY/HEARTBEAT.
+WORKER_STATES = ("empty", "loading", "loaded", "unloading")
+
+# Query services answered by the broker itself (MDP's "mmi." namespace).
+Q_MODELS = "mmi.models"      # arg {"model": id?} -> {"models": [status, ...]}
+Q_STATS = "mmi.stats"        # -> counters, gauges and queue depths for /metrics
+Q_LOAD = "mmi.load"          # arg {"model": id} -> answered once loaded, or ERROR
+Q_UNLOAD = "mmi.unload"      # arg {"model": id} -> answered once unloaded, or ERROR
+QUERY_SERVICES = (Q_MODELS, Q_STATS, Q_LOAD, Q_UNLOAD)
+
+
+@dataclass(frozen=True)
+class Message:
+    LINK: ClassVar[Link]
+    CMD: ClassVar[int]
+
+
+def _msg(link: Link, cmd: int):
+    def wrap(cls):
+        cls.LINK, cls.CMD = link, cmd
+        return cls
+    return wrap
+
+
+C, W = Link.CLIENT, Link.WORKER
+
+# ---- client -> broker ---------------------------------------------------------------------------
+
+
+@_msg(C, 0x01)
+@dataclass(frozen=True)
+class Submit(Message):
+    """A job. `params` is the job's own vocabulary (see workers/engine.py `GroundingRequest`);
+    blob i (image bytes) is described by `blob_meta[i]` = {"mime", "len"}."""
+    id: str
+    model: str
+    params: dict
+    blob_meta: list = field(default_factory=list)
+    ttl_ms: int = 120_000
+    stream: bool = False
+    priority: int = 0
+
+
+@_msg(C, 0x02)
+@dataclass(frozen=True)
+class Cancel(Message):
+    id: str
+    reason: str = "user"  # client_disconnect / timeout / user
+
+
+@_msg(C, 0x03)
+@dataclass(frozen=True)
+class Query(Message):
+    id: str
+    service: str
+    arg: dict = field(default_factory=dict)
+
+
+@_msg(C, 0x04)
+@dataclass(frozen=True)
+class Ping(Message):
+    seq: int
+
+
+# ---- broker -> client ---------------------------------------------------------------------------
+
+
+@_msg(C, 0x11)
+@dataclass(frozen=True)
+class Accepted(Message):
+    id: str
+    queue_pos: int
+    broker_incarnation: str
+
+
+@_msg(C, 0x12)
+@dataclass(frozen=True)
+class Partial(Message):
+    id: str
+    seq: int
+    delta: dict
+
+
+@_msg(C, 0x13)
+@dataclass(frozen=True)
+class Final(Message):
+    """The job's result; blobs that came with the worker's RESULT follow as frames."""
+    id: str
+    result: dict
+    usage: dict = field(default_factory=dict)
+    finish_reason: str = "stop"
+    timings: dict = field(default_factory=dict)
+
+
+@_msg(C, 0x14)
+@dataclass(frozen=True)
+class Error(Message):
+    """`id` is None for errors not tied to a job (a malformed message)."""
+    id: str | None
+    code: str
+    message: str
+    retryable: bool = False
+    retry_after_ms: int | None = None
+
+
+@_msg(C, 0x15)
+@dataclass(frozen=True)
+class Pong(Message):
+    seq: int
+    broker_incarnation: str
+
+
+@_msg(C, 0x16)
+@dataclass(frozen=True)
+class QueryReply(Message):
+    id: str
+    data: dict
+
+
+# ---- worker / supervisor -> broker --------------------------------------------------------------
+
+
+@_msg(W, 0x01)
+@dataclass(frozen=True)
+class Ready(Message):
+    """First message of every worker connection (and after a DISCONNECT): full state, so a
+    restarted broker rebuilds placement without reloading. `capabilities` = {max_slots, max_batch,
+    engine}; `mem` = {active, peak, cache, weights, limit} in bytes."""
+    worker_uid: str
+    pid: int
+    host: str
+    model_id: str
+    state: str
+    capabilities: dict
+    mem: dict = field(default_factory=dict)
+    weights_bytes: int = 0
+    load_seconds: float = 0.0
+    proto_min: int = PROTO_MINOR
+    proto_max: int = PROTO_MINOR
+
+
+@_msg(W, 0x02)
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """`inflight` = [{"id", "started_ms_ago", "last_progress_ms_ago"}]."""
+    seq: int
+    state: str
+    free_slots: int
+    inflight: list = field(default_factory=list)
+    mem: dict = field(default_factory=dict)
+
+
+@_msg(W, 0x03)
+@dataclass(frozen=True)
+class WorkerPartial(Message):
+    id: str
+    seq: int
+    delta: dict
+
+
+@_msg(W, 0x04)
+@dataclass(frozen=True)
+class Result(Message):
+    id: str
+    result: dict
+    usage: dict = field(default_factory=dict)
+    finish_reason: str = "stop"
+    peak_mem_job: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+@_msg(W, 0x05)
+@dataclass(frozen=True)
+class WorkerError(Message):
+    """A job failure (`id` set) or a worker-level failure (`id` None, e.g. load_failed).
+    `fatal` means the worker is about to exit."""
+    id: str | None
+    code: str
+    message: str
+    fatal: bool = False
+
+
+@_msg(W, 0x06)
+@dataclass(frozen=True)
+class Memory(Message):
+    mem: dict
+    reason: str  # after_load / after_unload / threshold
+
+
+@_msg(W, 0x07)
+@dataclass(frozen=True)
+class Loaded(Message):
+    model_id: str
+    weights_bytes: int
+    load_seconds: float
+    mem: dict = field(default_factory=dict)
+
+
+@_msg(W, 0x08)
+@dataclass(frozen=True)
+class Unloaded(Message):
+    model_id: str
+    released_bytes: int
+    mem: dict = field(default_factory=dict)
+
+
+@_msg(W, 0x0F)
+@dataclass(frozen=True)
+class WorkerDisconnect(Message):
+    reason: str
+
+
+@_msg(W, 0x20)
+@dataclass(frozen=True)
+class Host(Message):
+    """From the supervisor: host memory and its workers. `workers` = [{"model_id", "pid",
+    "state" (starting/running/exited/backoff), "exit_code", "restarts"}]; `exited` lists pids that
+    exited since the last report, so the broker can fail their jobs at once."""
+    host: str
+    mem_total: int
+    mem_available: int
+    workers: list = field(default_factory=list)
+    exited: list = field(default_factory=list)
+
+
+# ---- broker -> worker / supervisor --------------------------------------------------------------
+
+
+@_msg(W, 0x11)
+@dataclass(frozen=True)
+class Job(Message):
+    id: str
+    params: dict
+    ttl_ms: int
+    attempt: int = 1
+    blob_meta: list = field(default_factory=list)
+
+
+@_msg(W, 0x12)
+@dataclass(frozen=True)
+class JobCancel(Message):
+    id: str
+
+
+@_msg(W, 0x13)
+@dataclass(frozen=True)
+class Load(Message):
+    model_id: str
+    mem_limit: int | None = None
+
+
+@_msg(W, 0x14)
+@dataclass(frozen=True)
+class Unload(Message):
+    model_id: str
+    then: str = "stay"  # stay / exit
+
+
+@_msg(W, 0x15)
+@dataclass(frozen=True)
+class BrokerHeartbeat(Message):
+    seq: int
+    broker_incarnation: str
+
+
+@_msg(W, 0x1F)
+@dataclass(frozen=True)
+class BrokerDisconnect(Message):
+    """The worker must close its socket and come back with a new identity and a READY."""
+    reason: str
+
+
+@_msg(W, 0x31)
+@dataclass(frozen=True)
+class Kill(Message):
+    """To the supervisor: signal a worker process (the watchdog's last resort)."""
+    pid: int
+    signal: int = 9
+    reason: str = ""
+
+
+CLIENT_TO_BROKER = (Submit, Cancel, Query, Ping)
+BROKER_TO_CLIENT = (Accepted, Partial, Final, Error, Pong, QueryReply)
+WORKER_TO_BROKER = (Ready, Heartbeat, WorkerPartial, Result, WorkerError, Memory, Loaded, Unloaded,
+                    WorkerDisconnect, Host)
+BROKER_TO_WORKER = (Job, JobCancel, Load, Unload, BrokerHeartbeat, BrokerDisconnect, Kill)
+
+
+def registry(*classes: type[Message]) -> dict[int, type[Message]]:
+    table: dict[int, type[Message]] = {}
+    for cls in classes:
+        assert cls.CMD not in table, f"duplicate command byte {cls.CMD:#x}"
+        table[cls.CMD] = cls
+    return table
+
+
+def as_dict(msg: Message) -> dict[str, Any]:
+    return {f.name: getattr(msg, f.name) for f in fields(msg)}
