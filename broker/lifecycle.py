@@ -1,0 +1,335 @@
+"""Model lifecycle: when to send LOAD and UNLOAD, and what the worker's answers mean.
+
+States (common.protocol.MODEL_STATES): unloaded -> loading -> loaded -> [draining ->] unloading
+-> unloaded; a failed load ends in `failed` (retried on the next demand). Rules, each in one place:
+- demand: queued jobs, mmi.load waiters, or preload (at READY, within budget, never evicting);
+- one LOAD at a time per model (only from unloaded/failed, with a usable worker);
+- room: scheduler.plan_load; demands are served oldest first and a demand waiting for room keeps
+  later ones from taking it; eviction = UNLOAD idle victims, drain busy ones (UNLOAD at idle);
+- memory is released only by the worker's report or its departure (scheduler docstring);
+- timeouts: load -> load_failed + kill; unload -> UNLOAD(then=exit), then kill.
+The owner (`broker.core.Broker`) provides the job table, registry, outbox and job answers.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from common import protocol as p
+from broker import scheduler as s
+from broker.events import Log, ToClient, ToWorker
+from broker.registry import Worker
+from broker.scheduler import ModelState
+from broker.status import model_status
+
+if TYPE_CHECKING:
+    from broker.core import Broker
+
+DOOMED_GRACE_S = 10.0   # a worker we asked the supervisor to kill is dropped after this anyway
+UNLOAD_REPLY_S = 55.0   # mmi.unload waiters get the current status by then (clients wait 60 s)
+
+
+class Lifecycle:
+    def __init__(self, broker: "Broker"):
+        self.b = broker
+        self.models: dict[str, ModelState] = broker.models
+        self.load_waiters: dict[str, list[tuple[bytes, str, float]]] = {}    # (client, query id, since)
+        self.unload_waiters: dict[str, list[tuple[bytes, str, float]]] = {}
+        self.preload_at: dict[str, float] = {}
+        self.doomed_at: dict[bytes, float] = {}
+        self.promised: str | None = None    # the model an eviction made room for: first claim on it
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _worker(self, m: ModelState) -> Worker | None:
+        return self.b.registry.for_model(m.id)
+
+    def _is_busy(self, m: ModelState) -> bool:
+        w = self._worker(m)
+        return w is not None and w.busy > 0
+
+    def _log(self, level: int, text: str, m: ModelState, **ctx) -> None:
+        self.b.emit(Log(level, text, {"model": m.id, **ctx}))
+
+    def _reply_waiters(self, waiters: dict, m: ModelState, code: str | None = None,
+                       message: str = "", retryable: bool = False) -> None:
+        for client, qid, _ in waiters.pop(m.id, []):
+            if code is None:
+                self.b.emit(ToClient(client, p.QueryReply(qid, model_status(self.b, m))))
+            else:
+                self.b.emit(ToClient(client, p.Error(qid, code, message, retryable,
+                                                     self.b.config.retry_after_ms if retryable else None)))
+
+    def _set(self, m: ModelState, state: str, now: float) -> None:
+        m.state, m.since = state, now
+
+    def doom(self, w: Worker, reason: str, now: float) -> None:
+        """Give up on a worker: no more work; the supervisor kills it (process exit is the only
+        guaranteed release). Without a supervisor, tell it to re-register and forget it."""
+        if w.doomed:
+            return
+        sup = self.b.registry.supervisor_for(w)
+        if sup is None or not w.pid:
+            self.b.emit(ToWorker(w.identity, p.BrokerDisconnect(reason)))
+            self.b.lose_worker(w, reason, now)
+            return
+        w.doomed = True
+        self.doomed_at[w.identity] = now
+        self.b.count("worker_kills_total")
+        self.b.emit(ToWorker(sup.identity, p.Kill(w.pid, 9, reason)))
+        self.b.emit(Log(logging.WARNING, "asking the supervisor to kill worker",
+                        {"model": w.model_id, "worker": w.uid, "pid": w.pid, "reason": reason}))
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    def query_load(self, client: bytes, qid: str, m: ModelState, now: float) -> None:
+        if m.state == s.LOADED:
+            self.b.emit(ToClient(client, p.QueryReply(qid, model_status(self.b, m))))
+            return
+        self.load_waiters.setdefault(m.id, []).append((client, qid, now))
+        m.want_unload = False
+
+    def query_unload(self, client: bytes, qid: str, m: ModelState, now: float) -> None:
+        if m.state in (s.UNLOADED, s.FAILED) and m.charge == 0:
+            self.b.emit(ToClient(client, p.QueryReply(qid, model_status(self.b, m))))
+            return
+        self.unload_waiters.setdefault(m.id, []).append((client, qid, now))
+        self.preload_at.pop(m.id, None)
+        self.request_unload(m, now)
+
+    def forget_client(self, client: bytes) -> None:
+        for waiters in (self.load_waiters, self.unload_waiters):
+            for mid in list(waiters):
+                waiters[mid] = [w for w in waiters[mid] if w[0] != client]
+
+    # ---- worker facts --------------------------------------------------------------------------
+
+    def on_ready(self, w: Worker, msg: p.Ready, now: float) -> None:
+        m = self.models[w.model_id]
+        est = w.capabilities.get("est_weights_bytes")
+        if isinstance(est, int) and not isinstance(est, bool) and est > 0:
+            m.est_weights = est
+        m.mem, m.want_unload = dict(msg.mem), False
+        if msg.state == "loaded":
+            self._set(m, s.LOADED, now)
+            m.weights = msg.weights_bytes if msg.weights_bytes > 0 else m.est_weights
+            m.est_weights = max(m.est_weights, m.weights)
+            m.charge, m.loaded_at, m.load_seconds = m.resident(), now, msg.load_seconds
+            self._reply_waiters(self.load_waiters, m)
+        elif msg.state == "loading":
+            self._set(m, s.LOADING, now)
+            m.charge = m.need()
+        elif msg.state == "unloading":
+            self._set(m, s.UNLOADING, now)
+            m.charge = max(m.need(), m.weights)
+        else:
+            self._set(m, s.UNLOADED, now)
+            m.charge, m.weights, m.loaded_at = 0, 0, None
+            if m.spec.preload:
+                self.preload_at[m.id] = now
+
+    def on_loaded(self, w: Worker, msg: p.Loaded, now: float) -> None:
+        m = self.models[w.model_id]
+        if w.doomed:
+            return
+        self._set(m, s.LOADED, now)
+        m.weights = msg.weights_bytes if msg.weights_bytes > 0 else m.est_weights
+        m.est_weights = m.weights or m.est_weights
+        m.charge, m.loaded_at, m.load_seconds = m.resident(), now, msg.load_seconds
+        m.last_error = None
+        if msg.mem:
+            m.mem = dict(msg.mem)
+        self.b.count("model_loads_total")
+        self._log(logging.INFO, "model loaded", m, weights_bytes=m.weights, load_s=round(msg.load_seconds, 3))
+        self._reply_waiters(self.load_waiters, m)
+        if m.want_unload:
+            m.want_unload = False
+            self.request_unload(m, now)
+
+    def on_load_failed(self, m: ModelState, code: str, message: str, now: float, charge_kept: bool = False) -> None:
+        """A load failed (worker error or timeout): waiters and queued jobs get the error."""
+        self._set(m, s.FAILED, now)
+        if not charge_kept:
+            m.charge = 0
+        m.weights, m.loaded_at, m.want_unload = 0, None, False
+        m.failures += 1
+        m.last_error = f"{code}: {message}"
+        self.preload_at.pop(m.id, None)
+        self.b.count("load_failures_total")
+        self._log(logging.WARNING, f"load failed: {message}", m, code=code)
+        self._reply_waiters(self.load_waiters, m, code, message)
+        for job in self.b.jobs.queued(m.id):
+            self.b.fail(job, code, f"loading model {m.id!r} failed: {message}")
+
+    def on_unloaded(self, w: Worker, now: float) -> None:
+        m = self.models[w.model_id]
+        if m.state not in (s.LOADED, s.DRAINING, s.UNLOADING):
+            return
+        self._set(m, s.UNLOADED, now)
+        m.charge, m.weights, m.loaded_at = 0, 0, None
+        self.b.count("model_unloads_total")
+        self._log(logging.INFO, "model unloaded", m)
+        self._reply_waiters(self.unload_waiters, m)
+
+    def on_worker_gone(self, w: Worker, now: float) -> None:
+        """Its process is gone or forgotten: whatever it held counts as released."""
+        self.doomed_at.pop(w.identity, None)
+        m = self.models.get(w.model_id)
+        if m is None:
+            return
+        if m.state == s.LOADING:
+            m.last_error = "worker lost while loading"
+            self._reply_waiters(self.load_waiters, m, "load_failed", "the worker was lost while loading")
+        if m.state != s.FAILED:
+            self._set(m, s.UNLOADED, now)
+        m.charge, m.weights, m.loaded_at, m.want_unload = 0, 0, None, False
+        self.preload_at.pop(m.id, None)
+        self._reply_waiters(self.unload_waiters, m)
+
+    # ---- decisions -----------------------------------------------------------------------------
+
+    def start_load(self, m: ModelState, w: Worker, now: float) -> None:
+        assert m.state in (s.UNLOADED, s.FAILED), m.state   # never two loads of one model at once
+        self._set(m, s.LOADING, now)
+        m.charge = m.need()
+        self.preload_at.pop(m.id, None)
+        if self.promised == m.id:
+            self.promised = None
+        self.b.emit(ToWorker(w.identity, p.Load(m.id)))
+        self._log(logging.INFO, "loading model", m, reserved_bytes=m.charge, worker=w.uid)
+
+    def request_unload(self, m: ModelState, now: float) -> None:
+        """Unload as soon as nothing runs on it (explicit unload or eviction)."""
+        if m.state == s.LOADING:
+            m.want_unload = True
+        elif m.state == s.LOADED:
+            self._set(m, s.DRAINING, now)
+            self._drain(m, now)
+
+    def _drain(self, m: ModelState, now: float) -> None:
+        w = self._worker(m)
+        if m.state == s.DRAINING and w is not None and w.busy == 0 and not w.doomed:
+            self._set(m, s.UNLOADING, now)
+            m.escalation = 0
+            self.b.emit(ToWorker(w.identity, p.Unload(m.id, "stay")))
+            self._log(logging.INFO, "unloading model", m, worker=w.uid)
+
+    def _demand_since(self, m: ModelState) -> float | None:
+        times = [t for _, _, t in self.load_waiters.get(m.id, ())]
+        q = self.b.jobs.queue(m.id)
+        if q:
+            times.append(q[0].accepted_at)
+        if m.id in self.preload_at:
+            times.append(self.preload_at[m.id])
+        return min(times) if times else None
+
+    def reconcile(self, now: float) -> None:
+        """After every event: finish drains, relieve pressure, start loads or evictions."""
+        b = self.b
+        for m in self.models.values():
+            if m.state == s.DRAINING:
+                self._drain(m, now)
+        budget = b.budget()
+        for victim in s.plan_relief(self.models.values(), budget, now, b.config.min_residency_s, self._is_busy):
+            self._log(logging.WARNING, "evicting: working memory pushed committed past the budget", victim)
+            b.count("evictions_total.pressure")
+            self.request_unload(victim, now)
+        if b.shutting_down:
+            self._refuse_loads_during_shutdown()
+            return
+        demands = []
+        for m in self.models.values():
+            w = self._worker(m)
+            if w is None or w.doomed or m.state not in (s.UNLOADED, s.FAILED) or m.charge:
+                continue
+            since = self._demand_since(m)
+            if since is not None:
+                demands.append((since, m.order, m, w))
+        if self.promised not in {d[2].id for d in demands}:
+            self.promised = None
+        demands.sort(key=lambda d: (d[2].id != self.promised, d[0], d[1]))
+        held = 0           # bytes kept for an earlier demand that waits for room
+        for _, _, m, w in demands:
+            plan = s.plan_load(m, self.models.values(), budget, now, b.config.min_residency_s, self._is_busy)
+            preload_only = not self.load_waiters.get(m.id) and not b.jobs.queue_depth(m.id)
+            if plan.action == "never":
+                self._cannot_fit(m, budget)
+            elif plan.action == "load" and (budget is None or s.committed(self.models.values()) + m.need() + held <= budget):
+                self.start_load(m, w, now)
+            elif preload_only:
+                self.preload_at.pop(m.id, None)   # preload never evicts
+                self._log(logging.INFO, "preload skipped: not enough memory within budget", m)
+            else:
+                if held == 0 and plan.action == "evict":
+                    self._evict(m, plan, now)
+                held += m.need()
+
+    def _evict(self, for_model: ModelState, plan: s.Plan, now: float) -> None:
+        self.promised = for_model.id
+        for victim in (*plan.idle, *plan.busy):
+            self.b.count("evictions_total.lru")
+            self._log(logging.INFO, f"evicting for {for_model.id!r} (least recently used)", victim,
+                      busy=victim in plan.busy)
+            self.request_unload(victim, now)
+
+    def _cannot_fit(self, m: ModelState, budget: int) -> None:
+        message = (f"model {m.id!r} needs {m.need()} bytes, more than the memory budget of {budget} "
+                   f"bytes allows even with every unpinned model unloaded")
+        m.last_error = f"insufficient_memory: {message}"
+        self.preload_at.pop(m.id, None)
+        self._log(logging.WARNING, "model cannot fit", m, need_bytes=m.need(), budget_bytes=budget)
+        self._reply_waiters(self.load_waiters, m, "insufficient_memory", message)
+        for job in self.b.jobs.queued(m.id):
+            self.b.fail(job, "insufficient_memory", message)
+
+    def _refuse_loads_during_shutdown(self) -> None:
+        msg = "the broker is shutting down"
+        for m in self.models.values():
+            if m.state in (s.LOADED, s.DRAINING):
+                continue
+            self.preload_at.pop(m.id, None)
+            self._reply_waiters(self.load_waiters, m, "overloaded", msg, retryable=True)
+            for job in self.b.jobs.queued(m.id):
+                self.b.fail(job, "overloaded", msg, retryable=True)
+
+    # ---- timers --------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        cfg = self.b.config
+        for m in self.models.values():
+            w = self._worker(m)
+            if m.state == s.LOADING and now - m.since > cfg.load_timeout_s:
+                self.on_load_failed(m, "load_failed", f"not loaded after {cfg.load_timeout_s:g} s", now,
+                                    charge_kept=True)
+                if w is not None:
+                    self.doom(w, "load timeout", now)
+            elif m.state == s.UNLOADING and w is not None and now - m.since > cfg.unload_timeout_s * (m.escalation + 1):
+                m.escalation += 1
+                if m.escalation == 1:
+                    self._log(logging.WARNING, "unload is slow: asking the worker to exit", m)
+                    self.b.emit(ToWorker(w.identity, p.Unload(m.id, "exit")))
+                else:
+                    self.doom(w, "unload timeout", now)
+            # mmi.load waiters that are still not loading after load_timeout_s give up
+            if m.state != s.LOADING and self.load_waiters.get(m.id):
+                expired = [x for x in self.load_waiters[m.id] if now - x[2] > cfg.load_timeout_s]
+                if expired:
+                    self.load_waiters[m.id] = [x for x in self.load_waiters[m.id] if x not in expired]
+                    code, why = (("model_unavailable", "no worker for this model is connected") if w is None
+                                 else ("insufficient_memory", "no room could be made in time"))
+                    for client, qid, _ in expired:
+                        self.b.emit(ToClient(client, p.Error(qid, code, why, True, cfg.retry_after_ms)))
+            # mmi.unload waiters get the current status rather than hanging on a long drain
+            for client, qid, since in [x for x in self.unload_waiters.get(m.id, ()) if now - x[2] > UNLOAD_REPLY_S]:
+                self.unload_waiters[m.id].remove((client, qid, since))
+                self.b.emit(ToClient(client, p.QueryReply(qid, model_status(self.b, m))))
+        for ident, since in list(self.doomed_at.items()):
+            w = self.b.registry.get(ident)
+            if w is not None and now - since > DOOMED_GRACE_S:
+                self.b.emit(ToWorker(ident, p.BrokerDisconnect("killed by the broker")))
+                self.b.lose_worker(w, "did not exit after a kill request", now)
+
+    def fail_all_waiters(self, code: str, message: str) -> None:
+        for m in self.models.values():
+            self._reply_waiters(self.load_waiters, m, code, message, retryable=True)
+            self._reply_waiters(self.unload_waiters, m, code, message, retryable=True)

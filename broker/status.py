@@ -1,0 +1,67 @@
+"""Replies of the broker's own query services: mmi.models status objects and mmi.stats.
+
+Times in replies are unix seconds (monotonic + the wall-clock offset given to the core); memory
+figures are bytes.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from broker.scheduler import ModelState, committed
+
+if TYPE_CHECKING:
+    from broker.core import Broker
+
+
+def _int(d: dict, key: str) -> int:
+    v = d.get(key, 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _unix(b: "Broker", t: float | None) -> float | None:
+    return None if t is None else round(t + b.wall_offset, 3)
+
+
+def _memory(m: ModelState) -> dict:
+    return {"weights_bytes": m.weights or (_int(m.mem, "weights") if m.charge else 0),
+            "active_bytes": _int(m.mem, "active"), "peak_bytes": _int(m.mem, "peak"),
+            "cache_bytes": _int(m.mem, "cache"), "committed_bytes": m.charge}
+
+
+def model_status(b: "Broker", m: ModelState) -> dict:
+    """One model's status object (GET /v1/models)."""
+    w = b.registry.for_model(m.id)
+    engine = w.capabilities.get("engine") if w is not None else None
+    return {
+        "id": m.id, "object": "model", "status": m.state, "enabled": m.spec.enabled,
+        "pinned": m.spec.pin, "engine": engine if isinstance(engine, str) else m.spec.engine,
+        "memory": _memory(m), "last_used": _unix(b, m.last_used), "loaded_at": _unix(b, m.loaded_at),
+        "load_seconds": m.load_seconds, "last_error": m.last_error, "failures": m.failures,
+        "queue_depth": b.jobs.queue_depth(m.id), "inflight": w.busy if w is not None else 0,
+        "worker": {"pid": w.pid, "uid": w.uid, "state": w.state} if w is not None else None,
+    }
+
+
+def stats(b: "Broker", now: float) -> dict:
+    """mmi.stats: counters, per-model gauges, memory and workers (for /metrics)."""
+    models = {}
+    for m in b.models.values():
+        w = b.registry.for_model(m.id)
+        models[m.id] = {"queue_depth": b.jobs.queue_depth(m.id), "inflight": w.busy if w else 0,
+                        "state": m.state, "memory": _memory(m)}
+    workers = [{"uid": w.uid, "pid": w.pid, "host": w.host, "model_id": w.model_id, "state": w.state,
+                "free_slots": w.free_slots, "inflight": w.busy, "doomed": w.doomed,
+                "heartbeat_age_s": round(now - w.last_seen, 3)} for w in b.registry.workers.values()]
+    supervisors = [{"host": sup.host, "mem_total": sup.mem_total, "mem_available": sup.mem_available,
+                    "heartbeat_age_s": round(now - sup.last_seen, 3)} for sup in b.registry.supervisors.values()]
+    return {
+        "incarnation": b.incarnation,
+        "uptime_s": round(now - (b.started_at if b.started_at is not None else now), 3),
+        "counters": dict(sorted(b.counters.items())),
+        "models": models,
+        "memory": {"budget": b.budget(), "committed": committed(b.models.values())},
+        "workers": workers,
+        "supervisors": supervisors,
+        "jobs": {"live": len(b.jobs), "queued": b.jobs.queued_total},
+        "shutting_down": b.shutting_down,
+    }
