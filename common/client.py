@@ -1,0 +1,411 @@
+"""Python client for the broker's client link: `AsyncClient` (asyncio) and `Client` (blocking).
+
+One zmq.asyncio DEALER per client and one reader task that demultiplexes replies into per-job
+asyncio.Queues; timeouts live on those queues and futures, never around `recv` (a cancelled
+recv can lose a message, zeromq/pyzmq#1925). A ticker task resends a SUBMIT that got no ACCEPTED
+within 2 s (the broker dedupes on client identity + job id), PINGs when idle for 1 s, and fails
+in-flight jobs when the broker restarts (`broker_restarted`) or stays silent for 3 s
+(`broker_unavailable`, retryable). Nothing happens at import or construction: sockets are made
+in `start()`, on whichever event loop is running (the Sanic frontend calls it from
+`before_server_start`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Iterator, Sequence
+
+import zmq
+import zmq.asyncio
+
+from common import protocol as p
+from common import wire
+from common.client_jobs import JobEntry, JobHandle, JobResult, sniff_mime
+from common.errors import ServerError
+from common.zmqutil import make_socket
+
+log = logging.getLogger(__name__)
+
+RESEND_AFTER_S = 2.0    # no ACCEPTED by then: the SUBMIT is presumed lost, sent once more
+PING_IDLE_S = 1.0       # PING when nothing was heard from the broker for this long
+SILENCE_S = 3.0         # broker silent this long: unhealthy; jobs waiting as long fail
+TICK_S = 0.1
+CONNECT_WAIT_S = 1.0    # how long a send waits for the connection to come up
+DEADLINE_SLACK_S = 5.0  # the broker answers deadline_exceeded itself; this is the last resort
+
+
+class AsyncClient:
+    def __init__(self, endpoint: str, *, ctx: zmq.asyncio.Context | None = None, default_ttl_s: float = 120.0):
+        self.endpoint = endpoint
+        self.default_ttl_s = default_ttl_s
+        self._ctx = ctx
+        self._own_ctx = ctx is None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._jobs: dict[str, JobEntry] = {}
+        self._queries: dict[str, asyncio.Future] = {}
+        self._pings: dict[int, tuple[asyncio.Future, float]] = {}
+        self._cancelled: dict[str, float] = {}   # job id -> when; the broker's echo is absorbed
+        self._seq = 0
+        self._incarnation: str | None = None
+        self._heard_t: float | None = None    # last message from the broker
+        self._started_t = 0.0
+        self._ping_t = 0.0
+        self.counters = {"decode_errors": 0, "resends": 0, "unknown_job": 0}
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._sock is not None:
+            return
+        if self._ctx is None:
+            self._ctx = zmq.asyncio.Context()
+        sock = make_socket(self._ctx, zmq.DEALER, identity=b"c:" + uuid.uuid4().bytes)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._started_t = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._reader(), name="vlm-client-reader"),
+                       loop.create_task(self._ticker(), name="vlm-client-ticker")]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for job in list(self._jobs.values()):
+            self._finish(job, ServerError("broker_unavailable", "client closed", retryable=True, job_id=job.id))
+        for fut in [*self._queries.values(), *(f for f, _ in self._pings.values())]:
+            if not fut.done():
+                fut.set_exception(ServerError("broker_unavailable", "client closed", retryable=True))
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._own_ctx and self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    @property
+    def healthy(self) -> bool:
+        """A message from the broker within the last 3 s."""
+        return self._heard_t is not None and time.monotonic() - self._heard_t < SILENCE_S
+
+    @property
+    def incarnation(self) -> str | None:
+        return self._incarnation
+
+    # ---- jobs -----------------------------------------------------------------------------------
+
+    async def submit(self, model: str, params: dict, blobs: Sequence[bytes] = (), *, job_id: str | None = None,
+                     ttl_s: float | None = None, stream: bool = False) -> JobHandle:
+        """Send a SUBMIT; raises ServerError(broker_unavailable) if the broker cannot be reached."""
+        if self._sock is None:
+            raise RuntimeError("AsyncClient.start() was not called")
+        jid = job_id or uuid.uuid4().hex
+        if jid in self._jobs:
+            raise ValueError(f"job id {jid!r} is already in flight")
+        ttl = self.default_ttl_s if ttl_s is None else ttl_s
+        blobs = list(blobs)
+        meta = [{"mime": sniff_mime(b), "len": memoryview(b).nbytes} for b in blobs]
+        msg = p.Submit(id=jid, model=model, params=params, blob_meta=meta, ttl_ms=max(1, int(ttl * 1000)),
+                       stream=stream)
+        frames = wire.encode(msg, blobs)
+        now = time.monotonic()
+        job = JobEntry(jid, asyncio.Queue(), frames, now, now + ttl + DEADLINE_SLACK_S)
+        self._jobs[jid] = job
+        try:
+            await self._send(frames, CONNECT_WAIT_S)
+        except ServerError:
+            self._jobs.pop(jid, None)
+            raise
+        return JobHandle(self, job)
+
+    async def ground(self, model: str, image: bytes, instruction: str, *, ttl_s: float | None = None,
+                     **params: Any) -> JobResult:
+        handle = await self.submit(model, {"instruction": instruction, **params}, [image], ttl_s=ttl_s)
+        return await handle.result()
+
+    async def _cancel(self, job: JobEntry, reason: str) -> None:
+        if self._jobs.get(job.id) is not job:
+            return
+        self._finish(job, ServerError("cancelled", f"cancelled by the client ({reason})", job_id=job.id))
+        self._cancelled[job.id] = time.monotonic()
+        try:
+            await self._send(wire.encode(p.Cancel(id=job.id, reason=reason)), 0)
+        except ServerError:
+            pass   # broker unreachable: it will fail the job itself (deadline / lost client)
+
+    def _finish(self, job: JobEntry, event: JobResult | ServerError) -> None:
+        """Deliver the job's one terminal event (later ones are dropped)."""
+        if self._jobs.get(job.id) is job:
+            del self._jobs[job.id]
+            job.frames = None
+            job.queue.put_nowait(event)
+
+    # ---- queries --------------------------------------------------------------------------------
+
+    async def query(self, service: str, arg: dict | None = None, timeout_s: float = 5.0) -> dict:
+        if self._sock is None:
+            raise RuntimeError("AsyncClient.start() was not called")
+        qid = uuid.uuid4().hex
+        fut = asyncio.get_running_loop().create_future()
+        self._queries[qid] = fut
+        try:
+            await self._send(wire.encode(p.Query(id=qid, service=service, arg=arg or {})), min(CONNECT_WAIT_S, timeout_s))
+            return await asyncio.wait_for(fut, timeout_s)   # a future, not a recv: safe to time out
+        except asyncio.TimeoutError:
+            raise ServerError("broker_unavailable", f"no answer to {service} within {timeout_s}s",
+                              retryable=True, retry_after_ms=1000) from None
+        finally:
+            self._queries.pop(qid, None)
+
+    async def models(self, model: str | None = None) -> list[dict]:
+        return (await self.query(p.Q_MODELS, {"model": model} if model else {}))["models"]
+
+    async def load(self, model: str, timeout_s: float = 330) -> dict:
+        return await self.query(p.Q_LOAD, {"model": model}, timeout_s)
+
+    async def unload(self, model: str, timeout_s: float = 60) -> dict:
+        return await self.query(p.Q_UNLOAD, {"model": model}, timeout_s)
+
+    async def stats(self) -> dict:
+        return await self.query(p.Q_STATS)
+
+    async def ping(self, timeout_s: float = 3.0) -> float:
+        """Round trip to the broker in seconds."""
+        self._seq += 1
+        seq = self._seq
+        fut = asyncio.get_running_loop().create_future()
+        self._pings[seq] = (fut, time.perf_counter())
+        try:
+            await self._send(wire.encode(p.Ping(seq=seq)), min(CONNECT_WAIT_S, timeout_s))
+            return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            raise ServerError("broker_unavailable", f"no PONG within {timeout_s}s", retryable=True) from None
+        finally:
+            self._pings.pop(seq, None)
+
+    # ---- socket ---------------------------------------------------------------------------------
+
+    async def _send(self, frames: list, wait_s: float) -> None:
+        """Send now, or wait up to `wait_s` for a connection (IMMEDIATE: no queueing to nowhere)."""
+        sock = self._sock
+        if sock is None:
+            raise ServerError("broker_unavailable", "client is closed", retryable=True)
+        try:
+            await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return
+        except zmq.Again:
+            pass
+        if wait_s > 0 and await sock.poll(timeout=int(wait_s * 1000), flags=zmq.POLLOUT):
+            try:
+                await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                pass
+        raise ServerError("broker_unavailable", f"broker at {self.endpoint} is not reachable",
+                          retryable=True, retry_after_ms=1000)
+
+    async def _reader(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while True:
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                if sock.closed:
+                    return
+                log.warning("receive failed: %s", exc)
+                await asyncio.sleep(0.01)
+                continue
+            self._heard_t = time.monotonic()
+            try:
+                msg, blobs = wire.decode(frames, wire.TO_CLIENT)
+            except wire.ProtocolError as exc:
+                self.counters["decode_errors"] += 1
+                log.warning("dropped a bad message from the broker (%s)", exc)
+                continue
+            try:
+                self._dispatch(msg, blobs)
+            except Exception:   # a bug here must not kill the reader (every job would hang)
+                log.exception("client dispatch failed for %r", msg)
+
+    def _dispatch(self, msg: p.Message, blobs: list) -> None:
+        if isinstance(msg, p.Accepted):
+            self._seen_incarnation(msg.broker_incarnation)
+            job = self._jobs.get(msg.id)
+            if job is not None:
+                job.accepted_inc, job.frames = msg.broker_incarnation, None
+                job.queue.put_nowait(msg)
+        elif isinstance(msg, p.Partial):
+            job = self._jobs.get(msg.id)
+            if job is not None:
+                job.queue.put_nowait(msg)
+        elif isinstance(msg, p.Final):
+            job = self._jobs.get(msg.id)
+            if job is None:
+                self._unknown(msg.id)
+                return
+            self._finish(job, JobResult(msg.id, msg.result, msg.usage, msg.timings, msg.finish_reason,
+                                        [f.bytes if hasattr(f, "bytes") else bytes(f) for f in blobs]))
+        elif isinstance(msg, p.Error):
+            err = ServerError(msg.code, msg.message, retryable=msg.retryable, retry_after_ms=msg.retry_after_ms,
+                              job_id=msg.id)
+            fut = self._queries.get(msg.id) if msg.id else None
+            if fut is not None and not fut.done():
+                fut.set_exception(err)
+            elif msg.id in self._jobs:
+                self._finish(self._jobs[msg.id], err)
+            elif msg.id:
+                self._unknown(msg.id)
+            else:
+                log.warning("broker error: %s: %s", msg.code, msg.message)
+        elif isinstance(msg, p.Pong):
+            self._seen_incarnation(msg.broker_incarnation)
+            fut, t0 = self._pings.get(msg.seq, (None, 0.0))
+            if fut is not None and not fut.done():
+                fut.set_result(time.perf_counter() - t0)
+        elif isinstance(msg, p.QueryReply):
+            fut = self._queries.get(msg.id)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.data)
+
+    def _unknown(self, job_id: str) -> None:
+        """An answer for a job we no longer track: expected once after our own CANCEL."""
+        if self._cancelled.pop(job_id, None) is None:
+            self.counters["unknown_job"] += 1
+            log.warning("answer for unknown job %s dropped", job_id)
+
+    def _seen_incarnation(self, inc: str) -> None:
+        if self._incarnation is not None and inc != self._incarnation:
+            log.warning("broker restarted (incarnation %s -> %s)", self._incarnation, inc)
+            for job in list(self._jobs.values()):
+                if job.accepted_inc is not None and job.accepted_inc != inc:
+                    self._finish(job, ServerError("broker_restarted", "the broker restarted; the job was lost",
+                                                  retryable=True, retry_after_ms=1000, job_id=job.id))
+        self._incarnation = inc
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for jid in [j for j, t in self._cancelled.items() if now - t > 60.0]:
+                del self._cancelled[jid]
+            heard = self._heard_t if self._heard_t is not None else self._started_t
+            for job in list(self._jobs.values()):
+                if now >= job.deadline:
+                    self._finish(job, ServerError("deadline_exceeded", "no answer before the deadline", job_id=job.id))
+                elif now - heard >= SILENCE_S and now - job.sent_t >= SILENCE_S:
+                    self._finish(job, ServerError("broker_unavailable", f"broker silent for {now - heard:.1f}s",
+                                                  retryable=True, retry_after_ms=1000, job_id=job.id))
+                elif job.accepted_inc is None and not job.resent and now - job.sent_t >= RESEND_AFTER_S:
+                    job.resent = True
+                    self.counters["resends"] += 1
+                    await self._try_send(job.frames)
+            # until the broker is first heard from, ping often so `healthy` turns true quickly
+            idle = PING_IDLE_S if self._heard_t is not None else 0.2
+            if now - max(self._heard_t or 0.0, self._ping_t) >= idle:
+                self._ping_t = now
+                self._seq += 1
+                await self._try_send(wire.encode(p.Ping(seq=self._seq)))
+
+    async def _try_send(self, frames: list | None) -> None:
+        if frames is None or self._sock is None:
+            return
+        try:
+            await self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            pass   # not connected: the silence rule will tell
+
+
+class SyncJobHandle:
+    """Blocking view of a JobHandle (see Client)."""
+
+    def __init__(self, client: "Client", handle: JobHandle):
+        self._c = client
+        self._h = handle
+        self.job_id = handle.job_id
+
+    def result(self) -> JobResult:
+        return self._c._call(self._h.result())
+
+    def cancel(self, reason: str = "user") -> None:
+        self._c._call(self._h.cancel(reason))
+
+    def __iter__(self) -> Iterator[Any]:
+        agen = self._h.__aiter__()
+        while True:
+            try:
+                yield self._c._call(agen.__anext__())
+            except StopAsyncIteration:
+                return
+
+
+class Client:
+    """Blocking client: an AsyncClient on a private event loop in a daemon thread."""
+
+    def __init__(self, endpoint: str, *, default_ttl_s: float = 120.0):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vlm-client-loop", daemon=True)
+        self._thread.start()
+        self._async = AsyncClient(endpoint, default_ttl_s=default_ttl_s)
+        self._call(self._async.start())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def healthy(self) -> bool:
+        return self._async.healthy
+
+    @property
+    def incarnation(self) -> str | None:
+        return self._async.incarnation
+
+    def submit(self, model: str, params: dict, blobs: Sequence[bytes] = (), **kw: Any) -> SyncJobHandle:
+        return SyncJobHandle(self, self._call(self._async.submit(model, params, blobs, **kw)))
+
+    def ground(self, model: str, image: bytes, instruction: str, **kw: Any) -> JobResult:
+        return self._call(self._async.ground(model, image, instruction, **kw))
+
+    def query(self, service: str, arg: dict | None = None, timeout_s: float = 5.0) -> dict:
+        return self._call(self._async.query(service, arg, timeout_s))
+
+    def models(self, model: str | None = None) -> list[dict]:
+        return self._call(self._async.models(model))
+
+    def load(self, model: str, timeout_s: float = 330) -> dict:
+        return self._call(self._async.load(model, timeout_s))
+
+    def unload(self, model: str, timeout_s: float = 60) -> dict:
+        return self._call(self._async.unload(model, timeout_s))
+
+    def stats(self) -> dict:
+        return self._call(self._async.stats())
+
+    def ping(self, timeout_s: float = 3.0) -> float:
+        return self._call(self._async.ping(timeout_s))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._call(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

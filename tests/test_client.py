@@ -1,0 +1,374 @@
+"""The Python client (common/client.py).
+
+Part 1 drives the client against a raw ROUTER speaking common.wire (the client's own rules:
+resend, ping, incarnation change, silence, errors, cancel). Part 2 runs the real processes
+(`python -m broker` + `python -m workers.supervisor`, fake engine) end to end.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from common import protocol as p
+from common import wire
+from common.client import AsyncClient, Client, JobResult
+from common.errors import ServerError
+from common.zmqutil import free_tcp_endpoint, make_socket
+from tests.rawbroker import ROOT, pid_alive, png
+
+IMG = png(320, 200)
+
+# ---- part 1: against a raw ROUTER ----------------------------------------------------------------
+
+
+class RawFrontend:
+    """A ROUTER on the client link, driven synchronously by the test."""
+
+    def __init__(self):
+        self.endpoint = free_tcp_endpoint()
+        self.ctx = zmq.Context()
+        self.sock = make_socket(self.ctx, zmq.ROUTER)
+        self.sock.bind(self.endpoint)
+
+    def recv(self, timeout_s: float = 5.0, skip_pings: bool = True):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                raise TimeoutError("nothing from the client")
+            frames = self.sock.recv_multipart()
+            msg, blobs = wire.decode(frames[1:], wire.FROM_CLIENT)
+            if skip_pings and isinstance(msg, p.Ping):
+                continue
+            return frames[0], msg, blobs
+
+    def send(self, ident: bytes, msg: p.Message, blobs=()) -> None:
+        self.sock.send_multipart([ident, *wire.encode(msg, blobs)])
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def front():
+    f = RawFrontend()
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def client(front):
+    c = Client(front.endpoint, default_ttl_s=30)
+    yield c
+    c.close()
+
+
+def test_submit_result_errors_query_and_cancel(front, client):
+    h = client.submit("m", {"instruction": "click"}, [IMG], ttl_s=7)
+    ident, sub, blobs = front.recv()
+    assert isinstance(sub, p.Submit) and sub.id == h.job_id and sub.ttl_ms == 7000
+    assert sub.blob_meta == [{"mime": "image/png", "len": len(IMG)}] and blobs == [IMG]
+    front.send(ident, p.Accepted(id=sub.id, queue_pos=0, broker_incarnation="A"))
+    front.send(ident, p.Final(id=sub.id, result={"points": []}, usage={"total_tokens": 3},
+                              timings={"total": 1.5}), [b"\x00" * 8])
+    res = h.result()
+    assert isinstance(res, JobResult) and res.job_id == sub.id and res.blobs == [b"\x00" * 8]
+    assert res.usage == {"total_tokens": 3} and res.timings == {"total": 1.5} and res.finish_reason == "stop"
+    assert client.incarnation == "A" and client.healthy
+
+    # ERROR -> ServerError with the wire fields
+    h = client.submit("m", {"instruction": "x"}, [IMG])
+    ident, sub, _ = front.recv()
+    front.send(ident, p.Error(id=sub.id, code="overloaded", message="queue full", retryable=True, retry_after_ms=250))
+    with pytest.raises(ServerError) as ei:
+        h.result()
+    assert ei.value.code == "overloaded" and ei.value.retryable and ei.value.retry_after_ms == 250
+    assert ei.value.http_status == 503
+
+    # garbage from the broker is dropped; the client keeps working
+    front.sock.send_multipart([ident, b"VLM1", b"\x13", b"\xc1"])
+    front.sock.send_multipart([ident, b"NOPE"])
+
+    # queries: reply and error
+    t = threading.Thread(target=_answer_queries, args=(front,), daemon=True)
+    t.start()
+    assert client.models() == [{"id": "m"}]
+    with pytest.raises(ServerError) as ei:
+        client.query(p.Q_LOAD, {"model": "nope"})
+    assert ei.value.code == "unknown_model"
+    t.join(5)
+
+    # cancel: CANCEL reaches the broker; the handle ends with `cancelled`
+    h = client.submit("m", {"instruction": "x"}, [IMG])
+    ident, sub, _ = front.recv()
+    h.cancel("client_disconnect")
+    _, cancel, _ = front.recv()
+    assert isinstance(cancel, p.Cancel) and cancel.id == sub.id and cancel.reason == "client_disconnect"
+    with pytest.raises(ServerError) as ei:
+        h.result()
+    assert ei.value.code == "cancelled"
+    assert client._async.counters["decode_errors"] >= 1
+
+
+def _answer_queries(front: RawFrontend) -> None:
+    for _ in range(2):
+        ident, q, _ = front.recv()
+        if q.service == p.Q_MODELS:
+            front.send(ident, p.QueryReply(id=q.id, data={"models": [{"id": "m"}]}))
+        else:
+            front.send(ident, p.Error(id=q.id, code="unknown_model", message="no model 'nope'"))
+
+
+def test_resend_once_then_incarnation_change(front, client):
+    h = client.submit("m", {"instruction": "x"}, [IMG])
+    ident, first, _ = front.recv()
+    t0 = time.monotonic()
+    ident, again, blobs = front.recv(timeout_s=4)
+    assert again.id == first.id and blobs == [IMG] and 1.8 < time.monotonic() - t0 < 3.0
+    front.send(ident, p.Accepted(id=first.id, queue_pos=0, broker_incarnation="A"))
+    # a PONG from a new broker incarnation fails the job accepted by the old one
+    front.send(ident, p.Pong(seq=0, broker_incarnation="B"))
+    with pytest.raises(ServerError) as ei:
+        h.result()
+    assert ei.value.code == "broker_restarted" and ei.value.retryable
+    assert client.incarnation == "B"
+
+
+def test_idle_ping_and_broker_silence(front, client):
+    ident, ping, _ = front.recv(skip_pings=False)
+    assert isinstance(ping, p.Ping)
+    front.send(ident, p.Pong(seq=ping.seq, broker_incarnation="A"))
+    _pong_in_thread(front)
+    assert client.ping() < 1.0
+    h = client.submit("m", {"instruction": "x"}, [IMG])
+    t0 = time.monotonic()
+    # the "broker" goes silent: no ACCEPTED, no PONG
+    with pytest.raises(ServerError) as ei:
+        h.result()
+    assert ei.value.code == "broker_unavailable" and ei.value.retryable
+    assert 2.9 < time.monotonic() - t0 < 4.0
+    assert not client.healthy
+
+
+def _pong_in_thread(front: RawFrontend) -> None:
+    def answer():
+        ident, ping, _ = front.recv(skip_pings=False)
+        front.send(ident, p.Pong(seq=ping.seq, broker_incarnation="A"))
+    threading.Thread(target=answer, daemon=True).start()
+
+
+def test_async_client_streams_events_on_any_loop():
+    async def main():
+        ctx = zmq.asyncio.Context()
+        router = make_socket(ctx, zmq.ROUTER)
+        endpoint = free_tcp_endpoint()
+        router.bind(endpoint)
+        try:
+            async with AsyncClient(endpoint, ctx=ctx) as c:
+                h = await c.submit("m", {"instruction": "x"}, [IMG], stream=True)
+                frames = await asyncio.wait_for(router.recv_multipart(), 5)
+                ident = frames[0]
+                sub, _ = wire.decode(frames[1:], wire.FROM_CLIENT)
+                if isinstance(sub, p.Ping):
+                    frames = await asyncio.wait_for(router.recv_multipart(), 5)
+                    sub, _ = wire.decode(frames[1:], wire.FROM_CLIENT)
+                assert sub.stream
+                for msg in (p.Accepted(id=sub.id, queue_pos=2, broker_incarnation="A"),
+                            p.Partial(id=sub.id, seq=0, delta={"text": "pya"}),
+                            p.Final(id=sub.id, result={"ok": True})):
+                    await router.send_multipart([ident, *wire.encode(msg)])
+                events = [ev async for ev in h]
+                assert [type(e).__name__ for e in events] == ["Accepted", "Partial", "JobResult"]
+                assert events[0].queue_pos == 2 and events[-1].result == {"ok": True}
+                assert (await h.result()).result == {"ok": True}   # the terminal event is kept
+        finally:
+            router.close(linger=0)
+            ctx.term()
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_submit_without_broker_fails_fast():
+    async def main():
+        async with AsyncClient(free_tcp_endpoint()) as c:
+            t0 = time.monotonic()
+            with pytest.raises(ServerError) as ei:
+                await c.submit("m", {"instruction": "x"}, [IMG])
+            assert ei.value.code == "broker_unavailable" and time.monotonic() - t0 < 2.0
+            assert not c.healthy
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+# ---- part 2: end to end with the real broker, supervisor and fake-engine workers ----------------
+
+from tests.stackutil import Stack, fake_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    cfg = {"models": {"m1": fake_model(max_batch=4)},
+           "supervisor": {"restart_backoff_s": 0.1, "restart_backoff_max_s": 0.5, "report_interval_ms": 200}}
+    st = Stack(tmp_path_factory.mktemp("stack"), cfg, procs=("broker", "supervisor"))
+    try:
+        st.start(ready_timeout_s=30, loaded=("m1",))
+        yield st
+    finally:
+        pids = []
+        try:
+            pids = [m["worker"]["pid"] for m in st.models() if m.get("worker")]
+        except Exception:
+            pass
+        st.stop()
+        time.sleep(0.2)
+        assert not [pid for pid in pids if pid_alive(pid)], "a worker outlived the stack"
+
+
+@pytest.fixture
+def e2e(stack):
+    c = Client(stack.client_endpoint, default_ttl_s=30)
+    yield c
+    c.close()
+
+
+def test_e2e_grounding_round_trip(stack, e2e):
+    res = e2e.ground("m1", IMG, "click the blue button", return_attention=True)
+    r = res.result
+    assert r["image_size"] == [320, 200] and r["grid"] == [7, 11] and r["attention_blob"] == 0
+    assert len(res.blobs) == 1 and len(res.blobs[0]) == 7 * 11 * 4
+    assert all(0 <= pt["x"] < 320 and 0 <= pt["y"] < 200 for pt in r["points"])
+    assert res.usage["image_tokens"] == 77 and {"queue", "preprocess", "forward", "total"} <= set(res.timings)
+    again = e2e.ground("m1", IMG, "click the blue button")
+    assert again.result["points"] == r["points"] and again.blobs == []
+    (m,) = e2e.models("m1")
+    assert m["status"] == "loaded" and m["worker"]["pid"] > 0
+    assert "counters" in e2e.stats() and e2e.ping() < 0.5 and e2e.healthy
+
+
+def test_e2e_errors_and_fault_knobs(stack, e2e):
+    cases = [
+        (dict(model="nope"), "unknown_model"),
+        (dict(image=b"not an image"), "invalid_image"),
+        (dict(fake={"fail": "insufficient_memory"}), "insufficient_memory"),
+        (dict(fake={"fail": "internal"}), "internal"),
+    ]
+    for kw, code in cases:
+        args = {"model": "m1", "image": IMG, "instruction": "x", **kw}
+        with pytest.raises(ServerError) as ei:
+            e2e.ground(args.pop("model"), args.pop("image"), args.pop("instruction"), **args)
+        assert ei.value.code == code, ei.value
+    assert e2e.ground("m1", IMG, "still fine").result["points"]
+
+
+def test_e2e_cancel_and_deadline(stack, e2e):
+    h = e2e.submit("m1", {"instruction": "slow", "fake": {"sleep_ms": 1500}}, [IMG])
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    h.cancel()
+    with pytest.raises(ServerError) as ei:
+        h.result()
+    assert ei.value.code == "cancelled" and time.monotonic() - t0 < 0.5
+    t0 = time.monotonic()
+    with pytest.raises(ServerError) as ei:
+        e2e.ground("m1", IMG, "slower", ttl_s=0.5, fake={"sleep_ms": 3000})
+    assert ei.value.code == "deadline_exceeded" and time.monotonic() - t0 < 1.5
+    # the worker is still sleeping on those two; new work completes after them
+    assert e2e.ground("m1", IMG, "after").result["points"]
+    time.sleep(0.5)
+    assert e2e._async.counters["unknown_job"] == 0
+
+
+def test_e2e_kill9_worker_mid_job(stack, e2e):
+    pid = stack.worker_pid("m1")
+    h = e2e.submit("m1", {"instruction": "long", "fake": {"sleep_ms": 800}}, [IMG])
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    try:
+        res = h.result()
+        assert res.result["points"]            # retried on the restarted worker
+    except ServerError as exc:
+        assert exc.code == "worker_lost", exc
+    new_pid = stack.worker_pid("m1")
+    deadline = time.monotonic() + 10
+    while new_pid == pid and time.monotonic() < deadline:
+        time.sleep(0.05)
+        new_pid = stack.worker_pid("m1")
+    assert new_pid != pid and not pid_alive(pid)
+    stack.wait_ready(10, loaded=("m1",))
+    assert e2e.ground("m1", IMG, "after restart").result["points"]
+    time.sleep(0.3)
+    assert e2e._async.counters["unknown_job"] == 0   # exactly one answer reached the client
+
+
+def test_e2e_poison_job_kills_two_workers_then_fails(stack, e2e):
+    with pytest.raises(ServerError) as ei:
+        e2e.ground("m1", IMG, "poison", fake={"crash": True})
+    assert ei.value.code == "worker_crash_poison" and not ei.value.retryable
+    stack.wait_ready(15, loaded=("m1",))
+    assert e2e.ground("m1", IMG, "recovered").result["points"]
+
+
+def test_e2e_broker_kill9_and_restart(tmp_path):
+    """Clients fail the lost job with broker_restarted; the worker re-registers with its model
+    still loaded (no reload) and serves again."""
+    import subprocess
+    import sys
+
+    import yaml
+    cfg = {"broker": {"client_endpoint": free_tcp_endpoint(), "worker_endpoint": free_tcp_endpoint()},
+           "models": {"m1": fake_model(fake={"load_s": 0.05, "weights_bytes": 1000})},
+           "cache_dir": str(tmp_path / "cache")}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = open(tmp_path / "log.txt", "wb")
+
+    def spawn(mod):
+        return subprocess.Popen([sys.executable, "-m", mod, "--config", str(path)], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_loaded(c, timeout_s=15.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                (m,) = c.models("m1")
+                if m["status"] == "loaded":
+                    return m
+            except ServerError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError((tmp_path / "log.txt").read_text())
+
+    procs = [spawn("broker"), spawn("workers.supervisor")]
+    try:
+        with Client(cfg["broker"]["client_endpoint"]) as c:
+            before = wait_loaded(c)
+            first_inc = c.incarnation
+            h = c.submit("m1", {"instruction": "x", "fake": {"sleep_ms": 3000}}, [IMG])
+            time.sleep(0.2)
+            os.killpg(procs[0].pid, signal.SIGKILL)
+            procs[0].wait(5)
+            procs[0] = spawn("broker")
+            with pytest.raises(ServerError) as ei:
+                h.result()
+            assert ei.value.code in ("broker_restarted", "broker_unavailable") and ei.value.retryable
+            after = wait_loaded(c)
+            assert c.incarnation != first_inc
+            assert after["worker"]["pid"] == before["worker"]["pid"]   # same process, model kept
+            assert c.ground("m1", IMG, "again").result["points"]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    assert (tmp_path / "log.txt").read_text().count("loaded m1 in") == 1   # never reloaded

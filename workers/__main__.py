@@ -1,0 +1,82 @@
+"""`python -m workers --config PATH --model ID [--engine fake|mlx]`: one model worker.
+
+Reads the config and the environment once, builds the engine and runs the Worker until
+SIGTERM/SIGINT. Exit status 2 with one line on stderr for a bad config or model id.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from common.config import AppConfig, ModelSpec, add_config_argument, expand_path, load_or_exit
+from common.logs import configure_logging
+from workers.engine import EngineOptions, make_engine
+from workers.worker import Worker, WorkerSettings
+
+SUPERVISOR_PID_ENV = "GROUNDING_SUPERVISOR_PID"   # set by workers/supervisor.py for its children
+DEFAULT_FAKE_WEIGHTS = 100_000_000
+
+
+def estimate_weights_bytes(spec: ModelSpec, environ: Mapping[str, str]) -> int:
+    """Bytes of *.safetensors under a local model directory, else the fake engine's figure."""
+    path = Path(expand_path(spec.path, environ))
+    if path.is_dir():
+        total = sum(f.stat().st_size for f in path.rglob("*.safetensors") if f.is_file())
+        if total:
+            return total
+    return int(spec.fake.get("weights_bytes", DEFAULT_FAKE_WEIGHTS))
+
+
+def worker_settings(cfg: AppConfig, model_id: str, spec: ModelSpec, environ: Mapping[str, str]) -> WorkerSettings:
+    parent = environ.get(SUPERVISOR_PID_ENV, "")
+    return WorkerSettings(
+        model_id=model_id,
+        endpoint=cfg.broker.worker_endpoint,
+        heartbeat_interval_s=cfg.broker.heartbeat_interval_ms / 1000.0,
+        liveness=cfg.broker.heartbeat_liveness,
+        # one batch running while the next one is prepared
+        max_slots=max(2, 2 * spec.max_batch),
+        # finish before the supervisor's SIGKILL at shutdown_grace_s
+        shutdown_grace_s=max(0.5, 0.8 * cfg.supervisor.shutdown_grace_s),
+        engine_name=spec.engine,
+        est_weights_bytes=estimate_weights_bytes(spec, environ),
+        parent_pid=int(parent) if parent.isdigit() else None,
+    )
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers", description="Run one model worker.")
+    add_config_argument(parser)
+    parser.add_argument("--model", required=True, metavar="ID", help="a key of `models` in the config")
+    parser.add_argument("--engine", choices=("fake", "mlx"), default=None,
+                        help="override the model's configured engine")
+    args = parser.parse_args(argv)
+    cfg = load_or_exit(args.config, environ)
+    spec = cfg.models.get(args.model)
+    if spec is None:
+        known = ", ".join(cfg.models) or "none"
+        print(f"error: unknown model {args.model!r} (configured: {known})", file=sys.stderr)
+        return 2
+    if args.engine:
+        spec = dataclasses.replace(spec, engine=args.engine)
+    configure_logging(f"worker:{args.model}", cfg.log_level)
+    options = EngineOptions(
+        model_id=args.model,
+        cache_dir=expand_path(cfg.cache_dir, environ),
+        max_image_pixels=cfg.server.max_image_pixels,
+        hf_home=environ.get("HF_HOME") or environ.get("HF_HUB_CACHE") or None,
+    )
+    try:
+        engine = make_engine(spec, options)
+    except ImportError as exc:
+        print(f"error: engine {spec.engine!r} for model {args.model!r} is not available: {exc}", file=sys.stderr)
+        return 2
+    return Worker(engine, worker_settings(cfg, args.model, spec, environ)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The worker's compute side: the preprocessing thread and the compute (main) thread.
+
+A job normally goes control -> prep thread (from_job + engine.prepare) -> compute; when both are
+idle, control hands it to compute directly and compute prepares it inline (nothing to overlap).
+
+Both answer through their own inproc PUSH socket to the control thread, which owns the DEALER.
+Frames pushed: [tag, *wire frames] where tag is b"j" + job id for a job's answer (so the control
+thread can drop answers of an old connection), b"" for model-level messages, or DONE/EXIT tags.
+All times are `time.monotonic()` seconds; timings in answers are milliseconds.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from common import protocol as p
+from common import wire
+from workers.engine import GroundingRequest, GroundingResult, JobError
+
+if TYPE_CHECKING:
+    from workers.worker import Worker
+
+log = logging.getLogger(__name__)
+
+DONE_TAG = b"!done"   # compute finished its shutdown; the control thread says goodbye
+EXIT_TAG = b"!exit"   # compute asks for shutdown (UNLOAD then=exit)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One job inside the worker. Fields other than the first six are written by prep/compute and
+    read by the control thread for heartbeats (attribute writes are atomic under the GIL)."""
+    id: str
+    params: dict
+    blobs: list | None
+    gen: int              # connection generation that received it
+    recv_t: float
+    deadline: float
+    progress_t: float = 0.0
+    prep_start: float = 0.0
+    prep_end: float = 0.0
+    fwd_start: float = 0.0
+    prepared: Any = None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class Compute:
+    def __init__(self, worker: "Worker", push: zmq.Socket):
+        self.w = worker
+        self.engine = worker.engine
+        self.push = push   # compute thread's own socket; prep_loop gets its own
+        self.loaded = False   # compute's own truth (w.state also moves on the control thread)
+        self.idle = False     # blocked waiting for work (read by the control thread)
+        self.prep_idle = False
+
+    # ---- preprocessing thread --------------------------------------------------------------------
+
+    def prep_loop(self, prep_q: queue.SimpleQueue, push: zmq.Socket) -> None:
+        while True:
+            self.prep_idle = True
+            t = prep_q.get()
+            self.prep_idle = False
+            if t is None:
+                return
+            if self.prepare(t, push):
+                self.w._work_q.put(t)
+
+    def prepare(self, t: Ticket, push: zmq.Socket) -> bool:
+        """Validate and preprocess one job; False if it was answered (cancelled or an error)."""
+        if t.id in self.w.cancelled:
+            _answer(push, t, p.WorkerError(id=t.id, code="cancelled", message="cancelled before it started"))
+            return False
+        t.prep_start = t.progress_t = time.monotonic()
+        try:
+            request = GroundingRequest.from_job(t.id, t.params, t.blobs or [])
+            t.prepared = self.engine.prepare(request)
+        except JobError as exc:
+            _answer(push, t, p.WorkerError(id=t.id, code=exc.code, message=exc.message))
+            return False
+        except Exception as exc:
+            log.exception("prepare failed", extra={"ctx": {"job_id": t.id}})
+            _answer(push, t, p.WorkerError(id=t.id, code="internal",
+                                           message=f"preprocessing failed: {type(exc).__name__}: {exc}"))
+            return False
+        finally:
+            t.blobs = None   # the image bytes are no longer needed; free them early
+        t.prep_end = t.progress_t = time.monotonic()
+        return True
+
+    # ---- compute thread (main thread) -----------------------------------------------------------
+
+    def loop(self, work_q: queue.SimpleQueue) -> None:
+        """Commands and prepared jobs in arrival order; returns after ("shutdown",)."""
+        max_batch = max(1, int(self.engine.max_batch))
+        while True:
+            self.idle = True
+            item = work_q.get()
+            self.idle = False
+            pending = None
+            if isinstance(item, Ticket):
+                batch = [item]
+                while len(batch) < max_batch:
+                    try:
+                        nxt = work_q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(nxt, Ticket):
+                        batch.append(nxt)
+                    else:
+                        pending = nxt   # a command: handled right after this batch
+                        break
+                # jobs handed over directly (nothing to overlap with) are prepared here
+                batch = [t for t in batch if t.prep_end or self.prepare(t, self.push)]
+                if batch:
+                    self.run_batch(batch)
+                item = pending
+            if item is not None and self.command(item):
+                return
+
+    def command(self, cmd: tuple) -> bool:
+        """Load / unload / shutdown; True when the loop must end."""
+        if cmd[0] == "load":
+            self.load()
+        elif cmd[0] == "unload":
+            self.unload()
+            if cmd[1].then == "exit":
+                self.push.send_multipart([EXIT_TAG])
+        elif cmd[0] == "shutdown":
+            if self.loaded:
+                self.unload()
+            self.push.send_multipart([DONE_TAG])
+            return True
+        return False
+
+    def load(self) -> None:
+        w = self.w
+        if self.loaded:   # a LOAD queued twice
+            self._model_msg(p.Loaded(model_id=w.s.model_id, weights_bytes=w.weights_bytes,
+                                     load_seconds=w.load_seconds, mem=dict(w.mem)))
+            return
+        w.state = "loading"
+        try:
+            report = self.engine.load()
+        except Exception as exc:
+            log.exception("load failed")
+            w.state = "empty"
+            self._model_msg(p.WorkerError(id=None, code="load_failed",
+                                          message=f"loading {w.s.model_id!r} failed: {type(exc).__name__}: {exc}"))
+            return
+        w.weights_bytes, w.load_seconds = int(report.weights_bytes), float(report.load_seconds)
+        w.mem = self.engine.memory().to_wire()
+        w.state, self.loaded = "loaded", True
+        log.info("loaded %s in %.2fs (%d bytes)", w.s.model_id, w.load_seconds, w.weights_bytes)
+        self._model_msg(p.Loaded(model_id=w.s.model_id, weights_bytes=w.weights_bytes,
+                                 load_seconds=w.load_seconds, mem=dict(w.mem)))
+        self._model_msg(p.Memory(mem=dict(w.mem), reason="after_load"))
+
+    def unload(self) -> None:
+        w = self.w
+        if not self.loaded:    # the load it followed failed, or an UNLOAD queued twice
+            self._model_msg(p.Unloaded(model_id=w.s.model_id, released_bytes=0, mem=dict(w.mem)))
+            return
+        before = self.engine.memory()
+        try:
+            self.engine.unload()
+        except Exception:
+            log.exception("unload failed")   # state becomes empty anyway; process exit frees the rest
+        after = self.engine.memory()
+        w.mem = after.to_wire()
+        w.state, w.weights_bytes, self.loaded = "empty", 0, False
+        self._model_msg(p.Unloaded(model_id=w.s.model_id, released_bytes=max(0, before.active - after.active),
+                                   mem=dict(w.mem)))
+        self._model_msg(p.Memory(mem=dict(w.mem), reason="after_unload"))
+
+    def run_batch(self, batch: list[Ticket]) -> None:
+        now = time.monotonic()
+        live = []
+        for t in batch:
+            if t.id in self.w.cancelled:
+                self._job_msg(t, p.WorkerError(id=t.id, code="cancelled", message="cancelled before it ran"))
+            elif now > t.deadline:
+                self._job_msg(t, p.WorkerError(id=t.id, code="deadline_exceeded", message="deadline passed in the worker queue"))
+            elif not self.loaded:
+                self._job_msg(t, p.WorkerError(id=t.id, code="model_unavailable", message="model is not loaded"))
+            else:
+                t.fwd_start = t.progress_t = now
+                live.append(t)
+        if not live:
+            return
+        try:
+            self.engine.reset_peak()
+            outs = self.engine.run([t.prepared for t in live])
+            if len(outs) != len(live):
+                raise RuntimeError(f"engine returned {len(outs)} results for {len(live)} jobs")
+        except JobError as exc:
+            outs = [exc] * len(live)
+        except Exception as exc:
+            log.exception("engine.run failed for a batch of %d", len(live))
+            outs = [JobError("internal", f"{type(exc).__name__}: {exc}")] * len(live)
+        end = time.monotonic()
+        try:
+            mem = self.engine.memory()
+            self.w.mem, peak = mem.to_wire(), mem.peak
+        except Exception:
+            log.exception("engine.memory failed")
+            peak = 0
+        for t, out in zip(live, outs):
+            t.prepared = None
+            if isinstance(out, JobError):
+                self._job_msg(t, p.WorkerError(id=t.id, code=out.code, message=out.message))
+            elif t.id in self.w.cancelled:
+                self._job_msg(t, p.WorkerError(id=t.id, code="cancelled", message="cancelled while running"))
+            elif isinstance(out, GroundingResult):
+                result, usage, blobs = out.to_wire()
+                timings = dict(out.timings)
+                timings.update(queue=_ms((t.prep_start - t.recv_t) + (t.fwd_start - t.prep_end)),
+                               preprocess=_ms(t.prep_end - t.prep_start), forward=_ms(end - t.fwd_start),
+                               total=_ms(end - t.recv_t), batch=len(live))
+                self._job_msg(t, p.Result(id=t.id, result=result, usage=usage, finish_reason="stop",
+                                          peak_mem_job=int(out.peak_mem or peak), timings=timings), blobs)
+            else:
+                self._job_msg(t, p.WorkerError(id=t.id, code="internal",
+                                               message=f"engine returned {type(out).__name__}"))
+
+    def _job_msg(self, t: Ticket, msg: p.Message, blobs: list | tuple = ()) -> None:
+        _answer(self.push, t, msg, blobs)
+
+    def _model_msg(self, msg: p.Message) -> None:
+        self.push.send_multipart([b"", *wire.encode(msg)])
+
+
+def _answer(push: zmq.Socket, t: Ticket, msg: p.Message, blobs: list | tuple = ()) -> None:
+    push.send_multipart([b"j" + t.id.encode(), *wire.encode(msg, blobs)], copy=False)

@@ -1,0 +1,325 @@
+"""Worker runtime: one model, one engine, three threads.
+
+- control thread: owns the DEALER to the broker. Sends READY on every (re)connection, heartbeats
+  every interval, receives JOB / CANCEL / LOAD / UNLOAD / HEARTBEAT / DISCONNECT, and forwards
+  answers that the other threads push to it over inproc PUSH/PULL (so its poll wakes at once).
+- preprocessing thread: GroundingRequest.from_job + engine.prepare (CPU work overlapping the
+  previous forward pass). When both threads are idle there is nothing to overlap, so the job goes
+  straight to the compute thread, which prepares it itself (one thread hop less: ~0.2 ms).
+- compute thread (the main thread): LOAD / UNLOAD and engine.run on batches.
+A long forward pass cannot starve heartbeats: they come from the control thread, and the per-job
+`last_progress_ms_ago` lets the broker's watchdog see a stuck computation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from common import protocol as p
+from common import wire
+from common.zmqutil import close_quietly, make_socket
+from workers.compute import DONE_TAG, EXIT_TAG, Compute, Ticket
+from workers.engine import Engine
+
+log = logging.getLogger(__name__)
+
+MAX_DRAIN = 256             # messages handled per socket per poll turn (fairness between sockets)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Durations in seconds."""
+    model_id: str
+    endpoint: str                   # broker.worker_endpoint
+    heartbeat_interval_s: float = 1.0
+    liveness: int = 3               # broker silent for this many intervals -> reconnect
+    max_slots: int = 2              # jobs held at once (running + prepared + preparing)
+    shutdown_grace_s: float = 8.0   # in-flight jobs may finish within this, then we leave anyway
+    engine_name: str = "fake"
+    est_weights_bytes: int = 0
+    host: str = field(default_factory=socket.gethostname)
+    parent_pid: int | None = None   # exit when re-parented (supervisor gone), portable PDEATHSIG
+
+
+class Worker:
+    def __init__(self, engine: Engine, settings: WorkerSettings):
+        self.engine = engine
+        self.s = settings
+        self.state = "empty"                       # written by control (loading/unloading) and compute
+        self.weights_bytes = 0
+        self.load_seconds = 0.0
+        self.mem: dict = {}                        # last engine memory report (compute thread reads it)
+        self.cancelled: set[str] = set()           # job ids; control adds, prep/compute read
+        self.counters = {"decode_errors": 0, "unexpected": 0, "stale_answers": 0, "reconnects": 0, "jobs": 0,
+                         "refused_leaving": 0}
+        self._inflight: dict[str, Ticket] = {}     # control thread only
+        self._gen = 0                              # connection generation
+        self._stop_requested = False
+        self._phase = "running"                    # running -> draining -> unloading -> done
+        self._work_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._prep_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._inproc = f"inproc://worker-{uuid.uuid4().hex}"
+
+    # ---- entry point (main thread) --------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (or UNLOAD then=exit); returns the exit status."""
+        self.mem = self.engine.memory().to_wire()
+        ctx = zmq.Context()
+        pull = ctx.socket(zmq.PULL)
+        pull.bind(self._inproc)
+        push_prep, push_compute = ctx.socket(zmq.PUSH), ctx.socket(zmq.PUSH)
+        for s in (push_prep, push_compute):
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self._inproc)
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        compute = self._compute = Compute(self, push_compute)
+        control = threading.Thread(target=self._control, args=(ctx, pull, wake_r), name="control", daemon=True)
+        prep = threading.Thread(target=compute.prep_loop, args=(self._prep_q, push_prep), name="prep", daemon=True)
+        control.start()
+        prep.start()
+        try:
+            compute.loop(self._work_q)
+        finally:
+            control.join(timeout=self.s.shutdown_grace_s + 5)
+            self._prep_q.put(None)
+            prep.join(timeout=2)
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            if not control.is_alive() and not prep.is_alive():
+                close_quietly(push_prep, push_compute)
+                ctx.destroy(linger=0)
+            wake_r.close()
+            wake_w.close()
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Runs in the main thread; the control thread is woken through the wakeup fd.
+        self._stop_requested = True
+
+    # ---- control thread ---------------------------------------------------------------------------
+
+    def _control(self, ctx: zmq.Context, pull: zmq.Socket, wake: socket.socket) -> None:
+        try:
+            self._control_loop(ctx, pull, wake)
+        except Exception:
+            log.exception("control thread failed; exiting")
+            os._exit(70)
+
+    def _control_loop(self, ctx: zmq.Context, pull: zmq.Socket, wake: socket.socket) -> None:
+        interval = self.s.heartbeat_interval_s
+        self._connect(ctx)
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        poller.register(self._dealer, zmq.POLLIN)
+        next_hb = time.monotonic() + interval
+        phase_deadline = 0.0
+        while True:
+            wake_at = min(next_hb, phase_deadline) if self._phase in ("draining", "unloading") else next_hb
+            timeout_ms = max(0, int((wake_at - time.monotonic()) * 1000)) + 1
+            events = dict(poller.poll(timeout_ms))
+            if events.get(pull):
+                for _ in range(MAX_DRAIN):
+                    try:
+                        frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_internal(frames)
+            if events.get(self._dealer):
+                for _ in range(MAX_DRAIN):
+                    try:
+                        frames = self._dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_broker(frames, ctx, poller)
+            if events.get(wake):
+                try:
+                    if any(b in (signal.SIGTERM, signal.SIGINT) for b in wake.recv(64)):
+                        self._stop_requested = True
+                except BlockingIOError:
+                    pass
+            now = time.monotonic()
+            if now >= next_hb:
+                next_hb = now + interval
+                if self.s.parent_pid and os.getppid() != self.s.parent_pid:
+                    log.warning("parent %d is gone; shutting down", self.s.parent_pid)
+                    self._stop_requested = True
+                if now - self._last_rx > self.s.liveness * interval:
+                    log.warning("broker silent for %.1fs; reconnecting", now - self._last_rx)
+                    self._reconnect(ctx, poller)
+                self._send_heartbeat()
+            # shutdown: stop taking jobs, let in-flight finish within the grace, unload, leave
+            if self._phase == "running" and self._stop_requested:
+                log.info("shutdown requested: draining %d job(s)", len(self._inflight))
+                self._phase, phase_deadline = "draining", now + self.s.shutdown_grace_s
+                self._send_heartbeat()   # free_slots 0: the broker stops dispatching
+            if self._phase == "draining" and (not self._inflight or now >= phase_deadline):
+                if self._inflight:
+                    log.warning("grace expired with %d job(s) in flight", len(self._inflight))
+                self._phase, phase_deadline = "unloading", now + 5.0
+                for t in self._inflight.values():
+                    t.gen = -1   # answers dropped: our DISCONNECT makes the broker requeue them
+                self.cancelled.update(self._inflight)
+                self._work_q.put(("shutdown",))
+            if self._phase == "unloading" and now >= phase_deadline:
+                log.error("compute thread did not finish; exiting without unload")
+                self._finish()
+                os._exit(0)
+            if self._phase == "done":
+                self._finish()
+                return
+
+    def _finish(self) -> None:
+        try:
+            self._send(p.WorkerDisconnect(reason="shutdown"))
+        finally:
+            close_quietly(self._dealer)
+
+    def _connect(self, ctx: zmq.Context) -> None:
+        """New socket, new identity, READY with full state (the model stays loaded)."""
+        self._gen += 1
+        self._uid = uuid.uuid4()
+        self._dealer = make_socket(ctx, zmq.DEALER, identity=b"w:" + self._uid.bytes)
+        # READY must queue until the connection is up (the broker may start after us)
+        self._dealer.setsockopt(zmq.IMMEDIATE, 0)
+        self._dealer.connect(self.s.endpoint)
+        self._last_rx = time.monotonic()
+        self._incarnation: str | None = None
+        self._hb_seq = 0
+        caps = {"max_slots": self.s.max_slots, "max_batch": self.engine.max_batch,
+                "engine": self.s.engine_name, "est_weights_bytes": self.s.est_weights_bytes,
+                "device_mem_total": int(self.mem.get("limit", 0) or 0)}
+        self._send(p.Ready(worker_uid=self._uid.hex, pid=os.getpid(), host=self.s.host,
+                           model_id=self.s.model_id, state=self.state, capabilities=caps,
+                           mem=dict(self.mem), weights_bytes=self.weights_bytes,
+                           load_seconds=self.load_seconds))
+
+    def _reconnect(self, ctx: zmq.Context, poller: zmq.Poller) -> None:
+        # Jobs of the old connection are orphaned: the broker has requeued or failed them, so
+        # their answers are dropped; they still hold slots until compute is done with them.
+        self.counters["reconnects"] += 1
+        self.cancelled.update(self._inflight)
+        poller.unregister(self._dealer)
+        close_quietly(self._dealer)
+        self._connect(ctx)
+        poller.register(self._dealer, zmq.POLLIN)
+
+    def _send(self, msg: p.Message, blobs: tuple = ()) -> None:
+        self._dealer.send_multipart(wire.encode(msg, blobs), copy=False)
+
+    def _send_heartbeat(self) -> None:
+        now = time.monotonic()
+        self._hb_seq += 1
+        inflight = [{"id": t.id, "started_ms_ago": int((now - t.recv_t) * 1000),
+                     "last_progress_ms_ago": int((now - t.progress_t) * 1000)}
+                    for t in self._inflight.values() if t.gen == self._gen]
+        free = 0 if self._phase != "running" else max(0, self.s.max_slots - len(self._inflight))
+        self._send(p.Heartbeat(seq=self._hb_seq, state=self.state, free_slots=free,
+                               inflight=inflight, mem=dict(self.mem)))
+
+    def _on_internal(self, frames: list) -> None:
+        tag = frames[0].bytes
+        if tag == DONE_TAG:
+            self._phase = "done"
+        elif tag == EXIT_TAG:
+            self._stop_requested = True
+        elif tag:
+            ticket = self._inflight.pop(tag[1:].decode(), None)
+            if ticket is not None:
+                self.cancelled.discard(ticket.id)
+            if ticket is None or ticket.gen != self._gen:
+                self.counters["stale_answers"] += 1
+                return
+            self._dealer.send_multipart(frames[1:], copy=False)
+        else:
+            self._dealer.send_multipart(frames[1:], copy=False)
+
+    def _on_broker(self, frames: list, ctx: zmq.Context, poller: zmq.Poller) -> None:
+        try:
+            msg, blobs = wire.decode(frames, wire.TO_WORKER)
+        except wire.ProtocolError as exc:
+            self.counters["decode_errors"] += 1
+            log.warning("dropped a bad message from the broker (%s)", exc)
+            return
+        self._last_rx = time.monotonic()
+        if isinstance(msg, p.Job):
+            self._on_job(msg, blobs)
+        elif isinstance(msg, p.JobCancel):
+            if msg.id in self._inflight:
+                self.cancelled.add(msg.id)
+        elif isinstance(msg, p.BrokerHeartbeat):
+            if self._incarnation not in (None, msg.broker_incarnation):
+                log.warning("broker incarnation changed; re-registering")
+                self._reconnect(ctx, poller)
+                return
+            self._incarnation = msg.broker_incarnation
+        elif isinstance(msg, p.Load):
+            self._on_load(msg)
+        elif isinstance(msg, p.Unload):
+            self._on_unload(msg)
+        elif isinstance(msg, p.BrokerDisconnect):
+            log.warning("broker asked us to reconnect (%s)", msg.reason)
+            self._reconnect(ctx, poller)
+        else:
+            self.counters["unexpected"] += 1   # e.g. a Kill meant for a supervisor
+
+    def _on_job(self, msg: p.Job, blobs: list) -> None:
+        if msg.id in self._inflight:
+            return  # duplicate delivery; the first one will be answered
+        if self._phase != "running":
+            self.counters["refused_leaving"] += 1
+            return  # leaving: not started, not answered; the broker requeues it at our DISCONNECT
+        if self.state != "loaded":
+            self._send(p.WorkerError(id=msg.id, code="model_unavailable",
+                                     message=f"model {self.s.model_id!r} is {self.state}, not loaded"))
+            return
+        now = time.monotonic()
+        self.counters["jobs"] += 1
+        ticket = Ticket(id=msg.id, params=msg.params, blobs=blobs, gen=self._gen, recv_t=now,
+                        deadline=now + max(0, msg.ttl_ms) / 1000.0, progress_t=now)
+        self._inflight[msg.id] = ticket
+        if self._compute.idle and self._compute.prep_idle and self._prep_q.empty():
+            self._work_q.put(ticket)   # nothing to overlap with: one thread hop less
+        else:
+            self._prep_q.put(ticket)
+
+    def _on_load(self, msg: p.Load) -> None:
+        if msg.model_id != self.s.model_id:
+            self._send(p.WorkerError(id=None, code="load_failed",
+                                     message=f"this worker serves {self.s.model_id!r}, not {msg.model_id!r}"))
+        elif self.state == "loaded":
+            self._send(p.Loaded(model_id=self.s.model_id, weights_bytes=self.weights_bytes,
+                                load_seconds=self.load_seconds, mem=dict(self.mem)))
+        elif self.state in ("empty", "unloading") and self._phase == "running":
+            if self.state == "empty":
+                self.state = "loading"
+            self._work_q.put(("load", msg))   # after a pending unload: the queue keeps the order
+
+    def _on_unload(self, msg: p.Unload) -> None:
+        if msg.model_id != self.s.model_id:
+            return
+        if self.state == "empty":
+            self._send(p.Unloaded(model_id=self.s.model_id, released_bytes=0, mem=dict(self.mem)))
+            if msg.then == "exit":
+                self._stop_requested = True
+        elif self.state in ("loaded", "loading"):
+            if self.state == "loaded":
+                self.state = "unloading"
+            self._work_q.put(("unload", msg))   # after a pending load: the queue keeps the order
+
