@@ -1,0 +1,136 @@
+"""workers/images.py: decode caps and errors, the 3200x1800 cap, and equality with transformers'
+Qwen2VLImageProcessor (PIL backend) on random images of odd sizes."""
+from __future__ import annotations
+
+import io
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from workers import images
+from workers.engine import JobError
+
+
+def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _random_image(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": None}[mode]
+    shape = (h, w) if channels is None else (h, w, channels)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+SIZES = [(1, 1), (5, 7), (333, 517), (517, 333), (1001, 37), (29, 803), (641, 479), (1919, 1081)]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    return tf
+
+
+@pytest.mark.parametrize("w,h", SIZES)
+def test_preprocess_equals_transformers(hf, w, h):
+    min_px, max_px = 3136, 401408
+    img = _random_image(w, h, seed=w * 7 + h)
+    ours = images.preprocess(img, min_px, max_px, cap_area=None)
+    proc = hf.Qwen2VLImageProcessorPil(min_pixels=min_px, max_pixels=max_px)
+    ref = proc(images=[img], return_tensors="np")
+    assert list(ours.grid_thw) == ref["image_grid_thw"][0].tolist()
+    assert ours.pixel_values.shape == ref["pixel_values"].shape
+    assert ours.pixel_values.dtype == np.float32
+    np.testing.assert_array_equal(ours.pixel_values, ref["pixel_values"])  # bit-identical
+    gh, gw = ours.grid_thw[1:]
+    assert ours.resized == (gw * 14, gh * 14) and ours.original == (w, h)
+
+
+def test_smart_resize_equals_transformers(hf):
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        h, w = (int(v) for v in rng.integers(1, 5000, 2))
+        if max(h, w) / min(h, w) > 200:
+            continue
+        lo = int(rng.choice([784, 3136, 100_000]))
+        hi = int(rng.choice([1_048_576, 5_720_064, 12_845_056, 200_000]))
+        assert images.smart_resize(h, w, 28, lo, hi) == hf.smart_resize(h, w, 28, lo, hi)
+
+
+def test_transparency_is_composited_on_white_like_transformers(hf):
+    from transformers.image_transforms import convert_to_rgb
+    img = _random_image(31, 17, seed=5, mode="RGBA")
+    ours = images.decode_image(_encode(img), 10_000)
+    np.testing.assert_array_equal(np.asarray(ours), convert_to_rgb(img, return_numpy=True))
+    grey = images.decode_image(_encode(_random_image(9, 8, 1, "L")), 10_000)
+    assert grey.mode == "RGB" and grey.size == (9, 8)
+
+
+def test_patch_layout_groups_merge_windows():
+    # Patch i of the flat list must be the 14x14 square at (row, col) of the Qwen2-VL order.
+    img = _random_image(56, 84, seed=9)
+    out = images.preprocess(img, 784, 10**7, cap_area=None)
+    x = images.normalize(np.asarray(img.resize(out.resized, Image.Resampling.BICUBIC)))
+    gh, gw = out.grid_thw[1:]
+    order = [(2 * by + my, 2 * bx + mx) for by in range(gh // 2) for bx in range(gw // 2)
+             for my in range(2) for mx in range(2)]
+    for i, (r, c) in enumerate(order):
+        patch = x[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14].transpose(2, 0, 1)  # [3, 14, 14]
+        want = np.stack([patch, patch], axis=1).reshape(-1)                    # [3, 2, 14, 14]
+        np.testing.assert_array_equal(out.pixel_values[i], want)
+
+
+def test_screen_cap_is_down_only_and_keeps_aspect():
+    small = _random_image(1280, 720, 0)
+    assert images.cap_screen(small) is small
+    big = Image.new("RGB", (4000, 3000))
+    capped = images.cap_screen(big)
+    r = math.sqrt(images.SCREEN_CAP_AREA / (4000 * 3000))
+    assert capped.size == (int(4000 * r), int(3000 * r))
+    assert capped.size[0] * capped.size[1] <= images.SCREEN_CAP_AREA
+    out = images.preprocess(big, 3136, 12_845_056)
+    assert out.original == (4000, 3000)  # back-projection uses the size before the cap
+    assert out.resized[0] * out.resized[1] <= images.SCREEN_CAP_AREA
+
+
+def test_decode_errors():
+    with pytest.raises(JobError) as e:
+        images.decode_image(b"definitely not an image", 10**6)
+    assert e.value.code == "invalid_image"
+    png = _encode(_random_image(64, 64, 3))
+    with pytest.raises(JobError) as e:
+        images.decode_image(png[: len(png) // 2], 10**6)
+    assert e.value.code == "invalid_image"
+    with pytest.raises(JobError) as e:
+        images.decode_image(png, 64 * 64 - 1)
+    assert e.value.code == "payload_too_large"
+    for fmt in ("JPEG", "WEBP", "GIF", "BMP"):
+        assert images.decode_image(_encode(_random_image(40, 30, 4), fmt), 10**6).size == (40, 30)
+    with pytest.raises(JobError) as e:   # a real image, but not a screenshot format we parse
+        images.decode_image(_encode(_random_image(40, 30, 4), "TIFF"), 10**6)
+    assert e.value.code == "invalid_image" and "PNG" in e.value.message
+
+
+@pytest.mark.parametrize("side", [9000, 100_000])
+def test_pixel_cap_is_checked_before_decoding(side):
+    # A side x side PNG header with no pixel data: must be refused by size, not decoded.
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    with pytest.raises(JobError) as e:
+        images.decode_image(bomb, 8192 * 8192)
+    assert e.value.code == "payload_too_large"
+
+
+def test_extreme_aspect_ratio_is_invalid():
+    with pytest.raises(JobError) as e:
+        images.preprocess(Image.new("RGB", (2010, 10)), 3136, 10**6)
+    assert e.value.code == "invalid_image"

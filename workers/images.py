@@ -1,0 +1,162 @@
+"""Image bytes -> model input, identical to transformers' Qwen2VLImageProcessor (PIL backend).
+
+Steps (docs/gui-actor.md section 6): decode with a pixel cap checked on the header before any
+pixel is decoded; composite transparency onto white; down-only cap to 3200x1800 of area;
+`smart_resize` (factor 28); bicubic resize with PIL; rescale 1/255 and CLIP-normalise in float32;
+patchify to [grid_h * grid_w, 1176] with each 2x2 merge group contiguous. NumPy + PIL only, no
+MLX: this runs on the preprocessing thread.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from workers.engine import JobError
+
+SCREEN_CAP_AREA = 3200 * 1800        # demo's pre-resize cap (pixels of area), applied down-only
+PATCH = 14
+MERGE = 2
+TEMPORAL = 2
+FACTOR = PATCH * MERGE               # one visual token covers 28x28 resized pixels
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # screenshot formats; no exotic parsers on user bytes
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """`pixel_values` float32 [grid_h*grid_w, 1176] (None when the engine patchifies `rgb` on the
+    device instead); `rgb` uint8 [H', W', 3] the resized image; `grid_thw` (1, grid_h, grid_w) in
+    14-px patches; sizes are (width, height) in pixels: `original` as decoded, `resized` as fed
+    to the ViT. Visual tokens: grid_h/2 x grid_w/2."""
+    pixel_values: np.ndarray | None
+    grid_thw: tuple[int, int, int]
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    rgb: np.ndarray | None = None
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(n_h, n_w): visual tokens per column and per row."""
+        return self.grid_thw[1] // MERGE, self.grid_thw[2] // MERGE
+
+    @property
+    def n_tokens(self) -> int:
+        n_h, n_w = self.token_grid
+        return n_h * n_w
+
+
+def decode_image(data: bytes | memoryview, max_pixels: int) -> Image.Image:
+    """Encoded bytes -> RGB PIL image. `max_pixels` caps width*height of the decoded image and is
+    checked on the header, before decoding (decompression bombs). Raises JobError
+    payload_too_large / invalid_image."""
+    try:
+        img = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
+    except Image.DecompressionBombError:  # PIL's own hard cap (about 179M pixels), from the header
+        raise JobError("payload_too_large", f"image exceeds {max_pixels} pixels") from None
+    except Image.UnidentifiedImageError:
+        raise JobError("invalid_image", f"not an image in a supported format ({', '.join(FORMATS)})") from None
+    except Exception as exc:  # PIL raises many types for garbage input
+        raise JobError("invalid_image", f"not a decodable image: {exc}") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise JobError("invalid_image", f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise JobError("payload_too_large", f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    try:
+        img.load()
+    except Exception as exc:
+        raise JobError("invalid_image", f"image data is truncated or corrupt: {exc}") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB; transparency composited onto white (what transformers' convert_to_rgb does)."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def cap_screen(img: Image.Image, cap_area: int = SCREEN_CAP_AREA) -> Image.Image:
+    """Down-only resize to at most `cap_area` pixels of area, aspect kept (GUI-Actor demo)."""
+    w, h = img.size
+    if w * h <= cap_area:
+        return img
+    r = math.sqrt(cap_area / (w * h))
+    return img.resize((int(w * r), int(h * r)), Image.Resampling.BICUBIC)
+
+
+def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = 3136,
+                 max_pixels: int = 12845056) -> tuple[int, int]:
+    """(height, width) in pixels, multiples of `factor`, area within [min_pixels, max_pixels]
+    when possible; transformers' arithmetic exactly. ValueError on aspect ratio > 200."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got "
+                         f"{max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [H, W, 3]: x/255 (in float64, then float32), minus CLIP mean,
+    over CLIP std, in the same order and precision as transformers (bit-identical)."""
+    x = (rgb.astype(np.float64) * (1 / 255)).astype(np.float32)
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
+def patchify(chw: np.ndarray) -> np.ndarray:
+    """float32 [3, H, W] (H, W multiples of 28) -> [H/14 * W/14, 3*2*14*14]; the still image is
+    repeated over the 2 temporal slots; patches ordered so that each 2x2 merge group is contiguous."""
+    c, h, w = chw.shape
+    gh, gw = h // PATCH, w // PATCH
+    p = chw.reshape(c, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
+    p = p.transpose(1, 4, 2, 5, 0, 3, 6)                     # (gh/2, gw/2, 2, 2, C, 14, 14)
+    p = np.broadcast_to(p[:, :, :, :, :, None], (*p.shape[:5], TEMPORAL, PATCH, PATCH))
+    return np.ascontiguousarray(p.reshape(gh * gw, c * TEMPORAL * PATCH * PATCH))
+
+
+def pixel_values_of(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H', W', 3] resized image -> float32 [N, 1176] pixel values, as transformers makes them."""
+    return patchify(np.ascontiguousarray(normalize(rgb).transpose(2, 0, 1)))
+
+
+def resize_image(img: Image.Image, min_pixels: int, max_pixels: int,
+                 cap_area: int | None = SCREEN_CAP_AREA) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """RGB image -> (uint8 [H', W', 3] as fed to the ViT, original (w, h), resized (w', h')).
+    Screen cap, smart_resize and PIL bicubic exactly as transformers. Raises JobError
+    invalid_image for aspect ratios over 200."""
+    original = img.size
+    if cap_area:
+        img = cap_screen(img, cap_area)
+    w, h = img.size
+    try:
+        rh, rw = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
+    except ValueError as exc:
+        raise JobError("invalid_image", str(exc)) from None
+    resized = img.resize((rw, rh), Image.Resampling.BICUBIC)
+    return np.asarray(resized, dtype=np.uint8), original, (rw, rh)
+
+
+def preprocess(img: Image.Image, min_pixels: int, max_pixels: int,
+               cap_area: int | None = SCREEN_CAP_AREA, patches: bool = True) -> PreparedImage:
+    """RGB image -> PreparedImage. `min_pixels` / `max_pixels` bound the resized area (pixels).
+    With `patches=False` only the resized uint8 image is kept (the engine patchifies on the
+    device). Raises JobError invalid_image for aspect ratios over 200."""
+    rgb, original, (rw, rh) = resize_image(img, min_pixels, max_pixels, cap_area)
+    pixel_values = pixel_values_of(rgb) if patches else None
+    return PreparedImage(pixel_values, (1, rh // PATCH, rw // PATCH), original, (rw, rh), rgb)

@@ -1,0 +1,164 @@
+"""The Qwen2-VL / Qwen2.5-VL backbone through mlx-vlm: build it from a checked checkpoint, load
+and check its tensors ourselves, and run the two pieces GUI-Actor needs (never the vocab logits):
+- `encode_image`: vision tower + merger -> encoder vectors [n_img, D];
+- `pointer_states`: language model (all layers + final RMSNorm) -> hidden states at given positions.
+"""
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from workers.families.gui_actor import HEAD_PREFIX
+from workers.mlx.checkpoint import Checkpoint, CheckpointError
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+QUANT_GROUP = 64
+
+# checkpoint name prefix -> mlx-vlm parameter prefix (old layout first, then transformers >= 4.52)
+_RENAMES = (("model.language_model.", "language_model.model."), ("model.visual.", "vision_tower."),
+            ("visual.", "vision_tower."), ("model.", "language_model.model."),
+            ("lm_head.", "language_model.lm_head."))
+
+
+def mlx_name(name: str) -> str:
+    for old, new in _RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def checkpoint_name(name: str) -> str:
+    """mlx-vlm parameter name -> the name the released files use (for error messages)."""
+    for old, new in (("language_model.model.", "model."), ("vision_tower.", "visual."),
+                     ("language_model.lm_head.", "lm_head.")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def resolve_dtype(name: str) -> mx.Dtype:
+    """`auto`: bfloat16 on a GPU, float32 on the CPU."""
+    if name == "auto":
+        return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def _model_config(arch, ckpt: Checkpoint, vocab: int):
+    raw = dict(ckpt.config)
+    nested = raw.pop("text_config", None) or {}
+    # vocab from the embed tensor, never from the config (GUI-Actor resized the embeddings)
+    flat = {**raw, **nested, "vocab_size": vocab, "model_type": ckpt.model_type}
+    rope = flat.get("rope_parameters")
+    if not flat.get("rope_scaling") and isinstance(rope, dict) and "mrope_section" in rope:
+        # transformers >= 5 writes rope_parameters where 4.x wrote rope_scaling + rope_theta
+        flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+        flat.setdefault("rope_theta", rope.get("rope_theta", 1000000.0))
+    vision = dict(flat.pop("vision_config", None) or {})
+    vision["model_type"] = ckpt.model_type
+    cfg = arch.ModelConfig.from_dict({**flat, "vision_config": vision})
+    cfg.text_config = arch.TextConfig.from_dict(cfg.text_config)
+    cfg.vision_config = arch.VisionConfig.from_dict(vision)
+    return cfg
+
+
+def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None):
+    """-> (mlx-vlm Model, head tensors {name: array} in float32). Checks every parameter against
+    the checkpoint (missing tensor / wrong shape -> CheckpointError naming tensor and file)."""
+    embed = ckpt.tensors.get("model.embed_tokens.weight") or ckpt.tensors.get("model.language_model.embed_tokens.weight")
+    if embed is None:
+        raise CheckpointError("checkpoint is missing tensor model.embed_tokens.weight")
+    arch = importlib.import_module(f"mlx_vlm.models.{ckpt.model_type}")
+    try:
+        model = arch.Model(_model_config(arch, ckpt, embed.shape[0]))
+    except (TypeError, ValueError, KeyError, AssertionError) as exc:
+        raise CheckpointError(f"config.json does not describe a valid {ckpt.model_type} model: {exc}") from None
+    if "lm_head" in model.language_model:  # grounding never computes vocab logits
+        model.language_model.pop("lm_head")
+    expected = dict(tree_flatten(model.parameters()))
+
+    arrays: dict[str, mx.array] = {}
+    for f in ckpt.weight_files:
+        try:
+            arrays.update(mx.load(str(f)))
+        except Exception as exc:  # mlx raises RuntimeError/ValueError for unreadable files
+            raise CheckpointError(f"cannot read {f.name}: {exc}") from None
+    head = {k: v for k, v in arrays.items() if k.startswith(HEAD_PREFIX)}
+    weights = []
+    by_mlx = {mlx_name(k): k for k in arrays if not k.startswith(HEAD_PREFIX)}
+    for name, param in expected.items():
+        src = by_mlx.get(name)
+        if src is None:
+            raise CheckpointError(f"checkpoint is missing tensor {checkpoint_name(name)}")
+        v = arrays[src]
+        if name.endswith("patch_embed.proj.weight") and v.ndim == 5 and v.shape[1] == 3:
+            v = v.transpose(0, 2, 3, 4, 1)  # PyTorch Conv3d [out, C, T, H, W] -> MLX [out, T, H, W, C]
+        if tuple(v.shape) != tuple(param.shape):
+            raise CheckpointError(f"tensor {src} in {ckpt.tensors[src].file.name} has shape "
+                                  f"{list(arrays[src].shape)}, expected {list(param.shape)}")
+        weights.append((name, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v))
+    model.load_weights(weights, strict=True)
+    if quantize:
+        # Language-model linears only: the ViT is small and sensitive, the head stays float32.
+        nn.quantize(model.language_model, group_size=QUANT_GROUP, bits=quantize,
+                    class_predicate=lambda _p, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % QUANT_GROUP == 0)
+    mx.eval(model.parameters())
+    model.eval()
+    return model, head
+
+
+def encode_image(model, pixel_values: np.ndarray, grid_thw: tuple[int, int, int]) -> mx.array:
+    """Vision tower + merger: [grid_h*grid_w, 1176] patches -> [n_img, D] encoder vectors."""
+    dtype = model.vision_tower.patch_embed.proj.weight.dtype
+    return model.vision_tower(mx.array(pixel_values).astype(dtype), mx.array([list(grid_thw)]),
+                              output_hidden_states=False)
+
+
+def pointer_states(model, input_ids: np.ndarray, image_start: int, image_embeds: mx.array,
+                   position_ids: np.ndarray, positions: list[int]) -> mx.array:
+    """Hidden states after the final RMSNorm at `positions` -> [len(positions), D].
+
+    `input_ids` [L] holds one contiguous run of image pads at image_start; the embeddings there are
+    replaced by `image_embeds`; `position_ids` [3, L] are the M-RoPE positions."""
+    lm = model.language_model.model
+    ids = mx.array(input_ids[None].astype(np.int32))
+    n = image_embeds.shape[0]
+    emb = lm.embed_tokens(ids)
+    h = mx.concatenate([emb[:, :image_start], image_embeds[None].astype(emb.dtype),
+                        emb[:, image_start + n:]], axis=1)
+    pos = mx.array(position_ids[:, None, :].astype(np.int32))
+    out = lm(ids, inputs_embeds=h, position_ids=pos)        # [1, L, D], after model.norm
+    return out[0, mx.array(positions)]
+
+
+def pointer_states_batch(model, input_ids: list[np.ndarray], image_starts: list[int],
+                         image_embeds: list[mx.array], position_ids: list[np.ndarray],
+                         pointer_pos: list[int]) -> mx.array:
+    """`pointer_states` for several prompts in one forward -> [B, D], one pointer per prompt.
+
+    Prompts are right-padded to the longest: every prompt ends at its <|pointer_pad|> and the
+    attention is causal, so padding after it never reaches the state we read."""
+    if len(input_ids) == 1:
+        return pointer_states(model, input_ids[0], image_starts[0], image_embeds[0],
+                              position_ids[0], [pointer_pos[0]])
+    lm = model.language_model.model
+    length = max(len(ids) for ids in input_ids)
+    rows, pos = [], np.zeros((3, len(input_ids), length), dtype=np.int32)
+    for b, (ids, start, img, p) in enumerate(zip(input_ids, image_starts, image_embeds, position_ids)):
+        emb = lm.embed_tokens(mx.array(ids.astype(np.int32)))
+        n = img.shape[0]
+        parts = [emb[:start], img.astype(emb.dtype), emb[start + n:]]
+        if length > len(ids):
+            parts.append(mx.zeros((length - len(ids), emb.shape[-1]), dtype=emb.dtype))
+        rows.append(mx.concatenate(parts, axis=0))
+        pos[:, b, :len(ids)] = p
+    h = mx.stack(rows)
+    dummy = mx.zeros((len(input_ids), length), dtype=mx.int32)   # unused once inputs_embeds is given
+    out = lm(dummy, inputs_embeds=h, position_ids=mx.array(pos))       # [B, L, D], after model.norm
+    return out[mx.arange(len(input_ids)), mx.array(pointer_pos)]

@@ -1,0 +1,219 @@
+"""MlxEngine: a GUI-Actor checkpoint on MLX (mlx-vlm backbone + our pointer head).
+
+`prepare` (any thread, NumPy/PIL/tokenizers only) decodes, resizes, patchifies and tokenizes;
+`run` (compute thread) does one prefill per job: vision tower -> encoder vectors, language model
+-> final-norm state at <|pointer_pad|>, head in float32, regions -> points. docs/gui-actor.md.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from common.config import ModelSpec
+from workers.engine import EngineOptions, GroundingRequest, GroundingResult, JobError, LoadReport, MemoryReport
+from workers.families import family_for
+from workers.images import PreparedImage, decode_image, preprocess
+from workers.mlx.backbone import encode_image, load_backbone, pointer_states_batch, resolve_dtype
+from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
+from workers.mlx.head import head_from_tensors
+from workers.mlx.vision import FastQwen2Vision, normalized_patches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedJob:
+    """A job ready for the forward pass. `input_ids` [L] int32 with the image pads expanded at
+    `image_start`; `position_ids` [3, L] M-RoPE; `pointer_pos` index of <|pointer_pad|>."""
+    job_id: str
+    image: PreparedImage
+    input_ids: np.ndarray
+    image_start: int
+    position_ids: np.ndarray
+    pointer_pos: int
+    topk: int
+    return_attention: bool
+    preprocess_ms: float
+
+
+def _device_memory() -> int:
+    """Bytes of memory of the default device (unified/host memory on CPU)."""
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    for key in ("memory_size", "total_memory"):
+        if isinstance(info.get(key), int) and info[key] > 0:
+            return info[key]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class MlxEngine:
+    def __init__(self, spec: ModelSpec, options: EngineOptions):
+        self.spec = spec
+        self.options = options
+        self.max_batch = spec.max_batch
+        self._model = None
+        self._head = None
+        self._tok = None
+        self._family = None
+        self._ids: dict[str, int] = {}
+        self._system = ""
+        self._weights_bytes = 0
+        self._vision: FastQwen2Vision | None = None   # our fast path (qwen2_vl); else mlx-vlm's tower
+        self.dtype = None
+        self.path = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def load(self) -> LoadReport:
+        """Resolve, check and load the checkpoint. Raises CheckpointError (message names the file
+        or tensor) on any problem with it; the worker reports load_failed."""
+        t0 = time.perf_counter()
+        from tokenizers import Tokenizer
+        path = resolve_path(self.spec.path, self.options.cache_dir, self.options.hf_home)
+        ckpt = read_checkpoint(path)
+        family = family_for(ckpt.model_type)
+        try:
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as exc:
+            raise CheckpointError(f"tokenizer.json in {path} cannot be loaded: {exc}") from None
+        ids = {t: tok.token_to_id(t) for t in family.CONFIG_TOKEN_KEYS.values()}
+        try:
+            family.check_config(ckpt.config, ids)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        dtype = resolve_dtype(self.spec.dtype)
+        model, head_tensors = load_backbone(ckpt, dtype, self.spec.quantize)
+        vocab, hidden = model.language_model.model.embed_tokens.weight.shape
+        if max(ids.values()) >= vocab:
+            raise CheckpointError(f"tokenizer.json token id {max(ids.values())} is outside the "
+                                  f"{vocab}-row model.embed_tokens.weight")
+        try:
+            head = head_from_tensors(head_tensors, hidden)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        mx.eval(head.parameters())
+        self._model, self._head, self._tok, self._family, self._ids = model, head, tok, family, ids
+        self._vision = FastQwen2Vision(model.vision_tower) if ckpt.model_type == "qwen2_vl" else None
+        self._system = self.spec.system_prompt if self.spec.system_prompt is not None \
+            else family.SYSTEM_PROMPTS[ckpt.model_type]
+        self.dtype, self.path = dtype, path
+        self._weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters())) + \
+            sum(v.nbytes for _, v in tree_flatten(head.parameters()))
+        seconds = time.perf_counter() - t0
+        log.info("loaded %s (%s, %s, %.1f MB) in %.2fs", path, ckpt.model_type, dtype,
+                 self._weights_bytes / 1e6, seconds)
+        return LoadReport(weights_bytes=self._weights_bytes, load_seconds=seconds)
+
+    def unload(self) -> None:
+        self._model = self._head = self._tok = self._vision = None
+        self._weights_bytes = 0
+        mx.clear_cache()
+
+    # ---- jobs ------------------------------------------------------------------------------
+    def prepare(self, request: GroundingRequest) -> PreparedJob:
+        """CPU only (thread-safe, no MLX): decode, resize, patchify, tokenize. Raises JobError."""
+        if self._tok is None:
+            raise JobError("model_unavailable", "model is not loaded")
+        t0 = time.perf_counter()
+        img = decode_image(request.image, self.options.max_image_pixels)
+        max_px = request.max_pixels or self.spec.max_pixels
+        min_px = min(request.min_pixels or self.spec.min_pixels, max_px)
+        image = preprocess(img, min_px, max_px, patches=self._vision is None)
+        fam = self._family
+        system = request.system if request.system is not None else self._system
+        before, after = fam.prompt_parts(system, request.instruction)
+        pad, ptr = self._ids[fam.IMAGE_PAD], self._ids[fam.POINTER_PAD]
+        head_ids = self._tok.encode(before, add_special_tokens=False).ids
+        tail_ids = self._tok.encode(after, add_special_tokens=False).ids
+        n = image.n_tokens
+        ids = np.array(head_ids + [pad] * n + tail_ids, dtype=np.int32)
+        if int((ids == pad).sum()) != n or int((ids == ptr).sum()) != 1:
+            raise JobError("bad_request", "the instruction or system prompt contains reserved tokens "
+                                          f"({fam.IMAGE_PAD} or {fam.POINTER_PAD})")
+        if len(ids) > self.spec.max_context_length:
+            raise JobError("bad_request", f"prompt is {len(ids)} tokens ({n} for the image), over the "
+                                          f"model's max_context_length {self.spec.max_context_length}; "
+                                          "lower max_pixels or shorten the instruction")
+        n_h, n_w = image.token_grid
+        return PreparedJob(job_id=request.job_id, image=image, input_ids=ids, image_start=len(head_ids),
+                           position_ids=fam.mrope_positions(len(ids), len(head_ids), n_h, n_w),
+                           pointer_pos=len(ids) - 1, topk=request.topk or self.spec.topk,
+                           return_attention=request.return_attention,
+                           preprocess_ms=(time.perf_counter() - t0) * 1e3)
+
+    def run(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
+        """One forward pass for the whole batch (vision tower over all images, language model
+        over right-padded prompts); a JobError per failed job. If the batch as a whole fails
+        (out of memory, say), each job is retried alone so one bad job cannot sink the others."""
+        if self._model is None:
+            return [JobError("model_unavailable", "model is not loaded") for _ in batch]
+        try:
+            return self._run_batch(batch)
+        except JobError as exc:
+            if len(batch) == 1:
+                return [exc]
+        except Exception:
+            if len(batch) == 1:
+                raise
+            log.exception("batch of %d failed; running its jobs one by one", len(batch))
+        return [r for job in batch for r in self.run([job])]
+
+    def forward(self, batch: list[PreparedJob]) -> tuple[list[mx.array], mx.array]:
+        """(encoder vectors per job [n_img, D], pointer states [B, D]), evaluated."""
+        if self._vision is not None:
+            patches = [normalized_patches(mx.array(j.image.rgb), self._vision.dtype) for j in batch]
+            grids = [j.image.grid_thw[1:] for j in batch]
+            enc_all = self._vision(patches, grids)
+            cuts = np.cumsum([j.image.n_tokens for j in batch])[:-1].tolist()
+            encs = mx.split(enc_all, cuts, axis=0) if cuts else [enc_all]
+        else:
+            encs = [encode_image(self._model, j.image.pixel_values, j.image.grid_thw) for j in batch]
+        dec = pointer_states_batch(self._model, [j.input_ids for j in batch], [j.image_start for j in batch],
+                                   encs, [j.position_ids for j in batch], [j.pointer_pos for j in batch])
+        mx.eval(encs, dec)
+        return encs, dec
+
+    def _run_batch(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
+        t0 = time.perf_counter()
+        encs, dec = self.forward(batch)
+        t1 = time.perf_counter()
+        maps = [self._head(enc, dec[i:i + 1])[0] for i, enc in enumerate(encs)]
+        mx.eval(maps)
+        t2 = time.perf_counter()
+        peak = mx.get_peak_memory()
+        out: list[GroundingResult | JobError] = []
+        for job, scores in zip(batch, maps):
+            t3 = time.perf_counter()
+            s = np.array(scores, dtype=np.float32)
+            if not np.all(np.isfinite(s)):
+                out.append(JobError("internal", "the pointer head produced non-finite attention "
+                                                f"(dtype {self.dtype}); try dtype float32"))
+                continue
+            n_h, n_w = job.image.token_grid
+            regions = self._family.extract_regions(s, n_h, n_w)
+            points = self._family.to_points(regions, job.topk, job.image.original)
+            out.append(GroundingResult(
+                points=points, image_size=job.image.original, resized_size=job.image.resized,
+                grid=(n_h, n_w), prompt_tokens=int(len(job.input_ids)), image_tokens=job.image.n_tokens,
+                attention=s.astype("<f4").tobytes() if job.return_attention else None,
+                timings={"preprocess": job.preprocess_ms, "forward": (t1 - t0) * 1e3,
+                         "head": (t2 - t1) * 1e3, "postprocess": (time.perf_counter() - t3) * 1e3,
+                         "batch_size": len(batch)},
+                peak_mem=peak))
+        return out
+
+    # ---- memory ----------------------------------------------------------------------------
+    def memory(self) -> MemoryReport:
+        return MemoryReport(active=mx.get_active_memory(), peak=mx.get_peak_memory(),
+                            cache=mx.get_cache_memory(), weights=self._weights_bytes,
+                            limit=_device_memory())
+
+    def reset_peak(self) -> None:
+        mx.reset_peak_memory()

@@ -1,0 +1,101 @@
+"""GUI-Actor's action head (`VisionHead_MultiPatch`) in MLX, run in float32.
+
+Parameter names equal the checkpoint's `multi_patch_pointer_head.*` names without the prefix, so
+the 14 tensors load with `load_weights(strict=True)`. Math (docs/gui-actor.md section 7.4):
+self-attention over the visual tokens (8 heads, scale 1/sqrt(D/8), packed q;k;v in_proj, out_proj
+with bias), residual + LayerNorm (eps 1e-5), projection_enc / projection_dec (Linear, exact-erf
+GELU, Linear), logits = dec_proj @ enc_projᵀ / sqrt(D), softmax over visual tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from workers.families.gui_actor import HEAD_HEADS, HEAD_PREFIX
+
+QUERY_CHUNK = 2048                     # bounds the [heads, chunk, n] score matrix in memory
+
+
+class _SelfAttention(nn.Module):
+    """torch.nn.MultiheadAttention's parameter layout, self-attention only, no mask."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.query_chunk = QUERY_CHUNK
+        self.in_proj_weight = mx.zeros((3 * dim, dim))
+        self.in_proj_bias = mx.zeros((3 * dim,))
+        self.out_proj = nn.Linear(dim, dim, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        n, dim = x.shape
+        hd = dim // self.heads
+        qkv = x @ self.in_proj_weight.T + self.in_proj_bias             # [n, 3D]
+        q, k, v = (t.reshape(n, self.heads, hd).transpose(1, 0, 2) for t in mx.split(qkv, 3, axis=-1))
+        scale = 1.0 / math.sqrt(hd)
+        outs = []
+        for s in range(0, n, self.query_chunk):  # exact softmax per query row; chunks bound memory
+            w = mx.softmax((q[:, s:s + self.query_chunk] * scale) @ k.transpose(0, 2, 1), axis=-1)
+            outs.append(w @ v)
+        o = mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]   # [heads, n, hd]
+        return self.out_proj(o.transpose(1, 0, 2).reshape(n, dim))
+
+
+class PointerHead(nn.Module):
+    def __init__(self, dim: int, heads: int = HEAD_HEADS):
+        super().__init__()
+        self.dim = dim
+        self.self_attention = _SelfAttention(dim, heads)
+        self.layer_norm = nn.LayerNorm(dim, eps=1e-5)
+        self.projection_enc = [nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim)]
+        self.projection_dec = [nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim)]
+
+    @staticmethod
+    def _mlp(layers, x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    def __call__(self, enc: mx.array, dec: mx.array) -> mx.array:
+        """enc [n_img, D] visual tokens, dec [n_ptr, D] pointer states -> [n_ptr, n_img]
+        attention over visual tokens (rows sum to 1), float32."""
+        enc = enc.astype(mx.float32)
+        dec = dec.astype(mx.float32)
+        h = self.layer_norm(enc + self.self_attention(enc))
+        e = self._mlp(self.projection_enc, h)
+        d = self._mlp(self.projection_dec, dec)
+        logits = (d @ e.T) / math.sqrt(self.dim)
+        return mx.softmax(logits, axis=-1)
+
+
+def head_from_tensors(tensors: dict[str, mx.array], hidden_size: int) -> PointerHead:
+    """Build the head from the checkpoint's `multi_patch_pointer_head.*` tensors (prefix kept in
+    the keys). D comes from `in_proj_weight`; it must equal the backbone's `hidden_size`. Raises
+    ValueError naming the missing or misshapen tensor."""
+    key = HEAD_PREFIX + "self_attention.in_proj_weight"
+    if key not in tensors:
+        raise ValueError(f"checkpoint has no tensor {key} (the pointer head)")
+    dim = tensors[key].shape[1]
+    if dim != hidden_size:
+        raise ValueError(f"tensor {key} has shape {list(tensors[key].shape)}: head width {dim} "
+                         f"differs from the backbone's hidden_size {hidden_size}")
+    head = PointerHead(dim)
+    expected = dict(tree_flatten(head.parameters()))
+    weights = []
+    for name, param in expected.items():
+        full = HEAD_PREFIX + name
+        if full not in tensors:
+            raise ValueError(f"checkpoint has no tensor {full} (the pointer head)")
+        t = tensors[full]
+        if tuple(t.shape) != tuple(param.shape):
+            raise ValueError(f"tensor {full} has shape {list(t.shape)}, expected {list(param.shape)}")
+        weights.append((name, t.astype(mx.float32)))
+    extra = sorted(set(tensors) - {HEAD_PREFIX + n for n in expected})
+    if extra:
+        raise ValueError(f"unexpected pointer-head tensor {extra[0]}")
+    head.load_weights(weights, strict=True)
+    head.eval()
+    return head
