@@ -1,0 +1,221 @@
+"""HTTP routes. Thin: parse (openai_api), ask the broker (AsyncClient), render (openai_api, sse)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from sanic import Request, Sanic
+from sanic.exceptions import NotFound
+from sanic.response import HTTPResponse, file, raw
+from sanic.response import json as json_response
+
+from common.errors import ServerError
+from common.protocol import Q_MODELS, Accepted, Partial
+from frontend import openai_api as api
+from frontend import sse
+from frontend.app import bg, ready_client, tracked
+from frontend.images import sniff
+from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from frontend.remote import fetch_image
+
+log = logging.getLogger("frontend")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+CORS = ["OPTIONS"]   # every route answers CORS preflights (app middleware)
+
+
+def parse_json(request: Request) -> Any:
+    """The body as JSON. 400 on empty or invalid JSON (RecursionError included), or nesting too deep."""
+    body = request.body
+    if not body:
+        raise ServerError("bad_request", "the request body is empty; send a JSON object")
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ServerError("bad_request", f"invalid JSON body: {str(exc)[:200]}") from None
+    api.check_depth(value)
+    return value
+
+
+# ---- health and models ---------------------------------------------------------------------------
+
+
+async def health(request: Request) -> HTTPResponse:
+    app = request.app
+    body: dict[str, Any] = {"status": "unavailable", "uptime_s": round(time.monotonic() - app.ctx.started, 3),
+                            "broker": {"reachable": False, "rtt_ms": None, "incarnation": None},
+                            "models": {}, "workers": []}
+    try:
+        client = await ready_client(app)
+        rtt = await client.ping(timeout_s=1.0)
+        body["broker"] = {"reachable": True, "rtt_ms": round(rtt * 1000, 3), "incarnation": client.incarnation}
+        models = await client.models()
+    except ServerError as exc:
+        body["broker"]["error"] = exc.message
+        return json_response(body, status=503, headers={"Retry-After": "1"})
+    body["models"] = {m["id"]: m.get("status") for m in models}
+    body["workers"] = [{"model": m["id"], **m["worker"]} for m in models if m.get("worker")]
+    failed = any(m.get("status") == "failed" for m in models)
+    body["status"] = "degraded" if failed else "ok"
+    return json_response(body)
+
+
+async def list_models(request: Request) -> HTTPResponse:
+    models = await (await ready_client(request.app)).models()
+    created = request.app.ctx.created
+    return json_response({"object": "list", "data": [api.model_object(m, created=created) for m in models]})
+
+
+async def model_route(request: Request, rest: str) -> HTTPResponse:
+    """/v1/models/{id} (GET status, DELETE unload) and /v1/models/{id}/load (POST). Ids may hold '/'."""
+    client = await ready_client(request.app)
+    created = request.app.ctx.created
+    if request.method == "POST":
+        if not rest.endswith("/load"):
+            raise ServerError("not_found", f"no route POST /v1/models/{rest}; use /v1/models/<id>/load")
+        status = await client.load(rest[: -len("/load")])
+    elif request.method == "DELETE":
+        status = await client.unload(rest)
+    else:
+        reply = await client.query(Q_MODELS, {"model": rest})
+        models = reply.get("models") or []
+        if not models:
+            raise ServerError("unknown_model", f"the model {rest!r} does not exist", param="model")
+        status = models[0]
+    return json_response(api.model_object(status, created=created))
+
+
+# ---- chat completions ----------------------------------------------------------------------------
+
+
+async def chat_completions(request: Request) -> HTTPResponse | None:
+    app = request.app
+    cfg = app.ctx.cfg
+    req = api.parse_chat_request(parse_json(request), cfg)
+    image = req.image
+    if image is None:
+        image = await fetch_image(req.image_url, cfg.server, req.image_param)
+        sniff(image, max_pixels=cfg.server.max_image_pixels, param=req.image_param)
+    client = await ready_client(app)
+    t0 = time.perf_counter()
+    handle = await client.submit(req.model, req.params, [image], ttl_s=req.ttl_s, stream=req.stream)
+    done = False
+    try:
+        if req.stream:
+            await _stream(request, req, handle)
+        else:
+            result = await handle.result()
+            done = True
+            _count(app, req.model, "stop", t0)
+            return json_response(api.completion(
+                completion_id=f"chatcmpl-{handle.job_id}", model=req.model, created=int(time.time()),
+                result=result.result, usage=result.usage, blobs=result.blobs,
+                return_attention=req.params["return_attention"], finish_reason=_finish(result),
+                timings=result.timings))
+        done = True
+        return None
+    except ServerError as exc:
+        done = True
+        _count(app, req.model, exc.code, t0)
+        raise
+    except asyncio.CancelledError:   # Sanic cancels the handler when the connection is lost
+        app.ctx.metrics.disconnects.inc()
+        raise
+    finally:
+        if not done:   # client gone, stream write failed, or a bug: the job must not run on
+            bg(app, _cancel_quietly(handle, "client_disconnect"))
+
+
+async def _stream(request: Request, req: api.ChatRequest, handle) -> None:
+    """SSE: role chunk, one content chunk with the grounding, the finish chunk, usage, [DONE]."""
+    events = handle.__aiter__()
+    first = await anext(events)   # ACCEPTED, or ServerError: still a plain HTTP error status
+    cid, created = f"chatcmpl-{handle.job_id}", int(time.time())
+    common = dict(completion_id=cid, model=req.model, created=created, include_usage=req.include_usage)
+    response = await request.respond(content_type=sse.CONTENT_TYPE, headers=sse.HEADERS)
+    await response.send(sse.event(api.chunk(delta={"role": "assistant", "content": ""}, **common)))
+    result = None if isinstance(first, (Accepted, Partial)) else first   # else: the JobResult
+    try:
+        while result is None:
+            ev = await anext(events)
+            if not isinstance(ev, (Accepted, Partial)):
+                result = ev
+    except ServerError as exc:
+        await response.send(sse.error_event(exc.openai_body()))
+        await response.eof()
+        _count(request.app, req.model, exc.code, None)
+        return
+    except StopAsyncIteration:
+        err = ServerError("internal", "the job ended without a result")
+        await response.send(sse.error_event(err.openai_body()))
+        await response.eof()
+        return
+    grounding = api.grounding_block(result.result, result.blobs, req.params["return_attention"])
+    await response.send(sse.event(api.chunk(
+        delta={"content": api.action_text(result.result), "grounding": grounding},
+        extra_choice={"coordinates": api.coordinates(result.result)}, **common)))
+    await response.send(sse.event(api.chunk(delta={}, finish_reason=_finish(result), **common)))
+    if req.include_usage:
+        await response.send(sse.event(api.chunk(delta=None, usage=api.usage_block(result.usage), **common)))
+    await response.send(sse.DONE)
+    await response.eof()
+    _count(request.app, req.model, "stop", None)
+
+
+def _finish(result) -> str:
+    return result.finish_reason if result.finish_reason in ("stop", "length") else "stop"
+
+
+def _count(app: Sanic, model: str, outcome: str, t0: float | None) -> None:
+    app.ctx.metrics.jobs.labels(model, outcome).inc()
+    if t0 is not None and outcome == "stop":
+        app.ctx.metrics.job_latency.labels(model).observe(time.perf_counter() - t0)
+
+
+async def _cancel_quietly(handle, reason: str) -> None:
+    try:
+        await handle.cancel(reason)
+    except Exception:   # the broker may be gone; the job's deadline still bounds it
+        log.warning("cancel of job %s failed", handle.job_id, exc_info=True)
+
+
+# ---- metrics and static files --------------------------------------------------------------------
+
+
+async def metrics(request: Request) -> HTTPResponse:
+    try:
+        stats = await (await ready_client(request.app, wait_s=0)).stats()
+    except ServerError:
+        stats = None
+    return raw(request.app.ctx.metrics.render(stats), content_type=METRICS_CONTENT_TYPE)
+
+
+async def index(request: Request) -> HTTPResponse:
+    return await _static_file("index.html")
+
+
+async def static(request: Request, name: str) -> HTTPResponse:
+    return await _static_file(name)
+
+
+async def _static_file(name: str) -> HTTPResponse:
+    path = (STATIC_DIR / name).resolve()
+    if not path.is_relative_to(STATIC_DIR) or not path.is_file():
+        raise NotFound(f"no static file {name!r}")
+    return await file(path)
+
+
+def register(app: Sanic) -> None:
+    for handler, uri, methods in [
+        (health, "/v1/health", ["GET", *CORS]),
+        (list_models, "/v1/models", ["GET", *CORS]),
+        (model_route, "/v1/models/<rest:path>", ["GET", "POST", "DELETE", *CORS]),
+        (chat_completions, "/v1/chat/completions", ["POST", *CORS]),
+        (metrics, "/metrics", ["GET", *CORS]),
+        (index, "/", ["GET"]),
+        (static, "/static/<name:path>", ["GET"]),
+    ]:
+        app.add_route(tracked(handler), uri, methods=methods, name=handler.__name__)
