@@ -1,0 +1,128 @@
+"""End-to-end grounding benchmark: the whole stack as the Procfile starts it, driven over HTTP.
+
+    python -m bench.e2e --model-path PATH [--sizes 1280x720,1920x1080] [--concurrency 1,8]
+                        [--requests 20] [--engine mlx|fake] [--dtype bfloat16] [--max-batch 8]
+
+For each screenshot size and client count it reports p50/p95 end-to-end latency, throughput, the
+worker's own forward time (from the response's timings), serving overhead (end-to-end minus the
+worker's forward: HTTP, queueing, image decoding and resizing) and the model's peak device memory, as a markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from base64 import b64encode
+from pathlib import Path
+
+from bench.screens import png_bytes
+from tests.stackutil import Stack
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def request_body(model: str, png: bytes, instruction: str) -> bytes:
+    url = "data:image/png;base64," + b64encode(png).decode()
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": instruction}]}]}).encode()
+
+
+def one(conn: http.client.HTTPConnection, body: bytes) -> tuple[float, dict]:
+    """One keep-alive request (stdlib client: the GPU image and CI need nothing extra)."""
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    elapsed = time.perf_counter() - t0
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {data[:300]!r}")
+    return elapsed, json.loads(data)
+
+
+def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> dict:
+    latencies: list[float] = []
+    forward: list[float] = []
+    overhead: list[float] = []
+    counter = iter(range(total))
+    lock = threading.Lock()
+    conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(concurrency)]
+    for conn, body in zip(conns, bodies * concurrency):   # warm-up: connections, allocator, compile
+        one(conn, body)
+
+    def client(conn: http.client.HTTPConnection) -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            elapsed, data = one(conn, bodies[i % len(bodies)])
+            t = data.get("timings") or {}
+            with lock:
+                latencies.append(elapsed)
+                if "forward" in t:
+                    forward.append(t["forward"] / 1e3)
+                    overhead.append(elapsed - t["forward"] / 1e3)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in conns]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    for conn in conns:
+        conn.close()
+    return {"p50": pct(latencies, 0.5), "p95": pct(latencies, 0.95), "rps": total / wall,
+            "forward_p50": statistics.median(forward) if forward else float("nan"),
+            "overhead_p50": statistics.median(overhead) if overhead else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path", default="tiny:qwen2_vl")
+    ap.add_argument("--engine", default="mlx", choices=["mlx", "fake"])
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-pixels", type=int, default=5720064)
+    ap.add_argument("--sizes", default="1280x720,1920x1080,2560x1440")
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--ready-timeout", type=float, default=600)
+    args = ap.parse_args(argv)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    model = {"path": args.model_path, "engine": args.engine, "dtype": args.dtype, "preload": True,
+             "max_batch": args.max_batch, "max_pixels": args.max_pixels}
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(Path(tmp), {"server": {"default_model": "bench", "request_timeout_s": 600},
+                                  "broker": {"queue_size": 256, "load_timeout_s": 600},
+                                  "models": {"bench": model}})
+        t_start = time.perf_counter()
+        with stack.start(ready_timeout_s=args.ready_timeout, loaded=("bench",)):
+            ready_s = time.perf_counter() - t_start
+            status = {m["id"]: m for m in stack.models()}["bench"]
+            print(f"stack ready in {ready_s:.1f} s; model load {status.get('load_seconds')} s; "
+                  f"weights {status['memory'].get('weights_bytes', 0) / 1e9:.2f} GB", flush=True)
+            print("| size | clients | requests | p50 ms | p95 ms | req/s | worker forward p50 ms | overhead p50 ms |")
+            print("|---|---|---|---|---|---|---|---|")
+            for w, h in sizes:
+                bodies = [request_body("bench", png_bytes(w, h, seed), f"click Button {seed}") for seed in range(4)]
+                for c in levels:
+                    total = max(args.requests, 2 * c)
+                    r = run_level(stack.config["server"]["port"], bodies, c, total)
+                    print(f"| {w}x{h} | {c} | {total} | {r['p50']*1e3:.1f} | {r['p95']*1e3:.1f} | {r['rps']:.2f} | "
+                          f"{r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} |", flush=True)
+            status = {m["id"]: m for m in stack.models()}["bench"]
+            print(f"peak device memory {status['memory'].get('peak_bytes', 0) / 1e9:.2f} GB", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
