@@ -77,19 +77,21 @@ def decode(frames: Sequence[Any], accepted: Mapping[int, type[p.Message]]) -> tu
     if not isinstance(env, dict):
         raise ProtocolError("bad_envelope", "envelope is not a map")
     job_id = env.get("id") if isinstance(env.get("id"), str) else None
-    if _depth(env) > _MAX_DEPTH:
+    if _depth(env) > _MAX_DEPTH:  # env is a dict here
         raise ProtocolError("too_deep", f"nesting deeper than {_MAX_DEPTH}", job_id)
     return _build(cls, env, job_id), blobs
 
 
 def _depth(obj: Any, level: int = 0) -> int:
+    """Nesting depth of maps and lists (scalars are not visited: this runs on every message)."""
     if level > _MAX_DEPTH:
         return level
-    if isinstance(obj, dict):
-        return max((_depth(v, level + 1) for v in obj.values()), default=level + 1)
-    if isinstance(obj, list):
-        return max((_depth(v, level + 1) for v in obj), default=level + 1)
-    return level
+    children = obj.values() if isinstance(obj, dict) else obj
+    deepest = level + 1
+    for v in children:
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, _depth(v, level + 1))
+    return deepest
 
 
 @cache
