@@ -70,8 +70,12 @@ def _post_attention(x, o, proj_w, proj_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b
 class FastQwen2Vision:
     """Runs mlx-vlm's qwen2_vl `VisionModel` parameters (patch embed, blocks, merger)."""
 
-    def __init__(self, tower):
+    def __init__(self, tower, pad_head_dim: int = 0, eval_every: int = 4):
         self.tower = tower
+        # Evaluate every few blocks: a whole-tower graph kept every block's temporaries alive
+        # until the end (+10-15 GB at 1080p on an H200, bench/RESULTS.md).
+        self.eval_every = eval_every
+        self.pad_head_dim = pad_head_dim   # zero-pad q/k/v's head dim for the attention kernel (0: off)
         self.heads = tower.blocks[0].attn.num_heads
         w = tower.patch_embed.proj.weight                   # MLX Conv3d layout [out, T, 14, 14, 3]
         self.patch_w = w.sum(axis=1).reshape(w.shape[0], -1).T   # [14*14*3, out], temporal folded
@@ -102,13 +106,23 @@ class FastQwen2Vision:
         cos = mx.concatenate([t[0] for t in tables]) if len(tables) > 1 else tables[0][0]
         sin = mx.concatenate([t[1] for t in tables]) if len(tables) > 1 else tables[0][1]
         bounds = np.cumsum([0] + [gh * gw for gh, gw in grids]).tolist()
+        done = 0
         for ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b in self.blocks:
             q, k, v = _pre_attention(x, cos, sin, ln1_w, ln1_b, qkv_w, qkv_b)
             outs = []
             for s, e in zip(bounds[:-1], bounds[1:]):       # attention never crosses images
                 qs, ks, vs = (t[s:e].transpose(1, 0, 2)[None] for t in (q, k, v))
+                if self.pad_head_dim > qs.shape[-1]:   # zeros change no dot product; sliced off after
+                    width = [(0, 0)] * 3 + [(0, self.pad_head_dim - qs.shape[-1])]
+                    hd = qs.shape[-1]
+                    qs, ks, vs = (mx.pad(t, width) for t in (qs, ks, vs))
+                    outs.append(mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale)[0][..., :hd])
+                    continue
                 outs.append(mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale)[0])
             o = mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]   # [H, N, hd]
             o = o.transpose(1, 0, 2).reshape(x.shape[0], -1)
             x = _post_attention(x, o, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b)
+            done += 1
+            if self.eval_every and done % self.eval_every == 0:
+                mx.eval(x)
         return self.tower.merger(x)
