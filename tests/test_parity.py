@@ -96,8 +96,7 @@ def test_backbone_and_head_match_transformers(pair):
     enc, dec = np.array(encs[0]), np.array(dec)
 
     ids = torch.tensor(job.input_ids[None].astype(np.int64))
-    resized = np.asarray(Image.fromarray(job.image.rgb).resize(job.image.resized, Image.Resampling.BICUBIC))
-    pv = torch.from_numpy(images.pixel_values_of(resized))   # what transformers feeds its ViT
+    pv = torch.from_numpy(images.pixel_values_of(job.image.rgb))   # what transformers feeds its ViT
     grid = torch.tensor([list(job.image.grid_thw)])
     with torch.no_grad():
         ref_enc = model.model.visual(pv, grid_thw=grid).pooler_output.numpy()

@@ -29,9 +29,8 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """`pixel_values` float32 [grid_h*grid_w, 1176] (None when the engine works on the device);
-    `rgb` uint8 [H, W, 3]: the resized image, or with pixel_values None the image still to be
-    resized to `resized`; `grid_thw` (1, grid_h, grid_w) in
+    """`pixel_values` float32 [grid_h*grid_w, 1176] (None when the engine patchifies on the
+    device); `rgb` uint8 [H', W', 3] the resized image; `grid_thw` (1, grid_h, grid_w) in
     14-px patches; sizes are (width, height) in pixels: `original` as decoded, `resized` as fed
     to the ViT. Visual tokens: grid_h/2 x grid_w/2."""
     pixel_values: np.ndarray | None
@@ -161,13 +160,10 @@ def resize_image(img: Image.Image, min_pixels: int, max_pixels: int,
 
 
 def preprocess(img: Image.Image, min_pixels: int, max_pixels: int,
-               cap_area: int | None = SCREEN_CAP_AREA, on_device: bool = False) -> PreparedImage:
+               cap_area: int | None = SCREEN_CAP_AREA, patches: bool = True) -> PreparedImage:
     """RGB image -> PreparedImage. `min_pixels` / `max_pixels` bound the resized area (pixels).
-    With `on_device` the image is kept as decoded (after the screen cap) in `rgb` and the engine
-    resizes, normalises and patchifies it on the device; otherwise everything happens here."""
-    if on_device:
-        img, original, (rw, rh) = plan_resize(img, min_pixels, max_pixels, cap_area)
-        return PreparedImage(None, (1, rh // PATCH, rw // PATCH), original, (rw, rh),
-                             np.asarray(img, dtype=np.uint8))
+    With `patches=False` only the resized uint8 image is kept: the engine normalises and
+    patchifies it on the device. Raises JobError invalid_image for aspect ratios over 200."""
     rgb, original, (rw, rh) = resize_image(img, min_pixels, max_pixels, cap_area)
-    return PreparedImage(pixel_values_of(rgb), (1, rh // PATCH, rw // PATCH), original, (rw, rh), rgb)
+    return PreparedImage(pixel_values_of(rgb) if patches else None, (1, rh // PATCH, rw // PATCH),
+                         original, (rw, rh), rgb)

@@ -22,7 +22,6 @@ from workers.images import PreparedImage, decode_image, preprocess
 from workers.mlx.backbone import encode_image, load_backbone, pointer_states_batch, resolve_dtype
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
 from workers.mlx.head import head_from_tensors
-from workers.mlx.resize import resize_bicubic
 from workers.mlx.vision import FastQwen2Vision, normalized_patches
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,7 @@ class MlxEngine:
         img = decode_image(request.image, self.options.max_image_pixels)
         max_px = request.max_pixels or self.spec.max_pixels
         min_px = min(request.min_pixels or self.spec.min_pixels, max_px)
-        image = preprocess(img, min_px, max_px, on_device=self._vision is not None)
+        image = preprocess(img, min_px, max_px, patches=self._vision is None)
         fam = self._family
         system = request.system if request.system is not None else self._system
         before, after = fam.prompt_parts(system, request.instruction)
@@ -169,8 +168,7 @@ class MlxEngine:
     def forward(self, batch: list[PreparedJob]) -> tuple[list[mx.array], mx.array]:
         """(encoder vectors per job [n_img, D], pointer states [B, D]), evaluated."""
         if self._vision is not None:
-            patches = [normalized_patches(resize_bicubic(mx.array(j.image.rgb), *j.image.resized),
-                                          self._vision.dtype) for j in batch]
+            patches = [normalized_patches(mx.array(j.image.rgb), self._vision.dtype) for j in batch]
             grids = [j.image.grid_thw[1:] for j in batch]
             enc_all = self._vision(patches, grids)
             cuts = np.cumsum([j.image.n_tokens for j in batch])[:-1].tolist()
