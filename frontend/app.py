@@ -11,6 +11,7 @@ import functools
 import hmac
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,11 @@ from frontend.metrics import Metrics
 log = logging.getLogger("frontend")
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
+OPEN_PATHS = frozenset({"/v1/health"})   # load balancers probe it without a key; it shows no secrets
+# Header names a preflight may ask for (RFC 9110 tokens, comma separated). OpenAI's JS SDK sends
+# its own (x-stainless-*, openai-*); credentials are Bearer tokens, never cookies, so echoing
+# whatever an allowed origin asks for grants nothing extra.
+_HEADER_LIST = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*,\s*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 
 
 @dataclass
@@ -48,8 +54,9 @@ GroundingApp = Sanic[Config, AppCtx]
 
 
 def needs_auth(path: str) -> bool:
-    """API keys guard the API and metrics; the playground page and its files load without one."""
-    return path.startswith("/v1/") or path == "/metrics"
+    """API keys guard the API and metrics; the playground page and its files, and the health
+    check, load without one."""
+    return (path.startswith("/v1/") or path == "/metrics") and path not in OPEN_PATHS
 
 
 def check_api_key(request: Request, keys: list) -> None:
@@ -97,15 +104,17 @@ def error_response(request: Request | None, exc: BaseException) -> HTTPResponse:
 
 
 def _cors_headers(request: Request, origins: list) -> dict[str, str]:
-    origin = request.headers.get("origin")
-    if not origin or not origins:
+    """CORS response headers for `request`. With a list of origins the answer depends on the
+    request's Origin, so every response says `Vary: Origin` (caches must not mix them up)."""
+    if not origins:
         return {}
     if "*" in origins:
-        return {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "Retry-After"}
-    if origin in origins:
-        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+        return {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": "Retry-After"} \
+            if request.headers.get("origin") else {}
+    if request.headers.get("origin") in origins:
+        return {"Access-Control-Allow-Origin": request.headers["origin"], "Vary": "Origin",
                 "Access-Control-Expose-Headers": "Retry-After"}
-    return {}
+    return {"Vary": "Origin"}
 
 
 def create_app(cfg: AppConfig, name: str = "grounding_frontend") -> GroundingApp:
@@ -142,9 +151,11 @@ def create_app(cfg: AppConfig, name: str = "grounding_frontend") -> GroundingApp
         app.ctx.metrics.inflight.inc()
         if request.method == "OPTIONS":   # CORS preflight: browsers send no credentials here
             headers = _cors_headers(request, s.cors_origins)
-            if headers:
+            if "Access-Control-Allow-Origin" in headers:
+                asked = request.headers.get("access-control-request-headers", "").strip()
                 headers.update({"Access-Control-Allow-Methods": CORS_METHODS,
-                                "Access-Control-Allow-Headers": CORS_HEADERS,
+                                "Access-Control-Allow-Headers":
+                                    asked if _HEADER_LIST.fullmatch(asked) else CORS_HEADERS,
                                 "Access-Control-Max-Age": "600"})
             return empty(status=204, headers={"Allow": CORS_METHODS, **headers})
         if s.api_keys and needs_auth(request.path):

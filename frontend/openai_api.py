@@ -224,7 +224,9 @@ def parse_chat_request(body: Any, cfg: AppConfig) -> ChatRequest:
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
         raise bad("stream_options must be an object", "stream_options")
-    include_usage = bool(stream and so and _opt_bool(so, "include_usage"))
+    if so is not None and so.get("include_usage") is not None and not isinstance(so["include_usage"], bool):
+        raise bad("stream_options.include_usage must be true or false", "stream_options.include_usage")
+    include_usage = bool(stream and so and so.get("include_usage"))
 
     profile = body.get("profile")
     max_pixels = min_pixels = None
@@ -287,7 +289,10 @@ def attention_list(blob: bytes | memoryview, grid: list[int]) -> list[float]:
 
 
 def grounding_block(result: Mapping, blobs: list, return_attention: bool) -> dict:
-    """message.grounding: candidates best first, sizes [w, h] in pixels, grid [n_h, n_w]."""
+    """message.grounding: `points` best first, each `x`, `y` in original-image pixels (floats,
+    `space: "pixels"` names that space), `nx`, `ny` normalised to [0, 1] and `score`; sizes
+    `image_size`, `resized_size` [w, h] in pixels; `grid` [n_h, n_w] visual tokens; with
+    return_attention, `attention`: n_h*n_w floats, row-major, the pointer head's distribution."""
     out = {"points": [{"x": p["x"], "y": p["y"], "nx": p["nx"], "ny": p["ny"], "score": p["score"]}
                       for p in result.get("points", [])],
            "image_size": result.get("image_size"), "resized_size": result.get("resized_size"),
@@ -321,10 +326,14 @@ def coordinates(result: Mapping) -> dict | None:
 
 
 def usage_block(usage: Mapping) -> dict:
-    """prompt_tokens counts text + image tokens; completion_tokens is 0: the pointer head emits a
-    point, not tokens (the action text is formatted here, not generated)."""
+    """prompt_tokens counts text + image tokens (`prompt_tokens_details.image_tokens` of them are
+    the image's); completion_tokens is 0: the pointer head emits a point, not tokens (the action
+    text is formatted here, not generated)."""
     prompt = int(usage.get("prompt_tokens", 0))
-    return {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+    if isinstance(usage.get("image_tokens"), int):   # extension: how many of them are the image's
+        out["prompt_tokens_details"] = {"image_tokens": usage["image_tokens"]}
+    return out
 
 
 def timings_block(timings: Mapping) -> dict:
@@ -336,6 +345,9 @@ def timings_block(timings: Mapping) -> dict:
 def completion(*, completion_id: str, model: str, created: int, result: Mapping, usage: Mapping,
                blobs: list, return_attention: bool, finish_reason: str = "stop",
                timings: Mapping | None = None) -> dict:
+    """A `chat.completion`. Beside OpenAI's fields: `choices[0].message.grounding` (see
+    `grounding_block`), `choices[0].coordinates` (the seed's best point, normalised; null when
+    there is none) and top-level `timings`: the worker's milliseconds (see `timings_block`)."""
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,
         "system_fingerprint": None,
@@ -354,8 +366,9 @@ def completion(*, completion_id: str, model: str, created: int, result: Mapping,
 
 def chunk(*, completion_id: str, model: str, created: int, delta: dict | None = None,
           finish_reason: str | None = None, usage: dict | None = None, include_usage: bool = False,
-          extra_choice: dict | None = None) -> dict:
-    """One chat.completion.chunk. `delta=None` makes the usage-only chunk (choices: [])."""
+          extra_choice: dict | None = None, timings: Mapping | None = None) -> dict:
+    """One chat.completion.chunk. `delta=None` makes the usage-only chunk (choices: []).
+    `timings` (the worker's milliseconds, as in `completion`) rides on the content chunk."""
     out: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                            "model": model, "system_fingerprint": None}
     if delta is None:
@@ -366,6 +379,8 @@ def chunk(*, completion_id: str, model: str, created: int, delta: dict | None = 
         out["choices"] = [choice]
     if include_usage:
         out["usage"] = usage
+    if timings is not None:
+        out["timings"] = timings_block(timings)
     return out
 
 

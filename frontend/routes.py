@@ -25,11 +25,11 @@ from frontend.remote import fetch_image
 log = logging.getLogger("frontend")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CORS = ["OPTIONS"]   # every route answers CORS preflights (app middleware)
+OFFLOAD_BYTES = 1 << 20   # bodies above this are parsed in a thread, so other requests keep flowing
 
 
-def parse_json(request: Request) -> Any:
+def parse_json(body: bytes) -> Any:
     """The body as JSON. 400 on empty or invalid JSON (RecursionError included), or nesting too deep."""
-    body = request.body
     if not body:
         raise ServerError("bad_request", "the request body is empty; send a JSON object")
     try:
@@ -44,20 +44,22 @@ def parse_json(request: Request) -> Any:
 
 
 async def health(request: Request) -> HTTPResponse:
+    """Liveness for load balancers: open without an API key, so it carries nothing sensitive (no
+    pids, endpoints, incarnations or error text): status ok | degraded (a model failed) |
+    unavailable (503: broker not heard from), this process's uptime in seconds, the broker
+    round trip in ms, and each model's state and its worker's state."""
     app = request.app
     body: dict[str, Any] = {"status": "unavailable", "uptime_s": round(time.monotonic() - app.ctx.started, 3),
-                            "broker": {"reachable": False, "rtt_ms": None, "incarnation": None},
-                            "models": {}, "workers": []}
+                            "broker": {"reachable": False, "rtt_ms": None}, "models": {}, "workers": {}}
     try:
         client = await ready_client(app)
         rtt = await client.ping(timeout_s=1.0)
-        body["broker"] = {"reachable": True, "rtt_ms": round(rtt * 1000, 3), "incarnation": client.incarnation}
         models = await client.models()
-    except ServerError as exc:
-        body["broker"]["error"] = exc.message
+    except ServerError:
         return json_response(body, status=503, headers={"Retry-After": "1"})
+    body["broker"] = {"reachable": True, "rtt_ms": round(rtt * 1000, 3)}
     body["models"] = {m["id"]: m.get("status") for m in models}
-    body["workers"] = [{"model": m["id"], **m["worker"]} for m in models if m.get("worker")]
+    body["workers"] = {m["id"]: (m.get("worker") or {}).get("state") for m in models}
     failed = any(m.get("status") == "failed" for m in models)
     body["status"] = "degraded" if failed else "ok"
     return json_response(body)
@@ -94,7 +96,11 @@ async def model_route(request: Request, rest: str) -> HTTPResponse:
 async def chat_completions(request: Request) -> HTTPResponse | None:
     app = request.app
     cfg = app.ctx.cfg
-    req = api.parse_chat_request(parse_json(request), cfg)
+    body = request.body
+    if len(body) > OFFLOAD_BYTES:   # JSON + base64 of a big body take milliseconds: off the loop
+        req = await asyncio.get_running_loop().run_in_executor(None, _parse_chat, body, cfg)
+    else:
+        req = _parse_chat(body, cfg)
     image = req.image
     if image is None:
         image = await fetch_image(req.image_url, cfg.server, req.image_param)
@@ -129,6 +135,10 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
             bg(app, _cancel_quietly(handle, "client_disconnect"))
 
 
+def _parse_chat(body: bytes, cfg) -> api.ChatRequest:
+    return api.parse_chat_request(parse_json(body), cfg)
+
+
 async def _stream(request: Request, req: api.ChatRequest, handle) -> None:
     """SSE: role chunk, one content chunk with the grounding, the finish chunk, usage, [DONE]."""
     events = handle.__aiter__()
@@ -156,7 +166,7 @@ async def _stream(request: Request, req: api.ChatRequest, handle) -> None:
     grounding = api.grounding_block(result.result, result.blobs, req.params["return_attention"])
     await response.send(sse.event(api.chunk(
         delta={"content": api.action_text(result.result), "grounding": grounding},
-        extra_choice={"coordinates": api.coordinates(result.result)}, **common)))
+        extra_choice={"coordinates": api.coordinates(result.result)}, timings=result.timings, **common)))
     await response.send(sse.event(api.chunk(delta={}, finish_reason=_finish(result), **common)))
     if req.include_usage:
         await response.send(sse.event(api.chunk(delta=None, usage=api.usage_block(result.usage), **common)))

@@ -4,6 +4,7 @@
 `honcho start -f Procfile <procs>` in its own process group with $GROUNDING_CONFIG pointing at it,
 and waits until the broker answers (and the frontend's /v1/health, when it runs). `stop()` sends
 SIGTERM like honcho's own shutdown, then SIGKILLs the group; nothing outlives the test.
+With `api_key`, `http()` sends it as a Bearer token unless called with `auth=False`.
 """
 from __future__ import annotations
 
@@ -39,10 +40,21 @@ def fake_model(**overrides: Any) -> dict:
     return spec
 
 
+def tiny_model(backbone: str = "qwen2_vl", **overrides: Any) -> dict:
+    """A model entry for a tiny random-weight GUI-Actor checkpoint on real MLX (CPU), generated
+    into the stack's cache_dir on first load. max_pixels is small to keep CPU time low."""
+    spec = {"path": f"tiny:{backbone}", "engine": "mlx", "enabled": True, "preload": True,
+            "max_pixels": 200_000}
+    spec.update(overrides)
+    return spec
+
+
 class Stack:
-    def __init__(self, tmp_path: Path, config: dict, procs: tuple[str, ...] = ALL_PROCS):
+    def __init__(self, tmp_path: Path, config: dict, procs: tuple[str, ...] = ALL_PROCS,
+                 api_key: str | None = None):
         self.dir = Path(tmp_path)
         self.procs = procs
+        self.api_key = api_key
         self.config = copy.deepcopy(config)
         broker = self.config.setdefault("broker", {})
         broker.setdefault("client_endpoint", free_tcp_endpoint())
@@ -128,10 +140,15 @@ class Stack:
         raise TimeoutError(f"no worker for {model_id}")
 
     def http(self, method: str, path: str, body: Any = None, headers: dict | None = None,
-             timeout_s: float = 30.0) -> tuple[int, dict, bytes]:
+             timeout_s: float = 30.0, auth: bool = True) -> tuple[int, dict, bytes]:
+        """(status, headers, body bytes); `body` is bytes as is, else JSON-encoded. Sends the
+        stack's API key (when it has one) unless `auth` is false; `headers` win over it."""
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        base = {"Content-Type": "application/json"}
+        if auth and self.api_key:
+            base["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.http_base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+                                     headers={**base, **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                 return resp.status, dict(resp.headers), resp.read()

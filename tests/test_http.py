@@ -19,7 +19,6 @@ from PIL import Image
 from tests.stackutil import ROOT, Stack, fake_model
 
 KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 ORIGIN = "http://playground.test"
 CONFIG = {
     "server": {"default_model": "fake-a", "api_keys": [KEY], "cors_origins": [ORIGIN], "request_timeout_s": 30},
@@ -46,16 +45,9 @@ def messages(text="click the blue square", image=IMG, system=None):
                                                  {"type": "image_url", "image_url": {"url": url}}]}]
 
 
-class AuthStack(Stack):
-    """Sends the API key unless told not to (readiness polls /v1/health, which needs it)."""
-
-    def http(self, method, path, body=None, headers=None, timeout_s=30.0, auth=True):
-        return super().http(method, path, body, {**(AUTH if auth else {}), **(headers or {})}, timeout_s)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = AuthStack(tmp_path_factory.mktemp("http"), CONFIG)
+    s = Stack(tmp_path_factory.mktemp("http"), CONFIG, api_key=KEY)
     try:
         s.start(ready_timeout_s=60, loaded=("fake-a", "fake-x"))
         yield s
@@ -123,6 +115,7 @@ def test_streaming_with_usage(client):
     cd = content[0].model_dump()["choices"][0]
     assert cd["delta"]["content"].startswith("pyautogui.click(") and cd["delta"]["grounding"]["points"]
     assert cd["coordinates"]["x"] == cd["delta"]["grounding"]["points"][0]["nx"]
+    assert content[0].model_dump()["timings"]["total"] >= 0   # the worker's ms, on the content chunk
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens > 0
     assert all(c.usage is None for c in chunks[:-1])
@@ -169,11 +162,29 @@ def test_load_and_unload(stack, client):
     assert status == 404 and error_of(raw)["code"] == "not_found"
 
 
-def test_health(stack):
-    status, _, raw = api(stack, "GET", "/v1/health")
+def test_health_is_open_and_discreet(stack):
+    status, _, raw = stack.http("GET", "/v1/health", auth=False)   # load balancers send no key
     h = json.loads(raw)
     assert status == 200 and h["status"] == "ok" and h["broker"]["reachable"] and h["uptime_s"] > 0
-    assert h["models"]["fake-a"] == "loaded" and any(w["model"] == "fake-a" and w["pid"] for w in h["workers"])
+    assert h["broker"]["rtt_ms"] >= 0 and set(h) == {"status", "uptime_s", "broker", "models", "workers"}
+    assert h["models"] == {"fake-a": "loaded", "fake-b": "unloaded", "fake-x": "loaded"}
+    # each model's worker as it last reported itself (heartbeats: up to a second behind)
+    assert set(h["workers"]) == set(h["models"])
+    assert set(h["workers"].values()) <= {"empty", "loading", "loaded", "unloading"}, h["workers"]
+    # nothing for an anonymous caller to learn beyond states: no pids, endpoints, incarnation
+    pids = {stack.worker_pid(m) for m in ("fake-a", "fake-x")}
+    leaves, todo = [], [h]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            leaves += v.keys()
+            todo += v.values()
+        else:
+            leaves.append(v)
+    assert not pids & {v for v in leaves if isinstance(v, int)}
+    assert not {"pid", "uid", "incarnation", "error"} & {v for v in leaves if isinstance(v, str)}
+    assert "tcp://" not in raw.decode() and stack.query("mmi.stats")["incarnation"] not in raw.decode()
+    assert stack.http("GET", "/v1/health", headers={"Authorization": "Bearer wrong"})[0] == 200
 
 
 # ---- errors --------------------------------------------------------------------------------------
@@ -316,10 +327,30 @@ def test_cors(stack):
     hdrs = {k.lower(): v for k, v in hdrs.items()}
     assert status == 204 and hdrs["access-control-allow-origin"] == ORIGIN
     assert "POST" in hdrs["access-control-allow-methods"] and "authorization" in hdrs["access-control-allow-headers"].lower()
+    # the official JS SDK adds its own headers; a preflight asking for them must be granted
+    sdk = "authorization, content-type, x-stainless-os, x-stainless-retry-count, openai-organization"
+    _, hdrs, _ = stack.http("OPTIONS", "/v1/chat/completions", auth=False,
+                            headers={**pre, "Access-Control-Request-Headers": sdk})
+    assert {"x-stainless-os", "openai-organization"} <= {
+        h.strip().lower() for h in {k.lower(): v for k, v in hdrs.items()}["access-control-allow-headers"].split(",")}
+    _, hdrs, _ = stack.http("OPTIONS", "/v1/chat/completions", auth=False,
+                            headers={**pre, "Access-Control-Request-Headers": "x-a, (bad)"})
+    assert {k.lower(): v for k, v in hdrs.items()}["access-control-allow-headers"] == "Authorization, Content-Type"
     _, hdrs, _ = api(stack, "GET", "/v1/models", headers={"Origin": ORIGIN})
     assert hdrs["access-control-allow-origin"] == ORIGIN
     _, hdrs, _ = api(stack, "GET", "/v1/models", headers={"Origin": "http://evil.test"})
-    assert "access-control-allow-origin" not in hdrs
+    assert "access-control-allow-origin" not in hdrs and hdrs["vary"] == "Origin"
+    assert api(stack, "GET", "/v1/models")[1]["vary"] == "Origin"   # caches must key on Origin
+    status, hdrs, _ = stack.http("OPTIONS", "/v1/chat/completions", auth=False,
+                                 headers={**pre, "Origin": "http://evil.test"})
+    hdrs = {k.lower(): v for k, v in hdrs.items()}
+    assert status == 204 and not any(k.startswith("access-control-") for k in hdrs)
+    # error answers carry CORS headers too, or a cross-origin page could not read why it failed
+    for path, auth, want in (("/v1/models", False, 401), ("/v1/nope", True, 404)):
+        status, hdrs, _ = stack.http("GET", path, headers={"Origin": ORIGIN}, auth=auth)
+        hdrs = {k.lower(): v for k, v in hdrs.items()}
+        assert status == want and hdrs["access-control-allow-origin"] == ORIGIN
+        assert "Retry-After" in hdrs["access-control-expose-headers"]
     text = api(stack, "GET", "/metrics")[2].decode()   # preflights and errors leave no request in flight
     assert re.search(r"^grounding_http_inflight_requests 1\.0$", text, re.M)
 
@@ -340,7 +371,7 @@ def test_broker_unreachable_is_503(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline and proc.poll() is None, "frontend did not start"
                 time.sleep(0.1)
-        assert status == 503 and json.loads(raw)["broker"]["reachable"] is False
+        assert status == 503 and json.loads(raw)["broker"] == {"reachable": False, "rtt_ms": None}
         body = {"messages": messages()}
         status, hdrs, raw = s.http("POST", "/v1/chat/completions", body)
         assert status == 503 and error_of(raw)["code"] == "broker_unavailable" and hdrs["Retry-After"]
@@ -351,3 +382,36 @@ def test_broker_unreachable_is_503(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# ---- several Sanic worker processes --------------------------------------------------------------
+
+
+def test_two_frontend_workers(tmp_path):
+    """server.workers: 2 -- each process has its own broker connection; both serve, a hang-up in
+    either cancels its job, and SIGTERM stops both gracefully."""
+    config = {"server": {"workers": 2}, "models": {"fake-a": fake_model(max_batch=1)}}
+    s = Stack(tmp_path, config)
+    try:
+        s.start(ready_timeout_s=60, loaded=("fake-a",))
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: s.http("POST", "/v1/chat/completions", {"messages": messages()}),
+                                    range(16)))
+        assert [r[0] for r in results] == [200] * 16
+        status, _, raw = s.http("POST", "/v1/chat/completions", {"messages": messages(), "stream": True})
+        assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
+        cancels0 = s.query("mmi.stats")["counters"].get("cancels_total", 0)
+        body = json.dumps({"messages": messages(), "fake": {"sleep_ms": 1500}}).encode()
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", s.config["server"]["port"]), timeout=5) as conn:
+                conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while s.query("mmi.stats")["counters"].get("cancels_total", 0) < cancels0 + 2:
+            assert time.monotonic() < deadline, "a hang-up did not cancel its job"
+            time.sleep(0.05)
+    finally:
+        s.stop()
+    log = s.log()
+    assert len(set(re.findall(r"Worker complete \[(\d+)\]", log))) == 2, log[-3000:]

@@ -3,13 +3,16 @@ error shape, and the server stays healthy (a good request still succeeds afterwa
 
 Decisions: a 1x1 image is valid (smart_resize scales it up to the minimum area); the frontend
 rejects by header (format, truncated header, zero bytes, pixel cap, aspect ratio over 200) and the
-worker rejects what only decoding can find. The fake engine reads headers only, so a PNG cut in
-its pixel data is a worker-side (MLX engine) case, not tested here."""
+worker rejects what only decoding can find. These rows test the frontend, so the fake engine
+serves (fast, no model work); the fake engine reads headers only, so a PNG cut in its pixel data
+is a worker-side case: tests/test_e2e_tiny.py sends it to the real MLX engine (400 invalid_image),
+along with a 1x1 image, JPEG and WebP."""
 from __future__ import annotations
 
 import base64
 import io
 import json
+import re
 import socket
 import struct
 import zlib
@@ -168,15 +171,28 @@ def test_50_mb_body_is_413(stack):
     assert_healthy(stack)
 
 
+def _count_413(stack) -> float:
+    text = stack.http("GET", "/metrics")[2].decode()
+    m = re.search(r'^grounding_http_requests_total\{method="POST",route="/v1/chat/completions",status="413"\} '
+                  r'(\S+)$', text, re.M)
+    return float(m[1]) if m else 0.0
+
+
 def test_chunked_body_over_limit_is_413(stack):
     port = stack.config["server"]["port"]
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
     piece = b"A" * MiB
     body = b"".join(b"%x\r\n" % len(piece) + piece + b"\r\n" for _ in range(20)) + b"0\r\n\r\n"
+    before = _count_413(stack)
     out = _raw_request(port, head, body)
     assert out.startswith(b"HTTP/1.1 413"), out[:300]
     assert_healthy(stack)
+    # the body is read while routing, before the middleware: the 413 must still be counted
+    # once and not left in flight (the gauge would creep up forever)
+    assert _count_413(stack) == before + 1
+    metrics = stack.http("GET", "/metrics")[2].decode()
+    assert re.search(r"^grounding_http_inflight_requests 1\.0$", metrics, re.M), metrics[:3000]
 
 
 def test_decompression_bomb(stack):
@@ -193,3 +209,15 @@ def test_decompression_bomb(stack):
             c.ground("fake-a", bomb, "click OK", ttl_s=10)
     assert ei.value.code == "payload_too_large" and ei.value.http_status == 413
     assert_healthy(stack)
+
+
+def test_big_valid_body_is_served(stack):
+    """Bodies over 1 MiB are parsed in a thread (frontend/routes.OFFLOAD_BYTES): same answers."""
+    import os
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (900, 700), os.urandom(900 * 700 * 3)).save(buf, "PNG")
+    assert len(buf.getvalue()) > 1024 * 1024
+    status, _, raw = stack.http("POST", "/v1/chat/completions", chat(url_of(buf.getvalue())))
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["grounding"]["image_size"] == [900, 700]
+    status, _, raw = stack.http("POST", "/v1/chat/completions", chat(url_of(buf.getvalue()), top_k="x"))
+    assert status == 400 and error_of(raw)["param"] == "top_k"

@@ -159,7 +159,9 @@ def _msgs(content):
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "bad_request"),
     ({"messages": [{"role": "system", "content": "x"}]}, "messages", "bad_request"),
     (body(model=3), "model", "bad_request"), (body(model="nope"), "model", "unknown_model"),
-    (body(stream="yes"), "stream", "bad_request"), (body(top_k=0), "top_k", "bad_request"),
+    (body(stream="yes"), "stream", "bad_request"),
+    (body(stream=True, stream_options={"include_usage": 1}), "stream_options.include_usage", "bad_request"),
+    (body(stream_options=[]), "stream_options", "bad_request"), (body(top_k=0), "top_k", "bad_request"),
     (body(top_k="3"), "top_k", "bad_request"), (body(topk=101), "topk", "bad_request"),
     (body(top_k=1, topk=1), "topk", "bad_request"), (body(max_pixels=10), "max_pixels", "bad_request"),
     (body(max_pixels=10_000, min_pixels=20_000), "min_pixels", "bad_request"),
@@ -226,7 +228,9 @@ def test_completion_shape_and_coordinates():
     assert g["points"][1] == {"x": 10.0, "y": 20.0, "nx": 0.005, "ny": 0.02, "score": 0.1}
     assert (g["image_size"], g["resized_size"], g["grid"], g["space"]) == ([1920, 1080], [1932, 1092], [2, 3], "pixels")
     assert g["attention"] == pytest.approx([0.1, 0.2, 0.3, 0.0, 0.25, 0.15])
-    assert out["usage"] == {"prompt_tokens": 40, "completion_tokens": 0, "total_tokens": 40}
+    assert out["usage"] == {"prompt_tokens": 40, "completion_tokens": 0, "total_tokens": 40,
+                            "prompt_tokens_details": {"image_tokens": 6}}
+    assert out["timings"] == {} and "prompt_tokens_details" not in api.usage_block({"prompt_tokens": 3})
     no_att = api.completion(completion_id="c", model="m", created=1, result=RESULT, usage={}, blobs=[att],
                             return_attention=False)
     assert "attention" not in no_att["choices"][0]["message"]["grounding"]
@@ -241,6 +245,10 @@ def test_chunks_and_sse():
     u = api.chunk(completion_id="c", model="m", created=1, delta=None, usage={"total_tokens": 3}, include_usage=True)
     assert u["choices"] == [] and u["usage"] == {"total_tokens": 3}
     assert "usage" not in api.chunk(completion_id="c", model="m", created=1, delta={})
+    assert "timings" not in c and "timings" not in u
+    t = api.chunk(completion_id="c", model="m", created=1, delta={"content": "x"},
+                  timings={"forward": 1.5, "total": 2.0, "batch": 1, "note": "x", "flag": True})
+    assert t["timings"] == {"forward": 1.5, "total": 2.0, "batch": 1}   # numbers only
     ev = sse.event({"a": "line\nbreak"})
     assert ev.startswith(b"data: ") and ev.endswith(b"\n\n") and ev.count(b"\n") == 2
     assert sse.error_event({"error": {}}).startswith(b"event: error\ndata: ")
@@ -310,3 +318,13 @@ def test_remote_images(image_server):
     with pytest.raises(ServerError) as ei:
         asyncio.run(fetch_image("http://localhost:1/x.png", server))
     assert "allowlist" in ei.value.message
+    # no allowlist ("any host"): only public addresses, or any request could read internal URLs
+    anyhost = parse_config({"server": {"allow_remote_images": True, "remote_image_timeout_s": 0.5},
+                            "models": {"m": {"path": "x"}}}).server
+    for url in (f"{image_server}/ok.png", "http://localhost:1/x.png", "http://[::1]:1/x.png",
+                "http://169.254.169.254/latest/meta-data/", "http://10.1.2.3/x.png"):
+        with pytest.raises(ServerError) as ei:
+            asyncio.run(fetch_image(url, anyhost))
+        assert ei.value.http_status == 400 and "not a public address" in ei.value.message, ei.value.message
+    from frontend.remote import public_host
+    assert public_host("http://8.8.8.8/x.png") and not public_host("http://192.168.1.1/")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.stackutil import ROOT, Stack, fake_model
+from tests.stackutil import ROOT, Stack, tiny_model
 
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium is not installed (it belongs to the test extra)")
@@ -38,15 +38,16 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 INSTALL_TIMEOUT_S = 540
 OUT_DIR = ROOT / "test-output"
 API_KEY = "playground-test-key"
-MODEL = "playground-fake"
+MODEL = "playground-tiny"
 PIXEL_CAP = 1_500_000          # server.max_image_pixels: the oversized upload below exceeds it
 SHOT_SIZE = (1280, 800)        # pixels of the generated screenshot (under the cap)
 WAIT_S = 30
 
 
 def playground_models() -> dict:
-    """The stack's models; swap in the tiny GUI-Actor checkpoint here when it is the default engine."""
-    return {MODEL: fake_model()}
+    """The tiny random-weight GUI-Actor checkpoint on real MLX (CPU): real attention maps, so the
+    heatmap assertions see what a real model draws. max_pixels matches the page's "fast" profile."""
+    return {MODEL: tiny_model("qwen2_vl", max_pixels=1_048_576)}
 
 
 # ---------- browser ----------
@@ -102,20 +103,12 @@ def driver(chromium):
 
 # ---------- stack ----------
 
-class KeyedStack(Stack):
-    """The stack with API keys on: its readiness probes (/v1/health) must carry the key too."""
-
-    def http(self, method, path, body=None, headers=None, timeout_s=30.0):
-        headers = {"Authorization": f"Bearer {API_KEY}", **(headers or {})}
-        return super().http(method, path, body, headers, timeout_s)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     config = {"server": {"api_keys": [API_KEY], "max_image_pixels": PIXEL_CAP, "default_model": MODEL},
               "models": playground_models()}
-    with KeyedStack(tmp_path_factory.mktemp("playground"), config) as s:
-        s.start(ready_timeout_s=120, loaded=(MODEL,))
+    with Stack(tmp_path_factory.mktemp("playground"), config, api_key=API_KEY) as s:
+        s.start(ready_timeout_s=180, loaded=(MODEL,))   # MLX import + checkpoint generation + load
         yield s
 
 
