@@ -11,7 +11,7 @@ from PIL import Image
 
 from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest, GroundingResult, JobError, make_engine
-from workers.fake_engine import FakeEngine, smart_resize
+from workers.fake_engine import FakeEngine
 from tests.rawbroker import png
 
 
@@ -26,20 +26,21 @@ def req(image=None, instruction="click OK", **kw) -> GroundingRequest:
     return GroundingRequest(job_id="j", image=image if image is not None else png(640, 480), instruction=instruction, **kw)
 
 
-@pytest.mark.parametrize("h,w,min_px,max_px,expected", [
-    (480, 640, 3136, 1_048_576, (476, 644)),          # round to multiples of 28
-    (1080, 1920, 3136, 1_048_576, (756, 1344)),        # over max: scaled down, floored
-    (10, 10, 3136, 1_048_576, (56, 56)),               # under min: scaled up, ceiled
-    (1800, 3200, 3136, 5_720_064, (1792, 3192)),       # GUI-Actor training size
+@pytest.mark.parametrize("w,h,max_px,expected", [
+    (640, 480, 1_048_576, [644, 476]),          # round to multiples of 28
+    (1920, 1080, 1_048_576, [1344, 756]),       # over max: scaled down, floored
+    (10, 10, 1_048_576, [56, 56]),              # under min: scaled up, ceiled
 ])
-def test_smart_resize(h, w, min_px, max_px, expected):
-    rh, rw = smart_resize(h, w, 28, min_px, max_px)
-    assert (rh, rw) == expected and rh % 28 == 0 and rw % 28 == 0 and min_px <= rh * rw <= max_px
+def test_sizes_are_the_real_engines(w, h, max_px, expected):
+    eng = engine()
+    eng.load()
+    (res,) = eng.run([eng.prepare(req(png(w, h), max_pixels=max_px))])
+    assert list(res.resized_size) == expected and res.grid == (expected[1] // 28, expected[0] // 28)
 
 
-def test_smart_resize_rejects_extreme_aspect():
+def test_extreme_aspect_is_an_invalid_image():
     with pytest.raises(JobError) as ei:
-        smart_resize(10, 3000)
+        engine().prepare(req(png(3000, 10)))
     assert ei.value.code == "invalid_image"
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import os
 import threading
 import time
@@ -25,30 +24,11 @@ from PIL import Image, UnidentifiedImageError
 from common.config import ModelSpec
 from common.errors import ERROR_CODES
 from workers.engine import EngineOptions, GroundingRequest, GroundingResult, JobError, LoadReport, MemoryReport
+from workers.images import smart_resize
 
 PATCH = 28  # one visual token covers 28x28 pixels of the resized image (Qwen2-VL merge of 2x2 patches)
 FORMATS = {"PNG", "JPEG", "WEBP"}
-MAX_ASPECT = 200
 HEADER_PROBE_BYTES = 64 * 1024
-
-
-def smart_resize(height: int, width: int, factor: int = PATCH, min_pixels: int = 3136,
-                 max_pixels: int = 5720064) -> tuple[int, int]:
-    """(height, width) of the resized image in pixels, multiples of `factor`, area within
-    [min_pixels, max_pixels] (qwen-vl-utils semantics; see docs/gui-actor.md section 6)."""
-    if max(height, width) / max(1, min(height, width)) > MAX_ASPECT:
-        raise JobError("invalid_image", f"aspect ratio of {width}x{height} exceeds {MAX_ASPECT}")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
 
 
 def _header(data: memoryview) -> tuple[int, int, str | None]:
@@ -144,7 +124,10 @@ class FakeEngine:
                            f"image of {width}x{height} pixels exceeds {self.options.max_image_pixels} pixels")
         max_px = request.max_pixels or self.spec.max_pixels
         min_px = min(request.min_pixels or self.spec.min_pixels, max_px)
-        rh, rw = smart_resize(height, width, PATCH, min_px, max_px)
+        try:   # the real engine's arithmetic, so sizes in fake results are the real ones
+            rh, rw = smart_resize(height, width, PATCH, min_px, max_px)
+        except ValueError as exc:
+            raise JobError("invalid_image", str(exc)) from None
         return FakePrepared(request, (width, height), (rw, rh), (rh // PATCH, rw // PATCH),
                             (time.perf_counter() - t0) * 1000.0)
 
