@@ -82,6 +82,13 @@ class Dims:
                     mrope_section=(16, 24, 24), vis_embed=1280, vis_depth=32, vis_heads=16,
                     vocab=151662)
 
+    @staticmethod
+    def gui_actor_7b() -> "Dims":
+        """GUI-Actor-7B-Qwen2-VL sizes (Qwen2-VL-7B backbone: untied lm_head, same ViT)."""
+        return Dims(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944,
+                    mrope_section=(16, 24, 24), vis_embed=1280, vis_depth=32, vis_heads=16,
+                    vocab=151662, tie_embeddings=False)
+
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (byte-level BPE alphabet)."""
