@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from broker.core import Broker
 
 STALL_KILL_AFTER_S = 5.0       # watchdog: JobCancel, then ask the supervisor to kill after this
+                               # (or after job_stall_s, when that is shorter)
 UNKNOWN_PEER_REPEAT_S = 1.0    # at most one DISCONNECT per second to an unregistered peer
 RETRYABLE_WORKER_CODES = frozenset({"overloaded", "model_unavailable", "broker_unavailable"})
 
@@ -154,6 +155,18 @@ class Backend:
             w.mem = dict(msg.mem)
             self.b.models[w.model_id].mem = dict(msg.mem)
         running = {x["id"]: x for x in msg.inflight if isinstance(x, dict) and isinstance(x.get("id"), str)}
+        # A worker that declares `slot_reports` offers max_slots - held; 0 while it lists fewer
+        # jobs than max_slots means it takes no more work (draining for shutdown, or slots held
+        # by jobs of an old connection). A full worker also says 0: not a refusal, our own count
+        # covers it. Peers without the capability may send 0 meaning "not reported".
+        w.running = list(running)
+        w.waiting = {j for j, x in running.items() if x.get("state") == "waiting"}
+        was_closed = w.closed
+        w.closed = (w.capabilities.get("slot_reports") is True and msg.free_slots <= 0
+                    and len(running) < w.max_slots)
+        if w.closed != was_closed:
+            self.b.emit(e.Log(logging.INFO, "worker takes no new jobs" if w.closed else "worker takes jobs again",
+                              {"model": w.model_id, "worker": w.uid}))
         grace = self.b.config.heartbeat_interval_ms / 1000
         for job_id, since in list(w.cancelled.items()):
             if job_id not in running and now - since > grace:
@@ -163,7 +176,7 @@ class Backend:
             job = self.b.jobs.get(job_id)
             progress = info.get("last_progress_ms_ago")
             if (job is not None and job.worker == w.identity and job.stalled_at is None
-                    and isinstance(progress, (int, float)) and progress > stall_ms):
+                    and job_id not in w.waiting and isinstance(progress, (int, float)) and progress > stall_ms):
                 job.stalled_at = now
                 self.b.count("watchdog_cancels_total")
                 self.b.emit(e.ToWorker(w.identity, p.JobCancel(job_id)))
@@ -196,7 +209,7 @@ class Backend:
             del self._told_to_leave[ident]
         for job in self.b.jobs:
             if (job.stalled_at is not None and not job.kill_sent and job.state == DISPATCHED
-                    and now - job.stalled_at >= STALL_KILL_AFTER_S):
+                    and now - job.stalled_at >= min(STALL_KILL_AFTER_S, self.b.config.job_stall_s)):
                 w = self.b.registry.get(job.worker) if job.worker else None
                 if w is not None:
                     job.kill_sent = True

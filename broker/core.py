@@ -99,7 +99,8 @@ class Broker:
             job = self.jobs.get(job_id)
             if job is None or job.worker != w.identity:
                 continue
-            job.deaths += crashed
+            # a job its last heartbeat showed waiting behind others did not kill the worker
+            job.deaths += crashed and job_id not in w.waiting
             if job.deaths >= 2:
                 self.count("poison_requests_total")
                 self.poison.add(job_digest(job.model, job.params, job.blobs), now)

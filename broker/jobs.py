@@ -72,6 +72,7 @@ class JobTable:
 
     def enqueue(self, job: Job, head: bool = False) -> None:
         job.state, job.worker, job.dispatched_at = QUEUED, None, None
+        job.stalled_at, job.kill_sent = None, False   # a retried job is watched afresh
         q = self.queue(job.model)
         q.appendleft(job) if head else q.append(job)
         self.queued_total += 1

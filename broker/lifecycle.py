@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from broker.core import Broker
 
 DOOMED_GRACE_S = 10.0   # a worker we asked the supervisor to kill is dropped after this anyway
+PRELOAD_WAIT_S = 10.0   # after start, a preload waits this long for earlier models' workers
 UNLOAD_REPLY_S = 55.0   # mmi.unload waiters get the current status by then (clients wait 60 s)
 
 
@@ -38,6 +39,7 @@ class Lifecycle:
         self.preload_at: dict[str, float] = {}
         self.doomed_at: dict[bytes, float] = {}
         self.promised: str | None = None    # the model an eviction made room for: first claim on it
+        self.seen: set[str] = set()         # models whose worker has registered at least once
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -106,14 +108,18 @@ class Lifecycle:
 
     def on_ready(self, w: Worker, msg: p.Ready, now: float) -> None:
         m = self.models[w.model_id]
+        self.seen.add(m.id)
         est = w.capabilities.get("est_weights_bytes")
         if isinstance(est, int) and not isinstance(est, bool) and est > 0:
             m.est_weights = est
+        if m.seen_weights:
+            m.est_weights = m.seen_weights   # a real load's figure beats the worker's estimate
         m.mem, m.want_unload = dict(msg.mem), False
         if msg.state == "loaded":
             self._set(m, s.LOADED, now)
             m.weights = msg.weights_bytes if msg.weights_bytes > 0 else m.est_weights
-            m.est_weights = max(m.est_weights, m.weights)
+            if msg.weights_bytes > 0:
+                m.est_weights = m.seen_weights = msg.weights_bytes
             m.charge, m.loaded_at, m.load_seconds = m.resident(), now, msg.load_seconds
             self._reply_waiters(self.load_waiters, m)
         elif msg.state == "loading":
@@ -135,6 +141,8 @@ class Lifecycle:
         self._set(m, s.LOADED, now)
         m.weights = msg.weights_bytes if msg.weights_bytes > 0 else m.est_weights
         m.est_weights = m.weights or m.est_weights
+        if msg.weights_bytes > 0:
+            m.seen_weights = msg.weights_bytes
         m.charge, m.loaded_at, m.load_seconds = m.resident(), now, msg.load_seconds
         m.last_error = None
         if msg.mem:
@@ -243,15 +251,20 @@ class Lifecycle:
             if w is None or w.doomed or m.state not in (s.UNLOADED, s.FAILED) or m.charge:
                 continue
             since = self._demand_since(m)
-            if since is not None:
-                demands.append((since, m.order, m, w))
-        if self.promised not in {d[2].id for d in demands}:
-            self.promised = None
-        demands.sort(key=lambda d: (d[2].id != self.promised, d[0], d[1]))
-        held = 0           # bytes kept for an earlier demand that waits for room
-        for _, _, m, w in demands:
-            plan = s.plan_load(m, self.models.values(), budget, now, b.config.min_residency_s, self._is_busy)
+            if since is None:
+                continue
             preload_only = not self.load_waiters.get(m.id) and not b.jobs.queue_depth(m.id)
+            if preload_only and self._earlier_preload_pending(m, now):
+                continue
+            # real demands (jobs, mmi.load) oldest first, then preloads in config order
+            demands.append(((m.id != self.promised, preload_only, 0.0 if preload_only else since, m.order),
+                            m, w, preload_only))
+        if self.promised not in {d[1].id for d in demands}:
+            self.promised = None
+        demands.sort(key=lambda d: d[0])
+        held = 0           # bytes kept for an earlier demand that waits for room
+        for _, m, w, preload_only in demands:
+            plan = s.plan_load(m, self.models.values(), budget, now, b.config.min_residency_s, self._is_busy)
             if plan.action == "never":
                 self._cannot_fit(m, budget)
             elif plan.action == "load" and (budget is None or s.committed(self.models.values()) + m.need() + held <= budget):
@@ -263,6 +276,15 @@ class Lifecycle:
                 if held == 0 and plan.action == "evict":
                     self._evict(m, plan, now)
                 held += m.need()
+
+    def _earlier_preload_pending(self, m: ModelState, now: float) -> bool:
+        """Preloads go in config order: an earlier preload model whose worker has not registered
+        yet keeps later ones waiting, for up to PRELOAD_WAIT_S after the broker started."""
+        started = self.b.started_at if self.b.started_at is not None else now
+        if now - started >= PRELOAD_WAIT_S:
+            return False
+        return any(o.order < m.order and o.spec.enabled and o.spec.preload and o.id not in self.seen
+                   for o in self.models.values())
 
     def _evict(self, for_model: ModelState, plan: s.Plan, now: float) -> None:
         self.promised = for_model.id

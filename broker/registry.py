@@ -30,6 +30,9 @@ class Worker:
     live: dict[str, None] = field(default_factory=dict)
     cancelled: dict[str, float] = field(default_factory=dict)   # job id -> when cancelled
     doomed: bool = False           # given up on (load timeout, watchdog): gets no more work
+    closed: bool = False           # its last heartbeat said free_slots 0 while not full (draining)
+    running: list = field(default_factory=list)   # job ids its last heartbeat listed
+    waiting: set = field(default_factory=set)     # ... of which it said "waiting" (not started)
 
     @property
     def busy(self) -> int:
@@ -37,7 +40,7 @@ class Worker:
 
     @property
     def free_slots(self) -> int:
-        return 0 if self.doomed else max(0, self.max_slots - self.busy)
+        return 0 if self.doomed or self.closed else max(0, self.max_slots - self.busy)
 
     @property
     def device_mem_total(self) -> int:

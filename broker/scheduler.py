@@ -32,6 +32,7 @@ class ModelState:
     charge: int = 0                  # bytes counted in `committed`
     est_weights: int = 0             # bytes: READY capabilities.est_weights_bytes, then LOADED
     weights: int = 0                 # bytes reported by LOADED (0 when not loaded)
+    seen_weights: int = 0            # bytes a load last reported: beats any later estimate
     work_samples: deque = field(default_factory=lambda: deque(maxlen=WORK_SAMPLES))
     since: float = 0.0               # when `state` was entered (monotonic s)
     escalation: int = 0              # unload escalation steps taken (exit, then kill)
@@ -56,7 +57,10 @@ class ModelState:
 
     def learn_work(self, peak_mem_job: int) -> None:
         if peak_mem_job > 0:
-            self.work_samples.append(max(0, peak_mem_job - max(self.weights, self.est_weights)))
+            # the job's peak includes the weights: the measured figure when loaded, not the
+            # estimate (which may be far off, e.g. the 100 MB default for generated tiny models)
+            base = self.weights if self.weights > 0 else self.est_weights
+            self.work_samples.append(max(0, peak_mem_job - base))
             if self.state in (LOADED, DRAINING, UNLOADING):
                 self.charge = self.resident()
 

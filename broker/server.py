@@ -26,6 +26,11 @@ log = logging.getLogger("broker")
 TICK_S = 0.1             # deadlines, liveness and timers are checked this often
 RECV_BATCH = 256         # messages taken from one socket before looking at the other and the timer
 DEFAULT_GRACE_S = 10.0
+EXIT_LINGER_MS = 1000    # on exit, time for the last answers to leave (LINGER 0 would drop them)
+# ... and the connections stay up this long after them: a client DEALER with IMMEDIATE=1 drops
+# the unread messages of a connection that closes, so closing right after the last answer
+# can lose it when the client is slow to read (seen under CPU load)
+EXIT_QUIET_S = 1.0
 
 
 class BrokerServer:
@@ -57,6 +62,9 @@ class BrokerServer:
             log.info("broker up", extra={"ctx": {"clients": bc.client_endpoint, "workers": bc.worker_endpoint,
                                                  "incarnation": self.incarnation, "models": len(self.cfg.models)}})
             self._loop(front, back)
+            for sock in (front, back):
+                sock.setsockopt(zmq.LINGER, EXIT_LINGER_MS)
+                sock.close()
             return 0
         finally:
             close_quietly(front, back)
@@ -69,7 +77,7 @@ class BrokerServer:
         sides = {front: (e.CLIENT, wire.FROM_CLIENT), back: (e.WORKER, wire.FROM_WORKER)}
         self._socks = {e.CLIENT: front, e.WORKER: back}
         next_tick = time.monotonic()
-        stop_deadline = None
+        stop_deadline = exit_at = None
         while True:
             timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000) + 1)
             for sock, _ in poller.poll(timeout_ms):
@@ -88,12 +96,15 @@ class BrokerServer:
                 stop_deadline = now + self.grace_s
                 log.info("stop requested", extra={"ctx": {"grace_s": self.grace_s}})
                 self._feed(e.Shutdown(now))
-            if stop_deadline is not None:
-                if self.core.drained:
+            if exit_at is not None:
+                if now >= exit_at or self._stop_requests >= 2:
                     return
-                if now >= stop_deadline or self._stop_requests > 1:
+            elif stop_deadline is not None:
+                if self.core.drained or now >= stop_deadline or self._stop_requests > 1:
+                    # every job has its answer (or gets broker_unavailable now); pending
+                    # mmi.load/unload waiters get theirs too; then a quiet period to let them out
                     self._feed(e.Shutdown(now, force=True))
-                    return
+                    exit_at = now + (EXIT_QUIET_S if self._stop_requests < 2 else 0.0)
 
     def _decode(self, side: str, table: dict, frames: list) -> e.Event:
         now = time.monotonic()

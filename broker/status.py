@@ -50,7 +50,7 @@ def stats(b: "Broker", now: float) -> dict:
         models[m.id] = {"queue_depth": b.jobs.queue_depth(m.id), "inflight": w.busy if w else 0,
                         "state": m.state, "memory": _memory(m)}
     workers = [{"uid": w.uid, "pid": w.pid, "host": w.host, "model_id": w.model_id, "state": w.state,
-                "free_slots": w.free_slots, "inflight": w.busy, "doomed": w.doomed,
+                "free_slots": w.free_slots, "inflight": w.busy, "doomed": w.doomed, "running": w.running,
                 "heartbeat_age_s": round(now - w.last_seen, 3)} for w in b.registry.workers.values()]
     supervisors = [{"host": sup.host, "mem_total": sup.mem_total, "mem_available": sup.mem_available,
                     "heartbeat_age_s": round(now - sup.last_seen, 3)} for sup in b.registry.supervisors.values()]

@@ -34,6 +34,7 @@ PING_IDLE_S = 1.0       # PING when nothing was heard from the broker for this l
 SILENCE_S = 3.0         # broker silent this long: unhealthy; jobs waiting as long fail
 TICK_S = 0.1
 CONNECT_WAIT_S = 1.0    # how long a send waits for the connection to come up
+SEND_RETRY_S = 0.05     # retry period of a send while not connected
 DEADLINE_SLACK_S = 5.0  # the broker answers deadline_exceeded itself; this is the last resort
 
 
@@ -198,21 +199,23 @@ class AsyncClient:
     # ---- socket ---------------------------------------------------------------------------------
 
     async def _send(self, frames: list, wait_s: float) -> None:
-        """Send now, or wait up to `wait_s` for a connection (IMMEDIATE: no queueing to nowhere)."""
+        """Send now, or retry for up to `wait_s` while the connection comes up (IMMEDIATE: no
+        queueing to nowhere). Only non-blocking sends, retried on a short sleep: awaiting
+        `poll(POLLOUT)` would register a pending send with pyzmq, after which every other
+        NOBLOCK send (the ticker's PING) queues behind it and hangs until the broker returns."""
         sock = self._sock
         if sock is None:
             raise ServerError("broker_unavailable", "client is closed", retryable=True)
-        try:
-            await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            return
-        except zmq.Again:
-            pass
-        if wait_s > 0 and await sock.poll(timeout=int(wait_s * 1000), flags=zmq.POLLOUT):
+        deadline = time.monotonic() + max(0.0, wait_s)
+        while True:
             try:
                 await sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                 return
             except zmq.Again:
                 pass
+            if time.monotonic() >= deadline or self._sock is not sock:
+                break
+            await asyncio.sleep(SEND_RETRY_S)
         raise ServerError("broker_unavailable", f"broker at {self.endpoint} is not reachable",
                           retryable=True, retry_after_ms=1000)
 

@@ -4,8 +4,8 @@ A job normally goes control -> prep thread (from_job + engine.prepare) -> comput
 idle, control hands it to compute directly and compute prepares it inline (nothing to overlap).
 
 Both answer through their own inproc PUSH socket to the control thread, which owns the DEALER.
-Frames pushed: [tag, *wire frames] where tag is b"j" + job id for a job's answer (so the control
-thread can drop answers of an old connection), b"" for model-level messages, or DONE/EXIT tags.
+Frames pushed: [tag, *wire frames] where tag is b"j" + the ticket's seq for a job's answer (so the
+control thread can drop answers of an old connection), b"" for model-level messages, or DONE/EXIT tags.
 All times are `time.monotonic()` seconds; timings in answers are milliseconds.
 """
 from __future__ import annotations
@@ -33,14 +33,19 @@ EXIT_TAG = b"!exit"   # compute asks for shutdown (UNLOAD then=exit)
 
 @dataclass(eq=False)
 class Ticket:
-    """One job inside the worker. Fields other than the first six are written by prep/compute and
-    read by the control thread for heartbeats (attribute writes are atomic under the GIL)."""
+    """One job inside the worker. `seq` (unique per process) tags its answer, so a job id sent
+    again on a new connection gets a new ticket while the old one may still be computing.
+    `cancelled` is set by the control thread (JobCancel, reconnect, shutdown) and read by
+    prep/compute; the timing fields are written by prep/compute and read by the control thread
+    for heartbeats (attribute writes are atomic under the GIL)."""
     id: str
     params: dict
     blobs: list | None
     gen: int              # connection generation that received it
     recv_t: float
     deadline: float
+    seq: int = 0
+    cancelled: bool = False
     progress_t: float = 0.0
     prep_start: float = 0.0
     prep_end: float = 0.0
@@ -75,7 +80,7 @@ class Compute:
 
     def prepare(self, t: Ticket, push: zmq.Socket) -> bool:
         """Validate and preprocess one job; False if it was answered (cancelled or an error)."""
-        if t.id in self.w.cancelled:
+        if t.cancelled:
             _answer(push, t, p.WorkerError(id=t.id, code="cancelled", message="cancelled before it started"))
             return False
         t.prep_start = t.progress_t = time.monotonic()
@@ -184,7 +189,7 @@ class Compute:
         now = time.monotonic()
         live = []
         for t in batch:
-            if t.id in self.w.cancelled:
+            if t.cancelled:
                 self._job_msg(t, p.WorkerError(id=t.id, code="cancelled", message="cancelled before it ran"))
             elif now > t.deadline:
                 self._job_msg(t, p.WorkerError(id=t.id, code="deadline_exceeded", message="deadline passed in the worker queue"))
@@ -216,7 +221,7 @@ class Compute:
             t.prepared = None
             if isinstance(out, JobError):
                 self._job_msg(t, p.WorkerError(id=t.id, code=out.code, message=out.message))
-            elif t.id in self.w.cancelled:
+            elif t.cancelled:
                 self._job_msg(t, p.WorkerError(id=t.id, code="cancelled", message="cancelled while running"))
             elif isinstance(out, GroundingResult):
                 result, usage, blobs = out.to_wire()
@@ -238,4 +243,4 @@ class Compute:
 
 
 def _answer(push: zmq.Socket, t: Ticket, msg: p.Message, blobs: list | tuple = ()) -> None:
-    push.send_multipart([b"j" + t.id.encode(), *wire.encode(msg, blobs)], copy=False)
+    push.send_multipart([b"j%d" % t.seq, *wire.encode(msg, blobs)], copy=False)

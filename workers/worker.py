@@ -34,6 +34,8 @@ from workers.engine import Engine
 log = logging.getLogger(__name__)
 
 MAX_DRAIN = 256             # messages handled per socket per poll turn (fairness between sockets)
+FLUSH_S = 0.5               # after a freeze, how long ready answers are awaited before re-registering
+LAST_WORDS_LINGER_MS = 1000 # a closing link keeps sending what is queued (answers, DISCONNECT) this long
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,14 @@ class Worker:
         self.weights_bytes = 0
         self.load_seconds = 0.0
         self.mem: dict = {}                        # last engine memory report (compute thread reads it)
-        self.cancelled: set[str] = set()           # job ids; control adds, prep/compute read
         self.counters = {"decode_errors": 0, "unexpected": 0, "stale_answers": 0, "reconnects": 0, "jobs": 0,
                          "refused_leaving": 0}
-        self._inflight: dict[str, Ticket] = {}     # control thread only
+        # control thread only: every ticket still held by prep/compute (by seq; they occupy slots),
+        # and those of the current connection by job id (answers forwarded, listed in heartbeats)
+        self._tickets: dict[int, Ticket] = {}
+        self._inflight: dict[str, Ticket] = {}
+        self._seq = 0
+        self._last_tx = time.monotonic()           # last message sent to the broker
         self._gen = 0                              # connection generation
         self._stop_requested = False
         self._phase = "running"                    # running -> draining -> unloading -> done
@@ -134,6 +140,15 @@ class Worker:
             wake_at = min(next_hb, phase_deadline) if self._phase in ("draining", "unloading") else next_hb
             timeout_ms = max(0, int((wake_at - time.monotonic()) * 1000)) + 1
             events = dict(poller.poll(timeout_ms))
+            if time.monotonic() - self._last_tx > self.s.liveness * interval:
+                # We sent nothing for longer than the broker's liveness window: this process was
+                # frozen (SIGSTOP, swapped out) and the broker has declared us lost. Messages
+                # queued meanwhile are stale; answers computed already go out on the old link
+                # (the broker counts them as zombies), then we re-register.
+                log.warning("silent for %.1fs (process frozen?); re-registering", time.monotonic() - self._last_tx)
+                self._reconnect(ctx, poller, flush=pull)
+                next_hb = time.monotonic()
+                continue
             if events.get(pull):
                 for _ in range(MAX_DRAIN):
                     try:
@@ -173,9 +188,7 @@ class Worker:
                 if self._inflight:
                     log.warning("grace expired with %d job(s) in flight", len(self._inflight))
                 self._phase, phase_deadline = "unloading", now + 5.0
-                for t in self._inflight.values():
-                    t.gen = -1   # answers dropped: our DISCONNECT makes the broker requeue them
-                self.cancelled.update(self._inflight)
+                self._orphan_inflight()   # answers dropped: our DISCONNECT makes the broker requeue them
                 self._work_q.put(("shutdown",))
             if self._phase == "unloading" and now >= phase_deadline:
                 log.error("compute thread did not finish; exiting without unload")
@@ -189,7 +202,7 @@ class Worker:
         try:
             self._send(p.WorkerDisconnect(reason="shutdown"))
         finally:
-            close_quietly(self._dealer)
+            self._close_dealer()
 
     def _connect(self, ctx: zmq.Context) -> None:
         """New socket, new identity, READY with full state (the model stays loaded)."""
@@ -202,7 +215,8 @@ class Worker:
         self._last_rx = time.monotonic()
         self._incarnation: str | None = None
         self._hb_seq = 0
-        caps = {"max_slots": self.s.max_slots, "max_batch": self.engine.max_batch,
+        # slot_reports: our heartbeats' free_slots are exact (0 while draining: send no jobs)
+        caps = {"max_slots": self.s.max_slots, "max_batch": self.engine.max_batch, "slot_reports": True,
                 "engine": self.s.engine_name, "est_weights_bytes": self.s.est_weights_bytes,
                 "device_mem_total": int(self.mem.get("limit", 0) or 0)}
         self._send(p.Ready(worker_uid=self._uid.hex, pid=os.getpid(), host=self.s.host,
@@ -210,26 +224,49 @@ class Worker:
                            mem=dict(self.mem), weights_bytes=self.weights_bytes,
                            load_seconds=self.load_seconds))
 
-    def _reconnect(self, ctx: zmq.Context, poller: zmq.Poller) -> None:
-        # Jobs of the old connection are orphaned: the broker has requeued or failed them, so
-        # their answers are dropped; they still hold slots until compute is done with them.
+    def _reconnect(self, ctx: zmq.Context, poller: zmq.Poller, flush: zmq.Socket | None = None) -> None:
+        """New identity and READY. `flush`: first forward answers that compute has ready (waiting
+        up to FLUSH_S for them) on the old link. Jobs of the old connection are orphaned: the
+        broker has requeued or failed them, so their answers are dropped; they still hold slots
+        until compute is done with them, and the broker may send them again under the same id."""
         self.counters["reconnects"] += 1
-        self.cancelled.update(self._inflight)
+        if flush is not None and self._inflight and flush.poll(int(FLUSH_S * 1000)):
+            for _ in range(MAX_DRAIN):
+                try:
+                    frames = flush.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_internal(frames)
+        self._orphan_inflight()
         poller.unregister(self._dealer)
-        close_quietly(self._dealer)
+        self._close_dealer()
         self._connect(ctx)
         poller.register(self._dealer, zmq.POLLIN)
 
+    def _close_dealer(self) -> None:
+        # LINGER 0 would drop what is still queued: a flushed answer, our DISCONNECT
+        if not self._dealer.closed:
+            self._dealer.close(linger=LAST_WORDS_LINGER_MS)
+
+    def _orphan_inflight(self) -> None:
+        for t in self._inflight.values():
+            t.cancelled = True   # not started yet: skipped; running: its answer is dropped
+        self._inflight.clear()
+
     def _send(self, msg: p.Message, blobs: tuple = ()) -> None:
         self._dealer.send_multipart(wire.encode(msg, blobs), copy=False)
+        self._last_tx = time.monotonic()
 
     def _send_heartbeat(self) -> None:
         now = time.monotonic()
         self._hb_seq += 1
+        # state: "running" while prepared or computed, "waiting" while queued in this process
+        # (behind a batch: no progress, but not stuck; the watchdog and poison rule skip it)
         inflight = [{"id": t.id, "started_ms_ago": int((now - t.recv_t) * 1000),
-                     "last_progress_ms_ago": int((now - t.progress_t) * 1000)}
-                    for t in self._inflight.values() if t.gen == self._gen]
-        free = 0 if self._phase != "running" else max(0, self.s.max_slots - len(self._inflight))
+                     "last_progress_ms_ago": int((now - t.progress_t) * 1000),
+                     "state": "running" if t.fwd_start or (t.prep_start and not t.prep_end) else "waiting"}
+                    for t in self._inflight.values()]
+        free = 0 if self._phase != "running" else max(0, self.s.max_slots - len(self._tickets))
         self._send(p.Heartbeat(seq=self._hb_seq, state=self.state, free_slots=free,
                                inflight=inflight, mem=dict(self.mem)))
 
@@ -240,15 +277,21 @@ class Worker:
         elif tag == EXIT_TAG:
             self._stop_requested = True
         elif tag:
-            ticket = self._inflight.pop(tag[1:].decode(), None)
-            if ticket is not None:
-                self.cancelled.discard(ticket.id)
-            if ticket is None or ticket.gen != self._gen:
-                self.counters["stale_answers"] += 1
+            ticket = self._tickets.pop(int(tag[1:]), None)
+            if ticket is None or self._inflight.get(ticket.id) is not ticket:
+                self.counters["stale_answers"] += 1   # its connection is gone, or we are leaving
+                log.info("dropped the answer for job %s of an old connection", ticket.id if ticket else "?")
                 return
+            del self._inflight[ticket.id]
+            if self._phase != "running":
+                # leaving: say "no free slot" before the answer frees one, so the broker
+                # does not send a job we would only hand back at our DISCONNECT
+                self._send_heartbeat()
             self._dealer.send_multipart(frames[1:], copy=False)
+            self._last_tx = time.monotonic()
         else:
             self._dealer.send_multipart(frames[1:], copy=False)
+            self._last_tx = time.monotonic()
 
     def _on_broker(self, frames: list, ctx: zmq.Context, poller: zmq.Poller) -> None:
         try:
@@ -262,7 +305,7 @@ class Worker:
             self._on_job(msg, blobs)
         elif isinstance(msg, p.JobCancel):
             if msg.id in self._inflight:
-                self.cancelled.add(msg.id)
+                self._inflight[msg.id].cancelled = True
         elif isinstance(msg, p.BrokerHeartbeat):
             if self._incarnation not in (None, msg.broker_incarnation):
                 log.warning("broker incarnation changed; re-registering")
@@ -291,9 +334,11 @@ class Worker:
             return
         now = time.monotonic()
         self.counters["jobs"] += 1
+        self._seq += 1
         ticket = Ticket(id=msg.id, params=msg.params, blobs=blobs, gen=self._gen, recv_t=now,
-                        deadline=now + max(0, msg.ttl_ms) / 1000.0, progress_t=now)
+                        deadline=now + max(0, msg.ttl_ms) / 1000.0, seq=self._seq, progress_t=now)
         self._inflight[msg.id] = ticket
+        self._tickets[ticket.seq] = ticket
         if self._compute.idle and self._compute.prep_idle and self._prep_q.empty():
             self._work_q.put(ticket)   # nothing to overlap with: one thread hop less
         else:
