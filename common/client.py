@@ -126,8 +126,8 @@ class AsyncClient:
         self._jobs[jid] = job
         try:
             await self._send(frames, CONNECT_WAIT_S)
-        except ServerError:
-            self._jobs.pop(jid, None)
+        except BaseException:   # unreachable broker, or the caller was cancelled mid-wait: the
+            self._jobs.pop(jid, None)   # ticker must not resend a SUBMIT nobody waits for
             raise
         return JobHandle(self, job)
 

@@ -206,6 +206,34 @@ def test_submit_without_broker_fails_fast():
     asyncio.run(asyncio.wait_for(main(), 20))
 
 
+def test_submit_cancelled_while_waiting_for_the_broker_is_never_sent():
+    """A caller that gives up while the broker is unreachable leaves nothing to resend later."""
+    endpoint = free_tcp_endpoint()
+
+    async def main():
+        async with AsyncClient(endpoint) as c:
+            task = asyncio.ensure_future(c.submit("m", {"instruction": "x"}, [IMG]))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not c._jobs
+            ctx = zmq.Context()
+            router = make_socket(ctx, zmq.ROUTER)
+            router.bind(endpoint)
+            try:   # the broker comes up: pings may arrive, a SUBMIT must not
+                deadline = time.monotonic() + 3.0
+                while time.monotonic() < deadline:
+                    if router.poll(100):
+                        msg, _ = wire.decode(router.recv_multipart()[1:], wire.FROM_CLIENT)
+                        assert not isinstance(msg, p.Submit), msg
+                    await asyncio.sleep(0)
+            finally:
+                router.close(linger=0)
+                ctx.term()
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
 # ---- part 2: end to end with the real broker, supervisor and fake-engine workers ----------------
 
 from tests.stackutil import Stack, fake_model  # noqa: E402
