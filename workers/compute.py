@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -64,7 +65,7 @@ class Compute:
         self.push = push   # compute thread's own socket; prep_loop gets its own
         self.loaded = False   # compute's own truth (w.state also moves on the control thread)
         self.idle = False     # blocked waiting for work (read by the control thread)
-        self.prep_idle = False
+        self.prep_busy: set[str] = set()   # names of preprocessing threads at work (set ops are atomic)
 
     # ---- preprocessing thread --------------------------------------------------------------------
 
@@ -72,7 +73,7 @@ class Compute:
         while True:
             self.prep_idle = True
             t = prep_q.get()
-            self.prep_idle = False
+            self.prep_busy: set[str] = set()   # names of preprocessing threads at work (set ops are atomic)
             if t is None:
                 return
             if self.prepare(t, push):
