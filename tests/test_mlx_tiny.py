@@ -175,3 +175,15 @@ def test_ground_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "workers.ground", "--model", str(tmp_path / "nope"),
                           "--image", str(img), "--instruction", "x"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_padded_batches_give_the_unpadded_pointer_states(engine):
+    """Right padding (to the batch's longest prompt, rounded up to 64) never changes a state."""
+    from workers.mlx.backbone import pointer_states
+    jobs = [engine.prepare(GroundingRequest(f"b{i}", _png(w, h), text))
+            for i, (w, h, text) in enumerate([(200, 150, "ok"), (330, 120, "press the blue Submit button")])]
+    encs, dec = engine.forward(jobs)
+    for job, enc, row in zip(jobs, encs, np.array(dec)):
+        alone = pointer_states(engine._model, job.input_ids, job.image_start, enc, job.position_ids,
+                               [job.pointer_pos])
+        np.testing.assert_allclose(np.array(alone)[0], row, atol=2e-5)

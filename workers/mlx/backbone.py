@@ -17,6 +17,7 @@ from workers.mlx.checkpoint import Checkpoint, CheckpointError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 QUANT_GROUP = 64
+PAD_MULTIPLE = 64   # prompt lengths are padded to this (at most 63 extra tokens, ~2 % at 1080p)
 
 # checkpoint name prefix -> mlx-vlm parameter prefix (old layout first, then transformers >= 4.52)
 _RENAMES = (("model.language_model.", "language_model.model."), ("model.visual.", "vision_tower."),
@@ -142,13 +143,13 @@ def pointer_states_batch(model, input_ids: list[np.ndarray], image_starts: list[
                          pointer_pos: list[int]) -> mx.array:
     """`pointer_states` for several prompts in one forward -> [B, D], one pointer per prompt.
 
-    Prompts are right-padded to the longest: every prompt ends at its <|pointer_pad|> and the
-    attention is causal, so padding after it never reaches the state we read."""
-    if len(input_ids) == 1:
-        return pointer_states(model, input_ids[0], image_starts[0], image_embeds[0],
-                              position_ids[0], [pointer_pos[0]])
+    Prompts are right-padded to the longest, rounded up to a multiple of `PAD_MULTIPLE`: every
+    prompt ends at its <|pointer_pad|> and the attention is causal, so padding after it never
+    reaches the state we read. The rounding keeps the number of distinct shapes small: each new
+    sequence length costs the GPU backend a new attention plan (cuDNN graph) and new compiled
+    kernels, and instruction lengths vary with every request."""
     lm = model.language_model.model
-    length = max(len(ids) for ids in input_ids)
+    length = -(-max(len(ids) for ids in input_ids) // PAD_MULTIPLE) * PAD_MULTIPLE
     rows, pos = [], np.zeros((3, len(input_ids), length), dtype=np.int32)
     for b, (ids, start, img, p) in enumerate(zip(input_ids, image_starts, image_embeds, position_ids)):
         emb = lm.embed_tokens(mx.array(ids.astype(np.int32)))
