@@ -34,7 +34,7 @@ models:
     enabled: true
     preload: true
     min_pixels: 3136
-    max_pixels: 1048576
+    max_pixels: 401408      # 512 visual tokens: keeps the random demo model quick on a CPU
     max_context_length: 8192
 profiles:
   fast: {max_pixels: 1048576}
