@@ -204,8 +204,7 @@ class MlxEngine:
                 grid=(n_h, n_w), prompt_tokens=int(len(job.input_ids)), image_tokens=job.image.n_tokens,
                 attention=s.astype("<f4").tobytes() if job.return_attention else None,
                 timings={"preprocess": job.preprocess_ms, "forward": (t1 - t0) * 1e3,
-                         "head": (t2 - t1) * 1e3, "postprocess": (time.perf_counter() - t3) * 1e3,
-                         "batch_size": len(batch)},
+                         "head": (t2 - t1) * 1e3, "postprocess": (time.perf_counter() - t3) * 1e3},
                 peak_mem=peak))
         return out
 
