@@ -34,7 +34,7 @@ from pathlib import Path
 
 from common.client import Client
 from common.errors import ServerError
-from tests.rawbroker import png
+from tests.rawbroker import png, rss_bytes
 from tests.stackutil import ROOT, Stack, fake_model
 
 IMG = png(320, 200)
@@ -225,13 +225,6 @@ def post(base: str, body: bytes) -> tuple[int, str]:
     except OSError as exc:
         return 0, f"connection: {exc}"
 
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def fault_flood(st: Stack, procs: Procs, model: str) -> dict:

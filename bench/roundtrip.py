@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import io
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import yaml  # noqa: E402
 
 from common.client import AsyncClient  # noqa: E402
 from common.zmqutil import free_tcp_endpoint  # noqa: E402
+from tests.rawbroker import terminate  # noqa: E402
 
 
 def padded_png(total_bytes: int) -> bytes:
@@ -57,18 +57,6 @@ def start_stack(tmp: Path) -> tuple[list[subprocess.Popen], str]:
                               stderr=subprocess.STDOUT, start_new_session=True)
              for mod in ("broker", "workers.supervisor")]
     return procs, client_ep
-
-
-def stop_stack(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 async def wait_loaded(endpoint: str, timeout_s: float = 30.0) -> None:
@@ -130,7 +118,7 @@ def main() -> int:
                     r = asyncio.run(scenario(endpoint, blob, k, n))
                     rows.append((label, k, r))
         finally:
-            stop_stack(procs)
+            terminate(procs)
     print("| blob | clients | jobs | p50 ms | p95 ms | jobs/s |\n|---|---:|---:|---:|---:|---:|")
     for label, k, r in rows:
         print(f"| {label} | {k} | {r['n']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['rate']:.0f} |")

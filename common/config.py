@@ -138,6 +138,7 @@ class ModelSpec:
     max_context_length: int = 8192
     topk: int = 3
     max_batch: int = 4                        # jobs batched into one forward pass
+    prep_threads: int | None = None           # image decode/resize threads; None: half the cores, <= 4
     system_prompt: str | None = None          # None: the authors' prompt for the backbone
     fake: dict = field(default_factory=dict)  # fake engine knobs (load_s, latency_ms, weights_bytes, ...)
 
@@ -152,6 +153,8 @@ class ModelSpec:
         _check(self.max_context_length >= 64, f"{key}.max_context_length", "must be >= 64")
         _check(1 <= self.topk <= 100, f"{key}.topk", "must be within 1..100")
         _check(1 <= self.max_batch <= 64, f"{key}.max_batch", "must be within 1..64")
+        _check(self.prep_threads is None or 1 <= self.prep_threads <= 64, f"{key}.prep_threads",
+               "must be null or within 1..64")
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,28 @@ def stop(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
         proc.stderr.close()
 
 
+def terminate(procs: list[subprocess.Popen], timeout_s: float = 15.0) -> None:
+    """Graceful stop as honcho does it: SIGTERM each process group, then SIGKILL what is left."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux /proc), in bytes."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

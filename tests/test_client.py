@@ -21,7 +21,7 @@ from common import wire
 from common.client import AsyncClient, Client, JobResult
 from common.errors import ServerError
 from common.zmqutil import free_tcp_endpoint, make_socket
-from tests.rawbroker import ROOT, pid_alive, png
+from tests.rawbroker import ROOT, pid_alive, png, terminate
 
 IMG = png(320, 200)
 
@@ -390,13 +390,6 @@ def test_e2e_broker_kill9_and_restart(tmp_path):
             assert after["worker"]["pid"] == before["worker"]["pid"]   # same process, model kept
             assert c.ground("m1", IMG, "again").result["points"]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        terminate(procs)
         log.close()
     assert (tmp_path / "log.txt").read_text().count("loaded m1 in") == 1   # never reloaded

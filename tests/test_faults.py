@@ -33,7 +33,7 @@ from common.client import AsyncClient, Client
 from common.errors import ServerError
 from common.zmqutil import free_tcp_endpoint, make_socket
 from broker import events as e
-from tests.rawbroker import ROOT, pid_alive, png
+from tests.rawbroker import ROOT, pid_alive, png, rss_bytes
 from tests.stackutil import Stack, fake_model
 from tests.test_broker_core import SUP, Harness, answers, of
 
@@ -262,13 +262,6 @@ def our_pids(config_path: Path, module: str | None = None) -> list[int]:
                 out.append(int(d))
     return out
 
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def chat_body(model: str, image: bytes = IMG, **extra) -> bytes:

@@ -21,6 +21,12 @@ SUPERVISOR_PID_ENV = "GROUNDING_SUPERVISOR_PID"   # set by workers/supervisor.py
 DEFAULT_FAKE_WEIGHTS = 100_000_000
 
 
+def default_prep_threads() -> int:
+    """Decoding and resizing a 1080p screenshot takes 40-80 ms of CPU; with one thread, 8
+    simultaneous requests queue for it while the GPU waits. Half the cores, at most 4."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
 def estimate_weights_bytes(spec: ModelSpec, environ: Mapping[str, str]) -> int:
     """Bytes of *.safetensors under a local model directory, else the fake engine's figure."""
     path = Path(expand_path(spec.path, environ))
@@ -45,6 +51,7 @@ def worker_settings(cfg: AppConfig, model_id: str, spec: ModelSpec, environ: Map
         engine_name=spec.engine,
         est_weights_bytes=estimate_weights_bytes(spec, environ),
         parent_pid=int(parent) if parent.isdigit() else None,
+        prep_threads=spec.prep_threads or default_prep_threads(),
     )
 
 

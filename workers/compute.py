@@ -69,11 +69,18 @@ class Compute:
 
     # ---- preprocessing thread --------------------------------------------------------------------
 
+    @property
+    def prep_idle(self) -> bool:
+        return not self.prep_busy
+
     def prep_loop(self, prep_q: queue.SimpleQueue, push: zmq.Socket) -> None:
+        """One of the preprocessing threads (decode and resize release the GIL, so several of them
+        keep a batch of large screenshots from queueing behind each other)."""
+        name = threading.current_thread().name
         while True:
-            self.prep_idle = True
+            self.prep_busy.discard(name)
             t = prep_q.get()
-            self.prep_busy: set[str] = set()   # names of preprocessing threads at work (set ops are atomic)
+            self.prep_busy.add(name)
             if t is None:
                 return
             if self.prepare(t, push):

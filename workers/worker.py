@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 MAX_DRAIN = 256             # messages handled per socket per poll turn (fairness between sockets)
 FLUSH_S = 0.5               # after a freeze, how long ready answers are awaited before re-registering
 LAST_WORDS_LINGER_MS = 1000 # a closing link keeps sending what is queued (answers, DISCONNECT) this long
-# Decoding and resizing a 1080p screenshot takes 40-80 ms of CPU; with one thread, 8 simultaneous
-# requests queue for it while the GPU waits. Half the cores, at most 4, leaves room for the rest.
-PREP_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 @dataclass(frozen=True)
@@ -54,6 +51,7 @@ class WorkerSettings:
     est_weights_bytes: int = 0
     host: str = field(default_factory=socket.gethostname)
     parent_pid: int | None = None   # exit when re-parented (supervisor gone), portable PDEATHSIG
+    prep_threads: int = 1           # preprocessing threads (decode + resize release the GIL)
 
 
 class Worker:
@@ -87,7 +85,7 @@ class Worker:
         ctx = zmq.Context()
         pull = ctx.socket(zmq.PULL)
         pull.bind(self._inproc)
-        push_preps = [ctx.socket(zmq.PUSH) for _ in range(PREP_THREADS)]
+        push_preps = [ctx.socket(zmq.PUSH) for _ in range(max(1, self.s.prep_threads))]
         push_compute = ctx.socket(zmq.PUSH)
         for s in (*push_preps, push_compute):
             s.setsockopt(zmq.LINGER, 0)
