@@ -249,7 +249,7 @@ def test_locate_draws_points_and_heatmap(driver, page_url, tmp_path):
     w, h = SHOT_SIZE
     assert driver.find_element(By.ID, "image-size").text == f"{w} × {h} px"
     assert re.fullmatch(r"\d+ × \d+ px", driver.find_element(By.ID, "resized-size").text)
-    assert re.fullmatch(r"\d+ × \d+ patches", driver.find_element(By.ID, "grid-size").text)
+    assert re.fullmatch(r"\d+ × \d+ tokens", driver.find_element(By.ID, "grid-size").text)
     assert re.fullmatch(r"\d+ ms", driver.find_element(By.ID, "latency").text)
 
     # The canvases hold real pixels: the best marker is red where the best point is, and the

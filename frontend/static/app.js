@@ -257,7 +257,7 @@ function showResult(data, ms) {
   $("latency").textContent = `${ms.toFixed(0)} ms`;
   $("image-size").textContent = fmtSize(g.image_size);
   $("resized-size").textContent = fmtSize(g.resized_size);
-  $("grid-size").textContent = Array.isArray(g.grid) ? `${g.grid[0]} × ${g.grid[1]} patches` : "—";
+  $("grid-size").textContent = Array.isArray(g.grid) ? `${g.grid[0]} × ${g.grid[1]} tokens` : "—";
   const u = data.usage || {};
   $("usage").textContent = u.total_tokens != null ? `${u.prompt_tokens} prompt · ${u.total_tokens} total` : "—";
   const drawn = drawHeatmap($("heatmap"), g.attention, g.grid);
