@@ -35,6 +35,8 @@ class Metrics:
                                      ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.disconnects = Counter("grounding_client_disconnects", "Jobs cancelled because the HTTP client left",
                                    registry=r)
+        self.resubmits = Counter("grounding_resubmits", "Jobs resubmitted once after a broker restart",
+                                 registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -113,7 +113,17 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         if req.stream:
             await _stream(request, req, handle)
         else:
-            result = await handle.result()
+            try:
+                result = await handle.result()
+            except ServerError as exc:
+                # The broker restarted and lost its in-memory jobs; nothing has reached the caller
+                # yet and inference has no side effects, so resubmit once if the deadline allows.
+                left = req.ttl_s - (time.perf_counter() - t0)
+                if exc.code != "broker_restarted" or left <= 0:
+                    raise
+                app.ctx.metrics.resubmits.inc()
+                handle = await client.submit(req.model, req.params, [image], ttl_s=left)
+                result = await handle.result()
             done = True
             _count(app, req.model, "stop", t0)
             return json_response(api.completion(

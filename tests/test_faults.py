@@ -555,9 +555,10 @@ def test_sigterm_to_the_honcho_group_under_load_answers_every_request_and_leaves
 
 
 def test_broker_kill9_and_restart_over_http(tmp_path):
-    """In-flight HTTP requests get a retryable 503; the frontend reconnects, /v1/health recovers,
-    the worker re-registers without reloading. Then a SIGTERM with a job in flight: the broker
-    answers it and exits at once, not after its grace."""
+    """In-flight HTTP requests are resubmitted once to the restarted broker and answered (or get a
+    retryable 503 if it is not back in time); the frontend reconnects, /v1/health recovers, the
+    worker re-registers without reloading. Then a SIGTERM with a job in flight: the broker answers
+    it and exits at once, not after its grace."""
     cfg = {"models": {"m1": fake_model()}, "supervisor": SUPERVISOR_FAST}
     st = Stack(tmp_path, cfg)          # writes the config; the processes are started one by one
     log = open(tmp_path / "procs.log", "ab")
@@ -579,10 +580,15 @@ def test_broker_kill9_and_restart_over_http(tmp_path):
             procs["broker"].wait(5)
             t_kill = time.monotonic()
             procs["broker"] = spawn("broker")
-            answers_ = [f.result(timeout=15) for f in inflight]
+            answers_ = [f.result(timeout=20) for f in inflight]
         for status, hdrs, data in answers_:
-            assert status == 503 and data["error"]["code"] in ("broker_restarted", "broker_unavailable"), data
-            assert int(hdrs["retry-after"]) >= 1
+            if status != 200:
+                assert status == 503 and data["error"]["code"] in ("broker_restarted", "broker_unavailable"), data
+                assert int(hdrs["retry-after"]) >= 1
+        # a job lost with the old broker comes back through one resubmit; only a broker that stayed
+        # silent past the client's 3 s liveness (a very slow restart) leaves them as 503s
+        assert any(a[0] == 200 for a in answers_) or \
+            all(a[2]["error"]["code"] == "broker_unavailable" for a in answers_), answers_
         wait_for(lambda: _health(st)[0] == 200, 15, step=0.05, what="/v1/health recovers")
         recovered_s = time.monotonic() - t_kill
         m = wait_for(lambda: (lambda m: m if m["status"] == "loaded" else None)(model_status(st, "m1")), 10)
