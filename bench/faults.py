@@ -34,7 +34,7 @@ from pathlib import Path
 
 from common.client import Client
 from common.errors import ServerError
-from tests.rawbroker import png, rss_bytes
+from tests.rawbroker import png, rss_bytes, terminate
 from tests.stackutil import ROOT, Stack, fake_model
 
 IMG = png(320, 200)
@@ -55,15 +55,7 @@ class Procs:
                                           start_new_session=True)
 
     def stop(self) -> None:
-        for proc in self.p.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.p.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        terminate(list(self.p.values()))
         self.log.close()
 
 

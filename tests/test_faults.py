@@ -33,7 +33,7 @@ from common.client import AsyncClient, Client
 from common.errors import ServerError
 from common.zmqutil import free_tcp_endpoint, make_socket
 from broker import events as e
-from tests.rawbroker import ROOT, pid_alive, png, rss_bytes
+from tests.rawbroker import ROOT, pid_alive, png, rss_bytes, terminate
 from tests.stackutil import Stack, fake_model
 from tests.test_broker_core import SUP, Harness, answers, of
 
@@ -608,15 +608,7 @@ def test_broker_kill9_and_restart_over_http(tmp_path):
         assert time.monotonic() - t_answer < 3.0                     # not the 10 s grace
         assert (tmp_path / "procs.log").read_text().count("loaded m1 in") == 1
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        terminate(list(procs.values()))
         log.close()
     assert wait_for(lambda: not our_pids(st.config_path), 5, what="no process left")
 
