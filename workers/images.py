@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from workers.engine import JobError
+from workers.parallel_resize import resize_bicubic
 
 SCREEN_CAP_AREA = 3200 * 1800        # demo's pre-resize cap (pixels of area), applied down-only
 PATCH = 14
@@ -89,7 +90,7 @@ def cap_screen(img: Image.Image, cap_area: int = SCREEN_CAP_AREA) -> Image.Image
     if w * h <= cap_area:
         return img
     r = math.sqrt(cap_area / (w * h))
-    return img.resize((int(w * r), int(h * r)), Image.Resampling.BICUBIC)
+    return Image.fromarray(resize_bicubic(img, (int(w * r), int(h * r))))
 
 
 def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = 3136,
@@ -153,10 +154,10 @@ def plan_resize(img: Image.Image, min_pixels: int, max_pixels: int,
 def resize_image(img: Image.Image, min_pixels: int, max_pixels: int,
                  cap_area: int | None = SCREEN_CAP_AREA) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """RGB image -> (uint8 [H', W', 3] as fed to the ViT, original (w, h), resized (w', h')).
-    Screen cap, smart_resize and PIL bicubic exactly as transformers."""
+    Screen cap, smart_resize and PIL bicubic exactly as transformers (the bicubic resize split
+    across cores, byte-identical: workers/parallel_resize.py)."""
     img, original, (rw, rh) = plan_resize(img, min_pixels, max_pixels, cap_area)
-    resized = img.resize((rw, rh), Image.Resampling.BICUBIC)
-    return np.asarray(resized, dtype=np.uint8), original, (rw, rh)
+    return resize_bicubic(img, (rw, rh)), original, (rw, rh)
 
 
 def preprocess(img: Image.Image, min_pixels: int, max_pixels: int,
