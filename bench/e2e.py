@@ -5,7 +5,9 @@
 
 For each screenshot size and client count it reports p50/p95 end-to-end latency, throughput, the
 worker's own forward time (from the response's timings), serving overhead (end-to-end minus the
-worker's forward: HTTP, queueing, image decoding and resizing) and the model's peak device memory, as a markdown table on stdout.
+worker's forward: HTTP, queueing, image decoding and resizing), the worker's preprocessing (decode +
+resize) and queueing times within it, and the model's peak device memory, as a markdown table on
+stdout.
 """
 from __future__ import annotations
 
@@ -51,11 +53,16 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
     latencies: list[float] = []
     forward: list[float] = []
     overhead: list[float] = []
+    parts: dict[str, list[float]] = {"queue": [], "preprocess": []}
     counter = iter(range(total))
     lock = threading.Lock()
     conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(concurrency)]
-    for conn, body in zip(conns, bodies * concurrency):   # warm-up: connections, allocator, compile
-        one(conn, body)
+    for _ in range(2):   # warm-up, all clients at once: connections, allocator, each batch shape's first run
+        warm = [threading.Thread(target=one, args=(c, b)) for c, b in zip(conns, bodies * concurrency)]
+        for th in warm:
+            th.start()
+        for th in warm:
+            th.join()
 
     def client(conn: http.client.HTTPConnection) -> None:
         while True:
@@ -70,6 +77,9 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
                 if "forward" in t:
                     forward.append(t["forward"] / 1e3)
                     overhead.append(elapsed - t["forward"] / 1e3)
+                for k in parts:
+                    if k in t:
+                        parts[k].append(t[k] / 1e3)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in conns]
     t0 = time.perf_counter()
@@ -82,7 +92,8 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
         conn.close()
     return {"p50": pct(latencies, 0.5), "p95": pct(latencies, 0.95), "rps": total / wall,
             "forward_p50": statistics.median(forward) if forward else float("nan"),
-            "overhead_p50": statistics.median(overhead) if overhead else float("nan")}
+            "overhead_p50": statistics.median(overhead) if overhead else float("nan"),
+            **{f"{k}_p50": statistics.median(v) if v else float("nan") for k, v in parts.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,15 +122,17 @@ def main(argv: list[str] | None = None) -> None:
             status = {m["id"]: m for m in stack.models()}["bench"]
             print(f"stack ready in {ready_s:.1f} s; model load {status.get('load_seconds')} s; "
                   f"weights {status['memory'].get('weights_bytes', 0) / 1e9:.2f} GB", flush=True)
-            print("| size | clients | requests | p50 ms | p95 ms | req/s | worker forward p50 ms | overhead p50 ms |")
-            print("|---|---|---|---|---|---|---|---|")
+            print("| size | clients | requests | p50 ms | p95 ms | req/s | worker forward p50 ms | overhead p50 ms | "
+                  "of which preprocess p50 ms | of which queue p50 ms |")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for w, h in sizes:
                 bodies = [request_body("bench", png_bytes(w, h, seed), f"click Button {seed}") for seed in range(4)]
                 for c in levels:
                     total = max(args.requests, 2 * c)
                     r = run_level(stack.config["server"]["port"], bodies, c, total)
                     print(f"| {w}x{h} | {c} | {total} | {r['p50']*1e3:.1f} | {r['p95']*1e3:.1f} | {r['rps']:.2f} | "
-                          f"{r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} |", flush=True)
+                          f"{r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} | "
+                          f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} |", flush=True)
             status = {m["id"]: m for m in stack.models()}["bench"]
             print(f"peak device memory {status['memory'].get('peak_bytes', 0) / 1e9:.2f} GB", flush=True)
 

@@ -35,8 +35,11 @@ def screenshot(w: int, h: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def torch_baseline(script: str, w: int, h: int, reps: int) -> str:
-    out = subprocess.run([sys.executable, script, "torch", str(w), str(h), str(reps), "sdpa"],
+def torch_baseline(script: str, w: int, h: int, reps: int, shape: str = "2b") -> str:
+    """Median ms of `script torch W H REPS sdpa` (prefill_floor.py, or bench/torch_forward.py,
+    which also takes the 7B shape)."""
+    extra = ["--shape", shape] if shape != "2b" else []
+    out = subprocess.run([sys.executable, script, "torch", str(w), str(h), str(reps), "sdpa", *extra],
                          capture_output=True, text=True, timeout=600)
     m = re.search(r"median ([\d.]+) ms", out.stdout)
     return m.group(1) if m else f"failed: {(out.stderr or out.stdout).strip()[-200:]}"
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", default=None, help="use this checkpoint folder instead of writing one")
     ap.add_argument("--batches", default="1,2,4,8", help="batch sizes timed at 1920x1080 (throughput)")
     ap.add_argument("--quantize", default="8,4", help="bit widths compared against the dtype run ('' = none)")
+    ap.add_argument("--shape", choices=("2b", "7b"), default="2b",
+                    help="GUI-Actor-2B or -7B dims (7b: pass --torch-baseline bench/torch_forward.py)")
     ap.add_argument("--smoke", action="store_true", help="tiny dims, small images: checks the script on CPU")
     args = ap.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {mx.default_device()} {mx.device_info() if hasattr(mx, 'device_info') else ''}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gui-actor-2b-") as tmp:
         t = time.perf_counter()
-        dims = Dims() if args.smoke else Dims.gui_actor_2b()
+        dims = Dims() if args.smoke else Dims.gui_actor_7b() if args.shape == "7b" else Dims.gui_actor_2b()
         path = args.checkpoint or write_tiny_checkpoint(
             f"{tmp}/ckpt", "qwen2_vl", seed=0, shards=1 if args.smoke else 4, dims=dims,
             dtype="F32" if args.smoke else "BF16")
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 fwd.append(res.timings["forward"])
                 head.append(res.timings["head"])
             peak = engine.memory().peak
-            base = torch_baseline(args.torch_baseline, w, h, args.reps) if args.torch_baseline else "-"
+            base = torch_baseline(args.torch_baseline, w, h, args.reps, args.shape) if args.torch_baseline else "-"
             rows.append((f"{w}x{h}", "x".join(map(str, res.resized_size)), res.image_tokens, res.prompt_tokens,
                          statistics.median(prep) * 1e3, statistics.median(times) * 1e3, min(times) * 1e3,
                          statistics.median(fwd), statistics.median(head), peak / 1e9, base))
