@@ -15,7 +15,8 @@ import time
 
 import mlx.core as mx
 
-from workers.mlx.vision import _post_attention, _pre_attention, _rotate_half
+from workers.mlx import cuda_rotary
+from workers.mlx.vision import _post_attention, _pre_attention, _qkv, _rotate_half
 
 DEPTH, C, HEADS, MLP = 32, 1280, 16, 5120
 
@@ -93,6 +94,30 @@ def main() -> None:
         ("post-attention (compiled: proj, LN, MLP)", lambda: _post_attention(x, o, proj_w, proj_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b),
          mm(n, C, C) + 2 * mm(n, C, MLP), 0),
     ]
+    rot = cuda_rotary.load(HEADS, hd, bf)
+    if rot is not None:
+        qkv = _qkv(x, ln_w, ln_b, qkv_w, qkv_b)
+        ch, sh = cos[:, : hd // 2], sin[:, : hd // 2]
+        hf = rot(qkv, ch, sh)
+        mx.eval(qkv, ch, sh, hf)
+        ref = cuda_rotary.reference(qkv, ch, sh, HEADS)
+        mism = (hf != ref).sum().item()
+        qh, kh, vh = (mx.contiguous(t.transpose(1, 0, 2)[None]) for t in (q, k, v))
+        mx.eval(qh, kh, vh)
+        print(f"CUDA rotary kernel vs MLX ops: {mism} of {hf.size} values differ, max |diff| "
+              f"{mx.abs(hf.astype(mx.float32) - ref.astype(mx.float32)).max().item():.3g}")
+        cases += [
+            ("CUDA rotary kernel alone", lambda: rot(qkv, ch, sh), 0, 6 * act + 2 * n * hd * 4),
+            ("pre-attention with the kernel (LN, qkv, kernel)", lambda: rot(_qkv(x, ln_w, ln_b, qkv_w, qkv_b), ch, sh),
+             mm(n, C, 3 * C), 0),
+            ("sdpa from the kernel's q, k + output reshape", lambda: mx.fast.scaled_dot_product_attention(
+                *(t.transpose(1, 0, 2)[None] for t in (hf[:, 0], hf[:, 1], v)), scale=hd ** -0.5)[0]
+             .transpose(1, 0, 2).reshape(n, C), attn_flop, 0),
+            ("sdpa, head-major q, k, v (separate arrays) + output reshape", lambda: mx.fast.scaled_dot_product_attention(
+                qh, kh, vh, scale=hd ** -0.5)[0].transpose(1, 0, 2).reshape(n, C), attn_flop, 0),
+        ]
+    else:
+        print("CUDA rotary kernel: not available on this device")
     print(f"device {mx.default_device()}  {w}x{h}: {n} patches, {DEPTH} repeats per timing", flush=True)
     print("\n| op (x32) | ms | TFLOP/s | GB/s |\n|---|---|---|---|")
     for name, fn, flop, nbytes in cases:

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from workers.images import CLIP_MEAN, CLIP_STD, MERGE, PATCH
+from workers.mlx import cuda_rotary
 
 # Exactly transformers' normalisation per channel and byte value: x/255 in float64 -> float32,
 # minus mean, over std in float32 (workers.images.normalize), tabulated once.
@@ -58,6 +59,12 @@ def _pre_attention(x, cos, sin, ln_w, ln_b, qkv_w, qkv_b):
 
 
 @mx.compile
+def _qkv(x, ln_w, ln_b, qkv_w, qkv_b):
+    """LayerNorm and qkv projection -> [N, 3*C] (the CUDA rotary kernel does the rest)."""
+    return mx.addmm(qkv_b, mx.fast.layer_norm(x, ln_w, ln_b, 1e-6), qkv_w.T)
+
+
+@mx.compile
 def _post_attention(x, o, proj_w, proj_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b):
     """Output projection + residual, LayerNorm, MLP with quick-GELU + residual."""
     x = x + mx.addmm(proj_b, o, proj_w.T)
@@ -85,17 +92,19 @@ class FastQwen2Vision:
                         b.mlp.fc1.weight, b.mlp.fc1.bias, b.mlp.fc2.weight, b.mlp.fc2.bias)
                        for b in tower.blocks]
         self.scale = (tower.blocks[0].attn.head_dim) ** -0.5
+        # rotary + head-major layout in one kernel where MLX runs on CUDA (None elsewhere)
+        self.rotary = cuda_rotary.load(self.heads, tower.blocks[0].attn.head_dim, self.dtype)
 
     def _rotary(self, grid_h: int, grid_w: int) -> tuple[mx.array, mx.array]:
-        """cos, sin [grid_h*grid_w, head_dim] for one image, in the merge-group patch order."""
+        """cos, sin [grid_h*grid_w, head_dim/2] for one image, in the merge-group patch order (the
+        reference's tables repeat these twice along the last axis)."""
         m = MERGE
         hpos = np.broadcast_to(np.arange(grid_h)[:, None], (grid_h, grid_w))
         wpos = np.broadcast_to(np.arange(grid_w)[None, :], (grid_h, grid_w))
         order = lambda p: p.reshape(grid_h // m, m, grid_w // m, m).transpose(0, 2, 1, 3).reshape(-1)
         table = self.tower.rotary_pos_emb(mx.array(max(grid_h, grid_w)))   # [max, hd/4] float32
         freqs = mx.concatenate([table[mx.array(order(hpos))], table[mx.array(order(wpos))]], axis=-1)
-        emb = mx.concatenate([freqs, freqs], axis=-1)
-        return mx.cos(emb), mx.sin(emb)
+        return mx.cos(freqs), mx.sin(freqs)
 
     def __call__(self, patches: list[mx.array], grids: list[tuple[int, int]]) -> mx.array:
         """patches[i] [grid_h*grid_w, 588] from `normalized_patches`; grids[i] (grid_h, grid_w) in
@@ -105,12 +114,20 @@ class FastQwen2Vision:
         tables = [self._rotary(gh, gw) for gh, gw in grids]
         cos = mx.concatenate([t[0] for t in tables]) if len(tables) > 1 else tables[0][0]
         sin = mx.concatenate([t[1] for t in tables]) if len(tables) > 1 else tables[0][1]
+        if self.rotary is None:
+            cos, sin = (mx.concatenate([t, t], axis=-1) for t in (cos, sin))
         bounds = np.cumsum([0] + [gh * gw for gh, gw in grids]).tolist()
         done = 0
         for ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b in self.blocks:
-            q, k, v = _pre_attention(x, cos, sin, ln1_w, ln1_b, qkv_w, qkv_b)
+            if self.rotary is not None:
+                qkv = _qkv(x, ln1_w, ln1_b, qkv_w, qkv_b)
+                qk = self.rotary(qkv, cos, sin)                                     # [N, 2, H, D]
+                q, k, v = qk[:, 0], qk[:, 1], qkv.reshape(qk.shape[0], 3, self.heads, -1)[:, 2]
+            else:
+                q, k, v = _pre_attention(x, cos, sin, ln1_w, ln1_b, qkv_w, qkv_b)     # [N, H, D] each
             outs = []
             for s, e in zip(bounds[:-1], bounds[1:]):       # attention never crosses images
+                # token-major views: cuDNN reads them in place and writes o in the same order
                 qs, ks, vs = (t[s:e].transpose(1, 0, 2)[None] for t in (q, k, v))
                 if self.pad_head_dim > qs.shape[-1]:   # zeros change no dot product; sliced off after
                     width = [(0, 0)] * 3 + [(0, self.pad_head_dim - qs.shape[-1])]

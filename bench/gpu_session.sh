@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU measurements, logs under $OUT (see ../shared/gpu/README.md):
+#   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
+# Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+steps=${*:-env vit 2b e2e2b 7b e2e7b}
+# Everything goes to one file: the device call brings back only a few files.
+run() { local name=$1 limit=$2; shift 2; echo "== $name: $*" | tee -a "$OUT/session.txt"
+        local t0=$SECONDS; timeout "$limit" "$@" >> "$OUT/session.txt" 2>&1
+        echo "== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/session.txt"; }
+for s in $steps; do case $s in
+  prep)  run prep 120 python3 -m bench.prep_profile ;;
+  env)   run env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; python3 -c "import PIL, mlx.core as mx; print(PIL.__version__, mx.__version__, mx.default_device())"' ;;
+  vit)   run vit_ops 120 python3 -m bench.vit_ops 1920 1080 ;;
+  2b)    [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
+         run ground2b 300 python3 -m bench.gpu_ground --checkpoint /tmp/ga2b --torch-baseline .gpu/b/prefill_floor.py \
+             --sizes 1280x720,1920x1080 --batches 1,8 --quantize '' ;;
+  e2e2b) run e2e2b 300 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080,1280x720 \
+             --concurrency 1,8 --requests 32 ;;
+  7b)    [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b
+         run ground7b 300 python3 -m bench.gpu_ground --shape 7b --checkpoint /tmp/ga7b --torch-baseline bench/torch_forward.py \
+             --sizes 1920x1080 --batches 1,4 --quantize '' ;;
+  e2e7b) run e2e7b 300 python3 -m bench.e2e --model-path /tmp/ga7b --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1,8 --requests 24 ;;
+esac; done

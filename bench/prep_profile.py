@@ -1,0 +1,61 @@
+"""Where a screenshot's CPU preprocessing goes (the worker's preprocessing thread), per size.
+
+    python -m bench.prep_profile [--sizes 1280x720,1920x1080,2560x1440] [--reps 10]
+
+Median ms of: PNG decode (workers.images.decode_image), PIL's whole-image bicubic resize, the
+strip-parallel resize (workers.parallel_resize, after its pass order is learned), and the rest of
+`preprocess` for the chosen path, back to back and with the CPU idle 130 ms before each (as
+between a single client's requests while the GPU runs the forward). The PNGs are bench.screens' GUI-like screenshots.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+from PIL import Image
+
+from bench.screens import png_bytes
+from workers import parallel_resize as pr
+from workers.images import decode_image, plan_resize, preprocess
+
+
+def med(fn, reps: int, gap_s: float = 0.0) -> float:
+    ts = []
+    for _ in range(reps):
+        time.sleep(gap_s)
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1280x720,1920x1080,2560x1440")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--max-pixels", type=int, default=5_720_064)
+    a = ap.parse_args()
+    print(f"{os.cpu_count()} CPUs, resize pool {pr._threads} threads")
+    print("| image | PNG KB | decode ms | PIL resize ms | strip resize ms | preprocess total ms | same after 130 ms idle |\n|---|---|---|---|---|---|---|")
+    for s in a.sizes.split(","):
+        w, h = (int(v) for v in s.split("x"))
+        data = png_bytes(w, h)
+        img = decode_image(data, 1 << 30)
+        src, _, dst = plan_resize(img, 3136, a.max_pixels)
+        order = pr.pass_order(src.size, dst)
+        pr._orders[(src.size, dst)] = order
+        rgb = np.asarray(src)
+        dec = med(lambda: decode_image(data, 1 << 30), a.reps)
+        whole = med(lambda: src.resize(dst, Image.Resampling.BICUBIC), a.reps)
+        strips = med(lambda: pr.resize_in_strips(rgb, dst, order), a.reps) if order else float("nan")
+        prep = lambda: preprocess(decode_image(data, 1 << 30), 3136, a.max_pixels, patches=False)
+        total, idle = med(prep, a.reps), med(prep, a.reps, gap_s=0.13)
+        print(f"| {w}x{h} | {len(data) // 1024} | {dec:.1f} | {whole:.1f} | {strips:.1f} | {total:.1f} | {idle:.1f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
