@@ -41,14 +41,14 @@ def stage(name, fn):
 
 fv = eng._vision
 from workers.mlx.vision import FastQwen2Vision
-args = ([normalized_patches(mx.array(job.image.rgb), fv.dtype)], [job.image.grid_thw[1:]])
+args = ([normalized_patches(eng._resized(job.image), fv.dtype)], [job.image.grid_thw[1:]])
 for every in (0, 1, 2, 4, 8, 16):
     fvp = FastQwen2Vision(eng._model.vision_tower, eval_every=every)
     for _ in range(3):
         stage(f"fast vision, eval every {every} blocks", lambda: fvp(*args))
 for _ in range(2):
-    stage("fast vision (warm)", lambda: fv([normalized_patches(mx.array(job.image.rgb), fv.dtype)], [job.image.grid_thw[1:]]))
-enc = stage("fast vision", lambda: fv([normalized_patches(mx.array(job.image.rgb), fv.dtype)], [job.image.grid_thw[1:]]))
+    stage("fast vision (warm)", lambda: fv([normalized_patches(eng._resized(job.image), fv.dtype)], [job.image.grid_thw[1:]]))
+enc = stage("fast vision", lambda: fv([normalized_patches(eng._resized(job.image), fv.dtype)], [job.image.grid_thw[1:]]))
 from workers.images import pixel_values_of
 pv = pixel_values_of(job.image.rgb)
 stage("mlx-vlm vision tower", lambda: encode_image(eng._model, pv, job.image.grid_thw))

@@ -11,12 +11,13 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from workers.engine import JobError
-from workers.parallel_resize import resize_bicubic
+from workers.parallel_resize import order_for, resize_bicubic
 
 SCREEN_CAP_AREA = 3200 * 1800        # demo's pre-resize cap (pixels of area), applied down-only
 PATCH = 14
@@ -31,7 +32,8 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 @dataclass(frozen=True)
 class PreparedImage:
     """`pixel_values` float32 [grid_h*grid_w, 1176] (None when the engine patchifies on the
-    device); `rgb` uint8 [H', W', 3] the resized image; `grid_thw` (1, grid_h, grid_w) in
+    device); `rgb` uint8 [H', W', 3] the resized image, or with `resize_order` ('hv'/'vh', Pillow's
+    pass order) the decoded image that the device resizes; `grid_thw` (1, grid_h, grid_w) in
     14-px patches; sizes are (width, height) in pixels: `original` as decoded, `resized` as fed
     to the ViT. Visual tokens: grid_h/2 x grid_w/2."""
     pixel_values: np.ndarray | None
@@ -39,6 +41,7 @@ class PreparedImage:
     original: tuple[int, int]
     resized: tuple[int, int]
     rgb: np.ndarray | None = None
+    resize_order: str | None = None   # set: `rgb` is still to be resized to `resized` on the device
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -151,20 +154,19 @@ def plan_resize(img: Image.Image, min_pixels: int, max_pixels: int,
     return img, original, (rw, rh)
 
 
-def resize_image(img: Image.Image, min_pixels: int, max_pixels: int,
-                 cap_area: int | None = SCREEN_CAP_AREA) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-    """RGB image -> (uint8 [H', W', 3] as fed to the ViT, original (w, h), resized (w', h')).
-    Screen cap, smart_resize and PIL bicubic exactly as transformers (the bicubic resize split
-    across cores, byte-identical: workers/parallel_resize.py)."""
-    img, original, (rw, rh) = plan_resize(img, min_pixels, max_pixels, cap_area)
-    return resize_bicubic(img, (rw, rh)), original, (rw, rh)
-
-
 def preprocess(img: Image.Image, min_pixels: int, max_pixels: int,
-               cap_area: int | None = SCREEN_CAP_AREA, patches: bool = True) -> PreparedImage:
+               cap_area: int | None = SCREEN_CAP_AREA, patches: bool = True,
+               device_resize: Callable[[tuple[int, int], tuple[int, int]], bool] | None = None) -> PreparedImage:
     """RGB image -> PreparedImage. `min_pixels` / `max_pixels` bound the resized area (pixels).
     With `patches=False` only the resized uint8 image is kept: the engine normalises and
-    patchifies it on the device. Raises JobError invalid_image for aspect ratios over 200."""
-    rgb, original, (rw, rh) = resize_image(img, min_pixels, max_pixels, cap_area)
-    return PreparedImage(pixel_values_of(rgb) if patches else None, (1, rh // PATCH, rw // PATCH),
-                         original, (rw, rh), rgb)
+    patchifies it on the device. With `device_resize` (src, dst) -> True, the bicubic resize is left
+    to the device too, once Pillow's pass order for the sizes is known. Raises JobError
+    invalid_image for aspect ratios over 200."""
+    capped, original, (rw, rh) = plan_resize(img, min_pixels, max_pixels, cap_area)
+    grid = (1, rh // PATCH, rw // PATCH)
+    if device_resize is not None and not patches and capped.mode == "RGB" and device_resize(capped.size, (rw, rh)):
+        order = order_for(capped.size, (rw, rh))
+        if order is not None:
+            return PreparedImage(None, grid, original, (rw, rh), np.asarray(capped), resize_order=order)
+    rgb = resize_bicubic(capped, (rw, rh))
+    return PreparedImage(pixel_values_of(rgb) if patches else None, grid, original, (rw, rh), rgb)

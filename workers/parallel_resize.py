@@ -37,17 +37,24 @@ _probing: set[tuple[tuple[int, int], tuple[int, int]]] = set()
 
 def resize_bicubic(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """RGB image -> uint8 [h, w, 3] for `size` (w, h), identical to `img.resize(size, BICUBIC)`."""
-    key = (img.size, tuple(size))
     if img.mode != "RGB" or _threads == 1 or img.size[0] * img.size[1] < MIN_PARALLEL_PIXELS:
         return np.asarray(img.resize(size, BICUBIC))
+    order = order_for(img.size, size)
+    if order is None:
+        return np.asarray(img.resize(size, BICUBIC))
+    return resize_in_strips(np.asarray(img), size, order)
+
+
+def order_for(src: tuple[int, int], dst: tuple[int, int]) -> str | None:
+    """Pillow's pass order for this size pair if measured ('hv' or 'vh'), else None; the first
+    ask starts the measurement in the background (workers/mlx/resize.py uses it too)."""
+    key = (tuple(src), tuple(dst))
     with _lock:
         order = _orders.get(key, "unknown")
         if order == "unknown" and key not in _probing:
             _probing.add(key)
             _pool.submit(_learn_order, key)
-    if order in ("unknown", None):
-        return np.asarray(img.resize(size, BICUBIC))
-    return resize_in_strips(np.asarray(img), size, order)
+    return None if order == "unknown" else order
 
 
 def pass_order(src: tuple[int, int], dst: tuple[int, int]) -> str | None:

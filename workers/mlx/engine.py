@@ -22,6 +22,7 @@ from workers.images import PreparedImage, decode_image, preprocess
 from workers.mlx.backbone import encode_image, load_backbone, pointer_states_batch, resolve_dtype
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
 from workers.mlx.head import head_from_tensors
+from workers.mlx import resize
 from workers.mlx.vision import FastQwen2Vision, normalized_patches
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class MlxEngine:
         self._system = ""
         self._weights_bytes = 0
         self._vision: FastQwen2Vision | None = None   # our fast path (qwen2_vl); else mlx-vlm's tower
+        self._device_resize = False
         self.dtype = None
         self.path = None
 
@@ -101,6 +103,8 @@ class MlxEngine:
         mx.eval(head.parameters())
         self._model, self._head, self._tok, self._family, self._ids = model, head, tok, family, ids
         self._vision = FastQwen2Vision(model.vision_tower) if ckpt.model_type == "qwen2_vl" else None
+        # resize on a GPU: exact there, ~1 ms instead of ~14 ms of host CPU per 1080p screenshot
+        self._device_resize = self._vision is not None and mx.default_device() == mx.gpu
         self._system = self.spec.system_prompt if self.spec.system_prompt is not None \
             else family.SYSTEM_PROMPTS[ckpt.model_type]
         self.dtype, self.path = dtype, path
@@ -125,7 +129,8 @@ class MlxEngine:
         img = decode_image(request.image, self.options.max_image_pixels)
         max_px = request.max_pixels or self.spec.max_pixels
         min_px = min(request.min_pixels or self.spec.min_pixels, max_px)
-        image = preprocess(img, min_px, max_px, patches=self._vision is None)
+        image = preprocess(img, min_px, max_px, patches=self._vision is None,
+                           device_resize=resize.supported if self._device_resize else None)
         fam = self._family
         system = request.system if request.system is not None else self._system
         before, after = fam.prompt_parts(system, request.instruction)
@@ -168,7 +173,7 @@ class MlxEngine:
     def forward(self, batch: list[PreparedJob]) -> tuple[list[mx.array], mx.array]:
         """(encoder vectors per job [n_img, D], pointer states [B, D]), evaluated."""
         if self._vision is not None:
-            patches = [normalized_patches(mx.array(j.image.rgb), self._vision.dtype) for j in batch]
+            patches = [normalized_patches(self._resized(j.image), self._vision.dtype) for j in batch]
             grids = [j.image.grid_thw[1:] for j in batch]
             enc_all = self._vision(patches, grids)
             cuts = np.cumsum([j.image.n_tokens for j in batch])[:-1].tolist()
@@ -179,6 +184,14 @@ class MlxEngine:
                                    encs, [j.position_ids for j in batch], [j.pointer_pos for j in batch])
         mx.eval(encs, dec)
         return encs, dec
+
+    @staticmethod
+    def _resized(image: PreparedImage) -> mx.array:
+        """The image as the ViT sees it, uint8 [H', W', 3], resized here if preprocessing left it."""
+        rgb = mx.array(image.rgb)
+        if image.resize_order is None:
+            return rgb
+        return resize.resize_bicubic(rgb, image.resized[0], image.resized[1], image.resize_order)
 
     def _run_batch(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
         t0 = time.perf_counter()

@@ -1,0 +1,31 @@
+"""With the resize left to the device, the engine's answer is the one it gives resizing on the CPU.
+
+The engine turns device resizing on only on a GPU; here, on MLX's CPU backend, the test turns it
+on by hand to run the same code path against the tiny checkpoint.
+"""
+import time
+
+import numpy as np
+
+from bench.screens import png_bytes
+from common.config import ModelSpec
+from workers import parallel_resize
+from workers.engine import EngineOptions, GroundingRequest
+from workers.mlx.engine import MlxEngine
+
+
+def test_device_resize_gives_the_same_grounding(tmp_path):
+    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", max_pixels=200_704), EngineOptions("t", str(tmp_path), 1 << 30))
+    eng.load()
+    req = GroundingRequest("a", png_bytes(900, 600, seed=3), "click Button 4")
+    cpu = eng.prepare(req)
+    assert cpu.image.resize_order is None
+    eng._device_resize = True
+    deadline = time.monotonic() + 30
+    while parallel_resize.order_for((900, 600), cpu.image.resized) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dev = eng.prepare(req)
+    assert dev.image.resize_order in ("hv", "vh") and dev.image.rgb.shape == (600, 900, 3)
+    assert np.array_equal(np.array(eng._resized(dev.image)), cpu.image.rgb)
+    (a,), (b,) = eng.run([cpu]), eng.run([dev])
+    assert a.points == b.points and a.resized_size == b.resized_size

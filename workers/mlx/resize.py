@@ -1,0 +1,96 @@
+"""PIL's bicubic resize of an RGB image on the MLX device, byte-identical, as float32 matmuls.
+
+Why: even split across cores (workers/parallel_resize.py) the resize is ~14 ms of a 1080p
+request's ~35 ms of CPU work on the GPU host, while the GPU sits idle waiting for it.
+
+How it stays exact: PIL's 8-bit resampler is integer arithmetic. Per axis, each output pixel is
+sum(pixel * w) over a few taps, w fixed-point with 22 fractional bits, then rounded and clipped to
+uint8; the width and height passes run one after the other with uint8 in between. Each pass is a
+matmul with a banded [in, out] weight matrix. Each weight is split into three 8-bit pieces
+(w = c2 * 2^16 + c1 * 2^8 + c0), so every product is an integer below 2^16 and every sum stays
+below 2^24: exact in float32, and exact under TF32 too (8-bit inputs fit its 10-bit mantissa), in
+any summation order. The three partial sums are recombined in int32, as PIL computes them.
+(An earlier gather-based version spent ~18 ms of GPU per 1080p image; see bench/RESULTS.md.)
+
+The pass order (which axis first) is Pillow's and depends on its release; the caller passes the
+order that workers.parallel_resize measured for this size pair.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+PRECISION_BITS = 32 - 8 - 2
+SUPPORT = 2.0                     # bicubic
+MAX_TAPS = 255                    # keeps sums of 8-bit x 8-bit products below 2^24
+
+
+def _bicubic(x: float, a: float = -0.5) -> float:
+    x = abs(x)
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return 0.0
+
+
+def fixed_point_weights(in_size: int, out_size: int) -> np.ndarray:
+    """int64 [in_size, out_size]: PIL's fixed-point bicubic weights for one axis, as a dense matrix
+    (Pillow's precompute_coeffs and normalize_coeffs_8bpc, libImaging/Resample.c)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = SUPPORT * filterscale
+    dense = np.zeros((in_size, out_size), dtype=np.int64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)          # C casts truncate toward zero
+        xmax = min(int(center + support + 0.5), in_size) - xmin
+        k = [_bicubic((x + xmin - center + 0.5) / filterscale) for x in range(xmax)]
+        total = sum(k)
+        if total != 0.0:
+            k = [w / total for w in k]
+        for x, w in enumerate(k):
+            dense[xmin + x, xx] = int(-0.5 + w * (1 << PRECISION_BITS)) if w < 0 else int(0.5 + w * (1 << PRECISION_BITS))
+    return dense
+
+
+def supported(src: tuple[int, int], dst: tuple[int, int]) -> bool:
+    """False where a downscale is so strong that a pass has more taps than the exactness bound."""
+    return all(math.ceil(SUPPORT * max(i / o, 1.0)) * 2 + 1 <= MAX_TAPS for i, o in zip(src, dst))
+
+
+@lru_cache(maxsize=8)
+def _pieces(in_size: int, out_size: int) -> mx.array:
+    """float32 [in, 3 * out]: the weight matrix's 8-bit pieces c0 | c1 | c2 side by side."""
+    w = fixed_point_weights(in_size, out_size)
+    pieces = [w & 255, (w >> 8) & 255, w >> 16]                  # w >> 16 keeps the sign
+    return mx.array(np.concatenate(pieces, axis=1).astype(np.float32))
+
+
+def _pass(x: mx.array, out_size: int) -> mx.array:
+    """float32 [R, in] rows of pixel values -> float32 [R, out]: PIL's pass along the last axis."""
+    out = out_size
+    s = (x @ _pieces(x.shape[-1], out_size)).astype(mx.int32)    # exact integer sums
+    acc = s[:, :out] + (s[:, out:2 * out] << 8) + (s[:, 2 * out:] << 16)
+    acc = (acc + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS
+    return mx.clip(acc, 0, 255).astype(mx.float32)
+
+
+def resize_bicubic(rgb: mx.array, width: int, height: int, order: str) -> mx.array:
+    """uint8 [H, W, 3] -> uint8 [height, width, 3], identical to PIL's `resize((width, height),
+    BICUBIC)` when `order` is the installed Pillow's pass order for these sizes ('hv': width pass
+    first, 'vh': height pass first)."""
+    h, w, c = rgb.shape
+    x = rgb.astype(mx.float32).transpose(2, 0, 1)                 # [3, H, W]
+    for axis in order:
+        if axis == "h" and x.shape[2] != width:
+            cc, rows, cols = x.shape
+            x = _pass(x.reshape(cc * rows, cols), width).reshape(cc, rows, width)
+        elif axis == "v" and x.shape[1] != height:
+            cc, rows, cols = x.shape
+            y = _pass(x.transpose(0, 2, 1).reshape(cc * cols, rows), height)
+            x = y.reshape(cc, cols, height).transpose(0, 2, 1)
+    return x.transpose(1, 2, 0).astype(mx.uint8)
