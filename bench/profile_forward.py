@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-import time
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_vlm.models.qwen2_vl import Model, ModelConfig, TextConfig, VisionConfig
+
+from bench.timing import device_times
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 TINY = "--tiny" in sys.argv
@@ -68,15 +68,7 @@ vt = model.vision_tower
 
 
 def timeit(name, fn, reps=REPS):
-    for _ in range(2):
-        mx.eval(fn())
-    ts = []
-    for _ in range(reps):
-        mx.synchronize()
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append(time.perf_counter() - t)
+    ts = device_times(fn, reps)
     print(f"{name:<44} median {statistics.median(ts)*1e3:8.1f} ms  min {min(ts)*1e3:8.1f} ms", flush=True)
     return statistics.median(ts)
 

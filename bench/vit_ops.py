@@ -10,28 +10,14 @@ variants (bias fused or not, weights pre-transposed, rotary in bf16).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import mlx.core as mx
 
+from bench.timing import median_ms
 from workers.mlx import cuda_rotary
 from workers.mlx.vision import _post_attention, _pre_attention, _qkv, _rotate_half
 
 DEPTH, C, HEADS, MLP = 32, 1280, 16, 5120
-
-
-def timed(fn, reps: int) -> float:
-    for _ in range(2):
-        mx.eval(fn())
-    ts = []
-    for _ in range(reps):
-        mx.synchronize()
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def main() -> None:
@@ -121,7 +107,7 @@ def main() -> None:
     print(f"device {mx.default_device()}  {w}x{h}: {n} patches, {DEPTH} repeats per timing", flush=True)
     print("\n| op (x32) | ms | TFLOP/s | GB/s |\n|---|---|---|---|")
     for name, fn, flop, nbytes in cases:
-        ms = timed(lambda: [fn() for _ in range(DEPTH)], a.reps)
+        ms = median_ms(lambda: [fn() for _ in range(DEPTH)], a.reps)
         tf = f"{DEPTH * flop / ms / 1e9:.0f}" if flop else "-"
         gb = f"{DEPTH * nbytes / ms / 1e6:.0f}" if nbytes else "-"
         print(f"| {name} | {ms:.2f} | {tf} | {gb} |", flush=True)
