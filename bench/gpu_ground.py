@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", default=None, help="use this checkpoint folder instead of writing one")
     ap.add_argument("--batches", default="1,2,4,8", help="batch sizes timed at 1920x1080 (throughput)")
     ap.add_argument("--quantize", default="8,4", help="bit widths compared against the dtype run ('' = none)")
-    ap.add_argument("--shape", choices=("2b", "7b"), default="2b",
-                    help="GUI-Actor-2B or -7B dims (7b: pass --torch-baseline bench/torch_forward.py)")
+    ap.add_argument("--shape", choices=("2b", "7b", "3b-qwen2.5", "7b-qwen2.5"), default="2b",
+                    help="GUI-Actor dims when the checkpoint is written here, and the PyTorch baseline's "
+                         "(all but 2b: pass --torch-baseline bench/torch_forward.py)")
     ap.add_argument("--smoke", action="store_true", help="tiny dims, small images: checks the script on CPU")
     args = ap.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -75,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {mx.default_device()} {mx.device_info() if hasattr(mx, 'device_info') else ''}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gui-actor-2b-") as tmp:
         t = time.perf_counter()
-        dims = Dims() if args.smoke else Dims.gui_actor_7b() if args.shape == "7b" else Dims.gui_actor_2b()
+        dims = Dims() if args.smoke else {"2b": Dims.gui_actor_2b, "7b": Dims.gui_actor_7b,
+                                          "3b-qwen2.5": Dims.gui_actor_3b_qwen2_5,
+                                          "7b-qwen2.5": Dims.gui_actor_7b_qwen2_5}[args.shape]()
         path = args.checkpoint or write_tiny_checkpoint(
-            f"{tmp}/ckpt", "qwen2_vl", seed=0, shards=1 if args.smoke else 4, dims=dims,
+            f"{tmp}/ckpt", "qwen2_5_vl" if args.shape.endswith("qwen2.5") else "qwen2_vl", seed=0,
+            shards=1 if args.smoke else 4, dims=dims,
             dtype="F32" if args.smoke else "BF16")
         print(f"checkpoint written in {time.perf_counter() - t:.1f}s", flush=True)
         spec = ModelSpec(path=str(path), dtype=args.dtype, max_pixels=args.max_pixels,

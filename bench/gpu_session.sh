@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU measurements, logs under $OUT (see ../shared/gpu/README.md):
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
-# Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep
+# Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep q25 e2e3b25 cmp2b
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -22,6 +22,13 @@ for s in $steps; do case $s in
   7b)    [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b
          run ground7b 300 python3 -m bench.gpu_ground --shape 7b --checkpoint /tmp/ga7b --torch-baseline bench/torch_forward.py \
              --sizes 1920x1080 --batches 1,4 --quantize '' ;;
+  q25)   [ -d /tmp/ga3b25 ] || run ckpt3b25 300 python3 -m bench.write_checkpoint /tmp/ga3b25 --shape 3b-qwen2.5
+         run cmp3b25 300 python3 -m bench.vision_compare /tmp/ga3b25
+         run ground3b25 300 python3 -m bench.gpu_ground --shape 3b-qwen2.5 --checkpoint /tmp/ga3b25 \
+             --torch-baseline bench/torch_forward.py --sizes 1280x720,1920x1080 --batches 1,8 --quantize '' ;;
+  e2e3b25) run e2e3b25 300 python3 -m bench.e2e --model-path /tmp/ga3b25 --dtype bfloat16 --sizes 1920x1080,1280x720 \
+             --concurrency 1,8 --requests 24 ;;
+  cmp2b) run cmp2b 300 python3 -m bench.vision_compare /tmp/ga2b ;;
   e2e7b) run e2e7b 300 python3 -m bench.e2e --model-path /tmp/ga7b --dtype bfloat16 --sizes 1920x1080 \
              --concurrency 1,8 --requests 24 ;;
 esac; done

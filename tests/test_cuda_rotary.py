@@ -2,14 +2,14 @@
 
 The kernel itself runs only on MLX's CUDA backend (checked on the GPU machine by bench.vit_ops
 and, at every model load, by cuda_rotary.load's probe). Here, on the CPU: the probe's reference
-is exactly what the MLX-ops vision path computes, in the kernel's output layout, and load() declines
+is what the MLX-ops vision path computes, in the kernel's output layout, and load() declines
 where there is no CUDA.
 """
 import mlx.core as mx
 import numpy as np
 
 from workers.mlx import cuda_rotary
-from workers.mlx.vision import _pre_attention, _qkv
+from workers.mlx.vision import _qkv, _rotate_qk
 
 
 def test_reference_is_the_vision_paths_rotary_in_head_major_layout():
@@ -21,9 +21,9 @@ def test_reference_is_the_vision_paths_rotary_in_head_major_layout():
     qkv_w, qkv_b = mx.random.normal((3 * c, c), key=next(k)) * 0.1, mx.random.normal((3 * c,), key=next(k))
     ang = mx.random.uniform(0, 30, (n, hd // 2), key=next(k))
     cos, sin = mx.cos(ang), mx.sin(ang)
-    q, kk, v = _pre_attention(x, mx.concatenate([cos, cos], -1), mx.concatenate([sin, sin], -1),
-                              ln_w, ln_b, qkv_w, qkv_b)
-    got = cuda_rotary.reference(_qkv(x, ln_w, ln_b, qkv_w, qkv_b), cos, sin, heads)
+    qkv = _qkv(x, ln_w, ln_b, qkv_w, qkv_b)
+    q, kk = _rotate_qk(qkv.reshape(n, 3, heads, hd), cos, sin)
+    got = cuda_rotary.reference(qkv, cos, sin, heads)
     assert got.shape == (n, 2, heads, hd)
     for i, t in enumerate((q, kk)):
         np.testing.assert_allclose(np.array(got[:, i]), np.array(t), rtol=1e-6, atol=1e-6)

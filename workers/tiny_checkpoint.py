@@ -83,6 +83,21 @@ class Dims:
                     vocab=151662)
 
     @staticmethod
+    def gui_actor_3b_qwen2_5() -> "Dims":
+        """GUI-Actor-3B-Qwen2.5-VL sizes (Qwen2.5-VL-3B backbone; windowed ViT)."""
+        return Dims(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008,
+                    mrope_section=(16, 24, 24), vis_embed=1280, vis_depth=32, vis_heads=16,
+                    vis_intermediate=3420, fullatt_blocks=(7, 15, 23, 31), vocab=151670)
+
+    @staticmethod
+    def gui_actor_7b_qwen2_5() -> "Dims":
+        """GUI-Actor-7B-Qwen2.5-VL sizes (Qwen2.5-VL-7B backbone: untied lm_head; windowed ViT)."""
+        return Dims(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944,
+                    mrope_section=(16, 24, 24), vis_embed=1280, vis_depth=32, vis_heads=16,
+                    vis_intermediate=3420, fullatt_blocks=(7, 15, 23, 31), vocab=151670,
+                    tie_embeddings=False)
+
+    @staticmethod
     def gui_actor_7b() -> "Dims":
         """GUI-Actor-7B-Qwen2-VL sizes (Qwen2-VL-7B backbone: untied lm_head, same ViT)."""
         return Dims(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944,

@@ -19,11 +19,12 @@ from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest, GroundingResult, JobError, LoadReport, MemoryReport
 from workers.families import family_for
 from workers.images import PreparedImage, decode_image, preprocess
-from workers.mlx.backbone import encode_image, load_backbone, pointer_states_batch, resolve_dtype
+from workers.mlx.backbone import load_backbone, pointer_states_batch, resolve_dtype
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
 from workers.mlx.head import head_from_tensors
 from workers.mlx import resize
-from workers.mlx.vision import FastQwen2Vision, normalized_patches
+from workers.mlx.vision import FastQwen2Vision, FastVision, normalized_patches
+from workers.mlx.vision_qwen2_5 import FastQwen25Vision
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class MlxEngine:
         self._ids: dict[str, int] = {}
         self._system = ""
         self._weights_bytes = 0
-        self._vision: FastQwen2Vision | None = None   # our fast path (qwen2_vl); else mlx-vlm's tower
+        self._vision: FastVision | None = None   # our vision forward (both backbones)
         self._device_resize = False
         self.dtype = None
         self.path = None
@@ -102,9 +103,9 @@ class MlxEngine:
             raise CheckpointError(str(exc)) from None
         mx.eval(head.parameters())
         self._model, self._head, self._tok, self._family, self._ids = model, head, tok, family, ids
-        self._vision = FastQwen2Vision(model.vision_tower) if ckpt.model_type == "qwen2_vl" else None
+        self._vision = (FastQwen2Vision if ckpt.model_type == "qwen2_vl" else FastQwen25Vision)(model.vision_tower)
         # resize on a GPU: exact there, ~1 ms instead of ~14 ms of host CPU per 1080p screenshot
-        self._device_resize = self._vision is not None and mx.default_device() == mx.gpu
+        self._device_resize = mx.default_device() == mx.gpu
         self._system = self.spec.system_prompt if self.spec.system_prompt is not None \
             else family.SYSTEM_PROMPTS[ckpt.model_type]
         self.dtype, self.path = dtype, path
@@ -129,7 +130,7 @@ class MlxEngine:
         img = decode_image(request.image, self.options.max_image_pixels)
         max_px = request.max_pixels or self.spec.max_pixels
         min_px = min(request.min_pixels or self.spec.min_pixels, max_px)
-        image = preprocess(img, min_px, max_px, patches=self._vision is None,
+        image = preprocess(img, min_px, max_px, patches=False,
                            device_resize=resize.supported if self._device_resize else None)
         fam = self._family
         system = request.system if request.system is not None else self._system
@@ -172,14 +173,10 @@ class MlxEngine:
 
     def forward(self, batch: list[PreparedJob]) -> tuple[list[mx.array], mx.array]:
         """(encoder vectors per job [n_img, D], pointer states [B, D]), evaluated."""
-        if self._vision is not None:
-            patches = [normalized_patches(self._resized(j.image), self._vision.dtype) for j in batch]
-            grids = [j.image.grid_thw[1:] for j in batch]
-            enc_all = self._vision(patches, grids)
-            cuts = np.cumsum([j.image.n_tokens for j in batch])[:-1].tolist()
-            encs = mx.split(enc_all, cuts, axis=0) if cuts else [enc_all]
-        else:
-            encs = [encode_image(self._model, j.image.pixel_values, j.image.grid_thw) for j in batch]
+        patches = [normalized_patches(self._resized(j.image), self._vision.dtype) for j in batch]
+        enc_all = self._vision(patches, [j.image.grid_thw[1:] for j in batch])
+        cuts = np.cumsum([j.image.n_tokens for j in batch])[:-1].tolist()
+        encs = mx.split(enc_all, cuts, axis=0) if cuts else [enc_all]
         dec = pointer_states_batch(self._model, [j.input_ids for j in batch], [j.image_start for j in batch],
                                    encs, [j.position_ids for j in batch], [j.pointer_pos for j in batch])
         mx.eval(encs, dec)

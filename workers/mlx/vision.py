@@ -12,6 +12,8 @@ Why not mlx-vlm's own `VisionModel.__call__` (bench/RESULTS.md, H200 profile):
   on the preprocessing thread); we upload the resized uint8 image (6 MB) and normalise and
   patchify on the device, with a lookup table that gives bit-identical values to transformers.
 Several images run as one forward: patches are concatenated, attention stays per image.
+`FastVision` is the part both backbones share; `FastQwen2Vision` adds Qwen2-VL's LayerNorm and
+quick-GELU MLP; workers/mlx/vision_qwen2_5.py adds Qwen2.5-VL's RMSNorm, SwiGLU MLP and windows.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from workers.mlx import cuda_rotary
 # Exactly transformers' normalisation per channel and byte value: x/255 in float64 -> float32,
 # minus mean, over std in float32 (workers.images.normalize), tabulated once.
 _LUT = ((np.arange(256, dtype=np.float64)[:, None] * (1 / 255)).astype(np.float32) - CLIP_MEAN) / CLIP_STD
+
+Span = tuple[int, int, int]   # (first token, number of sequences, tokens per sequence)
 
 
 def normalized_patches(rgb: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -44,29 +48,25 @@ def _rotate_half(x: mx.array) -> mx.array:
 
 
 @mx.compile
-def _pre_attention(x, cos, sin, ln_w, ln_b, qkv_w, qkv_b):
-    """LayerNorm, qkv projection, 2D rotary (in float32, as the reference) -> q, k, v [N, H, hd]."""
-    n, _ = x.shape
-    hd = cos.shape[-1]
-    y = mx.fast.layer_norm(x, ln_w, ln_b, 1e-6)
-    qkv = mx.addmm(qkv_b, y, qkv_w.T).reshape(n, 3, -1, hd)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    c, s = cos[:, None], sin[:, None]
-    qf, kf = q.astype(mx.float32), k.astype(mx.float32)
-    q = (qf * c + _rotate_half(qf) * s).astype(x.dtype)
-    k = (kf * c + _rotate_half(kf) * s).astype(x.dtype)
-    return q, k, v
+def _rotate_qk(qkv, cos, sin):
+    """qkv [N, 3, H, D], cos/sin [N, D/2] -> q, k [N, H, D] with the 2D rotary applied in float32,
+    as the reference (the MLX-ops path; cuda_rotary does the same in one kernel)."""
+    c = mx.concatenate([cos, cos], axis=-1)[:, None]
+    s = mx.concatenate([sin, sin], axis=-1)[:, None]
+    qf, kf = qkv[:, 0].astype(mx.float32), qkv[:, 1].astype(mx.float32)
+    return ((qf * c + _rotate_half(qf) * s).astype(qkv.dtype),
+            (kf * c + _rotate_half(kf) * s).astype(qkv.dtype))
 
 
 @mx.compile
 def _qkv(x, ln_w, ln_b, qkv_w, qkv_b):
-    """LayerNorm and qkv projection -> [N, 3*C] (the CUDA rotary kernel does the rest)."""
+    """Qwen2-VL: LayerNorm and qkv projection -> [N, 3*C]."""
     return mx.addmm(qkv_b, mx.fast.layer_norm(x, ln_w, ln_b, 1e-6), qkv_w.T)
 
 
 @mx.compile
 def _post_attention(x, o, proj_w, proj_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b):
-    """Output projection + residual, LayerNorm, MLP with quick-GELU + residual."""
+    """Qwen2-VL: output projection + residual, LayerNorm, MLP with quick-GELU + residual."""
     x = x + mx.addmm(proj_b, o, proj_w.T)
     y = mx.fast.layer_norm(x, ln_w, ln_b, 1e-6)
     h = mx.addmm(fc1_b, y, fc1_w.T)
@@ -74,27 +74,60 @@ def _post_attention(x, o, proj_w, proj_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b
     return x + mx.addmm(fc2_b, h, fc2_w.T)
 
 
-class FastQwen2Vision:
-    """Runs mlx-vlm's qwen2_vl `VisionModel` parameters (patch embed, blocks, merger)."""
+def attend(q: mx.array, k: mx.array, v: mx.array, spans: list[Span], scale: float) -> mx.array:
+    """Attention within independent sequences: q, k, v [N, H, D] token-major; each span (start,
+    count, size) is `count` sequences of `size` tokens from `start`, spans in order covering N.
+    Token-major views go to cuDNN as they are (it reads them in place and writes o in the same
+    order, so the output projection needs no transposing copy) -> [N, H*D]."""
+    n, heads, hd = q.shape
+    outs = []
+    for start, count, size in spans:
+        end = start + count * size
+        qs, ks, vs = (t[start:end].reshape(count, size, heads, hd).transpose(0, 2, 1, 3) for t in (q, k, v))
+        o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=scale)        # [count, H, size, D]
+        outs.append(o.transpose(0, 2, 1, 3).reshape(count * size, heads * hd))
+    return mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
 
-    def __init__(self, tower, pad_head_dim: int = 0, eval_every: int = 4):
+
+class FastVision:
+    """The forward both backbones share, over mlx-vlm's parameters: patch embedding as one matmul,
+    2D rotary tables, the rotary (CUDA kernel or MLX ops), attention over spans, evaluation every
+    few blocks, the merger. Subclasses give the block's norm + qkv, its MLP half, the attention
+    spans of each block and, where the model reorders tokens, the order."""
+
+    def __init__(self, tower, eval_every: int = 4):
         self.tower = tower
         # Evaluate every few blocks: a whole-tower graph kept every block's temporaries alive
         # until the end (+10-15 GB at 1080p on an H200, bench/RESULTS.md).
         self.eval_every = eval_every
-        self.pad_head_dim = pad_head_dim   # zero-pad q/k/v's head dim for the attention kernel (0: off)
-        self.heads = tower.blocks[0].attn.num_heads
+        attn = tower.blocks[0].attn
+        self.heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.scale = self.head_dim ** -0.5
         w = tower.patch_embed.proj.weight                   # MLX Conv3d layout [out, T, 14, 14, 3]
         self.patch_w = w.sum(axis=1).reshape(w.shape[0], -1).T   # [14*14*3, out], temporal folded
         self.dtype = w.dtype
-        self.blocks = [(b.norm1.weight, b.norm1.bias, b.attn.qkv.weight, b.attn.qkv.bias,
-                        b.attn.proj.weight, b.attn.proj.bias, b.norm2.weight, b.norm2.bias,
-                        b.mlp.fc1.weight, b.mlp.fc1.bias, b.mlp.fc2.weight, b.mlp.fc2.bias)
-                       for b in tower.blocks]
-        self.scale = (tower.blocks[0].attn.head_dim) ** -0.5
-        # rotary + head-major layout in one kernel where MLX runs on CUDA (None elsewhere)
-        self.rotary = cuda_rotary.load(self.heads, tower.blocks[0].attn.head_dim, self.dtype)
+        # rotary on q and k in one kernel where MLX runs on CUDA (None elsewhere)
+        self.rotary = cuda_rotary.load(self.heads, self.head_dim, self.dtype)
 
+    # ---- what a family defines --------------------------------------------------------------
+    def qkv(self, x: mx.array, block: int) -> mx.array:
+        """Norm and qkv projection of block `block` -> [N, 3*C]."""
+        raise NotImplementedError
+
+    def post_attention(self, x: mx.array, o: mx.array, block: int) -> mx.array:
+        """Output projection, residual, norm, MLP, residual."""
+        raise NotImplementedError
+
+    def spans(self, block: int, grids: list[tuple[int, int]]) -> list[Span]:
+        """Attention spans of block `block`: by default one per image."""
+        starts = np.cumsum([0] + [gh * gw for gh, gw in grids]).tolist()
+        return [(s, 1, gh * gw) for s, (gh, gw) in zip(starts, grids)]
+
+    def group_order(self, grids: list[tuple[int, int]]) -> np.ndarray | None:
+        """A permutation of the 2x2 merge groups that the blocks run in (None: as given)."""
+        return None
+
+    # ---- the shared forward -----------------------------------------------------------------
     def _rotary(self, grid_h: int, grid_w: int) -> tuple[mx.array, mx.array]:
         """cos, sin [grid_h*grid_w, head_dim/2] for one image, in the merge-group patch order (the
         reference's tables repeat these twice along the last axis)."""
@@ -114,32 +147,41 @@ class FastQwen2Vision:
         tables = [self._rotary(gh, gw) for gh, gw in grids]
         cos = mx.concatenate([t[0] for t in tables]) if len(tables) > 1 else tables[0][0]
         sin = mx.concatenate([t[1] for t in tables]) if len(tables) > 1 else tables[0][1]
-        if self.rotary is None:
-            cos, sin = (mx.concatenate([t, t], axis=-1) for t in (cos, sin))
-        bounds = np.cumsum([0] + [gh * gw for gh, gw in grids]).tolist()
-        done = 0
-        for ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b in self.blocks:
+        order = self.group_order(grids)
+        if order is not None:
+            unit = MERGE * MERGE
+            idx = mx.array(order)
+            x, cos, sin = (t.reshape(-1, unit, t.shape[-1])[idx].reshape(-1, t.shape[-1]) for t in (x, cos, sin))
+        n = x.shape[0]
+        for i in range(len(self.blocks)):
+            qkv = self.qkv(x, i)
             if self.rotary is not None:
-                qkv = _qkv(x, ln1_w, ln1_b, qkv_w, qkv_b)
                 qk = self.rotary(qkv, cos, sin)                                     # [N, 2, H, D]
-                q, k, v = qk[:, 0], qk[:, 1], qkv.reshape(qk.shape[0], 3, self.heads, -1)[:, 2]
+                q, k = qk[:, 0], qk[:, 1]
             else:
-                q, k, v = _pre_attention(x, cos, sin, ln1_w, ln1_b, qkv_w, qkv_b)     # [N, H, D] each
-            outs = []
-            for s, e in zip(bounds[:-1], bounds[1:]):       # attention never crosses images
-                # token-major views: cuDNN reads them in place and writes o in the same order
-                qs, ks, vs = (t[s:e].transpose(1, 0, 2)[None] for t in (q, k, v))
-                if self.pad_head_dim > qs.shape[-1]:   # zeros change no dot product; sliced off after
-                    width = [(0, 0)] * 3 + [(0, self.pad_head_dim - qs.shape[-1])]
-                    hd = qs.shape[-1]
-                    qs, ks, vs = (mx.pad(t, width) for t in (qs, ks, vs))
-                    outs.append(mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale)[0][..., :hd])
-                    continue
-                outs.append(mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=self.scale)[0])
-            o = mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]   # [H, N, hd]
-            o = o.transpose(1, 0, 2).reshape(x.shape[0], -1)
-            x = _post_attention(x, o, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b)
-            done += 1
-            if self.eval_every and done % self.eval_every == 0:
+                q, k = _rotate_qk(qkv.reshape(n, 3, self.heads, self.head_dim), cos, sin)
+            v = qkv.reshape(n, 3, self.heads, self.head_dim)[:, 2]
+            x = self.post_attention(x, attend(q, k, v, self.spans(i, grids), self.scale), i)
+            if self.eval_every and (i + 1) % self.eval_every == 0:
                 mx.eval(x)
-        return self.tower.merger(x)
+        out = self.tower.merger(x)
+        if order is not None:
+            out = out[mx.array(np.argsort(order))]
+        return out
+
+
+class FastQwen2Vision(FastVision):
+    """Qwen2-VL's ViT: LayerNorm, quick-GELU MLP, full attention within each image."""
+
+    def __init__(self, tower, eval_every: int = 4):
+        super().__init__(tower, eval_every)
+        self.blocks = [((b.norm1.weight, b.norm1.bias, b.attn.qkv.weight, b.attn.qkv.bias),
+                        (b.attn.proj.weight, b.attn.proj.bias, b.norm2.weight, b.norm2.bias,
+                         b.mlp.fc1.weight, b.mlp.fc1.bias, b.mlp.fc2.weight, b.mlp.fc2.bias))
+                       for b in tower.blocks]
+
+    def qkv(self, x, block):
+        return _qkv(x, *self.blocks[block][0])
+
+    def post_attention(self, x, o, block):
+        return _post_attention(x, o, *self.blocks[block][1])

@@ -1,0 +1,101 @@
+"""Qwen2.5-VL vision tower, our forward over mlx-vlm's parameters: same math, batched windows.
+
+Qwen2.5-VL's ViT attends within 112x112-pixel windows (8x8 patches) in all blocks but a few
+(`fullatt_block_indexes`), over tokens reordered window by window. mlx-vlm runs one attention call
+per window after a `cu_seqlens.tolist()` device sync in every block: ~180 windows per 1080p image
+times 28 windowed blocks. Here the windows are ordered by size (full 64-patch windows first, then
+the clipped ones at the right and bottom edges), so each block needs one batched attention call
+per window size (at most four per image) and no sync. Attention within a window does not depend
+on where the window sits in the sequence, and full attention does not depend on token order, so
+this ordering computes the reference's function; the merger output is put back in image order.
+RMSNorm and the SwiGLU MLP are compiled around the attention, as for Qwen2-VL.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from workers.images import MERGE, PATCH
+from workers.mlx.vision import FastVision, Span
+
+
+@mx.compile
+def _qkv_rms(x, norm_w, qkv_w, qkv_b):
+    """RMSNorm and qkv projection -> [N, 3*C]."""
+    return mx.addmm(qkv_b, mx.fast.rms_norm(x, norm_w, 1e-6), qkv_w.T)
+
+
+@mx.compile
+def _post_attention_swiglu(x, o, proj_w, proj_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down_b):
+    """Output projection + residual, RMSNorm, SwiGLU MLP + residual."""
+    x = x + mx.addmm(proj_b, o, proj_w.T)
+    y = mx.fast.rms_norm(x, norm_w, 1e-6)
+    g = mx.addmm(gate_b, y, gate_w.T)
+    h = g * mx.sigmoid(g) * mx.addmm(up_b, y, up_w.T)
+    return x + mx.addmm(down_b, h, down_w.T)
+
+
+def window_layout(grid_h: int, grid_w: int, window: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """For one image of grid_h x grid_w patches and windows of `window` x `window` merge groups:
+    (merge-group order, windows largest first; [(groups per window, number of windows)] in that
+    order). Windows tile the group grid from the top left; within a window, groups are row-major,
+    as in transformers' `get_window_index`."""
+    lh, lw = grid_h // MERGE, grid_w // MERGE
+    groups = np.arange(lh * lw).reshape(lh, lw)
+    windows = [groups[r:r + window, c:c + window].reshape(-1)
+               for r in range(0, lh, window) for c in range(0, lw, window)]
+    windows.sort(key=len, reverse=True)                     # stable: same-size windows keep their order
+    runs: list[tuple[int, int]] = []
+    for w in windows:
+        if runs and runs[-1][0] == len(w):
+            runs[-1] = (len(w), runs[-1][1] + 1)
+        else:
+            runs.append((len(w), 1))
+    return np.concatenate(windows), runs
+
+
+class FastQwen25Vision(FastVision):
+    """Qwen2.5-VL's ViT: RMSNorm, SwiGLU MLP, window attention except in the full-attention blocks."""
+
+    def __init__(self, tower, eval_every: int = 4):
+        super().__init__(tower, eval_every)
+        self.window = tower.window_size // MERGE // PATCH            # merge groups per window side
+        self.full_blocks = set(tower.fullatt_block_indexes)
+        self.blocks = [((b.norm1.weight, b.attn.qkv.weight, b.attn.qkv.bias),
+                        (b.attn.proj.weight, b.attn.proj.bias, b.norm2.weight,
+                         b.mlp.gate_proj.weight, b.mlp.gate_proj.bias, b.mlp.up_proj.weight,
+                         b.mlp.up_proj.bias, b.mlp.down_proj.weight, b.mlp.down_proj.bias))
+                       for b in tower.blocks]
+        self._layouts: dict[tuple[int, int], tuple[np.ndarray, list[tuple[int, int]]]] = {}
+
+    def qkv(self, x, block):
+        return _qkv_rms(x, *self.blocks[block][0])
+
+    def post_attention(self, x, o, block):
+        return _post_attention_swiglu(x, o, *self.blocks[block][1])
+
+    def _layout(self, grid: tuple[int, int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        if grid not in self._layouts:
+            if len(self._layouts) > 64:
+                self._layouts.clear()
+            self._layouts[grid] = window_layout(grid[0], grid[1], self.window)
+        return self._layouts[grid]
+
+    def group_order(self, grids):
+        orders, base = [], 0
+        for gh, gw in grids:
+            order, _ = self._layout((gh, gw))
+            orders.append(order + base)
+            base += (gh // MERGE) * (gw // MERGE)
+        return np.concatenate(orders)
+
+    def spans(self, block, grids) -> list[Span]:
+        if block in self.full_blocks:
+            return super().spans(block, grids)
+        unit = MERGE * MERGE
+        out, start = [], 0
+        for gh, gw in grids:
+            for groups, count in self._layout((gh, gw))[1]:
+                out.append((start, count, groups * unit))
+                start += count * groups * unit
+        return out
