@@ -2,6 +2,7 @@
 
     python -m bench.e2e --model-path PATH [--sizes 1280x720,1920x1080] [--concurrency 1,8]
                         [--requests 20] [--engine mlx|fake] [--dtype bfloat16] [--max-batch 8]
+                        [--torch-baseline prefill_floor.py|bench/torch_forward.py [--shape 7b]]
 
 For each screenshot size and client count it reports p50/p95 end-to-end latency, throughput, the
 worker's own forward time (from the response's timings), serving overhead (end-to-end minus the
@@ -107,9 +108,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--ready-timeout", type=float, default=600)
+    ap.add_argument("--torch-baseline", default=None, metavar="SCRIPT",
+                    help="prefill_floor.py or bench/torch_forward.py: PyTorch's forward per size, run "
+                         "before the stack starts, for the issue's ratios")
+    ap.add_argument("--shape", default="2b", help="the baseline's model shape (bench/torch_forward.py)")
     args = ap.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
+    torch_ms: dict[tuple[int, int], float] = {}
+    if args.torch_baseline:
+        from bench.gpu_ground import torch_baseline
+        for w, h in sizes:
+            out = torch_baseline(args.torch_baseline, w, h, 10, args.shape)
+            try:
+                torch_ms[(w, h)] = float(out)
+            except ValueError:
+                print(f"PyTorch baseline at {w}x{h}: {out}", flush=True)
     model = {"path": args.model_path, "engine": args.engine, "dtype": args.dtype, "preload": True,
              "max_batch": args.max_batch, "max_pixels": args.max_pixels}
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,17 +136,23 @@ def main(argv: list[str] | None = None) -> None:
             status = {m["id"]: m for m in stack.models()}["bench"]
             print(f"stack ready in {ready_s:.1f} s; model load {status.get('load_seconds')} s; "
                   f"weights {status['memory'].get('weights_bytes', 0) / 1e9:.2f} GB", flush=True)
-            print("| size | clients | requests | p50 ms | p95 ms | req/s | worker forward p50 ms | overhead p50 ms | "
-                  "of which preprocess p50 ms | of which queue p50 ms |")
-            print("|---|---|---|---|---|---|---|---|---|---|")
+            print("| size | clients | requests | p50 ms | p95 ms | req/s | req/s vs 1 client | worker forward p50 ms | "
+                  "overhead p50 ms | of which preprocess p50 ms | of which queue p50 ms | PyTorch forward ms | "
+                  "p50 / PyTorch forward |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             for w, h in sizes:
                 bodies = [request_body("bench", png_bytes(w, h, seed), f"click Button {seed}") for seed in range(4)]
+                single_rps = None
                 for c in levels:
                     total = max(args.requests, 2 * c)
                     r = run_level(stack.config["server"]["port"], bodies, c, total)
+                    single_rps = r["rps"] if c == 1 else single_rps
+                    vs_single = f"{r['rps'] / single_rps:.2f}x" if single_rps and c > 1 else "-"
+                    base = torch_ms.get((w, h))
+                    base_col = f"{base:.1f} | {r['p50'] * 1e3 / base:.2f}x" if base else "- | -"
                     print(f"| {w}x{h} | {c} | {total} | {r['p50']*1e3:.1f} | {r['p95']*1e3:.1f} | {r['rps']:.2f} | "
-                          f"{r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} | "
-                          f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} |", flush=True)
+                          f"{vs_single} | {r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} | "
+                          f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} | {base_col} |", flush=True)
             status = {m["id"]: m for m in stack.models()}["bench"]
             print(f"peak device memory {status['memory'].get('peak_bytes', 0) / 1e9:.2f} GB", flush=True)
 
