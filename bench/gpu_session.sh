@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU measurements, logs under $OUT (see ../shared/gpu/README.md):
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
-# Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep q25 e2e3b25 cmp2b
+# Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep q25 e2e3b25 cmp2b first
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -17,7 +17,8 @@ for s in $steps; do case $s in
   2b)    [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          run ground2b 300 python3 -m bench.gpu_ground --checkpoint /tmp/ga2b --torch-baseline .gpu/b/prefill_floor.py \
              --sizes 1280x720,1920x1080 --batches 1,8 --quantize '' ;;
-  e2e2b) run e2e2b 400 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080,1280x720 \
+  e2e2b) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
+         run e2e2b 400 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080,1280x720 \
              --concurrency 1,8 --requests 32 --torch-baseline .gpu/b/prefill_floor.py ;;
   7b)    [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b
          run ground7b 300 python3 -m bench.gpu_ground --shape 7b --checkpoint /tmp/ga7b --torch-baseline bench/torch_forward.py \
@@ -29,6 +30,9 @@ for s in $steps; do case $s in
   e2e3b25) run e2e3b25 400 python3 -m bench.e2e --model-path /tmp/ga3b25 --dtype bfloat16 --sizes 1920x1080,1280x720 \
              --concurrency 1,8 --requests 24 --torch-baseline bench/torch_forward.py --shape 3b-qwen2.5 ;;
   cmp2b) run cmp2b 300 python3 -m bench.vision_compare /tmp/ga2b ;;
-  e2e7b) run e2e7b 400 python3 -m bench.e2e --model-path /tmp/ga7b --dtype bfloat16 --sizes 1920x1080 \
+  first) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
+         run first 300 python3 -m bench.first_request /tmp/ga2b ;;
+  e2e7b) [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b
+         run e2e7b 400 python3 -m bench.e2e --model-path /tmp/ga7b --dtype bfloat16 --sizes 1920x1080 \
              --concurrency 1,8 --requests 24 --torch-baseline bench/torch_forward.py --shape 7b ;;
 esac; done
