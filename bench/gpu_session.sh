@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU measurements, logs under $OUT (see ../shared/gpu/README.md):
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
-# Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep q25 e2e3b25 cmp2b first
+# Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep q25 e2e3b25 cmp2b first coldfirst e2e2b1080
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -32,6 +32,11 @@ for s in $steps; do case $s in
   cmp2b) run cmp2b 300 python3 -m bench.vision_compare /tmp/ga2b ;;
   first) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          run first 300 python3 -m bench.first_request /tmp/ga2b ;;
+  coldfirst) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b   # empty kernel cache
+         run coldfirst 300 env MLX_PTX_CACHE_DIR=/tmp/cold-kernels-$RANDOM python3 -m bench.first_request /tmp/ga2b ;;
+  e2e2b1080) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
+         run e2e2b1080 400 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1,8 --requests 32 ;;
   e2e7b) [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b
          run e2e7b 400 python3 -m bench.e2e --model-path /tmp/ga7b --dtype bfloat16 --sizes 1920x1080 \
              --concurrency 1,8 --requests 24 --torch-baseline bench/torch_forward.py --shape 7b ;;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import types
 import typing
@@ -140,6 +141,9 @@ class ModelSpec:
     max_batch: int = 4                        # jobs batched into one forward pass
     prep_threads: int | None = None           # image decode/resize threads; None: half the cores, <= 4
     system_prompt: str | None = None          # None: the authors' prompt for the backbone
+    # screen sizes ("1920x1080") run once at load, so the first request pays no kernel compiling;
+    # None: 1920x1080 on a GPU, none on the CPU; [] : none
+    warmup: list | None = None
     fake: dict = field(default_factory=dict)  # fake engine knobs (load_s, latency_ms, weights_bytes, ...)
 
     def validate(self, key: str) -> None:
@@ -155,6 +159,24 @@ class ModelSpec:
         _check(1 <= self.max_batch <= 64, f"{key}.max_batch", "must be within 1..64")
         _check(self.prep_threads is None or 1 <= self.prep_threads <= 64, f"{key}.prep_threads",
                "must be null or within 1..64")
+        _check(self.warmup is None or all(isinstance(v, str) and WARMUP_SIZE.fullmatch(v)
+                                          and 28 <= min(warmup_size(v)) and max(warmup_size(v)) <= 8192
+                                          for v in self.warmup),
+               f"{key}.warmup", "must be null or a list of sizes like '1920x1080' (28..8192 each way)")
+
+    def warmup_sizes(self, on_gpu: bool) -> list[tuple[int, int]]:
+        """(width, height) of the screens to run at load."""
+        if self.warmup is None:
+            return [(1920, 1080)] if on_gpu else []
+        return [warmup_size(v) for v in self.warmup]
+
+
+WARMUP_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+
+
+def warmup_size(text: str) -> tuple[int, int]:
+    w, h = WARMUP_SIZE.fullmatch(text).groups()
+    return int(w), int(h)
 
 
 @dataclass(frozen=True)
@@ -176,7 +198,7 @@ class AppConfig:
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     models: dict = field(default_factory=dict)          # model id -> ModelSpec
     profiles: dict = field(default_factory=lambda: dict(DEFAULT_PROFILES))  # name -> Profile
-    cache_dir: str = "~/.cache/gui-grounding"           # generated tiny checkpoints
+    cache_dir: str = "~/.cache/gui-grounding"           # generated tiny checkpoints, MLX GPU kernels
     log_level: str = "info"
 
     @property

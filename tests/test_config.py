@@ -49,6 +49,9 @@ def test_environment_variable_names_the_file(tmp_path):
     ({"models": {"a": {"path": "x", "max_pixels": 100}}}, "models.a.max_pixels"),
     ({"models": {"a": {"path": "x", "dtype": "int3"}}}, "models.a.dtype"),
     ({"models": {"a": {"path": "x", "preload": "yes"}}}, "models.a.preload"),
+    ({"models": {"a": {"path": "x", "warmup": ["1920 by 1080"]}}}, "models.a.warmup"),
+    ({"models": {"a": {"path": "x", "warmup": ["10x10"]}}}, "models.a.warmup"),
+    ({"models": {"a": {"path": "x", "warmup": "1920x1080"}}}, "models.a.warmup"),
     ({"broker": {"memory_budget": -1}}, "broker.memory_budget"),
     ({"broker": {"client_endpoint": "localhost:5"}}, "broker.client_endpoint"),
     ({"server": {"default_model": "nope"}}, "server.default_model"),
@@ -60,6 +63,15 @@ def test_bad_values_name_the_key(raw, key):
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
     assert key in str(err.value)
+
+
+def test_warmup_sizes_default_to_a_1080p_screen_on_a_gpu_only():
+    spec = parse_config({"models": {"a": {"path": "x"}, "b": {"path": "y", "warmup": ["1280x720", "3840x2160"]},
+                                    "c": {"path": "z", "warmup": []}},
+                         "server": {"default_model": "a"}}).models
+    assert spec["a"].warmup_sizes(on_gpu=True) == [(1920, 1080)] and spec["a"].warmup_sizes(on_gpu=False) == []
+    assert spec["b"].warmup_sizes(on_gpu=False) == [(1280, 720), (3840, 2160)]
+    assert spec["c"].warmup_sizes(on_gpu=True) == []
 
 
 def test_memory_budget_forms():

@@ -1,4 +1,5 @@
-"""With the resize left to the device, the engine's answer is the one it gives resizing on the CPU.
+"""With the resize left to the device, the engine's answer is the one it gives resizing on the CPU;
+and the warm-up at load.
 
 The engine turns device resizing on only on a GPU; here, on MLX's CPU backend, the test turns it
 on by hand to run the same code path against the tiny checkpoint.
@@ -29,3 +30,20 @@ def test_device_resize_gives_the_same_grounding(tmp_path):
     assert np.array_equal(np.array(eng._resized(dev.image)), cpu.image.rgb)
     (a,), (b,) = eng.run([cpu]), eng.run([dev])
     assert a.points == b.points and a.resized_size == b.resized_size
+
+
+def test_warm_up_runs_each_configured_size_at_load_and_learns_its_resize(tmp_path, caplog):
+    spec = ModelSpec(path="tiny:qwen2_vl", max_pixels=200_704, warmup=["700x500"])
+    with caplog.at_level("INFO", logger="workers.mlx.engine"):
+        MlxEngine(spec, EngineOptions("t", str(tmp_path), 1 << 30)).load()
+    assert any("warm-up at 700x500 took" in r.getMessage() for r in caplog.records)
+    assert parallel_resize.learned_order((700, 500), (504, 364)) in ("hv", "vh")
+
+
+def test_a_warm_up_that_cannot_run_does_not_fail_the_load(tmp_path, caplog):
+    spec = ModelSpec(path="tiny:qwen2_vl", max_pixels=200_704, max_context_length=64, warmup=["700x500"])
+    with caplog.at_level("INFO", logger="workers.mlx.engine"):
+        eng = MlxEngine(spec, EngineOptions("t", str(tmp_path), 1 << 30))
+        eng.load()
+    assert any("warm-up at 700x500 skipped" in r.getMessage() for r in caplog.records)
+    assert eng.memory().weights > 0

@@ -1,6 +1,7 @@
 """The worker process (`python -m workers`) against a raw ROUTER speaking common.wire."""
 from __future__ import annotations
 
+import os
 import signal
 import struct
 import time
@@ -300,3 +301,14 @@ def _models_msgs(broker, n):
         if not isinstance(msg, p.Memory):
             out.append(msg)
     return out
+
+
+def test_mlx_kernel_cache_goes_to_our_cache_folder_unless_chosen(tmp_path, monkeypatch):
+    from workers.__main__ import keep_kernel_cache
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    keep_kernel_cache(str(tmp_path))
+    chosen = os.environ["MLX_PTX_CACHE_DIR"]
+    assert chosen.startswith(str(tmp_path / "mlx-kernels")) and not chosen.startswith("/tmp/mlx")
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", "/elsewhere")
+    keep_kernel_cache(str(tmp_path))
+    assert os.environ["MLX_PTX_CACHE_DIR"] == "/elsewhere"

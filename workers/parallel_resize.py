@@ -68,6 +68,12 @@ def pass_order(src: tuple[int, int], dst: tuple[int, int]) -> str | None:
     return None
 
 
+def learn_now(src: tuple[int, int], dst: tuple[int, int]) -> str | None:
+    """Measure the pass order for this size pair on the calling thread (model warm-up)."""
+    _learn_order((tuple(src), tuple(dst)))
+    return order_for(src, dst)
+
+
 def _learn_order(key: tuple[tuple[int, int], tuple[int, int]]) -> None:
     try:
         order = pass_order(*key)

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -14,17 +15,19 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from PIL import Image
 
 from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest, GroundingResult, JobError, LoadReport, MemoryReport
 from workers.families import family_for
-from workers.images import PreparedImage, decode_image, preprocess
+from workers.images import PreparedImage, decode_image, plan_resize, preprocess
 from workers.mlx.backbone import load_backbone, pointer_states_batch, resolve_dtype
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
 from workers.mlx.head import head_from_tensors
 from workers.mlx import resize
 from workers.mlx.vision import FastQwen2Vision, FastVision, normalized_patches
 from workers.mlx.vision_qwen2_5 import FastQwen25Vision
+from workers.parallel_resize import learn_now
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +114,32 @@ class MlxEngine:
         self.dtype, self.path = dtype, path
         self._weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters())) + \
             sum(v.nbytes for _, v in tree_flatten(head.parameters()))
+        self._warm_up()
         seconds = time.perf_counter() - t0
         log.info("loaded %s (%s, %s, %.1f MB) in %.2fs", path, ckpt.model_type, dtype,
                  self._weights_bytes / 1e6, seconds)
         return LoadReport(weights_bytes=self._weights_bytes, load_seconds=seconds)
+
+    def _warm_up(self) -> None:
+        """One request per configured screen size before the model reports loaded: the first
+        forward in a process JIT-compiles MLX's CUDA kernels and builds cuDNN attention plans
+        (36 s for a 1080p screenshot on an H100 whose kernel cache was empty, ~0.2-1 s per new
+        size after that; bench/RESULTS.md), which a user's first request would otherwise wait for."""
+        for w, h in self.spec.warmup_sizes(on_gpu=mx.default_device() == mx.gpu):
+            t = time.perf_counter()
+            img = Image.fromarray(np.broadcast_to(np.linspace(0, 255, w, dtype=np.uint8)[None, :, None], (h, w, 3)).copy())
+            buf = io.BytesIO()
+            img.save(buf, "PNG", compress_level=1)
+            capped, _, target = plan_resize(img, self.spec.min_pixels, self.spec.max_pixels)
+            learn_now(capped.size, target)                  # so the device resize is warmed too
+            try:
+                (out,) = self.run([self.prepare(GroundingRequest("warmup", buf.getvalue(), "click the button"))])
+            except JobError as exc:
+                out = exc
+            if isinstance(out, JobError):     # e.g. a max_context_length below this screen's tokens
+                log.warning("warm-up at %dx%d skipped: %s", w, h, out.message)
+                continue
+            log.info("warm-up at %dx%d took %.2fs", w, h, time.perf_counter() - t)
 
     def unload(self) -> None:
         self._model = self._head = self._tok = self._vision = None
