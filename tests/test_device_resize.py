@@ -44,3 +44,7 @@ def test_matches_pil_on_a_screenshot_and_random_sizes():
 def test_the_exactness_bound_refuses_huge_downscales():
     assert resize.supported((3200, 1800), (1932, 1092))
     assert not resize.supported((40000, 100), (100, 100))
+
+
+def test_the_load_time_check_passes_where_matmuls_are_exact():
+    assert resize.matches_pil_here()

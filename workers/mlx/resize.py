@@ -94,3 +94,17 @@ def resize_bicubic(rgb: mx.array, width: int, height: int, order: str) -> mx.arr
             y = _pass(x.transpose(0, 2, 1).reshape(cc * cols, rows), height)
             x = y.reshape(cc, cols, height).transpose(0, 2, 1)
     return x.transpose(1, 2, 0).astype(mx.uint8)
+
+
+def matches_pil_here() -> bool:
+    """Does this device's float32 matmul give PIL's bytes? (Exact on CUDA, with or without TF32,
+    and on the CPU; checked at model load on any other backend too, on noise, both pass orders.)"""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for (w, h), (dw, dh) in (((97, 61), (112, 56)), ((61, 97), (40, 150)), ((300, 200), (140, 90))):
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        want = np.asarray(Image.fromarray(rgb).resize((dw, dh), Image.Resampling.BICUBIC))
+        if not any(np.array_equal(np.array(resize_bicubic(mx.array(rgb), dw, dh, order)), want)
+                   for order in ("hv", "vh")):
+            return False
+    return True
