@@ -2,8 +2,8 @@
 
     python -m bench.lm_ops [--shape 2b|7b] [--tokens 2944] [--reps N]
 
-Times mlx-vlm's whole text model to the final norm over one GUI-Actor prompt (M-RoPE positions of
-a 1080p screenshot), then one decoder layer's ops, each repeated once per layer in one graph, with
+Times mlx-vlm's whole text model and ours (workers/mlx/language.py) to the final norm over one
+GUI-Actor prompt (M-RoPE positions of a 1080p screenshot), then one decoder layer's ops, each repeated once per layer in one graph, with
 TFLOP/s, and two fusions: q/k/v and gate/up as single matmuls.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from mlx_vlm.models.qwen2_vl.config import ModelConfig, TextConfig
 
 from bench.timing import median_ms
 from workers.families.gui_actor import mrope_positions
+from workers.mlx.language import FastLanguageModel
 
 SHAPES = {"2b": dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
                      num_key_value_heads=2),
@@ -73,8 +74,13 @@ def main() -> None:
         ("whole decoder layer (mlx-vlm)", lambda: layer(h, "causal", None, pos, (cos, sin)), 0),
     ]
     full = median_ms(lambda: lm.model(dummy, inputs_embeds=h, position_ids=pos), a.reps)
-    print(f"device {mx.default_device()}  {a.shape}: {n} tokens, {depth} layers; mlx-vlm text model to the "
-          f"final norm: {full:.2f} ms\n\n| op (x{depth}) | ms | TFLOP/s |\n|---|---|---|")
+    fast = FastLanguageModel(lm.model)
+    ours = median_ms(lambda: fast.pointer_states(h, pos, [n - 1]), a.reps)
+    diff = mx.abs(fast.pointer_states(h, pos, [n - 1]).astype(mx.float32)
+                  - lm.model(dummy, inputs_embeds=h, position_ids=pos)[:, n - 1].astype(mx.float32)).max().item()
+    print(f"device {mx.default_device()}  {a.shape}: {n} tokens, {depth} layers; to the final norm: mlx-vlm "
+          f"{full:.2f} ms, ours (workers/mlx/language.py, pointer row) {ours:.2f} ms; max |diff| {diff:.3g}"
+          f"\n\n| op (x{depth}) | ms | TFLOP/s |\n|---|---|---|")
     for name, fn, flop in cases:
         ms = median_ms(lambda: [fn() for _ in range(depth)], a.reps)
         print(f"| {name} | {ms:.2f} | {f'{depth * flop / ms / 1e9:.0f}' if flop else '-'} |", flush=True)

@@ -24,6 +24,7 @@ from workers.images import PreparedImage, decode_image, plan_resize, preprocess
 from workers.mlx.backbone import load_backbone, pointer_states_batch, resolve_dtype
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
 from workers.mlx.head import head_from_tensors
+from workers.mlx.language import FastLanguageModel
 from workers.mlx import resize
 from workers.mlx.vision import FastQwen2Vision, FastVision, normalized_patches
 from workers.mlx.vision_qwen2_5 import FastQwen25Vision
@@ -45,6 +46,22 @@ class PreparedJob:
     topk: int
     return_attention: bool
     preprocess_ms: float
+
+
+def fast_language_model(text_model) -> FastLanguageModel | None:
+    """Our language-model forward if it supports these weights and agrees with mlx-vlm's on a
+    probe; otherwise None, and mlx-vlm's forward runs (logged)."""
+    if not FastLanguageModel.supports(text_model):
+        return None
+    try:
+        fast = FastLanguageModel(text_model)
+        if fast.agrees_with(text_model):
+            return fast
+        log.warning("our language-model forward disagrees with mlx-vlm's on the load probe; using mlx-vlm's")
+    except Exception as exc:
+        log.warning("our language-model forward failed on the load probe (%s: %s); using mlx-vlm's",
+                    type(exc).__name__, exc)
+    return None
 
 
 def _device_memory() -> int:
@@ -73,6 +90,7 @@ class MlxEngine:
         self._weights_bytes = 0
         self._vision: FastVision | None = None   # our vision forward (both backbones)
         self._device_resize = False
+        self._lm: FastLanguageModel | None = None     # our language-model forward; None: mlx-vlm's
         self.dtype = None
         self.path = None
 
@@ -107,6 +125,7 @@ class MlxEngine:
         mx.eval(head.parameters())
         self._model, self._head, self._tok, self._family, self._ids = model, head, tok, family, ids
         self._vision = (FastQwen2Vision if ckpt.model_type == "qwen2_vl" else FastQwen25Vision)(model.vision_tower)
+        self._lm = fast_language_model(model.language_model.model)
         # resize on a GPU: exact there, ~1 ms instead of ~14 ms of host CPU per 1080p screenshot
         self._device_resize = mx.default_device() == mx.gpu and resize.matches_pil_here()
         if mx.default_device() == mx.gpu and not self._device_resize:
@@ -144,7 +163,7 @@ class MlxEngine:
             log.info("warm-up at %dx%d took %.2fs", w, h, time.perf_counter() - t)
 
     def unload(self) -> None:
-        self._model = self._head = self._tok = self._vision = None
+        self._model = self._head = self._tok = self._vision = self._lm = None
         self._weights_bytes = 0
         mx.clear_cache()
 
@@ -205,7 +224,8 @@ class MlxEngine:
         cuts = np.cumsum([j.image.n_tokens for j in batch])[:-1].tolist()
         encs = mx.split(enc_all, cuts, axis=0) if cuts else [enc_all]
         dec = pointer_states_batch(self._model, [j.input_ids for j in batch], [j.image_start for j in batch],
-                                   encs, [j.position_ids for j in batch], [j.pointer_pos for j in batch])
+                                   encs, [j.position_ids for j in batch], [j.pointer_pos for j in batch],
+                                   fast_lm=self._lm)
         mx.eval(encs, dec)
         return encs, dec
 

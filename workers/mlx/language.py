@@ -1,0 +1,124 @@
+"""The language model's forward for GUI-Actor, over mlx-vlm's Qwen2 text-model parameters.
+
+Both backbones (Qwen2-VL, Qwen2.5-VL) use the same Qwen2 decoder with M-RoPE. GUI-Actor needs
+one thing from it: the final-norm hidden state at each prompt's <|pointer_pad|>. Why not mlx-vlm's
+own forward (bench/RESULTS.md, `bench.lm_ops`, H200, 2B shape, 2,944 tokens, 28 layers):
+- q, k and v are three matmuls (2.77 ms in all); one matmul over the concatenated weights takes
+  1.65 ms, and gate/up likewise 8.08 -> 7.47 ms;
+- the M-RoPE application runs as separate elementwise kernels (2.66 ms); compiled, it is one;
+- the last layer's output matters only at the pointer tokens, so its attention runs for those
+  queries alone and its MLP for those rows alone.
+Same arithmetic otherwise: cos/sin from mlx-vlm's own rotary module, RMSNorm, causal attention.
+Quantized language models (`quantize: 8|4`) keep mlx-vlm's forward: their linear layers are
+packed, and their cost is the dequantizing matmuls.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def _rotate_half(x: mx.array) -> mx.array:
+    x1, x2 = mx.split(x, 2, axis=-1)
+    return mx.concatenate([-x2, x1], axis=-1)
+
+
+@mx.compile
+def _qkv(x, norm_w, qkv_w, qkv_b, eps):
+    return mx.addmm(qkv_b, mx.fast.rms_norm(x, norm_w, eps), qkv_w.T)
+
+
+@mx.compile
+def _rope(q, k, cos, sin):
+    """q [B, H, L, D], k [B, KV, L, D], cos/sin [B, L, D] (mlx-vlm's, in the model dtype)."""
+    c, s = cos[:, None], sin[:, None]
+    return (q * c + _rotate_half(q) * s).astype(q.dtype), (k * c + _rotate_half(k) * s).astype(k.dtype)
+
+
+@mx.compile
+def _mlp_block(x, o, o_w, norm_w, gate_up_w, down_w, eps):
+    """Output projection + residual, RMSNorm, SwiGLU MLP + residual."""
+    h = x + o @ o_w.T
+    gate, up = mx.split(mx.fast.rms_norm(h, norm_w, eps) @ gate_up_w.T, 2, axis=-1)
+    return h + (nn.silu(gate) * up) @ down_w.T
+
+
+class FastLanguageModel:
+    """`pointer_states(h, position_ids, pointer_pos)` over mlx-vlm's `Qwen2Model` parameters."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        att0 = lm.layers[0].self_attn
+        self.heads, self.kv_heads, self.head_dim = att0.n_heads, att0.n_kv_heads, att0.head_dim
+        self.scale = att0.scale
+        self.eps = lm.layers[0].input_layernorm.eps
+        self.layers = []
+        for layer in lm.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv_w = mx.concatenate([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            qkv_b = mx.concatenate([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            gate_up_w = mx.concatenate([m.gate_proj.weight, m.up_proj.weight])
+            mx.eval(qkv_w, qkv_b, gate_up_w)
+            # The fused weights replace the separate ones, whose modules now hold views into them:
+            # one copy in memory, and mlx-vlm's forward (the load probe) still works.
+            cuts = [0, a.q_proj.weight.shape[0], a.q_proj.weight.shape[0] + a.k_proj.weight.shape[0], qkv_w.shape[0]]
+            for lin, s, e in zip((a.q_proj, a.k_proj, a.v_proj), cuts[:-1], cuts[1:]):
+                lin.weight, lin.bias = qkv_w[s:e], qkv_b[s:e]
+            inter = m.gate_proj.weight.shape[0]
+            m.gate_proj.weight, m.up_proj.weight = gate_up_w[:inter], gate_up_w[inter:]
+            mx.eval(a.parameters(), m.parameters())
+            self.layers.append(((layer.input_layernorm.weight, qkv_w, qkv_b),
+                                (a.o_proj.weight, layer.post_attention_layernorm.weight, gate_up_w, m.down_proj.weight)))
+        mx.clear_cache()
+
+    @staticmethod
+    def supports(lm) -> bool:
+        """False for quantized weights or a layout this forward does not know."""
+        try:
+            a, m = lm.layers[0].self_attn, lm.layers[0].mlp
+            linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+            return (all(type(l) is nn.Linear for l in linears) and "bias" in a.q_proj
+                    and "bias" not in a.o_proj and "bias" not in m.gate_proj)
+        except (AttributeError, IndexError):
+            return False
+
+    def agrees_with(self, lm) -> bool:
+        """A probe at load: two padded rows through this forward and mlx-vlm's. A wrong index, mask
+        or rotary is off by the size of the values; kernel choices and bf16 rounding are far below
+        the 10 % allowed here."""
+        c = lm.norm.weight.shape[0]
+        dtype = lm.norm.weight.dtype
+        h = (mx.random.normal((2, 70, c), key=mx.random.key(0)) * 0.5).astype(dtype)
+        pos = mx.broadcast_to(mx.arange(70)[None, None], (3, 2, 70)).astype(mx.int32)
+        ptr = [69, 40]
+        ours = self.pointer_states(h, pos, ptr).astype(mx.float32)
+        theirs = lm(mx.zeros((2, 70), dtype=mx.int32), inputs_embeds=h, position_ids=pos)
+        theirs = theirs[mx.arange(2), mx.array(ptr)].astype(mx.float32)
+        scale = max(mx.abs(theirs).max().item(), 1e-6)
+        return ours.shape == theirs.shape and mx.abs(ours - theirs).max().item() <= 0.1 * scale
+
+    def _attention_inputs(self, h, block, cos, sin):
+        b, length, _ = h.shape
+        qkv = _qkv(h, *block, self.eps)
+        q, k, v = mx.split(qkv, [self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim], axis=-1)
+        q, k, v = (t.reshape(b, length, -1, self.head_dim).transpose(0, 2, 1, 3) for t in (q, k, v))
+        q, k = _rope(q, k, cos, sin)
+        return q, k, v
+
+    def pointer_states(self, h: mx.array, position_ids: mx.array, pointer_pos: list[int]) -> mx.array:
+        """h [B, L, C] input embeddings (image vectors in place), position_ids [3, B, L] M-RoPE
+        positions, pointer_pos[b] the <|pointer_pad|> index of row b -> [B, C] after the final norm."""
+        b, length, _ = h.shape
+        cos, sin = self.lm.layers[0].self_attn.rotary_emb(h, position_ids)
+        for block, rest in self.layers[:-1]:
+            q, k, v = self._attention_inputs(h, block, cos, sin)
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
+            h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, length, -1), *rest, self.eps)
+        block, rest = self.layers[-1]
+        q, k, v = self._attention_inputs(h, block, cos, sin)
+        rows, ptr = mx.arange(b), mx.array(pointer_pos)
+        q_ptr = q[rows, :, ptr][:, :, None]                                   # [B, H, 1, D]
+        visible = (mx.arange(length)[None, :] <= ptr[:, None])[:, None, None]  # causal, at the pointer
+        o = mx.fast.scaled_dot_product_attention(q_ptr, k, v, scale=self.scale, mask=visible)
+        out = _mlp_block(h[rows, ptr][:, None], o.transpose(0, 2, 1, 3).reshape(b, 1, -1), *rest, self.eps)
+        return mx.fast.rms_norm(out[:, 0], self.lm.norm.weight, self.lm.norm.eps)
