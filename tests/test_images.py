@@ -134,3 +134,14 @@ def test_extreme_aspect_ratio_is_invalid():
     with pytest.raises(JobError) as e:
         images.preprocess(Image.new("RGB", (2010, 10)), 3136, 10**6)
     assert e.value.code == "invalid_image"
+
+
+def test_opaque_rgba_screenshots_skip_compositing_with_the_same_pixels():
+    rng = np.random.default_rng(9)
+    rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    opaque = Image.fromarray(np.dstack([rgb, np.full((40, 60), 255, np.uint8)]), "RGBA")
+    assert np.array_equal(np.asarray(images.to_rgb(opaque)), rgb)
+    alpha = np.full((40, 60), 255, np.uint8)
+    alpha[0, 0] = 0                                        # one transparent pixel: composited on white
+    out = np.asarray(images.to_rgb(Image.fromarray(np.dstack([rgb, alpha]), "RGBA")))
+    assert (out[0, 0] == 255).all() and np.array_equal(out[1:], rgb[1:])
