@@ -17,7 +17,7 @@ import zmq
 
 from common import wire
 from common.config import AppConfig
-from common.zmqutil import bind, close_quietly, make_socket
+from common.zmqutil import bind, close_quietly, drain, make_socket
 from broker import events as e
 from broker.core import Broker
 
@@ -82,11 +82,7 @@ class BrokerServer:
             timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000) + 1)
             for sock, _ in poller.poll(timeout_ms):
                 side, table = sides[sock]
-                for _ in range(RECV_BATCH):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for frames in drain(sock, RECV_BATCH):
                     self._feed(self._decode(side, table, frames))
             now = time.monotonic()
             if now >= next_tick:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket as _socket
-from typing import Any
+from typing import Any, Iterator
 
 import zmq
 
@@ -56,3 +56,16 @@ def close_quietly(*sockets: Any) -> None:
     for s in sockets:
         if s is not None and not s.closed:
             s.close(linger=0)
+
+
+def drain(sock: zmq.Socket, limit: int | None = None, copy: bool = False) -> Iterator[list]:
+    """The messages already waiting on `sock`, without blocking: at most `limit` of them (None:
+    all), so that one busy socket cannot starve the others polled with it."""
+    n = 0
+    while limit is None or n < limit:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            return
+        n += 1
+        yield frames

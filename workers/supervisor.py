@@ -30,7 +30,7 @@ from common import protocol as p
 from common import wire
 from common.config import AppConfig, add_config_argument, load_or_exit
 from common.logs import configure_logging
-from common.zmqutil import close_quietly, make_socket
+from common.zmqutil import close_quietly, drain, make_socket
 
 log = logging.getLogger("workers.supervisor")
 
@@ -217,11 +217,9 @@ class Supervisor:
                         wake_r.recv(256)
                     except BlockingIOError:
                         pass
-                while events.get(dealer):
-                    try:
-                        self._on_broker(dealer.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                if events.get(dealer):
+                    for frames in drain(dealer, copy=True):
+                        self._on_broker(frames)
                 if self._stop and stop_deadline is None:
                     log.info("stopping %d worker(s)", sum(c.state == "running" for c in self.children.values()))
                     self._signal_all(signal.SIGTERM)

@@ -27,7 +27,7 @@ import zmq
 
 from common import protocol as p
 from common import wire
-from common.zmqutil import close_quietly, make_socket
+from common.zmqutil import close_quietly, drain, make_socket
 from workers.compute import DONE_TAG, EXIT_TAG, Compute, Ticket
 from workers.engine import Engine
 
@@ -156,14 +156,10 @@ class Worker:
                 next_hb = time.monotonic()
                 continue
             if events.get(pull):
-                for _ in range(MAX_DRAIN):
-                    try:
-                        frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for frames in drain(pull, MAX_DRAIN):
                     self._on_internal(frames)
             if events.get(self._dealer):
-                for _ in range(MAX_DRAIN):
+                for _ in range(MAX_DRAIN):   # not drain(): _on_broker may replace self._dealer
                     try:
                         frames = self._dealer.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
@@ -237,11 +233,7 @@ class Worker:
         until compute is done with them, and the broker may send them again under the same id."""
         self.counters["reconnects"] += 1
         if flush is not None and self._inflight and flush.poll(int(FLUSH_S * 1000)):
-            for _ in range(MAX_DRAIN):
-                try:
-                    frames = flush.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
+            for frames in drain(flush, MAX_DRAIN):
                 self._on_internal(frames)
         self._orphan_inflight()
         poller.unregister(self._dealer)
