@@ -15,7 +15,8 @@ import mlx.core as mx
 
 from bench.timing import median_ms
 from workers.mlx import cuda_rotary
-from workers.mlx.vision import _post_attention, _qkv, _rotate_half, _rotate_qk
+from workers.mlx.cuda_rotary import rotate_half as _rotate_half, rotate_qk as _rotate_qk
+from workers.mlx.vision import _post_attention, _qkv
 
 DEPTH, C, HEADS, MLP = 32, 1280, 16, 5120
 

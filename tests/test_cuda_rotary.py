@@ -2,31 +2,29 @@
 
 The kernel itself runs only on MLX's CUDA backend (checked on the GPU machine by bench.vit_ops
 and, at every model load, by cuda_rotary.load's probe). Here, on the CPU: the probe's reference
-is what the MLX-ops vision path computes, in the kernel's output layout, and load() declines
-where there is no CUDA.
+(`rotate_qk`, also the vision path elsewhere than CUDA) is transformers' vision rotary, in the
+kernel's layouts, and load() declines where there is no CUDA.
 """
 import mlx.core as mx
 import numpy as np
 
 from workers.mlx import cuda_rotary
-from workers.mlx.vision import _qkv, _rotate_qk
 
 
-def test_reference_is_the_vision_paths_rotary_in_head_major_layout():
+def test_reference_is_transformers_vision_rotary_in_the_kernels_layout():
     n, heads, hd = 37, 4, 16
-    c = heads * hd
-    k = iter(mx.random.split(mx.random.key(3), 8))
-    x = mx.random.normal((n, c), key=next(k))
-    ln_w, ln_b = mx.random.normal((c,), key=next(k)), mx.random.normal((c,), key=next(k))
-    qkv_w, qkv_b = mx.random.normal((3 * c, c), key=next(k)) * 0.1, mx.random.normal((3 * c,), key=next(k))
-    ang = mx.random.uniform(0, 30, (n, hd // 2), key=next(k))
-    cos, sin = mx.cos(ang), mx.sin(ang)
-    qkv = _qkv(x, ln_w, ln_b, qkv_w, qkv_b)
-    q, kk = _rotate_qk(qkv.reshape(n, 3, heads, hd), cos, sin)
-    got = cuda_rotary.reference(qkv, cos, sin, heads)
+    rng = np.random.default_rng(3)
+    qkv = rng.normal(size=(n, 3 * heads * hd)).astype(np.float32)
+    ang = rng.uniform(0, 30, (n, hd // 2)).astype(np.float32)
+    cos, sin = np.cos(ang), np.sin(ang)
+    got = np.array(cuda_rotary.reference(mx.array(qkv), mx.array(cos), mx.array(sin), heads))
+    # transformers' apply_rotary_pos_emb_vision: t * cos + rotate_half(t) * sin, tables repeated twice
+    c, s = np.concatenate([cos, cos], -1)[:, None], np.concatenate([sin, sin], -1)[:, None]
+    x = qkv.reshape(n, 3, heads, hd).astype(np.float64)
+    half = lambda t: np.concatenate([-t[..., hd // 2:], t[..., :hd // 2]], -1)
+    want = np.stack([x[:, i] * c + half(x[:, i]) * s for i in (0, 1)], axis=1)
     assert got.shape == (n, 2, heads, hd)
-    for i, t in enumerate((q, kk)):
-        np.testing.assert_allclose(np.array(got[:, i]), np.array(t), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_load_declines_without_cuda():

@@ -58,19 +58,26 @@ class CudaRotary:
         return out
 
 
-def reference(qkv: mx.array, cos: mx.array, sin: mx.array, heads: int) -> mx.array:
-    """The MLX-ops arithmetic (as workers.mlx.vision runs it), in the kernel's output layout."""
-    n = qkv.shape[0]
-    hd = 2 * cos.shape[-1]
-    x = qkv.reshape(n, 3, heads, hd)
+def rotate_half(x: mx.array) -> mx.array:
+    x1, x2 = mx.split(x, 2, axis=-1)
+    return mx.concatenate([-x2, x1], axis=-1)
+
+
+@mx.compile
+def rotate_qk(qkv: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array]:
+    """The same rotary with MLX ops (elsewhere than CUDA, and the kernel's reference): qkv
+    [N, 3, H, D], cos/sin [N, D/2] -> q, k [N, H, D], in float32 as transformers does."""
     c = mx.concatenate([cos, cos], axis=-1)[:, None]
     s = mx.concatenate([sin, sin], axis=-1)[:, None]
+    qf, kf = qkv[:, 0].astype(mx.float32), qkv[:, 1].astype(mx.float32)
+    return ((qf * c + rotate_half(qf) * s).astype(qkv.dtype),
+            (kf * c + rotate_half(kf) * s).astype(qkv.dtype))
 
-    def rot(t):
-        tf = t.astype(mx.float32)
-        t1, t2 = mx.split(tf, 2, axis=-1)
-        return (tf * c + mx.concatenate([-t2, t1], axis=-1) * s).astype(t.dtype)
-    return mx.stack([rot(x[:, 0]), rot(x[:, 1])], axis=1)
+
+def reference(qkv: mx.array, cos: mx.array, sin: mx.array, heads: int) -> mx.array:
+    """`rotate_qk` in the kernel's input and output layouts: [N, 3*H*D] -> [N, 2, H, D]."""
+    n = qkv.shape[0]
+    return mx.stack(rotate_qk(qkv.reshape(n, 3, heads, 2 * cos.shape[-1]), cos, sin), axis=1)
 
 
 def load(heads: int, head_dim: int, dtype: mx.Dtype) -> CudaRotary | None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from workers.images import CLIP_MEAN, CLIP_STD, MERGE, PATCH
 from workers.mlx import cuda_rotary
+from workers.mlx.cuda_rotary import rotate_qk
 
 # Exactly transformers' normalisation per channel and byte value: x/255 in float64 -> float32,
 # minus mean, over std in float32 (workers.images.normalize), tabulated once.
@@ -40,22 +41,6 @@ def normalized_patches(rgb: mx.array, dtype: mx.Dtype) -> mx.array:
     x = x.reshape(gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH, 3)
     x = x.transpose(0, 3, 1, 4, 2, 5, 6)                            # (gh/2, gw/2, 2, 2, 14, 14, 3)
     return x.reshape(gh * gw, PATCH * PATCH * 3).astype(dtype)
-
-
-def _rotate_half(x: mx.array) -> mx.array:
-    x1, x2 = mx.split(x, 2, axis=-1)
-    return mx.concatenate([-x2, x1], axis=-1)
-
-
-@mx.compile
-def _rotate_qk(qkv, cos, sin):
-    """qkv [N, 3, H, D], cos/sin [N, D/2] -> q, k [N, H, D] with the 2D rotary applied in float32,
-    as the reference (the MLX-ops path; cuda_rotary does the same in one kernel)."""
-    c = mx.concatenate([cos, cos], axis=-1)[:, None]
-    s = mx.concatenate([sin, sin], axis=-1)[:, None]
-    qf, kf = qkv[:, 0].astype(mx.float32), qkv[:, 1].astype(mx.float32)
-    return ((qf * c + _rotate_half(qf) * s).astype(qkv.dtype),
-            (kf * c + _rotate_half(kf) * s).astype(qkv.dtype))
 
 
 @mx.compile
@@ -159,7 +144,7 @@ class FastVision:
                 qk = self.rotary(qkv, cos, sin)                                     # [N, 2, H, D]
                 q, k = qk[:, 0], qk[:, 1]
             else:
-                q, k = _rotate_qk(qkv.reshape(n, 3, self.heads, self.head_dim), cos, sin)
+                q, k = rotate_qk(qkv.reshape(n, 3, self.heads, self.head_dim), cos, sin)
             v = qkv.reshape(n, 3, self.heads, self.head_dim)[:, 2]
             x = self.post_attention(x, attend(q, k, v, self.spans(i, grids), self.scale), i)
             if self.eval_every and (i + 1) % self.eval_every == 0:
