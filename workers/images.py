@@ -1,10 +1,10 @@
 """Image bytes -> model input, identical to transformers' Qwen2VLImageProcessor (PIL backend).
 
 Steps (docs/gui-actor.md section 6): decode with a pixel cap checked on the header before any
-pixel is decoded (a PNG's image data inflated by zlib-ng, workers/png.py); composite transparency
-onto white; down-only cap to 3200x1800 of area; `smart_resize` (factor 28); bicubic resize with
-PIL; rescale 1/255 and CLIP-normalise in float32; patchify to [grid_h * grid_w, 1176] with each 2x2
-merge group contiguous. NumPy + PIL only, no MLX: this runs on the preprocessing thread.
+pixel is decoded; composite transparency onto white; down-only cap to 3200x1800 of area;
+`smart_resize` (factor 28); bicubic resize with PIL; rescale 1/255 and CLIP-normalise in float32;
+patchify to [grid_h * grid_w, 1176] with each 2x2 merge group contiguous. NumPy + PIL only, no
+MLX: this runs on the preprocessing thread.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from PIL import Image
 
 from workers.engine import JobError
 from workers.parallel_resize import order_for, resize_bicubic
-from workers.png import with_stored_image_data
 
 SCREEN_CAP_AREA = 3200 * 1800        # demo's pre-resize cap (pixels of area), applied down-only
 PATCH = 14
@@ -60,8 +59,7 @@ def decode_image(data: bytes | memoryview, max_pixels: int) -> Image.Image:
     checked on the header, before decoding (decompression bombs). Raises JobError
     payload_too_large / invalid_image."""
     try:
-        data = bytes(data)
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        img = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
     except Image.DecompressionBombError:  # PIL's own hard cap (about 179M pixels), from the header
         raise JobError("payload_too_large", f"image exceeds {max_pixels} pixels") from None
     except Image.UnidentifiedImageError:
@@ -73,10 +71,6 @@ def decode_image(data: bytes | memoryview, max_pixels: int) -> Image.Image:
         raise JobError("invalid_image", f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise JobError("payload_too_large", f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
-    if img.format == "PNG":
-        stored = with_stored_image_data(data)
-        if stored is not None:
-            img = Image.open(io.BytesIO(stored), formats=("PNG",))
     try:
         img.load()
     except Exception as exc:
