@@ -30,3 +30,10 @@ def test_reference_is_transformers_vision_rotary_in_the_kernels_layout():
 def test_load_declines_without_cuda():
     if not mx.cuda.is_available():
         assert cuda_rotary.load(4, 16, mx.float32) is None
+
+
+def test_kernel_names_change_with_the_source():
+    # MLX caches compiled kernels on disk by name: an edited kernel must not run its old build
+    name = cuda_rotary.kernel_name("k", "out[0] = 1;")
+    assert name == cuda_rotary.kernel_name("k", "out[0] = 1;")
+    assert name != cuda_rotary.kernel_name("k", "out[0] = 2;") and name.startswith("k_")

@@ -15,6 +15,7 @@ the MLX-ops path.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import mlx.core as mx
@@ -46,8 +47,9 @@ class CudaRotary:
 
     def __init__(self, heads: int, head_dim: int):
         self.heads, self.half = heads, head_dim // 2
-        self.kernel = mx.fast.cuda_kernel(name="vit_qkv_rotary", input_names=["qkv", "cos", "sin"],
-                                          output_names=["out"], source=_SOURCE)
+        self.kernel = mx.fast.cuda_kernel(name=kernel_name("vit_qkv_rotary", _SOURCE),
+                                          input_names=["qkv", "cos", "sin"], output_names=["out"],
+                                          source=_SOURCE)
 
     def __call__(self, qkv: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         n = qkv.shape[0]
@@ -56,6 +58,14 @@ class CudaRotary:
                              grid=(n * 2 * self.heads * self.half, 1, 1), threadgroup=(256, 1, 1),
                              output_shapes=[(n, 2, self.heads, 2 * self.half)], output_dtypes=[qkv.dtype])
         return out
+
+
+def kernel_name(name: str, source: str) -> str:
+    """`name` tagged with a digest of the kernel's source. MLX's CUDA backend caches compiled
+    kernels on disk under their name and template arguments (`cu::get_jit_module` asks for the
+    source only on a miss), across processes and versions of this code: an edited kernel under an
+    unchanged name would run its old build."""
+    return f"{name}_{hashlib.sha256(source.encode()).hexdigest()[:12]}"
 
 
 def rotate_half(x: mx.array) -> mx.array:
