@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = MlxEngine(spec, EngineOptions("bench", tmp, 1 << 30))
         report = engine.load()
         print(f"load {report.load_seconds:.2f}s, weights {report.weights_bytes / 1e9:.2f} GB, "
-              f"dtype {engine.dtype}", flush=True)
+              f"dtype {engine.dtype}, language model: {'ours' if engine._lm else 'mlx-vlm'}", flush=True)
         rows = []
         for w, h in sizes:
             req = GroundingRequest(f"{w}x{h}", screenshot(w, h), "click the search button")
@@ -105,24 +105,17 @@ def main(argv: list[str] | None = None) -> int:
                 img = Image.open(io.BytesIO(req.image)).convert("RGB")
                 want = np.asarray(img.resize(job.image.resized, Image.Resampling.BICUBIC))
                 exact = "yes" if np.array_equal(np.array(engine._resized(job.image)), want) else "NO"
-            for _ in range(args.warmup):
-                engine.run([job])
-            mx.synchronize()
-            engine.reset_peak()
-            times, fwd, head = [], [], []
-            for _ in range(args.reps):
-                mx.synchronize()
-                t = time.perf_counter()
-                (res,) = engine.run([job])
-                mx.synchronize()
-                times.append(time.perf_counter() - t)
-                fwd.append(res.timings["forward"])
-                head.append(res.timings["head"])
+            times, fwd, head, res = timed_runs(engine, job, args.warmup, args.reps)
             peak = engine.memory().peak
+            vlm_fwd = "-"
+            if engine._lm is not None:       # the same with mlx-vlm's language-model forward
+                ours, engine._lm = engine._lm, None
+                vlm_fwd = f"{statistics.median(timed_runs(engine, job, args.warmup, args.reps)[1]):.1f}"
+                engine._lm = ours
             base = torch_baseline(args.torch_baseline, w, h, args.reps, args.shape) if args.torch_baseline else "-"
             rows.append((f"{w}x{h}", "x".join(map(str, res.resized_size)), res.image_tokens, res.prompt_tokens,
                          statistics.median(prep) * 1e3, statistics.median(times) * 1e3, min(times) * 1e3,
-                         statistics.median(fwd), statistics.median(head), peak / 1e9, base, exact))
+                         statistics.median(fwd), statistics.median(head), peak / 1e9, base, exact, vlm_fwd))
             print(f"done {w}x{h}", flush=True)
         extra = []
         bw, bh = sizes[len(sizes) // 2]
@@ -134,14 +127,35 @@ def main(argv: list[str] | None = None) -> int:
             extra += quantize_rows(path, engine, kw, [int(b) for b in args.quantize.split(",")], tmp,
                                    n_screens=2 if args.smoke else 8, size=(bw, bh))
     print("\n| image | resized | visual tokens | prompt tokens | preprocess ms (CPU) | run median ms | "
-          "run min ms | forward ms | head ms | peak GB | torch sdpa median ms | device resize = PIL |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "run min ms | forward ms | head ms | peak GB | torch sdpa median ms | device resize = PIL | "
+          "forward ms, mlx-vlm's LM |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5]:.1f} | {r[6]:.1f} | {r[7]:.1f} | "
-              f"{r[8]:.1f} | {r[9]:.2f} | {r[10]} | {r[11]} |")
+              f"{r[8]:.1f} | {r[9]:.2f} | {r[10]} | {r[11]} | {r[12]} |")
     for line in extra:
         print(line)
     return 0
+
+
+def timed_runs(engine, job, warmup: int, reps: int):
+    """(run seconds, forward ms, head ms, last result) of `reps` single-job runs after warm-up; the
+    engine's peak memory is reset before the timed runs."""
+    import mlx.core as mx
+    for _ in range(warmup):
+        engine.run([job])
+    mx.synchronize()
+    engine.reset_peak()
+    times, fwd, head = [], [], []
+    for _ in range(reps):
+        mx.synchronize()
+        t = time.perf_counter()
+        (res,) = engine.run([job])
+        mx.synchronize()
+        times.append(time.perf_counter() - t)
+        fwd.append(res.timings["forward"])
+        head.append(res.timings["head"])
+    return times, fwd, head, res
 
 
 def batch_rows(engine, req, batches: list[int], reps: int) -> list[str]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU measurements, logs under $OUT (see ../shared/gpu/README.md):
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
-# Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep q25 e2e3b25 cmp2b first coldfirst e2e2b1080
+# Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
+# coldfirst e2e2b1080
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -14,6 +15,8 @@ for s in $steps; do case $s in
   prep)  run prep 120 python3 -m bench.prep_profile ;;
   env)   run env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; python3 -c "import PIL, mlx.core as mx; print(PIL.__version__, mx.__version__, mx.default_device())"' ;;
   vit)   run vit_ops 120 python3 -m bench.vit_ops 1920 1080 ;;
+  lm)    run lm2b 120 python3 -m bench.lm_ops
+         run lm7b 180 python3 -m bench.lm_ops --shape 7b ;;
   2b)    [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          run ground2b 300 python3 -m bench.gpu_ground --checkpoint /tmp/ga2b --torch-baseline .gpu/b/prefill_floor.py \
              --sizes 1280x720,1920x1080 --batches 1,8 --quantize '' ;;
@@ -29,6 +32,9 @@ for s in $steps; do case $s in
              --torch-baseline bench/torch_forward.py --sizes 1280x720,1920x1080 --batches 1,8 --quantize '' ;;
   e2e3b25) run e2e3b25 400 python3 -m bench.e2e --model-path /tmp/ga3b25 --dtype bfloat16 --sizes 1920x1080,1280x720 \
              --concurrency 1,8 --requests 24 --torch-baseline bench/torch_forward.py --shape 3b-qwen2.5 ;;
+  q25_7b) [ -d /tmp/ga7b25 ] || run ckpt7b25 300 python3 -m bench.write_checkpoint /tmp/ga7b25 --shape 7b-qwen2.5
+         run ground7b25 300 python3 -m bench.gpu_ground --shape 7b-qwen2.5 --checkpoint /tmp/ga7b25 \
+             --torch-baseline bench/torch_forward.py --sizes 1920x1080 --batches 1,4 --quantize '' ;;
   cmp2b) run cmp2b 300 python3 -m bench.vision_compare /tmp/ga2b ;;
   first) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          run first 300 python3 -m bench.first_request /tmp/ga2b ;;
