@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU measurements, logs under $OUT (see ../shared/gpu/README.md):
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
-# Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep png lm q25 e2e3b25 q25_7b cmp2b first
+# Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080
 set -u
 OUT=${OUT:-/tmp/out}
@@ -13,7 +13,6 @@ run() { local name=$1 limit=$2; shift 2; echo "== $name: $*" | tee -a "$OUT/sess
         echo "== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/session.txt"; }
 for s in $steps; do case $s in
   prep)  run prep 120 python3 -m bench.prep_profile ;;
-  png)   run png 180 python3 -m bench.png_unfilter ;;
   env)   run env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; python3 -c "import PIL, mlx.core as mx; print(PIL.__version__, mx.__version__, mx.default_device())"' ;;
   vit)   run vit_ops 120 python3 -m bench.vit_ops 1920 1080 ;;
   lm)    run lm2b 120 python3 -m bench.lm_ops

@@ -1,8 +1,7 @@
 """Image bytes -> model input, identical to transformers' Qwen2VLImageProcessor (PIL backend).
 
 Steps (docs/gui-actor.md section 6): decode with a pixel cap checked on the header before any
-pixel is decoded (on a GPU, an RGB PNG is only inflated here and unfiltered on the device,
-workers/png_rows.py); composite transparency onto white; down-only cap to 3200x1800 of area;
+pixel is decoded; composite transparency onto white; down-only cap to 3200x1800 of area;
 `smart_resize` (factor 28); bicubic resize with PIL; rescale 1/255 and CLIP-normalise in float32;
 patchify to [grid_h * grid_w, 1176] with each 2x2 merge group contiguous. NumPy + PIL only, no
 MLX: this runs on the preprocessing thread.
@@ -19,7 +18,6 @@ from PIL import Image
 
 from workers.engine import JobError
 from workers.parallel_resize import order_for, resize_bicubic
-from workers.png_rows import filtered_rows
 
 SCREEN_CAP_AREA = 3200 * 1800        # demo's pre-resize cap (pixels of area), applied down-only
 PATCH = 14
@@ -35,17 +33,15 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 class PreparedImage:
     """`pixel_values` float32 [grid_h*grid_w, 1176] (None when the engine patchifies on the
     device); `rgb` uint8 [H', W', 3] the resized image, or with `resize_order` ('hv'/'vh', Pillow's
-    pass order) the decoded image that the device resizes, or with `png_rows` the PNG's filtered
-    rows [H, 1 + W*3] that the device unfilters first; `grid_thw` (1, grid_h, grid_w) in 14-px
-    patches; sizes are (width, height) in pixels: `original` as decoded, `resized` as fed to the
-    ViT. Visual tokens: grid_h/2 x grid_w/2."""
+    pass order) the decoded image that the device resizes; `grid_thw` (1, grid_h, grid_w) in
+    14-px patches; sizes are (width, height) in pixels: `original` as decoded, `resized` as fed
+    to the ViT. Visual tokens: grid_h/2 x grid_w/2."""
     pixel_values: np.ndarray | None
     grid_thw: tuple[int, int, int]
     original: tuple[int, int]
     resized: tuple[int, int]
     rgb: np.ndarray | None = None
     resize_order: str | None = None   # set: `rgb` is still to be resized to `resized` on the device
-    png_rows: bool = False            # set: `rgb` holds filtered PNG rows, to unfilter on the device
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -58,12 +54,12 @@ class PreparedImage:
         return n_h * n_w
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Encoded bytes -> a PIL image whose header is parsed and checked, no pixel decoded yet.
-    `max_pixels` caps width*height (decompression bombs). Raises JobError payload_too_large /
-    invalid_image."""
+def decode_image(data: bytes | memoryview, max_pixels: int) -> Image.Image:
+    """Encoded bytes -> RGB PIL image. `max_pixels` caps width*height of the decoded image and is
+    checked on the header, before decoding (decompression bombs). Raises JobError
+    payload_too_large / invalid_image."""
     try:
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        img = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)
     except Image.DecompressionBombError:  # PIL's own hard cap (about 179M pixels), from the header
         raise JobError("payload_too_large", f"image exceeds {max_pixels} pixels") from None
     except Image.UnidentifiedImageError:
@@ -75,12 +71,6 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise JobError("invalid_image", f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise JobError("payload_too_large", f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
-    return img
-
-
-def decode_image(data: bytes | memoryview, max_pixels: int) -> Image.Image:
-    """Encoded bytes -> RGB PIL image (limits and errors as `open_image`)."""
-    img = open_image(bytes(data), max_pixels)
     try:
         img.load()
     except Exception as exc:
@@ -160,40 +150,12 @@ def plan_resize(img: Image.Image, min_pixels: int, max_pixels: int,
     original = img.size
     if cap_area:
         img = cap_screen(img, cap_area)
-    return img, original, target_size(img.size, min_pixels, max_pixels)
-
-
-def target_size(size: tuple[int, int], min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """(w', h') that the ViT sees for an image of `size` (w, h) after the screen cap; JobError
-    invalid_image for aspect ratios over 200."""
+    w, h = img.size
     try:
-        rh, rw = smart_resize(size[1], size[0], FACTOR, min_pixels, max_pixels)
+        rh, rw = smart_resize(h, w, FACTOR, min_pixels, max_pixels)
     except ValueError as exc:
         raise JobError("invalid_image", str(exc)) from None
-    return rw, rh
-
-
-def png_for_device(data: bytes, max_image_pixels: int, min_pixels: int, max_pixels: int,
-                   device_resize: Callable[[tuple[int, int], tuple[int, int]], bool]) -> PreparedImage | None:
-    """An RGB PNG screenshot as its filtered rows, for the device to unfilter and resize (see
-    workers/png_rows.py); None where `preprocess(decode_image(...))` must run instead: other
-    formats and PNG kinds, screens over the cap, a size pair whose resize the device cannot do
-    yet. Raises the JobErrors of `open_image` and `target_size`."""
-    img = open_image(data, max_image_pixels)
-    if img.format != "PNG" or img.mode != "RGB" or img.info.get("transparency") is not None \
-            or img.size[0] * img.size[1] > SCREEN_CAP_AREA:
-        return None
-    target = target_size(img.size, min_pixels, max_pixels)
-    order = None
-    if target != img.size:
-        order = order_for(img.size, target) if device_resize(img.size, target) else None
-        if order is None:
-            return None
-    rows = filtered_rows(data)
-    if rows is None:
-        return None
-    grid = (1, target[1] // PATCH, target[0] // PATCH)
-    return PreparedImage(None, grid, img.size, target, rows, resize_order=order, png_rows=True)
+    return img, original, (rw, rh)
 
 
 def preprocess(img: Image.Image, min_pixels: int, max_pixels: int,
