@@ -63,6 +63,17 @@ def wait_for(pred, timeout_s: float, step: float = 0.05, what: str = "condition"
         time.sleep(step)
 
 
+@contextlib.contextmanager
+def running(st: Stack, ready_timeout_s: float, loaded: tuple[str, ...]):
+    """`st` started and ready with `loaded`; on leaving, stopped with none of its processes left."""
+    try:
+        st.start(ready_timeout_s=ready_timeout_s, loaded=loaded)
+        yield st
+    finally:
+        st.stop()
+        assert wait_for(lambda: not our_pids(st.config_path), 5, what="no process left")
+
+
 # ---- part 1: regressions ---------------------------------------------------------------------------
 
 
@@ -300,12 +311,8 @@ SUPERVISOR_FAST = {"restart_backoff_s": 0.1, "restart_backoff_max_s": 0.5, "repo
 def default_stack(tmp_path_factory):
     cfg = {"models": {"m1": fake_model(max_batch=1)}, "supervisor": SUPERVISOR_FAST}
     st = Stack(tmp_path_factory.mktemp("faults-default"), cfg, procs=("broker", "supervisor"))
-    try:
-        st.start(ready_timeout_s=30, loaded=("m1",))
+    with running(st, 30, ("m1",)):
         yield st
-    finally:
-        st.stop()
-        assert wait_for(lambda: not our_pids(st.config_path), 5, what="no process left")
 
 
 def test_frozen_worker_is_lost_within_3s_rerun_and_its_late_answer_dropped(default_stack):
@@ -350,12 +357,8 @@ def fast_stack(tmp_path_factory):
            "models": {"hang": fake_model(max_batch=1), "drain": fake_model(max_batch=1)},
            "supervisor": SUPERVISOR_FAST}
     st = Stack(tmp_path_factory.mktemp("faults-fast"), cfg, procs=("broker", "supervisor"))
-    try:
-        st.start(ready_timeout_s=30, loaded=("hang", "drain"))
+    with running(st, 30, ("hang", "drain")):
         yield st
-    finally:
-        st.stop()
-        assert wait_for(lambda: not our_pids(st.config_path), 5, what="no process left")
 
 
 def test_stuck_computation_is_cancelled_then_killed_and_answered_once(fast_stack):
@@ -426,12 +429,8 @@ def http_stack(tmp_path_factory):
            "models": {"flood": fake_model(max_batch=1), "dc": fake_model(max_batch=1)},
            "supervisor": SUPERVISOR_FAST, "server": {"request_timeout_s": 30}}
     st = Stack(tmp_path_factory.mktemp("faults-http"), cfg)
-    try:
-        st.start(ready_timeout_s=60, loaded=("flood", "dc"))
+    with running(st, 60, ("flood", "dc")):
         yield st
-    finally:
-        st.stop()
-        assert wait_for(lambda: not our_pids(st.config_path), 5, what="no process left")
 
 
 def test_flood_of_2mb_images_is_refused_fast_and_every_accepted_request_answered(http_stack):

@@ -16,7 +16,7 @@ import pytest
 from common import protocol as p
 from common.client import Client
 from tests.stackutil import Stack, fake_model
-from tests.test_faults import IMG, SUPERVISOR_FAST, chat_body, our_pids, post, wait_for
+from tests.test_faults import IMG, SUPERVISOR_FAST, chat_body, post, running, wait_for
 
 MB = 1_000_000
 BUDGET = 250 * MB
@@ -52,12 +52,8 @@ def stack(tmp_path_factory):
                       "d": fake(100 * MB, load_s=0.6), "huge": fake(300 * MB, preload=False),
                       "broken": fake_model(preload=False, fake={"fail_load": "simulated bad checkpoint"})}}
     st = Stack(tmp_path_factory.mktemp("memory"), cfg)
-    try:
-        st.start(ready_timeout_s=60, loaded=("pinned", "b", "c"))
+    with running(st, 60, ("pinned", "b", "c")):
         yield st
-    finally:
-        st.stop()
-        assert wait_for(lambda: not our_pids(st.config_path), 5, what="no process left")
 
 
 def http_models(st: Stack) -> dict[str, dict]:
