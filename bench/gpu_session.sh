@@ -2,7 +2,7 @@
 # One device call's worth of GPU measurements, logs under $OUT (see ../shared/gpu/README.md):
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
-# coldfirst e2e2b1080
+# coldfirst e2e2b1080 mem
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -35,6 +35,8 @@ for s in $steps; do case $s in
   q25_7b) [ -d /tmp/ga7b25 ] || run ckpt7b25 300 python3 -m bench.write_checkpoint /tmp/ga7b25 --shape 7b-qwen2.5
          run ground7b25 300 python3 -m bench.gpu_ground --shape 7b-qwen2.5 --checkpoint /tmp/ga7b25 \
              --torch-baseline bench/torch_forward.py --sizes 1920x1080 --batches 1,4 --quantize '' ;;
+  mem)   [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
+         run mem2b 300 python3 -m bench.memory_profile /tmp/ga2b --sizes 1280x720,1920x1080 ;;
   cmp2b) run cmp2b 300 python3 -m bench.vision_compare /tmp/ga2b ;;
   first) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          run first 300 python3 -m bench.first_request /tmp/ga2b ;;

@@ -1,64 +1,85 @@
-"""Peak device memory of each stage of one 1080p grounding forward (GPU): which part sets the peak?
+"""Peak device memory and time of engine.run by how the forward is cut into chunks (GPU).
 
-    python -m bench.memory_profile CHECKPOINT [W H]
+    python -m bench.memory_profile CHECKPOINT [--sizes 1280x720,1920x1080] [--reps 10] [--batch 8]
+
+MLX allocates when the host encodes an op and frees once the device has run it, so the peak depends
+on how far the host runs ahead (workers/mlx/run_ahead.py). Each configuration gives the vision
+tower's and the language model's chunk sizes (blocks/layers per chunk; 0: one graph) and the
+run-ahead depth (1: wait for each chunk; 2: encode the next chunk while the device runs one).
+Steady state, as a server runs: the allocator's cache stays warm; the peak is reset before each
+timed run and the largest is reported. Two rounds over all configurations show the noise.
 """
-import sys
+import argparse
+import statistics
 import time
 
 import mlx.core as mx
-import numpy as np
 
 from bench.gpu_ground import screenshot
 from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest
-from workers.mlx.backbone import encode_image, pointer_states
 from workers.mlx.engine import MlxEngine
-from workers.mlx.vision import normalized_patches
 
-path = sys.argv[1]
-W, H = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (1920, 1080)
-eng = MlxEngine(ModelSpec(path=path, dtype="bfloat16", max_context_length=65536), EngineOptions("m", "/tmp", 1 << 30))
-eng.load()
-job = eng.prepare(GroundingRequest("m", screenshot(W, H), "click OK"))
-mx.synchronize()
-mx.clear_cache()
-base = mx.get_active_memory()
-print(f"weights active {base / 1e9:.2f} GB", flush=True)
+# (vision blocks per chunk, language-model layers per chunk, run-ahead depth); the first is the
+# code path before chunking the language model; None: mlx-vlm's language model
+CONFIGS = [(4, 0, 1), (4, None, 1), (4, 7, 1), (4, 7, 2), (2, 7, 2), (2, 4, 2), (4, 4, 2), (8, 7, 2), (2, 7, 3)]
+BATCH_CONFIGS = [(4, 0, 1), (4, 7, 2), (2, 7, 2)]
 
 
-def stage(name, fn):
+def measure(eng, jobs, reps: int, base: int) -> tuple[float, float]:
+    """(largest peak over `base` GB, median ms) of `reps` engine.run calls after two warm-ups."""
+    for _ in range(2):
+        eng.run(jobs)
+    peaks, times = [], []
+    for _ in range(reps):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        t = time.perf_counter()
+        eng.run(jobs)
+        mx.synchronize()
+        times.append(time.perf_counter() - t)
+        peaks.append(mx.get_peak_memory())
+    return (max(peaks) - base) / 1e9, statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--sizes", default="1280x720,1920x1080")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=8, help="also this batch at the last size (0: no)")
+    args = ap.parse_args()
+    eng = MlxEngine(ModelSpec(path=args.checkpoint, dtype="bfloat16", max_context_length=65536, max_batch=64),
+                    EngineOptions("m", "/tmp", 1 << 30))
+    t = time.perf_counter()
+    eng.load()
     mx.synchronize()
     mx.clear_cache()
-    mx.reset_peak_memory()
-    t = time.perf_counter()
-    out = fn()
-    mx.eval(out)
-    mx.synchronize()
-    print(f"{name:<40} peak over weights {(mx.get_peak_memory() - base) / 1e9:6.2f} GB   {1e3 * (time.perf_counter() - t):7.1f} ms",
-          flush=True)
-    return out
+    base = mx.get_active_memory()
+    fast_lm = eng._lm
+    print(f"load {time.perf_counter() - t:.1f}s, weights active {base / 1e9:.2f} GB, "
+          f"language model: {'ours' if fast_lm else 'mlx-vlm'}", flush=True)
+    print("\n| round | image | batch | vision blocks per chunk | LM layers per chunk | run-ahead depth | "
+          "peak over weights GB | median ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    sizes = [tuple(map(int, s.split("x"))) for s in args.sizes.split(",")]
+    cases = [(size, 1, c) for size in sizes for c in CONFIGS]
+    if args.batch:
+        cases += [(sizes[-1], args.batch, c) for c in BATCH_CONFIGS]
+    for rnd in (1, 2):
+        for (w, h), batch, (v_every, l_every, depth) in cases:
+            if l_every is not None and fast_lm is None:
+                continue
+            jobs = [eng.prepare(GroundingRequest(f"m{i}", screenshot(w, h), "click OK")) for i in range(batch)]
+            eng._vision.eval_every, eng.run_ahead = v_every, depth
+            eng._lm = fast_lm if l_every is not None else None
+            if fast_lm is not None:
+                fast_lm.eval_every = l_every or 0
+            peak, ms = measure(eng, jobs, args.reps, base)
+            lm = "mlx-vlm's" if l_every is None else l_every
+            print(f"| {rnd} | {w}x{h} | {batch} | {v_every} | {lm} | {depth} | {peak:.2f} | {ms:.1f} |", flush=True)
+    eng._lm = fast_lm
 
 
-fv = eng._vision
-from workers.mlx.vision import FastQwen2Vision
-args = ([normalized_patches(eng._resized(job.image), fv.dtype)], [job.image.grid_thw[1:]])
-for every in (0, 1, 2, 4, 8, 16):
-    fvp = FastQwen2Vision(eng._model.vision_tower, eval_every=every)
-    for _ in range(3):
-        stage(f"fast vision, eval every {every} blocks", lambda: fvp(*args))
-for _ in range(2):
-    stage("fast vision (warm)", lambda: fv([normalized_patches(eng._resized(job.image), fv.dtype)], [job.image.grid_thw[1:]]))
-enc = stage("fast vision", lambda: fv([normalized_patches(eng._resized(job.image), fv.dtype)], [job.image.grid_thw[1:]]))
-from workers.images import pixel_values_of
-pv = pixel_values_of(job.image.rgb)
-stage("mlx-vlm vision tower", lambda: encode_image(eng._model, pv, job.image.grid_thw))
-dec = stage("language model to pointer state", lambda: pointer_states(eng._model, job.input_ids, job.image_start, enc,
-                                                                        job.position_ids, [job.pointer_pos]))
-stage("pointer head", lambda: eng._head(enc, dec))
-stage("engine.run (whole job)", lambda: mx.array(0) if eng.run([job]) else None)
-stage("engine.run batch of 4", lambda: mx.array(0) if eng.run([job] * 4) else None)
-q = mx.random.normal((1, 16, job.image.grid_thw[1] * job.image.grid_thw[2], 80)).astype(mx.bfloat16)
-stage("one vision sdpa (16 heads, D=80)", lambda: mx.fast.scaled_dot_product_attention(q, q, q, scale=0.1))
-q = mx.random.normal((1, 12, len(job.input_ids), 128)).astype(mx.bfloat16)
-k = mx.random.normal((1, 2, len(job.input_ids), 128)).astype(mx.bfloat16)
-stage("one LM sdpa causal (12/2 heads, D=128)", lambda: mx.fast.scaled_dot_product_attention(q, k, k, scale=0.1, mask="causal"))
+if __name__ == "__main__":
+    main()

@@ -140,7 +140,7 @@ def pointer_states(model, input_ids: np.ndarray, image_start: int, image_embeds:
 
 def pointer_states_batch(model, input_ids: list[np.ndarray], image_starts: list[int],
                          image_embeds: list[mx.array], position_ids: list[np.ndarray],
-                         pointer_pos: list[int], fast_lm=None) -> mx.array:
+                         pointer_pos: list[int], fast_lm=None, pace=None) -> mx.array:
     """`pointer_states` for several prompts in one forward -> [B, D], one pointer per prompt.
 
     Prompts are right-padded to the longest, rounded up to a multiple of `PAD_MULTIPLE`: every
@@ -148,7 +148,8 @@ def pointer_states_batch(model, input_ids: list[np.ndarray], image_starts: list[
     reaches the state we read. The rounding keeps the number of distinct shapes small: each new
     sequence length costs the GPU backend a new attention plan (cuDNN graph) and new compiled
     kernels, and instruction lengths vary with every request. `fast_lm` (a FastLanguageModel over
-    the same parameters) runs the language model instead of mlx-vlm's forward."""
+    the same parameters) runs the language model instead of mlx-vlm's forward, cutting its graph
+    with `pace` (a RunAhead)."""
     lm = model.language_model.model
     length = -(-max(len(ids) for ids in input_ids) // PAD_MULTIPLE) * PAD_MULTIPLE
     rows, pos = [], np.zeros((3, len(input_ids), length), dtype=np.int32)
@@ -162,7 +163,7 @@ def pointer_states_batch(model, input_ids: list[np.ndarray], image_starts: list[
         pos[:, b, :len(ids)] = p
     h = mx.stack(rows)
     if fast_lm is not None:     # workers/mlx/language.py: same function, fewer and fused kernels
-        return fast_lm.pointer_states(h, mx.array(pos), pointer_pos)
+        return fast_lm.pointer_states(h, mx.array(pos), pointer_pos, pace)
     dummy = mx.zeros((len(input_ids), length), dtype=mx.int32)   # unused once inputs_embeds is given
     out = lm(dummy, inputs_embeds=h, position_ids=mx.array(pos))       # [B, L, D], after model.norm
     return out[mx.arange(len(input_ids)), mx.array(pointer_pos)]

@@ -25,12 +25,15 @@ from workers.mlx.backbone import load_backbone, pointer_states_batch, resolve_dt
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
 from workers.mlx.head import head_from_tensors
 from workers.mlx.language import FastLanguageModel
+from workers.mlx.run_ahead import RunAhead
 from workers.mlx import resize
 from workers.mlx.vision import FastQwen2Vision, FastVision, normalized_patches
 from workers.mlx.vision_qwen2_5 import FastQwen25Vision
 from workers.parallel_resize import learn_now
 
 log = logging.getLogger(__name__)
+
+RUN_AHEAD = 2       # the device runs one chunk of the forward while the host encodes the next
 
 
 @dataclass
@@ -91,6 +94,7 @@ class MlxEngine:
         self._vision: FastVision | None = None   # our vision forward (both backbones)
         self._device_resize = False
         self._lm: FastLanguageModel | None = None     # our language-model forward; None: mlx-vlm's
+        self.run_ahead = RUN_AHEAD                     # chunks of the forward scheduled at once
         self.dtype = None
         self.path = None
 
@@ -220,12 +224,13 @@ class MlxEngine:
     def forward(self, batch: list[PreparedJob]) -> tuple[list[mx.array], mx.array]:
         """(encoder vectors per job [n_img, D], pointer states [B, D]), evaluated."""
         patches = [normalized_patches(self._resized(j.image), self._vision.dtype) for j in batch]
-        enc_all = self._vision(patches, [j.image.grid_thw[1:] for j in batch])
+        pace = RunAhead(self.run_ahead)          # one for the pass: the vision tower's last chunks
+        enc_all = self._vision(patches, [j.image.grid_thw[1:] for j in batch], pace)   # count too
         cuts = np.cumsum([j.image.n_tokens for j in batch])[:-1].tolist()
         encs = mx.split(enc_all, cuts, axis=0) if cuts else [enc_all]
         dec = pointer_states_batch(self._model, [j.input_ids for j in batch], [j.image_start for j in batch],
                                    encs, [j.position_ids for j in batch], [j.pointer_pos for j in batch],
-                                   fast_lm=self._lm)
+                                   fast_lm=self._lm, pace=pace)
         mx.eval(encs, dec)
         return encs, dec
 

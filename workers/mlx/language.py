@@ -17,6 +17,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from workers.mlx.run_ahead import RunAhead
+
 
 def _rotate_half(x: mx.array) -> mx.array:
     x1, x2 = mx.split(x, 2, axis=-1)
@@ -46,8 +48,9 @@ def _mlp_block(x, o, o_w, norm_w, gate_up_w, down_w, eps):
 class FastLanguageModel:
     """`pointer_states(h, position_ids, pointer_pos)` over mlx-vlm's `Qwen2Model` parameters."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, eval_every: int = 4):
         self.lm = lm
+        self.eval_every = eval_every      # layers per chunk of the graph (bench.memory_profile)
         att0 = lm.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = att0.n_heads, att0.n_kv_heads, att0.head_dim
         self.scale = att0.scale
@@ -105,15 +108,20 @@ class FastLanguageModel:
         q, k = _rope(q, k, cos, sin)
         return q, k, v
 
-    def pointer_states(self, h: mx.array, position_ids: mx.array, pointer_pos: list[int]) -> mx.array:
+    def pointer_states(self, h: mx.array, position_ids: mx.array, pointer_pos: list[int],
+                       pace: RunAhead | None = None) -> mx.array:
         """h [B, L, C] input embeddings (image vectors in place), position_ids [3, B, L] M-RoPE
-        positions, pointer_pos[b] the <|pointer_pad|> index of row b -> [B, C] after the final norm."""
+        positions, pointer_pos[b] the <|pointer_pad|> index of row b -> [B, C] after the final norm.
+        Every `eval_every` layers the graph is handed to `pace` (workers/mlx/run_ahead.py)."""
+        pace = pace or RunAhead()
         b, length, _ = h.shape
         cos, sin = self.lm.layers[0].self_attn.rotary_emb(h, position_ids)
-        for block, rest in self.layers[:-1]:
+        for i, (block, rest) in enumerate(self.layers[:-1]):
             q, k, v = self._attention_inputs(h, block, cos, sin)
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
             h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, length, -1), *rest, self.eps)
+            if self.eval_every and (i + 1) % self.eval_every == 0:
+                pace(h)
         block, rest = self.layers[-1]
         q, k, v = self._attention_inputs(h, block, cos, sin)
         rows, ptr = mx.arange(b), mx.array(pointer_pos)

@@ -23,6 +23,7 @@ import numpy as np
 from workers.images import CLIP_MEAN, CLIP_STD, MERGE, PATCH
 from workers.mlx import cuda_rotary
 from workers.mlx.cuda_rotary import rotate_qk
+from workers.mlx.run_ahead import RunAhead
 
 # Exactly transformers' normalisation per channel and byte value: x/255 in float64 -> float32,
 # minus mean, over std in float32 (workers.images.normalize), tabulated once.
@@ -80,10 +81,11 @@ class FastVision:
     few blocks, the merger. Subclasses give the block's norm + qkv, its MLP half, the attention
     spans of each block and, where the model reorders tokens, the order."""
 
-    def __init__(self, tower, eval_every: int = 4):
+    def __init__(self, tower, eval_every: int = 2):
         self.tower = tower
-        # Evaluate every few blocks: a whole-tower graph kept every block's temporaries alive
-        # until the end (+10-15 GB at 1080p on an H200, bench/RESULTS.md).
+        # Cut the graph every few blocks: a whole-tower graph kept every block's temporaries alive
+        # until the end (+10-15 GB at 1080p on an H200). Two blocks a chunk, two chunks scheduled
+        # (engine.RUN_AHEAD) measured best on an H100 (bench/RESULTS.md, bench.memory_profile).
         self.eval_every = eval_every
         attn = tower.blocks[0].attn
         self.heads, self.head_dim = attn.num_heads, attn.head_dim
@@ -124,9 +126,12 @@ class FastVision:
         freqs = mx.concatenate([table[mx.array(order(hpos))], table[mx.array(order(wpos))]], axis=-1)
         return mx.cos(freqs), mx.sin(freqs)
 
-    def __call__(self, patches: list[mx.array], grids: list[tuple[int, int]]) -> mx.array:
+    def __call__(self, patches: list[mx.array], grids: list[tuple[int, int]],
+                 pace: RunAhead | None = None) -> mx.array:
         """patches[i] [grid_h*grid_w, 588] from `normalized_patches`; grids[i] (grid_h, grid_w) in
-        14-px patches -> merger output [sum of tokens, D], images in order."""
+        14-px patches -> merger output [sum of tokens, D], images in order. Every `eval_every`
+        blocks the graph is handed to `pace` (workers/mlx/run_ahead.py)."""
+        pace = pace or RunAhead()
         x = mx.concatenate(patches, axis=0) if len(patches) > 1 else patches[0]
         x = x @ self.patch_w
         tables = [self._rotary(gh, gw) for gh, gw in grids]
@@ -148,7 +153,7 @@ class FastVision:
             v = qkv.reshape(n, 3, self.heads, self.head_dim)[:, 2]
             x = self.post_attention(x, attend(q, k, v, self.spans(i, grids), self.scale), i)
             if self.eval_every and (i + 1) % self.eval_every == 0:
-                mx.eval(x)
+                pace(x)
         out = self.tower.merger(x)
         if order is not None:
             out = out[mx.array(np.argsort(order))]
@@ -158,7 +163,7 @@ class FastVision:
 class FastQwen2Vision(FastVision):
     """Qwen2-VL's ViT: LayerNorm, quick-GELU MLP, full attention within each image."""
 
-    def __init__(self, tower, eval_every: int = 4):
+    def __init__(self, tower, eval_every: int = 2):
         super().__init__(tower, eval_every)
         self.blocks = [((b.norm1.weight, b.norm1.bias, b.attn.qkv.weight, b.attn.qkv.bias),
                         (b.attn.proj.weight, b.attn.proj.bias, b.norm2.weight, b.norm2.bias,

@@ -57,7 +57,7 @@ def window_layout(grid_h: int, grid_w: int, window: int) -> tuple[np.ndarray, li
 class FastQwen25Vision(FastVision):
     """Qwen2.5-VL's ViT: RMSNorm, SwiGLU MLP, window attention except in the full-attention blocks."""
 
-    def __init__(self, tower, eval_every: int = 4):
+    def __init__(self, tower, eval_every: int = 2):
         super().__init__(tower, eval_every)
         self.window = tower.window_size // MERGE // PATCH            # merge groups per window side
         self.full_blocks = set(tower.fullatt_block_indexes)
