@@ -1,0 +1,75 @@
+"""PNG decoders on this host's CPU: Pillow (the worker's path: decode + RGB + numpy) against
+imagecodecs' libpng and libspng builds (zlib-ng inside), with and without the CPU idle before.
+
+    python -m bench.png_decoders [--sizes 1280x720,1920x1080,2560x1440] [--reps 15]
+
+Screenshots: bench.screens' GUI-like window, and the same with a photo-like noisy panel (harder to
+compress, as real screenshots with images are), each saved by Pillow at its default and at
+compress_level 1. Every decoder's pixels are checked against Pillow's.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+
+import numpy as np
+from PIL import Image
+
+from bench.screens import screenshot
+
+
+def variants(w: int, h: int) -> dict[str, bytes]:
+    gui = screenshot(w, h, 1)
+    photo = gui.copy()
+    rng = np.random.default_rng(0)
+    pw, ph = w // 3, h // 3
+    base = np.linspace(40, 200, pw, dtype=np.float32)[None, :, None] + rng.normal(0, 18, (ph, pw, 3))
+    photo.paste(Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)), (w // 2, h // 2))
+    out = {}
+    for name, img in (("gui", gui), ("gui+photo", photo)):
+        for level in (6, 1):
+            buf = io.BytesIO()
+            img.save(buf, "PNG", compress_level=level)
+            out[f"{name}, level {level}"] = buf.getvalue()
+    return out
+
+
+def med(fn, reps: int, gap_s: float) -> float:
+    ts = []
+    for _ in range(reps):
+        time.sleep(gap_s)
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def main() -> None:
+    import imagecodecs
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1280x720,1920x1080,2560x1440")
+    ap.add_argument("--reps", type=int, default=15)
+    a = ap.parse_args()
+    decoders = {
+        "pillow": lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")),
+        "imagecodecs png": imagecodecs.png_decode,
+        "imagecodecs spng": imagecodecs.spng_decode,
+    }
+    print(f"imagecodecs {imagecodecs.__version__}, Pillow {Image.__version__}")
+    print("| image | PNG KB | CPU idle before | " + " | ".join(f"{n} ms" for n in decoders) + " | same pixels |")
+    print("|---|---|---|" + "---|" * len(decoders) + "---|")
+    for size in a.sizes.split(","):
+        w, h = map(int, size.split("x"))
+        for name, data in variants(w, h).items():
+            ref = decoders["pillow"](data)
+            same = all(np.array_equal(np.asarray(fn(data))[..., :3], ref) for fn in decoders.values())
+            for gap in (0.0, 0.13):
+                cols = [f"{med(lambda: fn(data), a.reps, gap):.1f}" for fn in decoders.values()]
+                print(f"| {size} {name} | {len(data) // 1024} | {'130 ms' if gap else 'no'} | "
+                      + " | ".join(cols) + f" | {'yes' if same else 'NO'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
