@@ -14,12 +14,11 @@ import os
 import statistics
 import time
 
-import numpy as np
 from PIL import Image
 
 from bench.screens import png_bytes
 from workers import parallel_resize as pr
-from workers.images import decode_image, plan_resize, preprocess
+from workers.images import decode_image, plan_resize, preprocess, size_of
 
 
 def med(fn, reps: int, gap_s: float = 0.0) -> float:
@@ -43,14 +42,12 @@ def main() -> None:
     for s in a.sizes.split(","):
         w, h = (int(v) for v in s.split("x"))
         data = png_bytes(w, h)
-        img = decode_image(data, 1 << 30)
-        src, _, dst = plan_resize(img, 3136, a.max_pixels)
-        order = pr.pass_order(src.size, dst)
-        pr._orders[(src.size, dst)] = order
-        rgb = np.asarray(src)
+        src, _, dst = plan_resize(decode_image(data, 1 << 30), 3136, a.max_pixels)
+        order = pr.pass_order(size_of(src), dst)
+        pr._orders[(size_of(src), dst)] = order
         dec = med(lambda: decode_image(data, 1 << 30), a.reps)
-        whole = med(lambda: src.resize(dst, Image.Resampling.BICUBIC), a.reps)
-        strips = med(lambda: pr.resize_in_strips(rgb, dst, order), a.reps) if order else float("nan")
+        whole = med(lambda: Image.fromarray(src).resize(dst, Image.Resampling.BICUBIC), a.reps)
+        strips = med(lambda: pr.resize_in_strips(src, dst, order), a.reps) if order else float("nan")
         prep = lambda: preprocess(decode_image(data, 1 << 30), 3136, a.max_pixels, patches=False)
         total, idle = med(prep, a.reps), med(prep, a.reps, gap_s=0.13)
         print(f"| {w}x{h} | {len(data) // 1024} | {dec:.1f} | {whole:.1f} | {strips:.1f} | {total:.1f} | {idle:.1f} |",

@@ -42,7 +42,7 @@ def hf():
 def test_preprocess_equals_transformers(hf, w, h):
     min_px, max_px = 3136, 401408
     img = _random_image(w, h, seed=w * 7 + h)
-    ours = images.preprocess(img, min_px, max_px, cap_area=None)
+    ours = images.preprocess(np.asarray(img), min_px, max_px, cap_area=None)
     proc = hf.Qwen2VLImageProcessorPil(min_pixels=min_px, max_pixels=max_px)
     ref = proc(images=[img], return_tensors="np")
     assert list(ours.grid_thw) == ref["image_grid_thw"][0].tolist()
@@ -70,13 +70,13 @@ def test_transparency_is_composited_on_white_like_transformers(hf):
     ours = images.decode_image(_encode(img), 10_000)
     np.testing.assert_array_equal(np.asarray(ours), convert_to_rgb(img, return_numpy=True))
     grey = images.decode_image(_encode(_random_image(9, 8, 1, "L")), 10_000)
-    assert grey.mode == "RGB" and grey.size == (9, 8)
+    assert grey.shape == (8, 9, 3) and grey.dtype == np.uint8
 
 
 def test_patch_layout_groups_merge_windows():
     # Patch i of the flat list must be the 14x14 square at (row, col) of the Qwen2-VL order.
     img = _random_image(56, 84, seed=9)
-    out = images.preprocess(img, 784, 10**7, cap_area=None)
+    out = images.preprocess(np.asarray(img), 784, 10**7, cap_area=None)
     x = images.normalize(np.asarray(img.resize(out.resized, Image.Resampling.BICUBIC)))
     gh, gw = out.grid_thw[1:]
     order = [(2 * by + my, 2 * bx + mx) for by in range(gh // 2) for bx in range(gw // 2)
@@ -88,13 +88,13 @@ def test_patch_layout_groups_merge_windows():
 
 
 def test_screen_cap_is_down_only_and_keeps_aspect():
-    small = _random_image(1280, 720, 0)
+    small = np.asarray(_random_image(1280, 720, 0))
     assert images.cap_screen(small) is small
-    big = Image.new("RGB", (4000, 3000))
+    big = np.zeros((3000, 4000, 3), np.uint8)
     capped = images.cap_screen(big)
     r = math.sqrt(images.SCREEN_CAP_AREA / (4000 * 3000))
-    assert capped.size == (int(4000 * r), int(3000 * r))
-    assert capped.size[0] * capped.size[1] <= images.SCREEN_CAP_AREA
+    assert images.size_of(capped) == (int(4000 * r), int(3000 * r))
+    assert capped.shape[0] * capped.shape[1] <= images.SCREEN_CAP_AREA
     out = images.preprocess(big, 3136, 12_845_056)
     assert out.original == (4000, 3000)  # back-projection uses the size before the cap
     assert out.resized[0] * out.resized[1] <= images.SCREEN_CAP_AREA
@@ -112,7 +112,7 @@ def test_decode_errors():
         images.decode_image(png, 64 * 64 - 1)
     assert e.value.code == "payload_too_large"
     for fmt in ("JPEG", "WEBP", "GIF", "BMP"):
-        assert images.decode_image(_encode(_random_image(40, 30, 4), fmt), 10**6).size == (40, 30)
+        assert images.decode_image(_encode(_random_image(40, 30, 4), fmt), 10**6).shape == (30, 40, 3)
     with pytest.raises(JobError) as e:   # a real image, but not a screenshot format we parse
         images.decode_image(_encode(_random_image(40, 30, 4), "TIFF"), 10**6)
     assert e.value.code == "invalid_image" and "PNG" in e.value.message
@@ -132,7 +132,7 @@ def test_pixel_cap_is_checked_before_decoding(side):
 
 def test_extreme_aspect_ratio_is_invalid():
     with pytest.raises(JobError) as e:
-        images.preprocess(Image.new("RGB", (2010, 10)), 3136, 10**6)
+        images.preprocess(np.zeros((10, 2010, 3), np.uint8), 3136, 10**6)
     assert e.value.code == "invalid_image"
 
 
@@ -145,3 +145,65 @@ def test_opaque_rgba_screenshots_skip_compositing_with_the_same_pixels():
     alpha[0, 0] = 0                                        # one transparent pixel: composited on white
     out = np.asarray(images.to_rgb(Image.fromarray(np.dstack([rgb, alpha]), "RGBA")))
     assert (out[0, 0] == 255).all() and np.array_equal(out[1:], rgb[1:])
+
+
+def _png(img: Image.Image, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **params)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "RGBA opaque", "L", "LA", "P", "P with tRNS", "RGB with tRNS",
+                                  "I;16", "RGB 16-bit"])
+def test_every_png_kind_decodes_to_pillows_pixels(mode):
+    """The fast decoder takes 8-bit RGB/RGBA; the rest stays with Pillow: the same pixels either way."""
+    rng = np.random.default_rng(11)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (37, 53), dtype=np.uint8)
+    params = {}
+    if mode == "RGB":
+        img = Image.fromarray(rgb)
+    elif mode.startswith("RGBA"):
+        img = Image.fromarray(np.dstack([rgb, np.full_like(alpha, 255) if "opaque" in mode else alpha]), "RGBA")
+    elif mode in ("L", "LA"):
+        img = Image.fromarray(rgb[..., 0]).convert(mode)
+    elif mode.startswith("P"):
+        img = Image.fromarray(rgb).quantize(16)
+        if "tRNS" in mode:
+            params["transparency"] = 3
+    elif mode == "RGB with tRNS":
+        img, params = Image.fromarray(rgb), {"transparency": tuple(int(v) for v in rgb[0, 0])}
+    elif mode == "I;16":
+        img = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)                  # 16-bit grey
+    else:   # 48-bit RGB, hand-made: Pillow cannot write it
+        img = None
+    if img is None:
+        data = _rgb48_png(rgb)
+        want = rgb                                                   # Pillow keeps the high bytes
+    else:
+        data = _png(img, **params)
+        want = np.asarray(images.to_rgb(Image.open(io.BytesIO(data))))
+    fast = mode in ("RGB", "RGBA", "RGBA opaque", "RGB 16-bit")       # 16-bit: refused after decoding
+    assert images._plain_png(Image.open(io.BytesIO(data))) == fast
+    got = images.decode_image(data, 10**6)
+    assert got.shape == (37, 53, 3) and got.dtype == np.uint8 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+
+
+def _rgb48_png(rgb: np.ndarray) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    h, w, _ = rgb.shape
+    wide = (rgb.astype(">u2") * 257).astype(">u2")
+    rows = b"".join(b"\x00" + wide[y].tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_the_fast_png_path_refuses_corrupt_data_with_a_clear_error():
+    data = bytearray(_png(Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))))
+    start = data.index(b"IDAT") + 4
+    data[start + 10:start + 60] = bytes(50)                          # damaged compressed pixels
+    with pytest.raises(JobError) as e:
+        images.decode_image(bytes(data), 10**6)
+    assert e.value.code == "invalid_image"

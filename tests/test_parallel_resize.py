@@ -52,18 +52,20 @@ def test_public_entry_learns_the_order_in_the_background_and_stays_identical():
     img = screenshot(1301, 733, seed=4)
     dst = (1316, 728)
     want = np.asarray(img.resize(dst, BICUBIC))
-    np.testing.assert_array_equal(pr.resize_bicubic(img, dst), want)      # first call: PIL whole
+    np.testing.assert_array_equal(pr.resize_bicubic(np.asarray(img), dst), want)   # first call: PIL whole
     deadline = time.monotonic() + 30
     while pr.learned_order(img.size, dst) == "unknown" and time.monotonic() < deadline:
         time.sleep(0.01)
     if pr._threads > 1:
         assert pr.learned_order(img.size, dst) in ("hv", "vh")
-    np.testing.assert_array_equal(pr.resize_bicubic(img, dst), want)      # now in strips
+    np.testing.assert_array_equal(pr.resize_bicubic(np.asarray(img), dst), want)   # now in strips
 
 
 def test_small_and_non_rgb_images_go_to_pil_whole():
     small = screenshot(300, 200)
-    np.testing.assert_array_equal(pr.resize_bicubic(small, (308, 196)), np.asarray(small.resize((308, 196), BICUBIC)))
+    np.testing.assert_array_equal(pr.resize_bicubic(np.asarray(small), (308, 196)),
+                                  np.asarray(small.resize((308, 196), BICUBIC)))
     assert pr.learned_order(small.size, (308, 196)) == "unknown"       # never probed
     gray = screenshot(900, 700).convert("L")
-    np.testing.assert_array_equal(pr.resize_bicubic(gray, (896, 700)), np.asarray(gray.resize((896, 700), BICUBIC)))
+    np.testing.assert_array_equal(pr.resize_bicubic(np.asarray(gray), (896, 700)),
+                                  np.asarray(gray.resize((896, 700), BICUBIC)))

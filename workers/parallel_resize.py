@@ -35,14 +35,16 @@ _orders: dict[tuple[tuple[int, int], tuple[int, int]], str | None] = {}
 _probing: set[tuple[tuple[int, int], tuple[int, int]]] = set()
 
 
-def resize_bicubic(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """RGB image -> uint8 [h, w, 3] for `size` (w, h), identical to `img.resize(size, BICUBIC)`."""
-    if img.mode != "RGB" or _threads == 1 or img.size[0] * img.size[1] < MIN_PARALLEL_PIXELS:
-        return np.asarray(img.resize(size, BICUBIC))
-    order = order_for(img.size, size)
+def resize_bicubic(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [h, w, 3] for `size` (w, h), identical to Pillow's
+    `resize(size, BICUBIC)` of the same image (other shapes: Pillow on the whole image)."""
+    src = (rgb.shape[1], rgb.shape[0])
+    order = None
+    if rgb.ndim == 3 and rgb.shape[2] == 3 and _threads > 1 and src[0] * src[1] >= MIN_PARALLEL_PIXELS:
+        order = order_for(src, size)
     if order is None:
-        return np.asarray(img.resize(size, BICUBIC))
-    return resize_in_strips(np.asarray(img), size, order)
+        return np.asarray(Image.fromarray(rgb).resize(size, BICUBIC))
+    return resize_in_strips(rgb, size, order)
 
 
 def order_for(src: tuple[int, int], dst: tuple[int, int]) -> str | None:

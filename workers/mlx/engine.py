@@ -20,7 +20,7 @@ from PIL import Image
 from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest, GroundingResult, JobError, LoadReport, MemoryReport
 from workers.families import family_for
-from workers.images import PreparedImage, decode_image, plan_resize, preprocess
+from workers.images import PreparedImage, decode_image, plan_resize, preprocess, size_of
 from workers.mlx.backbone import load_backbone, pointer_states_batch, resolve_dtype
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
 from workers.mlx.head import head_from_tensors
@@ -152,11 +152,11 @@ class MlxEngine:
         size after that; bench/RESULTS.md), which a user's first request would otherwise wait for."""
         for w, h in self.spec.warmup_sizes(on_gpu=mx.default_device() == mx.gpu):
             t = time.perf_counter()
-            img = Image.fromarray(np.broadcast_to(np.linspace(0, 255, w, dtype=np.uint8)[None, :, None], (h, w, 3)).copy())
+            rgb = np.broadcast_to(np.linspace(0, 255, w, dtype=np.uint8)[None, :, None], (h, w, 3)).copy()
             buf = io.BytesIO()
-            img.save(buf, "PNG", compress_level=1)
-            capped, _, target = plan_resize(img, self.spec.min_pixels, self.spec.max_pixels)
-            learn_now(capped.size, target)                  # so the device resize is warmed too
+            Image.fromarray(rgb).save(buf, "PNG", compress_level=1)
+            capped, _, target = plan_resize(rgb, self.spec.min_pixels, self.spec.max_pixels)
+            learn_now(size_of(capped), target)              # so the device resize is warmed too
             try:
                 (out,) = self.run([self.prepare(GroundingRequest("warmup", buf.getvalue(), "click the button"))])
             except JobError as exc:
@@ -177,10 +177,10 @@ class MlxEngine:
         if self._tok is None:
             raise JobError("model_unavailable", "model is not loaded")
         t0 = time.perf_counter()
-        img = decode_image(request.image, self.options.max_image_pixels)
+        rgb = decode_image(request.image, self.options.max_image_pixels)
         max_px = request.max_pixels or self.spec.max_pixels
         min_px = min(request.min_pixels or self.spec.min_pixels, max_px)
-        image = preprocess(img, min_px, max_px, patches=False,
+        image = preprocess(rgb, min_px, max_px, patches=False,
                            device_resize=resize.supported if self._device_resize else None)
         fam = self._family
         system = request.system if request.system is not None else self._system
