@@ -3,7 +3,13 @@
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080 mem
+# The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
+# call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
+# Between calls 1 and 2 of ../shared/gpu/README.md, one more call, carry [".gpu/ic"]:
+#   mkdir -p /root/icw && cp .gpu/ic/*.whl /root/icw/
 set -u
+python3 -c "import imagecodecs" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/gpu-site \
+  /root/icw/*.whl 2>&1 | grep -v "^WARNING" || true
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 steps=${*:-env vit 2b e2e2b 7b e2e7b}
