@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
-import time
 
 import numpy as np
 from PIL import Image
 
+from bench.prep_profile import med
 from bench.screens import screenshot
 
 
@@ -34,16 +33,6 @@ def variants(w: int, h: int) -> dict[str, bytes]:
             img.save(buf, "PNG", compress_level=level)
             out[f"{name}, level {level}"] = buf.getvalue()
     return out
-
-
-def med(fn, reps: int, gap_s: float) -> float:
-    ts = []
-    for _ in range(reps):
-        time.sleep(gap_s)
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def main() -> None:
