@@ -191,10 +191,10 @@ def preprocess(rgb: np.ndarray, min_pixels: int, max_pixels: int,
                cap_area: int | None = SCREEN_CAP_AREA, patches: bool = True,
                device_resize: Callable[[tuple[int, int], tuple[int, int]], bool] | None = None) -> PreparedImage:
     """uint8 [H, W, 3] (`decode_image`) -> PreparedImage. `min_pixels` / `max_pixels` bound the
-    resized area (pixels). With `patches=False` only the resized uint8 image is kept: the engine normalises and
-    patchifies it on the device. With `device_resize` (src, dst) -> True, the bicubic resize is left
-    to the device too, once Pillow's pass order for the sizes is known. Raises JobError
-    invalid_image for aspect ratios over 200."""
+    resized area (pixels). With `patches=False` only the resized uint8 image is kept: the engine
+    normalises and patchifies it on the device. With `device_resize` (src, dst) -> True, the bicubic
+    resize is left to the device too, once Pillow's pass order for the sizes is known. Raises
+    JobError invalid_image for aspect ratios over 200."""
     capped, original, (rw, rh) = plan_resize(rgb, min_pixels, max_pixels, cap_area)
     grid = (1, rh // PATCH, rw // PATCH)
     if device_resize is not None and not patches and device_resize(size_of(capped), (rw, rh)):

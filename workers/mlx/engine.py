@@ -224,8 +224,9 @@ class MlxEngine:
     def forward(self, batch: list[PreparedJob]) -> tuple[list[mx.array], mx.array]:
         """(encoder vectors per job [n_img, D], pointer states [B, D]), evaluated."""
         patches = [normalized_patches(self._resized(j.image), self._vision.dtype) for j in batch]
-        pace = RunAhead(self.run_ahead)          # one for the pass: the vision tower's last chunks
-        enc_all = self._vision(patches, [j.image.grid_thw[1:] for j in batch], pace)   # count too
+        # one RunAhead for the whole pass, so the vision tower's last chunks count in the language model's
+        pace = RunAhead(self.run_ahead)
+        enc_all = self._vision(patches, [j.image.grid_thw[1:] for j in batch], pace)
         cuts = np.cumsum([j.image.n_tokens for j in batch])[:-1].tolist()
         encs = mx.split(enc_all, cuts, axis=0) if cuts else [enc_all]
         dec = pointer_states_batch(self._model, [j.input_ids for j in batch], [j.image_start for j in batch],
