@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx_vlm.models.qwen2_vl import Model, ModelConfig, TextConfig, VisionConfig
 
 from bench.timing import device_times
+from workers.mlx.cuda_rotary import rotate_half
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 TINY = "--tiny" in sys.argv
@@ -74,11 +75,6 @@ def timeit(name, fn, reps=REPS):
 
 
 # ---- fast vision path ----------------------------------------------------------------------------
-def rotate_half(x):
-    x1, x2 = mx.split(x, 2, axis=-1)
-    return mx.concatenate([-x2, x1], axis=-1)
-
-
 def rope_tables(t, h, w):
     """cos/sin [N, head_dim] for Qwen2-VL's 2D vision rotary, built once per image."""
     m = vt.spatial_merge_size

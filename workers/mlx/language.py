@@ -17,12 +17,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from workers.mlx.cuda_rotary import rotate_half
 from workers.mlx.run_ahead import RunAhead
-
-
-def _rotate_half(x: mx.array) -> mx.array:
-    x1, x2 = mx.split(x, 2, axis=-1)
-    return mx.concatenate([-x2, x1], axis=-1)
 
 
 @mx.compile
@@ -34,7 +30,7 @@ def _qkv(x, norm_w, qkv_w, qkv_b, eps):
 def _rope(q, k, cos, sin):
     """q [B, H, L, D], k [B, KV, L, D], cos/sin [B, L, D] (mlx-vlm's, in the model dtype)."""
     c, s = cos[:, None], sin[:, None]
-    return (q * c + _rotate_half(q) * s).astype(q.dtype), (k * c + _rotate_half(k) * s).astype(k.dtype)
+    return (q * c + rotate_half(q) * s).astype(q.dtype), (k * c + rotate_half(k) * s).astype(k.dtype)
 
 
 @mx.compile
