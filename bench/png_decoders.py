@@ -1,5 +1,6 @@
-"""PNG decoders on this host's CPU: Pillow (the worker's path: decode + RGB + numpy) against
-imagecodecs' libpng and libspng builds (zlib-ng inside), with and without the CPU idle before.
+"""PNG decoders on this host's CPU: Pillow (decode + RGB + numpy) against imagecodecs' libpng and
+libspng builds, and the worker's path (workers/png_inflate.py: zlib-ng inflates, libpng unfilters,
+on one thread and in bands on several), with and without the CPU idle before.
 
     python -m bench.png_decoders [--sizes 1280x720,1920x1080,2560x1440] [--reps 15]
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 from bench.prep_profile import med
 from bench.screens import screenshot
+from workers import png_inflate
 
 
 def variants(w: int, h: int) -> dict[str, bytes]:
@@ -45,6 +47,8 @@ def main() -> None:
         "pillow": lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")),
         "imagecodecs png": imagecodecs.png_decode,
         "imagecodecs spng": imagecodecs.spng_decode,
+        "zlib-ng + libpng, 1 band": lambda d: png_inflate.decode(d, parts=1),
+        f"zlib-ng + libpng, up to {png_inflate.THREADS} bands (worker)": png_inflate.decode,
     }
     print(f"imagecodecs {imagecodecs.__version__}, Pillow {Image.__version__}")
     print("| image | PNG KB | CPU idle before | " + " | ".join(f"{n} ms" for n in decoders) + " | same pixels |")

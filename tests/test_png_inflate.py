@@ -1,0 +1,138 @@
+"""PNGs inflated by zlib-ng and unfiltered by libpng in bands give libpng's own pixels, and
+anything this path does not handle goes back to the plain decoder."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import imagecodecs
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.screens import png_bytes
+from workers import png_inflate
+from workers.images import decode_image
+from workers.engine import JobError
+
+pytestmark = pytest.mark.skipif(not png_inflate.available(), reason="imagecodecs built without zlib-ng")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _paeth(a: int, b: int, c: int) -> int:
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    return a if pa <= pb and pa <= pc else b if pb <= pc else c
+
+
+def _filtered_png(pixels: np.ndarray, filters: list[int], level: int = 6, idat_size: int = 1000) -> bytes:
+    """A PNG of uint8 [H, W, C] (C 3 or 4) with row y filtered by filters[y % len(filters)]
+    (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth, as the PNG spec defines them), the data split into
+    IDAT chunks of `idat_size` bytes."""
+    h, w, c = pixels.shape
+    x = pixels.reshape(h, w * c).astype(np.int64)
+    out = []
+    for y in range(h):
+        ft = filters[y % len(filters)]
+        row, up = x[y], (x[y - 1] if y else np.zeros_like(x[y]))
+        left = np.concatenate([np.zeros(c, np.int64), row[:-c]])
+        upleft = np.concatenate([np.zeros(c, np.int64), up[:-c]])
+        if ft == 0:
+            f = row
+        elif ft == 1:
+            f = row - left
+        elif ft == 2:
+            f = row - up
+        elif ft == 3:
+            f = row - (left + up) // 2
+        else:
+            f = row - np.array([_paeth(a, b, cc) for a, b, cc in zip(left, up, upleft)])
+        out.append(bytes([ft]) + (f % 256).astype(np.uint8).tobytes())
+    z = zlib.compress(b"".join(out), level)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, {3: 2, 4: 6}[c], 0, 0, 0)
+    idats = b"".join(_chunk(b"IDAT", z[i:i + idat_size]) for i in range(0, len(z), idat_size))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + idats + _chunk(b"IEND", b"")
+
+
+def _image(h: int, w: int, c: int, seed: int) -> np.ndarray:
+    """Flat panels with some noise: rows whose filters differ, as in screenshots."""
+    rng = np.random.default_rng(seed)
+    img = np.repeat(rng.integers(0, 256, (h, 1, c), dtype=np.uint8), w, axis=1)
+    img[h // 3: h // 2, w // 4: w // 2] = rng.integers(0, 256, (h // 2 - h // 3, w // 2 - w // 4, c), dtype=np.uint8)
+    return img
+
+
+@pytest.mark.parametrize("filters", [[0], [1], [2], [3], [4], [4, 4, 4, 1, 2, 3, 0], [2, 2, 2, 2, 2, 2, 2, 2, 2, 1]])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_every_row_filter_gives_the_image_back(filters, channels):
+    pixels = _image(300, 77, channels, seed=len(filters) * channels)
+    data = _filtered_png(pixels, filters)
+    got = png_inflate.decode(data)
+    np.testing.assert_array_equal(got, pixels)
+    np.testing.assert_array_equal(got, imagecodecs.png_decode(data))
+
+
+def test_bands_start_only_where_a_row_does_not_read_the_row_above():
+    filters = np.array([4] * 100 + [1] + [2] * 99 + [0] + [3] * 199 + [1] + [4] * 99, np.uint8)
+    spans = png_inflate.bands(filters, parts=4)
+    assert spans[0][0] == 0 and spans[-1][1] == len(filters)
+    assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:]))
+    assert [a for a, _ in spans[1:]] == [100, 200, 400]
+    assert png_inflate.bands(np.full(1000, 4, np.uint8), parts=8) == [(0, 1000)]   # nowhere to cut
+    assert png_inflate.bands(np.zeros(100, np.uint8), parts=8) == [(0, 100)]       # too short to split
+    many = png_inflate.bands(np.zeros(4096, np.uint8), parts=8)
+    assert len(many) == 8 and {b - a for a, b in many} == {512}
+
+
+@pytest.mark.parametrize("level", [0, 1, 6, 9])
+@pytest.mark.parametrize("size", [(1920, 1080), (1, 1), (1, 300), (300, 1), (28, 1542)])
+def test_screenshots_decode_to_libpngs_and_pillows_pixels(size, level):
+    # (28, 1542): each row 85 bytes, 65535 = 771 rows, so the data fills exactly two stored blocks
+    w, h = size
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes(640, 480))).resize(size).save(buf, "PNG", compress_level=level)
+    data = buf.getvalue()
+    got = png_inflate.decode(data)
+    np.testing.assert_array_equal(got, imagecodecs.png_decode(data))
+    np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_what_this_path_does_not_handle_goes_back_to_the_plain_decoder():
+    pixels = _image(64, 40, 3, seed=5)
+    good = _filtered_png(pixels, [4, 1])
+    assert png_inflate.decode(good) is not None
+    ihdr_at = good.index(b"IHDR")
+
+    def with_ihdr(**change) -> bytes:
+        fields = dict(zip(("w", "h", "depth", "colour", "comp", "filt", "interlace"),
+                          struct.unpack(">IIBBBBB", good[ihdr_at + 4:ihdr_at + 17])))
+        fields.update(change)
+        ihdr = struct.pack(">IIBBBBB", *fields.values())
+        return good[:ihdr_at - 4] + _chunk(b"IHDR", ihdr) + good[ihdr_at + 21:]
+
+    assert png_inflate.decode(with_ihdr(interlace=1)) is None
+    assert png_inflate.decode(with_ihdr(depth=16)) is None
+    assert png_inflate.decode(with_ihdr(h=63)) is None          # the data inflates to more rows
+    assert png_inflate.decode(with_ihdr(h=65)) is None          # ... or to fewer
+    bad_crc = bytearray(good)
+    bad_crc[good.index(b"IDAT") + 6] ^= 1                       # one bit of compressed data
+    assert png_inflate.decode(bytes(bad_crc)) is None
+    assert png_inflate.decode(good[: len(good) // 2]) is None
+    assert png_inflate.decode(b"not a png") is None
+    with pytest.raises(JobError) as e:                         # and the plain decoder reports it
+        decode_image(bytes(bad_crc), 10**6)
+    assert e.value.code == "invalid_image"
+
+
+def test_an_invalid_filter_byte_is_a_clear_error():
+    pixels = _image(200, 40, 3, seed=6)
+    rows = b"".join(bytes([7 if y == 150 else 0]) + pixels[y].tobytes() for y in range(200))
+    ihdr = struct.pack(">IIBBBBB", 40, 200, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"")
+    with pytest.raises(JobError) as e:
+        decode_image(data, 10**6)
+    assert e.value.code == "invalid_image"

@@ -1,0 +1,155 @@
+"""8-bit RGB/RGBA PNGs: zlib-ng inflates the image data, libpng undoes the row filters.
+
+Why (bench/RESULTS.md, bench.png_decoders): imagecodecs' libpng inflates with a stock zlib, which
+copies the short-distance matches of flat screenshot areas a byte at a time. On the CI box, 11.5 ms
+of its 12.6 ms for a 1080p screenshot is inflating, which zlib-ng (also in imagecodecs) does in
+0.4 ms. libpng cannot be given another inflater, so the image data is inflated here and handed to
+libpng re-wrapped in stored (uncompressed) deflate blocks, which any zlib copies at memory speed;
+libpng then only undoes the row filters, with its SIMD code. The pixels are libpng's by
+construction. (Tried before with Pillow as the unfilterer, which lost: Pillow's unfiltering alone
+took as long as libpng's whole decode.)
+
+Undoing the filters is serial down the image (a row's Up, Average and Paeth filters read the row
+above it, unfiltered), except at rows filtered with None or Sub, which read only themselves. Encoders
+choose a filter per row, and screenshots have such rows every so often. Cut there, the image is a
+stack of independent bands: each goes to libpng as a PNG of its own, on its own thread (libpng runs
+without the GIL), straight into its rows of the output.
+
+Anything unusual (interlaced, another bit depth, a chunk layout or CRC that does not check out, image
+data that does not inflate to exactly its rows) returns None, and the caller decodes the PNG as it
+is, which also reports corrupt data.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import imagecodecs
+import numpy as np
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STORED_MAX = 65535                     # bytes in one stored deflate block
+IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+CHANNELS = {2: 3, 6: 4}                # PNG colour type -> channels: RGB, RGBA
+MIN_BAND_ROWS = 64                     # below this a thread hand-off costs about what it saves
+THREADS = max(1, min(8, os.cpu_count() or 1))
+_pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="png")
+_scratch = threading.local()           # one re-wrap buffer per thread
+
+
+def available() -> bool:
+    return bool(getattr(getattr(imagecodecs, "ZLIBNG", None), "available", False))
+
+
+def decode(data: bytes, parts: int = THREADS) -> np.ndarray | None:
+    """PNG bytes -> uint8 [H, W, 3 or 4], the pixels imagecodecs.png_decode gives, in up to `parts`
+    bands at once; None where this path does not apply."""
+    found = _image_chunks(data)
+    if found is None:
+        return None
+    ihdr, idat = found
+    w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", ihdr)
+    if depth != 8 or interlace or colour not in CHANNELS or not w or not h:
+        return None
+    size = h * (1 + w * CHANNELS[colour])             # each row: its filter byte, then the pixels
+    try:
+        rows = imagecodecs.zlibng_decode(idat, out=size)  # a stream that inflates to more fails here
+    except Exception:
+        return None
+    if len(rows) != size:
+        return None
+    stride = size // h
+    out = np.empty((h, w, CHANNELS[colour]), np.uint8)
+    first, *rest = bands(np.frombuffer(rows, np.uint8)[::stride], parts)
+    futures = [_pool.submit(_decode_band, ihdr, rows, a, b, out) for a, b in rest]
+    _decode_band(ihdr, rows, *first, out)
+    for f in futures:
+        f.result()
+    return out
+
+
+def bands(filters: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) covering the image, at most `parts`, each starting at row 0 or at a row
+    whose filter type (`filters[row]`) is None (0) or Sub (1): the ones nearest to even cuts."""
+    h = len(filters)
+    k = min(parts, h // MIN_BAND_ROWS)
+    starts = np.flatnonzero(filters[1:] <= 1) + 1         # rows that do not read the row above
+    if k <= 1 or not len(starts):
+        return [(0, h)]
+    targets = np.arange(1, k) * h // k
+    after = np.minimum(np.searchsorted(starts, targets), len(starts) - 1)
+    before = np.maximum(after - 1, 0)
+    nearest = np.where(np.abs(starts[before] - targets) <= np.abs(starts[after] - targets), before, after)
+    cuts = sorted({int(starts[i]) for i in nearest})
+    edges = [0, *cuts, h]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _decode_band(ihdr: bytes, rows: bytes, a: int, b: int, out: np.ndarray) -> None:
+    """Rows a..b-1 (filtered, each with its filter byte) through libpng into out[a:b]."""
+    stride = len(rows) // out.shape[0]
+    band_ihdr = ihdr[:4] + struct.pack(">I", b - a) + ihdr[8:]
+    imagecodecs.png_decode(_stored_png(band_ihdr, memoryview(rows)[a * stride:b * stride]), out=out[a:b])
+
+
+def _image_chunks(data: bytes) -> tuple[bytes, bytes] | None:
+    """(IHDR's 13 bytes, all IDAT data joined) if the chunks up to IEND are well formed and the
+    critical ones' CRCs check out; else None."""
+    if not data.startswith(SIGNATURE):
+        return None
+    view, pos, ihdr, idat = memoryview(data), len(SIGNATURE), None, []
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return None
+        if kind in (b"IHDR", b"IDAT"):
+            (crc,) = struct.unpack_from(">I", data, end)
+            if imagecodecs.zlibng_crc32(view[pos + 4:end]) != crc:
+                return None
+            if kind == b"IHDR":
+                ihdr = bytes(view[pos + 8:end])
+            else:
+                idat.append(view[pos + 8:end])
+        elif kind == b"IEND":
+            break
+        pos = end + 4
+    if ihdr is None or len(ihdr) != 13 or not idat:
+        return None
+    return ihdr, b"".join(idat)
+
+
+def _stored_png(ihdr: bytes, rows: bytes | memoryview) -> np.ndarray:
+    """A PNG of IHDR, one IDAT with `rows` in stored deflate blocks, IEND; built in a reused
+    buffer (a fresh one costs more in page faults than the copy itself)."""
+    n = len(rows)
+    blocks = -(-n // STORED_MAX)
+    zlen = 2 + 5 * blocks + n + 4
+    total = len(SIGNATURE) + 25 + 12 + zlen + len(IEND)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < total:
+        buf = _scratch.buf = np.empty(total, np.uint8)
+    png = buf[:total]
+    head = SIGNATURE + struct.pack(">I", 13) + b"IHDR" + ihdr + \
+        struct.pack(">I", imagecodecs.zlibng_crc32(b"IHDR" + ihdr)) + struct.pack(">I", zlen) + b"IDAT"
+    png[:len(head)] = np.frombuffer(head, np.uint8)
+    z = png[len(head):len(head) + zlen]
+    z[:2] = (0x78, 0x01)                                # zlib header: deflate, 32K window, no dictionary
+    src = np.frombuffer(rows, np.uint8)
+    full = blocks - 1                                   # every block but the last holds STORED_MAX bytes
+    if full:
+        grid = z[2:2 + full * (5 + STORED_MAX)].reshape(full, 5 + STORED_MAX)
+        grid[:, :5] = (0, 0xFF, 0xFF, 0, 0)             # not final, stored, LEN, ~LEN (little-endian)
+        grid[:, 5:] = src[:full * STORED_MAX].reshape(full, STORED_MAX)
+    last = n - full * STORED_MAX
+    tail = z[2 + full * (5 + STORED_MAX):-4]
+    tail[:5] = np.frombuffer(struct.pack("<BHH", 1, last, last ^ 0xFFFF), np.uint8)
+    tail[5:] = src[full * STORED_MAX:]
+    z[-4:] = np.frombuffer(struct.pack(">I", imagecodecs.zlibng_adler32(rows)), np.uint8)
+    crc_end = len(head) + zlen
+    crc = imagecodecs.zlibng_crc32(png[len(head) - 4:crc_end])     # over "IDAT" and its data
+    png[crc_end:crc_end + 4] = np.frombuffer(struct.pack(">I", crc), np.uint8)
+    png[crc_end + 4:] = np.frombuffer(IEND, np.uint8)
+    return png
