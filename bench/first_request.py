@@ -27,18 +27,19 @@ def main() -> None:
     t = time.perf_counter()
     eng.load()
     print(f"load {time.perf_counter() - t:.1f} s", flush=True)
-    print("| size | 1st request ms | 2nd ms | 5th ms |\n|---|---|---|---|")
+    print("| size | 1st request ms (prepare + forward + head) | 2nd ms | 5th ms |\n|---|---|---|---|")
     for s in a.sizes.split(","):
         w, h = (int(v) for v in s.split("x"))
-        times = []
+        times, parts = [], []
         for i in range(5):
             req = GroundingRequest(f"{s}-{i}", png_bytes(w, h, seed=i), f"click Button {i}")
             mx.synchronize()
             t = time.perf_counter()
-            eng.run([eng.prepare(req)])
+            (out,) = eng.run([eng.prepare(req)])
             mx.synchronize()
             times.append((time.perf_counter() - t) * 1e3)
-        print(f"| {s} | {times[0]:.0f} | {times[1]:.0f} | {times[4]:.0f} |", flush=True)
+            parts.append(" + ".join(f"{out.timings[k]:.0f}" for k in ("preprocess", "forward", "head")))
+        print(f"| {s} | {times[0]:.0f} ({parts[0]}) | {times[1]:.0f} | {times[4]:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
