@@ -136,3 +136,13 @@ def test_an_invalid_filter_byte_is_a_clear_error():
     with pytest.raises(JobError) as e:
         decode_image(data, 10**6)
     assert e.value.code == "invalid_image"
+
+
+def test_decodes_at_once_on_many_threads_share_the_pool_and_stay_exact():
+    from concurrent.futures import ThreadPoolExecutor
+    datas = [_filtered_png(_image(400, 90, 3, seed=s), [4, 2, 2, 1]) for s in range(12)]
+    want = [imagecodecs.png_decode(d) for d in datas]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(png_inflate.decode, datas))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

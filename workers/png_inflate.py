@@ -37,15 +37,30 @@ MIN_BAND_ROWS = 64                     # below this a thread hand-off costs abou
 THREADS = max(1, min(8, os.cpu_count() or 1))
 _pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="png")
 _scratch = threading.local()           # one re-wrap buffer per thread
+_active = 0                            # decodes in progress, which share the pool's threads
+_active_lock = threading.Lock()
 
 
 def available() -> bool:
     return bool(getattr(getattr(imagecodecs, "ZLIBNG", None), "available", False))
 
 
-def decode(data: bytes, parts: int = THREADS) -> np.ndarray | None:
+def decode(data: bytes, parts: int | None = None) -> np.ndarray | None:
     """PNG bytes -> uint8 [H, W, 3 or 4], the pixels imagecodecs.png_decode gives, in up to `parts`
-    bands at once; None where this path does not apply."""
+    bands at once (default: the pool's threads shared among the decodes in progress, so several
+    requests at once do not queue behind each other's bands); None where this path does not apply."""
+    global _active
+    with _active_lock:
+        _active += 1
+        share = max(1, THREADS // _active)
+    try:
+        return _decode(data, parts or share)
+    finally:
+        with _active_lock:
+            _active -= 1
+
+
+def _decode(data: bytes, parts: int) -> np.ndarray | None:
     found = _image_chunks(data)
     if found is None:
         return None
