@@ -62,9 +62,11 @@ def decode_image(data: bytes | memoryview, max_pixels: int) -> np.ndarray:
     and is checked on the header, before decoding (decompression bombs). Raises JobError
     payload_too_large / invalid_image.
 
-    8-bit RGB and RGBA PNGs, nearly every screenshot, are decoded by imagecodecs' libpng (zlib-ng
-    inside): the same pixels as Pillow's decoder, 2-4x faster on the GPU hosts' CPUs, 8-17 ms less
-    per 1080p request (bench.png_decoders, bench/RESULTS.md). Everything else goes to Pillow."""
+    8-bit RGB and RGBA PNGs, nearly every screenshot, are decoded by imagecodecs' libpng, the
+    image data inflated by zlib-ng and unfiltered in bands on several threads where possible
+    (workers/png_inflate.py): the same pixels as Pillow's decoder, 4-6x faster on the GPU hosts'
+    CPUs, ~4.5 ms for a 1080p screenshot (bench.png_decoders, bench/RESULTS.md). Everything else
+    goes to Pillow."""
     raw = bytes(data)
     try:
         img = Image.open(io.BytesIO(raw), formats=FORMATS)
