@@ -6,12 +6,14 @@ The first size warms everything up. For each later size, every op of the forward
 new token count, first and second call timed between synchronisations: the difference is what the
 new shape costs once (fused-kernel builds, attention plans, matmul heuristics, allocations). The
 compiled parts are also run as `mx.compile(..., shapeless=True)`. Then the upload of a decoded
-screenshot (uint8, host memory -> a device op) against the same op on a device-born array.
+screenshot (uint8, host memory -> a device op) against the same op on a device-born array, on one
+thread and in row bands on several (`--upload-only`: that table alone).
 """
 from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,7 +45,10 @@ def tokens(w: int, h: int) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1920x1080,1440x900,1366x768,1280x800")
+    ap.add_argument("--upload-only", action="store_true")
     a = ap.parse_args()
+    if a.upload_only:
+        return upload_table()
     bf = mx.bfloat16
     r = lambda *s: (mx.random.normal(s) * 0.02).astype(bf)
     vw = (mx.ones((C,), bf), mx.zeros((C,), bf), r(3 * C, C), r(3 * C))
@@ -95,27 +100,39 @@ def main() -> None:
             t2 = timed(fn)
             print(f"| {s} | {n} | {length} | {name} | {t1:.1f} | {t2:.1f} |", flush=True)
 
-    print("\n| upload of a decoded screenshot | ms |\n|---|---|")
-    for w, h in ((1920, 1080), (2560, 1440)):
+    upload_table()
+
+
+def upload_table(threads: int = 8) -> None:
+    """Host -> device of decoded screenshots: mx.array on one thread, or in row bands on `threads`
+    threads (then concatenated on the device), each followed by a device op that reads it all."""
+    pool = ThreadPoolExecutor(threads)
+    op = lambda t: t.astype(mx.float32).sum()
+
+    def bands(rgb):
+        parts = list(pool.map(mx.array, np.array_split(rgb, threads, axis=0)))
+        return mx.concatenate(parts, axis=0)
+
+    print("\n| upload of a decoded screenshot | host ms | host + device op ms |\n|---|---|---|")
+    for w, h in ((1280, 720), (1920, 1080), (2560, 1440)):
         dev = mx.zeros((h, w, 3), mx.uint8) + 1
         mx.eval(dev)
-        rgb_list = [np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8) for i in range(6)]
-        op = lambda t: t.astype(mx.float32).sum()
-        times = {"device-born array, same op": [], "mx.array(host) alone (host copy)": [],
-                 "op on a fresh mx.array(host)": [], "mx.array + op, all": []}
-        for i, rgb in enumerate(rgb_list):
-            times["device-born array, same op"].append(timed(lambda: op(dev)))
-            t = time.perf_counter()
-            up = mx.array(rgb)
-            times["mx.array(host) alone (host copy)"].append((time.perf_counter() - t) * 1e3)
-            times["op on a fresh mx.array(host)"].append(timed(lambda: op(up)))
-            t = time.perf_counter()
-            mx.eval(op(mx.array(rgb_list[-1 - i])))
-            mx.synchronize()
-            times["mx.array + op, all"].append((time.perf_counter() - t) * 1e3)
-        for k, v in times.items():
-            print(f"| {w}x{h}: {k} | {np.median(v[1:]):.2f} |", flush=True)
-
+        rgbs = [np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8) for i in range(8)]
+        ways = {"device-born array (no upload)": lambda rgb: dev, "mx.array, one thread": mx.array,
+                f"mx.array in {threads} row bands on {threads} threads": bands}
+        times = {k: ([], []) for k in ways}
+        for rgb in rgbs:
+            for k, way in ways.items():
+                mx.synchronize()
+                t = time.perf_counter()
+                up = way(rgb)
+                host = time.perf_counter()
+                mx.eval(op(up))
+                mx.synchronize()
+                times[k][0].append((host - t) * 1e3)
+                times[k][1].append((time.perf_counter() - t) * 1e3)
+        for k, (host, total) in times.items():
+            print(f"| {w}x{h}: {k} | {np.median(host[2:]):.2f} | {np.median(total[2:]):.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()
