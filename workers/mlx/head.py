@@ -1,5 +1,10 @@
 """GUI-Actor's action head (`VisionHead_MultiPatch`) in MLX, run in float32.
 
+On CUDA, MLX runs float32 matmuls as TF32 unless MLX_ENABLE_TF32=0 is set (relative error ~3e-4
+per matmul instead of ~1e-6; still far finer than the reference's bf16 head). There the head takes
+2.2 ms for a 1080p screenshot's tokens, against 3.8 ms in full float32 (bench.head_precision on an
+H100, bench/RESULTS.md). The engine logs which one it got at load.
+
 Parameter names equal the checkpoint's `multi_patch_pointer_head.*` names without the prefix, so
 the 14 tensors load with `load_weights(strict=True)`. Math (docs/gui-actor.md section 7.4):
 self-attention over the visual tokens (8 heads, scale 1/sqrt(D/8), packed q;k;v in_proj, out_proj
@@ -11,6 +16,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
@@ -69,6 +75,17 @@ class PointerHead(nn.Module):
         d = self._mlp(self.projection_dec, dec)
         logits = (d @ e.T) / math.sqrt(self.dim)
         return mx.softmax(logits, axis=-1)
+
+
+def float32_matmul_error() -> float:
+    """Max relative error of a float32 matmul on the default device against float64: ~1e-6 where
+    float32 matmuls are full float32, ~1e-4 or more where they run as TF32."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((256, 512)).astype(np.float32)
+    b = rng.standard_normal((512, 256)).astype(np.float32)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    got = np.array(mx.array(a) @ mx.array(b))
+    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def head_from_tensors(tensors: dict[str, mx.array], hidden_size: int) -> PointerHead:
