@@ -48,3 +48,36 @@ def test_the_exactness_bound_refuses_huge_downscales():
 
 def test_the_load_time_check_passes_where_matmuls_are_exact():
     assert resize.matches_pil_here()
+
+
+def test_the_weights_reproduce_pils_one_axis_resize_on_many_sizes():
+    """Pillow resizes a one-row image with its horizontal pass alone: applying our fixed-point taps
+    with PIL's integer arithmetic must give its bytes, up- and downscales, 300 size pairs."""
+    rng = np.random.default_rng(7)
+    checked = 0
+    while checked < 300:
+        a, b = (int(v) for v in rng.integers(2, 3000, 2))
+        if not resize.supported((a, 1), (b, 1)):
+            continue
+        row = rng.integers(0, 256, a, dtype=np.uint8)
+        want = np.asarray(Image.fromarray(row[None, :]).resize((b, 1), BICUBIC))[0]
+        first, w = resize.fixed_point_taps(a, b)
+        acc = sum(row[np.minimum(first + t, a - 1)].astype(np.int64) * w[:, t] for t in range(w.shape[1]))
+        got = np.clip((acc + (1 << (resize.PRECISION_BITS - 1))) >> resize.PRECISION_BITS, 0, 255)
+        np.testing.assert_array_equal(got, want, err_msg=f"{a} -> {b}")
+        checked += 1
+
+
+def test_the_weight_cache_is_bounded_in_bytes_and_keeps_the_latest():
+    resize._cache.clear()
+    budget = resize.CACHE_BYTES
+    try:
+        resize.CACHE_BYTES = sum(n * 3 * 310 * 4 for n in (303, 304, 305))   # room for the last three
+        for n in range(300, 306):
+            resize._pieces(n, 310)
+        assert list(resize._cache) == [(303, 310), (304, 310), (305, 310)]
+        first = resize._pieces(304, 310)                    # a hit: the same array, now the newest
+        assert first is resize._cache[(304, 310)] and list(resize._cache)[-1] == (304, 310)
+    finally:
+        resize.CACHE_BYTES = budget
+        resize._cache.clear()

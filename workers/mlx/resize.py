@@ -18,7 +18,8 @@ order that workers.parallel_resize measured for this size pair.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+import threading
+from collections import OrderedDict
 
 import mlx.core as mx
 import numpy as np
@@ -26,35 +27,41 @@ import numpy as np
 PRECISION_BITS = 32 - 8 - 2
 SUPPORT = 2.0                     # bicubic
 MAX_TAPS = 255                    # keeps sums of 8-bit x 8-bit products below 2^24
+CACHE_BYTES = 512 << 20           # weight matrices kept (~60 MB per 1080p size pair)
+_cache: OrderedDict[tuple[int, int], mx.array] = OrderedDict()
+_cache_lock = threading.Lock()
 
 
-def _bicubic(x: float, a: float = -0.5) -> float:
-    x = abs(x)
-    if x < 1.0:
-        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    if x < 2.0:
-        return (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return 0.0
+def _bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """Pillow's bicubic_filter, elementwise (the same operations in the same order)."""
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-def fixed_point_weights(in_size: int, out_size: int) -> np.ndarray:
-    """int64 [in_size, out_size]: PIL's fixed-point bicubic weights for one axis, as a dense matrix
-    (Pillow's precompute_coeffs and normalize_coeffs_8bpc, libImaging/Resample.c)."""
+def fixed_point_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """PIL's fixed-point bicubic weights for one axis (Pillow's precompute_coeffs and
+    normalize_coeffs_8bpc, libImaging/Resample.c), vectorised over the output positions:
+    (first input index [out], int64 weights [out, taps], zero past each position's window).
+    Same double arithmetic in the same order as Pillow's loops, so the same weights."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = SUPPORT * filterscale
-    dense = np.zeros((in_size, out_size), dtype=np.int64)
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)          # C casts truncate toward zero
-        xmax = min(int(center + support + 0.5), in_size) - xmin
-        k = [_bicubic((x + xmin - center + 0.5) / filterscale) for x in range(xmax)]
-        total = sum(k)
-        if total != 0.0:
-            k = [w / total for w in k]
-        for x, w in enumerate(k):
-            dense[xmin + x, xx] = int(-0.5 + w * (1 << PRECISION_BITS)) if w < 0 else int(0.5 + w * (1 << PRECISION_BITS))
-    return dense
+    taps = math.ceil(support) * 2 + 1
+    ss = 1.0 / filterscale
+    center = (np.arange(out_size) + 0.5) * scale
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)      # C casts truncate toward zero
+    count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+    x = np.arange(taps)[None, :]
+    inside = x < count[:, None]
+    k = np.where(inside, _bicubic((x + first[:, None] - center[:, None] + 0.5) * ss), 0.0)
+    total = np.zeros(out_size)
+    for t in range(taps):                                 # summed in Pillow's order, tap by tap
+        total = total + k[:, t]
+    k = np.where(total[:, None] != 0.0, k / np.where(total != 0.0, total, 1.0)[:, None], k)
+    fixed = np.trunc(np.where(k < 0, -0.5 + k * (1 << PRECISION_BITS), 0.5 + k * (1 << PRECISION_BITS)))
+    return first, np.where(inside, fixed, 0).astype(np.int64)
 
 
 def supported(src: tuple[int, int], dst: tuple[int, int]) -> bool:
@@ -62,12 +69,36 @@ def supported(src: tuple[int, int], dst: tuple[int, int]) -> bool:
     return all(math.ceil(SUPPORT * max(i / o, 1.0)) * 2 + 1 <= MAX_TAPS for i, o in zip(src, dst))
 
 
-@lru_cache(maxsize=8)
 def _pieces(in_size: int, out_size: int) -> mx.array:
-    """float32 [in, 3 * out]: the weight matrix's 8-bit pieces c0 | c1 | c2 side by side."""
-    w = fixed_point_weights(in_size, out_size)
-    pieces = [w & 255, (w >> 8) & 255, w >> 16]                  # w >> 16 keeps the sign
-    return mx.array(np.concatenate(pieces, axis=1).astype(np.float32))
+    """float32 [in, 3 * out]: the weight matrix's 8-bit pieces c0 | c1 | c2 side by side, kept for
+    the sizes seen last (up to CACHE_BYTES)."""
+    key = (in_size, out_size)
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+    pieces = _build_pieces(in_size, out_size)
+    with _cache_lock:
+        _cache[key] = pieces
+        while len(_cache) > 1 and sum(p.nbytes for p in _cache.values()) > CACHE_BYTES:
+            _cache.popitem(last=False)
+    return pieces
+
+
+def _build_pieces(in_size: int, out_size: int) -> mx.array:
+    """The pieces scattered on the device from the taps. (Built densely on the host and uploaded,
+    as before, a 1440p width took ~0.3-1 s; with screens of several sizes in turn, a cache of the
+    last few then missed on every request: bench.first_request, bench/RESULTS.md.)"""
+    first, w = fixed_point_taps(in_size, out_size)
+    rows = first[:, None] + np.arange(w.shape[1])[None, :]
+    cols = np.broadcast_to(np.arange(out_size)[:, None], w.shape)
+    live = w != 0
+    rows, cols, w = rows[live], cols[live], w[live]
+    pieces = (w & 255, (w >> 8) & 255, w >> 16)                    # w >> 16 keeps the sign
+    r = mx.array(np.concatenate([rows] * 3).astype(np.int32))
+    c = mx.array(np.concatenate([cols, cols + out_size, cols + 2 * out_size]).astype(np.int32))
+    v = mx.array(np.concatenate(pieces).astype(np.float32))
+    return mx.zeros((in_size, 3 * out_size), mx.float32).at[r, c].add(v)
 
 
 def _pass(x: mx.array, out_size: int) -> mx.array:
