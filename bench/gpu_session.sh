@@ -2,7 +2,7 @@
 # One device call's worth of GPU measurements, logs under $OUT (see ../shared/gpu/README.md):
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
-# coldfirst e2e2b1080 mem newsize png decab head
+# coldfirst e2e2b1080 mem newsize png decab head plans
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
 # Between calls 1 and 2 of ../shared/gpu/README.md, one more call, carry [".gpu/ic"]:
@@ -49,6 +49,8 @@ for s in $steps; do case $s in
   newsize) run newsize 300 python3 -m bench.new_size ;;
   head)  run head 120 python3 -m bench.head_precision
          run head_fp32 120 env MLX_ENABLE_TF32=0 python3 -m bench.head_precision ;;
+  plans) run plans_mlx_defaults 200 python3 -m bench.attention_plans --mlx-defaults
+         run plans 200 python3 -m bench.attention_plans ;;
   png)   run png 300 python3 -m bench.png_decoders --reps 11 ;;
   decab) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          run decab 300 python3 -m bench.decoder_ab /tmp/ga2b ;;
