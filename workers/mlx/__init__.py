@@ -5,8 +5,8 @@ MLX's CUDA backend keeps cuDNN attention plans in an LRU keyed by exact shapes (
 and, unless MLX_ENABLE_CACHE_THRASHING_CHECK=0, throws once a process has missed it more than
 twice its capacity in its lifetime ("Cache thrashing is happening"). Measured on an H100 with MLX
 0.32.4: after 512 distinct attention shapes, every new shape fails, and shapes evicted earlier with
-it (bench/RESULTS.md). A server meets a new shape with every screen size, instruction length and
-batch, so a long-lived worker would start failing requests. Here a miss costs a rebuilt plan
+it (bench/RESULTS.md). A server meets new shapes with every screen size, prompt-length bucket and
+batch composition, so a long-lived worker would start failing requests. Here a miss costs a rebuilt plan
 (~40 ms) instead, and four times as many plans are kept. An operator's own values win.
 """
 import os
