@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from tests.stackutil import Stack, fake_model
+from tests.pngs import png
 
 MiB = 1024 * 1024
 CONFIG = {
@@ -35,18 +36,13 @@ def real_png(w=320, h=200) -> bytes:
     return buf.getvalue()
 
 
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-
 def png_with_dims(w: int, h: int, rows: int = 1) -> bytes:
     """A valid PNG header declaring w x h (8-bit grey) with `rows` rows of real zero pixel data:
     rows == h is a complete, genuinely decodable decompression bomb."""
     z = zlib.compressobj(9)
     row = b"\0" * (w + 1)   # filter byte + w grey pixels
     idat = b"".join(z.compress(row) for _ in range(rows)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    return png(struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0), idat)
 
 
 def url_of(data: bytes, mime="image/png") -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.pngs import png
 from workers import images
 from workers.engine import JobError
 
@@ -121,10 +122,7 @@ def test_decode_errors():
 @pytest.mark.parametrize("side", [9000, 100_000])
 def test_pixel_cap_is_checked_before_decoding(side):
     # A side x side PNG header with no pixel data: must be refused by size, not decoded.
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    bomb = png(struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0), zlib.compress(b""))
     with pytest.raises(JobError) as e:
         images.decode_image(bomb, 8192 * 8192)
     assert e.value.code == "payload_too_large"
@@ -191,13 +189,10 @@ def test_every_png_kind_decodes_to_pillows_pixels(mode):
 
 
 def _rgb48_png(rgb: np.ndarray) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     h, w, _ = rgb.shape
     wide = (rgb.astype(">u2") * 257).astype(">u2")
     rows = b"".join(b"\x00" + wide[y].tobytes() for y in range(h))
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return png(struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0), zlib.compress(rows))
 
 
 def test_the_fast_png_path_refuses_corrupt_data_with_a_clear_error():

@@ -13,6 +13,7 @@ from common.errors import ServerError
 from frontend import openai_api as api
 from frontend import sse
 from frontend.images import sniff
+from tests import pngs
 
 CFG = parse_config({
     "server": {"default_model": "m1", "max_image_bytes": 1_000_000, "max_image_pixels": 4096 * 4096},
@@ -29,9 +30,7 @@ def png(w=64, h=48, fmt="PNG", **kw) -> bytes:
 
 def png_header(w: int, h: int) -> bytes:
     """A valid PNG signature + IHDR declaring w x h, and a tiny IDAT: cheap huge 'images'."""
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return pngs.png(struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0), zlib.compress(b"\0" * 64))
 
 
 def data_url(data: bytes, mime="image/png") -> str:

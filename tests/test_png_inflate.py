@@ -12,15 +12,12 @@ import pytest
 from PIL import Image
 
 from bench.screens import png_bytes
+from tests.pngs import chunk, png
 from workers import png_inflate
 from workers.images import decode_image
 from workers.engine import JobError
 
 pytestmark = pytest.mark.skipif(not png_inflate.available(), reason="imagecodecs built without zlib-ng")
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def _paeth(a: int, b: int, c: int) -> int:
@@ -54,8 +51,7 @@ def _filtered_png(pixels: np.ndarray, filters: list[int], level: int = 6, idat_s
         out.append(bytes([ft]) + (f % 256).astype(np.uint8).tobytes())
     z = zlib.compress(b"".join(out), level)
     ihdr = struct.pack(">IIBBBBB", w, h, 8, {3: 2, 4: 6}[c], 0, 0, 0)
-    idats = b"".join(_chunk(b"IDAT", z[i:i + idat_size]) for i in range(0, len(z), idat_size))
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + idats + _chunk(b"IEND", b"")
+    return png(ihdr, *(z[i:i + idat_size] for i in range(0, len(z), idat_size)))
 
 
 def _image(h: int, w: int, c: int, seed: int) -> np.ndarray:
@@ -112,7 +108,7 @@ def test_what_this_path_does_not_handle_goes_back_to_the_plain_decoder():
                           struct.unpack(">IIBBBBB", good[ihdr_at + 4:ihdr_at + 17])))
         fields.update(change)
         ihdr = struct.pack(">IIBBBBB", *fields.values())
-        return good[:ihdr_at - 4] + _chunk(b"IHDR", ihdr) + good[ihdr_at + 21:]
+        return good[:ihdr_at - 4] + chunk(b"IHDR", ihdr) + good[ihdr_at + 21:]
 
     assert png_inflate.decode(with_ihdr(interlace=1)) is None
     assert png_inflate.decode(with_ihdr(depth=16)) is None
@@ -131,8 +127,7 @@ def test_what_this_path_does_not_handle_goes_back_to_the_plain_decoder():
 def test_an_invalid_filter_byte_is_a_clear_error():
     pixels = _image(200, 40, 3, seed=6)
     rows = b"".join(bytes([7 if y == 150 else 0]) + pixels[y].tobytes() for y in range(200))
-    ihdr = struct.pack(">IIBBBBB", 40, 200, 8, 2, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"")
+    data = png(struct.pack(">IIBBBBB", 40, 200, 8, 2, 0, 0, 0), zlib.compress(rows))
     with pytest.raises(JobError) as e:
         decode_image(data, 10**6)
     assert e.value.code == "invalid_image"
