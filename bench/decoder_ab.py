@@ -15,7 +15,7 @@ import time
 
 from bench.screens import png_bytes
 from common.config import ModelSpec
-from workers import images
+from workers import still_decoders
 from workers.engine import EngineOptions, GroundingRequest
 from workers.mlx.engine import MlxEngine
 
@@ -28,7 +28,7 @@ def main() -> None:
     a = ap.parse_args()
     eng = MlxEngine(ModelSpec(path=a.checkpoint), EngineOptions("decoder-ab", "/tmp", 1 << 30))
     eng.load()
-    fast = images.FAST_INFLATE
+    fast = still_decoders.FAST_INFLATE
     print("| size | decoder | preprocess ms | forward ms | prepare + run ms |\n|---|---|---|---|---|")
     for s in a.sizes.split(","):
         w, h = (int(v) for v in s.split("x"))
@@ -36,7 +36,7 @@ def main() -> None:
         res = {name: {"prep": [], "fwd": [], "all": []} for name in ("libpng", "zlib-ng + libpng in bands")}
         for _ in range(a.rounds):
             for name, r in res.items():
-                images.FAST_INFLATE = fast and name != "libpng"
+                still_decoders.FAST_INFLATE = fast and name != "libpng"
                 for data in datas:
                     time.sleep(0.05)
                     t = time.perf_counter()
@@ -48,7 +48,7 @@ def main() -> None:
         for name, r in res.items():
             m = {k: statistics.median(v[len(datas):]) for k, v in r.items()}
             print(f"| {s} | {name} | {m['prep']:.2f} | {m['fwd']:.2f} | {m['all']:.2f} |", flush=True)
-    images.FAST_INFLATE = fast
+    still_decoders.FAST_INFLATE = fast
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.pngs import png
-from workers import images
+from workers import images, still_decoders
 from workers.engine import JobError
 
 
@@ -182,7 +182,7 @@ def test_every_png_kind_decodes_to_pillows_pixels(mode):
         data = _png(img, **params)
         want = np.asarray(images.to_rgb(Image.open(io.BytesIO(data))))
     fast = mode in ("RGB", "RGBA", "RGBA opaque", "RGB 16-bit")       # 16-bit: refused after decoding
-    assert images._plain_png(Image.open(io.BytesIO(data))) == fast
+    assert still_decoders.covered(Image.open(io.BytesIO(data))) == fast
     got = images.decode_image(data, 10**6)
     assert got.shape == (37, 53, 3) and got.dtype == np.uint8 and got.flags.c_contiguous
     np.testing.assert_array_equal(got, want)

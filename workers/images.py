@@ -4,7 +4,7 @@ Steps (docs/gui-actor.md section 6): decode with a pixel cap checked on the head
 pixel is decoded; composite transparency onto white; down-only cap to 3200x1800 of area;
 `smart_resize` (factor 28); bicubic resize with PIL; rescale 1/255 and CLIP-normalise in float32;
 patchify to [grid_h * grid_w, 1176] with each 2x2 merge group contiguous. NumPy, PIL and
-imagecodecs (PNG decoding), no MLX: this runs on the preprocessing threads.
+imagecodecs (decoding), no MLX: this runs on the preprocessing threads.
 """
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import imagecodecs
 import numpy as np
 from PIL import Image
 
-from workers import png_inflate
+from workers import still_decoders
 from workers.engine import JobError
 from workers.parallel_resize import order_for, resize_bicubic
 
@@ -27,7 +26,6 @@ MERGE = 2
 TEMPORAL = 2
 FACTOR = PATCH * MERGE               # one visual token covers 28x28 resized pixels
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # screenshot formats; no exotic parsers on user bytes
-FAST_INFLATE = png_inflate.available()   # zlib-ng in this imagecodecs build
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
@@ -62,11 +60,9 @@ def decode_image(data: bytes | memoryview, max_pixels: int) -> np.ndarray:
     and is checked on the header, before decoding (decompression bombs). Raises JobError
     payload_too_large / invalid_image.
 
-    8-bit RGB and RGBA PNGs, nearly every screenshot, are decoded by imagecodecs' libpng, the
-    image data inflated by zlib-ng and unfiltered in bands on several threads where possible
-    (workers/png_inflate.py): the same pixels as Pillow's decoder, 4-6x faster on the GPU hosts'
-    CPUs, ~4.5 ms for a 1080p screenshot (bench.png_decoders, bench/RESULTS.md). Everything else
-    goes to Pillow."""
+    Still 8-bit RGB and RGBA PNGs, WebPs and JPEGs, nearly every screenshot, are decoded by
+    imagecodecs (workers/still_decoders.py): the same pixels as Pillow's decoders, 2-5x faster
+    (bench.still_decoders, bench/RESULTS.md). Everything else goes to Pillow."""
     raw = bytes(data)
     try:
         img = Image.open(io.BytesIO(raw), formats=FORMATS)
@@ -81,30 +77,21 @@ def decode_image(data: bytes | memoryview, max_pixels: int) -> np.ndarray:
         raise JobError("invalid_image", f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise JobError("payload_too_large", f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
-    if _plain_png(img):
-        try:
-            rgb = png_inflate.decode(raw) if FAST_INFLATE else None
-            if rgb is None:
-                rgb = imagecodecs.png_decode(raw)
-        except Exception as exc:
-            raise JobError("invalid_image", f"image data is truncated or corrupt: {exc}") from None
-        if rgb.dtype == np.uint8 and rgb.shape == (h, w, len(img.mode)):   # 16-bit: Pillow's way
-            if rgb.shape[2] == 3:
-                return rgb
-            if rgb[..., 3].min() == 255:    # opaque RGBA, as most RGBA screenshots are
-                return np.ascontiguousarray(rgb[..., :3])
-            return np.asarray(to_rgb(Image.fromarray(rgb, "RGBA")))
+    try:
+        rgb = still_decoders.decode(img, raw)
+    except Exception as exc:
+        raise JobError("invalid_image", f"image data is truncated or corrupt: {exc}") from None
+    if rgb is not None and rgb.dtype == np.uint8 and rgb.shape == (h, w, len(img.mode)):  # 16-bit: Pillow's way
+        if rgb.shape[2] == 3:
+            return rgb
+        if rgb[..., 3].min() == 255:    # opaque RGBA, as most RGBA screenshots are
+            return np.ascontiguousarray(rgb[..., :3])
+        return np.asarray(to_rgb(Image.fromarray(rgb, "RGBA")))
     try:
         img.load()
     except Exception as exc:
         raise JobError("invalid_image", f"image data is truncated or corrupt: {exc}") from None
     return np.asarray(to_rgb(img))
-
-
-def _plain_png(img: Image.Image) -> bool:
-    """A still PNG in RGB or RGBA without a colour-key: one whose decoded pixels are its RGB(A)."""
-    return (img.format == "PNG" and img.mode in ("RGB", "RGBA") and "transparency" not in img.info
-            and not getattr(img, "is_animated", False) and "default_image" not in img.info)
 
 
 def size_of(rgb: np.ndarray) -> tuple[int, int]:
