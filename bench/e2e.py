@@ -3,13 +3,14 @@
     python -m bench.e2e --model-path PATH [--sizes 1280x720,1920x1080] [--concurrency 1,8]
                         [--requests 20] [--engine mlx|fake] [--dtype bfloat16] [--max-batch 8]
                         [--torch-baseline prefill_floor.py|bench/torch_forward.py [--shape 7b]]
+                        [--formats png,jpeg,webp]
 
-For each screenshot size and client count it reports p50/p95 end-to-end latency, throughput, the
-worker's own forward time (from the response's timings), serving overhead (end-to-end minus the
-worker's forward: HTTP, queueing, image decoding and resizing), the worker's preprocessing (decode +
-resize) and queueing times within it, and the device memory peak of the level's last batch (the
-worker resets the peak before each batch: with one client, one request's peak), as a markdown table
-on stdout.
+For each screenshot size, format (bench.screens.SAVE) and client count it reports p50/p95
+end-to-end latency, throughput, the worker's own forward time (from the response's timings), serving
+overhead (end-to-end minus the worker's forward: HTTP, queueing, image decoding and resizing), the
+worker's preprocessing (decode + resize) and queueing times within it, and the device memory peak of
+the level's last batch (the worker resets the peak before each batch: with one client, one request's
+peak), as a markdown table on stdout.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import time
 from base64 import b64encode
 from pathlib import Path
 
-from bench.screens import png_bytes
+from bench.screens import MIME, encoded
 from tests.stackutil import Stack
 
 
@@ -33,8 +34,8 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def request_body(model: str, png: bytes, instruction: str) -> bytes:
-    url = "data:image/png;base64," + b64encode(png).decode()
+def request_body(model: str, image: bytes, instruction: str, fmt: str = "png") -> bytes:
+    url = f"data:{MIME[fmt]};base64," + b64encode(image).decode()
     return json.dumps({"model": model, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": instruction}]}]}).encode()
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-pixels", type=int, default=5720064)
     ap.add_argument("--sizes", default="1280x720,1920x1080,2560x1440")
     ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--formats", default="png", help="screenshot formats, comma-separated: png, jpeg, webp")
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--ready-timeout", type=float, default=600)
     ap.add_argument("--torch-baseline", default=None, metavar="SCRIPT",
@@ -137,12 +139,12 @@ def main(argv: list[str] | None = None) -> None:
             status = {m["id"]: m for m in stack.models()}["bench"]
             print(f"stack ready in {ready_s:.1f} s; model load {status.get('load_seconds')} s; "
                   f"weights {status['memory'].get('weights_bytes', 0) / 1e9:.2f} GB", flush=True)
-            print("| size | clients | requests | p50 ms | p95 ms | req/s | req/s vs 1 client | worker forward p50 ms | "
+            print("| size | format | clients | requests | p50 ms | p95 ms | req/s | req/s vs 1 client | worker forward p50 ms | "
                   "overhead p50 ms | of which preprocess p50 ms | of which queue p50 ms | PyTorch forward ms | "
                   "p50 / PyTorch forward | last batch's peak GB |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-            for w, h in sizes:
-                bodies = [request_body("bench", png_bytes(w, h, seed), f"click Button {seed}") for seed in range(4)]
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for (w, h), fmt in ((size, fmt) for size in sizes for fmt in args.formats.split(",")):
+                bodies = [request_body("bench", encoded(w, h, seed, fmt), f"click Button {seed}", fmt) for seed in range(4)]
                 single_rps = None
                 for c in levels:
                     total = max(args.requests, 2 * c)
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
                     base_col = f"{base:.1f} | {r['p50'] * 1e3 / base:.2f}x" if base else "- | -"
                     time.sleep(1.5)         # the worker's memory reaches the status with its next heartbeat
                     peak = {m["id"]: m for m in stack.models()}["bench"]["memory"].get("peak_bytes", 0)
-                    print(f"| {w}x{h} | {c} | {total} | {r['p50']*1e3:.1f} | {r['p95']*1e3:.1f} | {r['rps']:.2f} | "
+                    print(f"| {w}x{h} | {fmt} | {c} | {total} | {r['p50']*1e3:.1f} | {r['p95']*1e3:.1f} | {r['rps']:.2f} | "
                           f"{vs_single} | {r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} | "
                           f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} | {base_col} | {peak / 1e9:.2f} |", flush=True)
 

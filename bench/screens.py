@@ -35,7 +35,19 @@ def screenshot(width: int, height: int, seed: int = 0) -> Image.Image:
     return img
 
 
-def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
+# How agents' screenshot tools commonly save them: PNG (lossless), JPEG and WebP at a quality
+# that keeps small text legible.
+SAVE = {"png": ("PNG", {}), "jpeg": ("JPEG", {"quality": 85}), "webp": ("WEBP", {"quality": 80})}
+MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def encoded(width: int, height: int, seed: int = 0, fmt: str = "png") -> bytes:
+    """The screenshot saved as `fmt`, a key of SAVE."""
+    name, params = SAVE[fmt]
     buf = io.BytesIO()
-    screenshot(width, height, seed).save(buf, format="PNG")
+    screenshot(width, height, seed).save(buf, format=name, **params)
     return buf.getvalue()
+
+
+def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    return encoded(width, height, seed, "png")
