@@ -133,3 +133,14 @@ def test_other_kinds_go_to_pillow(img, fmt, params):
     got = images.decode_image(data, 10**7)
     assert got.shape == (30, 40, 3)
     np.testing.assert_array_equal(got, _pillow(data))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_colour_profile_and_exif_metadata_change_nothing(fmt):
+    # macOS screenshots carry an ICC profile; Pillow ignores profiles when decoding, and so do we.
+    # In WebP, metadata also moves the file to the extended (VP8X) container.
+    from PIL import ImageCms
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = _save(screenshot(400, 300, 2), fmt, quality=90, icc_profile=icc, exif=b"Exif\0\0" + bytes(20))
+    assert _fast(data) is not None
+    np.testing.assert_array_equal(images.decode_image(data, 10**7), _pillow(data))
