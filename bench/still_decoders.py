@@ -19,7 +19,7 @@ from bench.prep_profile import med
 from bench.screens import SAVE, screenshot
 from workers import images, still_decoders
 
-VARIANTS = {**{fmt: SAVE[fmt] for fmt in SAVE},
+VARIANTS = {**SAVE,
             "jpeg 4:4:4": ("JPEG", {"quality": 85, "subsampling": 0}),
             "webp lossless": ("WEBP", {"lossless": True})}
 

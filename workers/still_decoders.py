@@ -30,6 +30,7 @@ from workers import png_inflate
 
 FAST_INFLATE = png_inflate.available()   # zlib-ng in this imagecodecs build
 JPEG_END = b"\xff\xd9"                   # EOI marker
+DECODERS = {"JPEG": imagecodecs.jpeg8_decode, "WEBP": imagecodecs.webp_decode}   # beside PNG's
 
 
 def covered(img: Image.Image) -> bool:
@@ -51,9 +52,9 @@ def decode(img: Image.Image, data: bytes) -> np.ndarray | None:
     if img.format == "PNG":
         rgb = png_inflate.decode(data) if FAST_INFLATE else None
         return imagecodecs.png_decode(data) if rgb is None else rgb
-    if img.format == "JPEG":
-        return imagecodecs.jpeg8_decode(data) if data.rstrip(b"\0").endswith(JPEG_END) else None
-    return imagecodecs.webp_decode(data)
+    if img.format == "JPEG" and not data.rstrip(b"\0").endswith(JPEG_END):
+        return None
+    return DECODERS[img.format](data)
 
 
 def _probe_images() -> dict[str, list[bytes]]:
@@ -77,8 +78,7 @@ def _probe_images() -> dict[str, list[bytes]]:
 
 
 def _same_as_pillow() -> frozenset[str]:
-    """The formats among JPEG and WebP whose imagecodecs pixels equal Pillow's on the probe images."""
-    decoders = {"JPEG": imagecodecs.jpeg8_decode, "WEBP": imagecodecs.webp_decode}
+    """The formats in DECODERS whose imagecodecs pixels equal Pillow's on the probe images."""
     try:
         probes = _probe_images()
     except Exception:          # a Pillow built without a codec cannot open that format anyway
@@ -86,7 +86,7 @@ def _same_as_pillow() -> frozenset[str]:
     same = set()
     for fmt, datas in probes.items():
         try:
-            if all(np.array_equal(np.asarray(Image.open(io.BytesIO(d))), decoders[fmt](d)) for d in datas):
+            if all(np.array_equal(np.asarray(Image.open(io.BytesIO(d))), DECODERS[fmt](d)) for d in datas):
                 same.add(fmt)
         except Exception:
             pass
