@@ -141,6 +141,9 @@ class ModelSpec:
     max_batch: int = 4                        # jobs batched into one forward pass
     prep_threads: int | None = None           # image decode/resize threads; None: half the cores, <= 4
     system_prompt: str | None = None          # None: the authors' prompt for the backbone
+    # a screenshot's vision encoding and prompt prefix, kept for the next question about the same
+    # image (workers/screen_cache.py); 0 turns it off
+    screenshot_cache_mb: int = 512
     # screen sizes ("1920x1080") run once at load, so the first request pays no kernel compiling;
     # None: 1920x1080 on a GPU, none on the CPU; [] : none
     warmup: list | None = None
@@ -159,6 +162,9 @@ class ModelSpec:
         _check(1 <= self.max_batch <= 64, f"{key}.max_batch", "must be within 1..64")
         _check(self.prep_threads is None or 1 <= self.prep_threads <= 64, f"{key}.prep_threads",
                "must be null or within 1..64")
+        _check(isinstance(self.screenshot_cache_mb, int) and not isinstance(self.screenshot_cache_mb, bool)
+               and 0 <= self.screenshot_cache_mb <= 1 << 20, f"{key}.screenshot_cache_mb",
+               "must be an integer within 0..1048576 (MB; 0 turns the cache off)")
         _check(self.warmup is None or all(isinstance(v, str) and WARMUP_SIZE.fullmatch(v)
                                           and 28 <= min(warmup_size(v)) and max(warmup_size(v)) <= 8192
                                           for v in self.warmup),

@@ -327,12 +327,16 @@ def coordinates(result: Mapping) -> dict | None:
 
 def usage_block(usage: Mapping) -> dict:
     """prompt_tokens counts text + image tokens (`prompt_tokens_details.image_tokens` of them are
-    the image's); completion_tokens is 0: the pointer head emits a point, not tokens (the action
-    text is formatted here, not generated)."""
+    the image's); `prompt_tokens_details.cached_tokens`, as OpenAI reports prompt caching: those
+    whose state the worker's screenshot cache supplied (the system prompt and the image, when the
+    same screenshot was asked about before); completion_tokens is 0: the pointer head emits a
+    point, not tokens (the action text is formatted here, not generated)."""
     prompt = int(usage.get("prompt_tokens", 0))
     out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
-    if isinstance(usage.get("image_tokens"), int):   # extension: how many of them are the image's
-        out["prompt_tokens_details"] = {"image_tokens": usage["image_tokens"]}
+    details = {k: usage[k] for k in ("cached_tokens", "image_tokens")
+               if isinstance(usage.get(k), int) and not isinstance(usage.get(k), bool)}
+    if details:     # image_tokens is an extension: how many of the prompt's are the image's
+        out["prompt_tokens_details"] = details
     return out
 
 

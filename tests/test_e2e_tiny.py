@@ -179,6 +179,27 @@ def test_token_accounting_and_system_prompt(client):
     assert text_tokens(longer) > n_text
 
 
+def test_a_second_question_about_a_screenshot_reports_cached_tokens(client):
+    """The worker's screenshot cache, seen over HTTP as OpenAI reports prompt caching. The
+    reference answer is the same question about the same pixels saved as other bytes (a new key)."""
+    im = Image.open(io.BytesIO(screenshot(411, 287)))
+    fresh, again = io.BytesIO(), io.BytesIO()
+    im.save(fresh, "PNG", compress_level=1)
+    im.save(again, "PNG", compress_level=9)
+    first = ground(client, image=fresh.getvalue(), text="click the Save button")
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    second = ground(client, image=fresh.getvalue(), text="close this window")
+    want = ground(client, image=again.getvalue(), text="close this window")
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert want["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert check_grounding(second, 411, 287)["grid"] == check_grounding(want, 411, 287)["grid"]
+    image_tokens = second["usage"]["prompt_tokens_details"]["image_tokens"]
+    assert image_tokens < cached < second["usage"]["prompt_tokens"]     # system prompt and image
+    got, ref = (d["choices"][0]["message"]["grounding"]["points"][0] for d in (second, want))
+    assert got["x"] == pytest.approx(ref["x"], abs=1e-3) and got["y"] == pytest.approx(ref["y"], abs=1e-3)
+    assert got["score"] == pytest.approx(ref["score"], rel=1e-4)
+
+
 def test_profile_and_max_pixels_change_resizing(client):
     big = check_grounding(ground(client), W, H)["resized_size"]
     small = check_grounding(ground(client, extra_body={"max_pixels": 60_000}), W, H)["resized_size"]

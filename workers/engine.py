@@ -77,6 +77,7 @@ class GroundingResult:
     grid: tuple[int, int]
     prompt_tokens: int
     image_tokens: int
+    cached_tokens: int = 0              # prompt tokens whose state came from the screenshot cache
     attention: bytes | None = None      # float32 little-endian, row-major n_h*n_w
     timings: dict = field(default_factory=dict)   # milliseconds: preprocess, forward, head, ...
     peak_mem: int = 0                    # bytes, device peak during this job's batch
@@ -87,6 +88,7 @@ class GroundingResult:
                   "resized_size": list(self.resized_size), "grid": list(self.grid),
                   "attention_blob": 0 if self.attention is not None else None}
         usage = {"prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
+                 "cached_tokens": self.cached_tokens,
                  "completion_tokens": 0, "total_tokens": self.prompt_tokens}
         return result, usage, ([self.attention] if self.attention is not None else [])
 

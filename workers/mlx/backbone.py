@@ -18,6 +18,7 @@ from workers.mlx.checkpoint import Checkpoint, CheckpointError
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 QUANT_GROUP = 64
 PAD_MULTIPLE = 64   # prompt lengths are padded to this (at most 63 extra tokens, ~2 % at 1080p)
+TAIL_MULTIPLE = 16  # the same for the tokens after a kept prefix (workers/screen_cache.py)
 
 # checkpoint name prefix -> mlx-vlm parameter prefix (old layout first, then transformers >= 4.52)
 _RENAMES = (("model.language_model.", "language_model.model."), ("model.visual.", "vision_tower."),
@@ -140,7 +141,7 @@ def pointer_states(model, input_ids: np.ndarray, image_start: int, image_embeds:
 
 def pointer_states_batch(model, input_ids: list[np.ndarray], image_starts: list[int],
                          image_embeds: list[mx.array], position_ids: list[np.ndarray],
-                         pointer_pos: list[int], fast_lm=None, pace=None) -> mx.array:
+                         pointer_pos: list[int], fast_lm=None, pace=None, keep: list[int] | None = None):
     """`pointer_states` for several prompts in one forward -> [B, D], one pointer per prompt.
 
     Prompts are right-padded to the longest, rounded up to a multiple of `PAD_MULTIPLE`: every
@@ -149,21 +150,44 @@ def pointer_states_batch(model, input_ids: list[np.ndarray], image_starts: list[
     sequence length costs the GPU backend a new attention plan (cuDNN graph) and new compiled
     kernels, and instruction lengths vary with every request. `fast_lm` (a FastLanguageModel over
     the same parameters) runs the language model instead of mlx-vlm's forward, cutting its graph
-    with `pace` (a RunAhead)."""
+    with `pace` (a RunAhead). `keep` (needs `fast_lm`): see FastLanguageModel.pointer_states."""
     lm = model.language_model.model
-    length = -(-max(len(ids) for ids in input_ids) // PAD_MULTIPLE) * PAD_MULTIPLE
-    rows, pos = [], np.zeros((3, len(input_ids), length), dtype=np.int32)
-    for b, (ids, start, img, p) in enumerate(zip(input_ids, image_starts, image_embeds, position_ids)):
+    rows = []
+    for ids, start, img in zip(input_ids, image_starts, image_embeds):
         emb = lm.embed_tokens(mx.array(ids.astype(np.int32)))
-        n = img.shape[0]
-        parts = [emb[:start], img.astype(emb.dtype), emb[start + n:]]
-        if length > len(ids):
-            parts.append(mx.zeros((length - len(ids), emb.shape[-1]), dtype=emb.dtype))
-        rows.append(mx.concatenate(parts, axis=0))
-        pos[:, b, :len(ids)] = p
-    h = mx.stack(rows)
+        rows.append(mx.concatenate([emb[:start], img.astype(emb.dtype), emb[start + img.shape[0]:]], axis=0))
+    h, pos = _right_padded(rows, position_ids, PAD_MULTIPLE)
     if fast_lm is not None:     # workers/mlx/language.py: same function, fewer and fused kernels
-        return fast_lm.pointer_states(h, mx.array(pos), pointer_pos, pace)
-    dummy = mx.zeros((len(input_ids), length), dtype=mx.int32)   # unused once inputs_embeds is given
-    out = lm(dummy, inputs_embeds=h, position_ids=mx.array(pos))       # [B, L, D], after model.norm
+        return fast_lm.pointer_states(h, pos, pointer_pos, pace, keep)
+    if keep is not None:
+        raise ValueError("keeping a prompt prefix needs our language-model forward")
+    dummy = mx.zeros(h.shape[:2], dtype=mx.int32)   # unused once inputs_embeds is given
+    out = lm(dummy, inputs_embeds=h, position_ids=pos)       # [B, L, D], after model.norm
     return out[mx.arange(len(input_ids)), mx.array(pointer_pos)]
+
+
+def pointer_state_after(model, fast_lm, kept: list, tail_ids: list[np.ndarray],
+                        tail_positions: list[np.ndarray]) -> mx.array:
+    """Pointer states [B, D] of prompts that share one kept prefix (`kept`, from
+    `pointer_states_batch(..., keep=...)`: the same screenshot and system prompt): tail_ids[b] [T_b]
+    are prompt b's tokens after the prefix, ending at its <|pointer_pad|>, tail_positions[b]
+    [3, T_b] their M-RoPE positions. Tails are right-padded to the longest, rounded up to a
+    multiple of TAIL_MULTIPLE, for the same reasons as in `pointer_states_batch`."""
+    lm = model.language_model.model
+    rows = [lm.embed_tokens(mx.array(ids.astype(np.int32))) for ids in tail_ids]
+    h, pos = _right_padded(rows, tail_positions, TAIL_MULTIPLE)
+    return fast_lm.pointer_state_after(kept, h, pos, [len(ids) - 1 for ids in tail_ids])
+
+
+def _right_padded(rows: list[mx.array], positions: list[np.ndarray], multiple: int) -> tuple[mx.array, mx.array]:
+    """Rows [L_b, C] and their M-RoPE positions [3, L_b] -> (h [B, L, C], positions [3, B, L]),
+    zeros after each row, L the longest rounded up to `multiple`."""
+    length = -(-max(r.shape[0] for r in rows) // multiple) * multiple
+    pos = np.zeros((3, len(rows), length), dtype=np.int32)
+    padded = []
+    for b, (r, p) in enumerate(zip(rows, positions)):
+        if length > r.shape[0]:
+            r = mx.concatenate([r, mx.zeros((length - r.shape[0], r.shape[-1]), dtype=r.dtype)], axis=0)
+        padded.append(r)
+        pos[:, b, :p.shape[1]] = p
+    return mx.stack(padded), mx.array(pos)

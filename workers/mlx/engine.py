@@ -10,7 +10,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
@@ -21,7 +21,7 @@ from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest, GroundingResult, JobError, LoadReport, MemoryReport
 from workers.families import family_for
 from workers.images import PreparedImage, decode_image, plan_resize, preprocess, size_of
-from workers.mlx.backbone import load_backbone, pointer_states_batch, resolve_dtype
+from workers.mlx.backbone import load_backbone, pointer_state_after, pointer_states_batch, resolve_dtype
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
 from workers.mlx.head import float32_matmul_error, head_from_tensors
 from workers.mlx.language import FastLanguageModel
@@ -30,6 +30,7 @@ from workers.mlx import resize
 from workers.mlx.vision import FastQwen2Vision, FastVision, normalized_patches
 from workers.mlx.vision_qwen2_5 import FastQwen25Vision
 from workers.parallel_resize import learn_now
+from workers.screen_cache import ScreenCache
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,28 @@ class PreparedJob:
     topk: int
     return_attention: bool
     preprocess_ms: float
+    cache_key: tuple | None = None            # the screenshot cache's key; None: the cache is off
+    cached: "ScreenEntry | None" = None       # found in the cache when prepared
+
+    @property
+    def prefix(self) -> int:
+        """Tokens up to the image's end: what a screenshot cache entry holds the state of."""
+        return self.image_start + self.image.n_tokens
+
+
+@dataclass(frozen=True)
+class ScreenEntry:
+    """A screenshot's instruction-independent state (workers/screen_cache.py): the image's sizes
+    (no pixels), the prompt's length up to the image's end, the pointer head's image side
+    [n_img, D] float32 and the language model's keys and values over that prefix, per layer."""
+    image: PreparedImage
+    prefix: int
+    image_side: mx.array
+    kept: list
+
+    @property
+    def nbytes(self) -> int:
+        return self.image_side.nbytes + sum(k.nbytes + v.nbytes for k, v in self.kept)
 
 
 def fast_language_model(text_model) -> FastLanguageModel | None:
@@ -94,6 +117,7 @@ class MlxEngine:
         self._vision: FastVision | None = None   # our vision forward (both backbones)
         self._device_resize = False
         self._lm: FastLanguageModel | None = None     # our language-model forward; None: mlx-vlm's
+        self._cache = ScreenCache(0)                   # the screenshot cache, sized at load
         self.run_ahead = RUN_AHEAD                     # chunks of the forward scheduled at once
         self.dtype = None
         self.path = None
@@ -130,6 +154,7 @@ class MlxEngine:
         self._model, self._head, self._tok, self._family, self._ids = model, head, tok, family, ids
         self._vision = (FastQwen2Vision if ckpt.model_type == "qwen2_vl" else FastQwen25Vision)(model.vision_tower)
         self._lm = fast_language_model(model.language_model.model)
+        self._cache = ScreenCache(self._screen_cache_bytes())
         err = float32_matmul_error()
         log.info("pointer head in float32: its matmuls run %s here (relative error %.1e)",
                  "in full float32" if err < 1e-5 else "as TF32 (MLX_ENABLE_TF32=0 for full float32)", err)
@@ -143,6 +168,7 @@ class MlxEngine:
         self._weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters())) + \
             sum(v.nbytes for _, v in tree_flatten(head.parameters()))
         self._warm_up()
+        self._cache.clear()
         seconds = time.perf_counter() - t0
         log.info("loaded %s (%s, %s, %.1f MB) in %.2fs", path, ckpt.model_type, dtype,
                  self._weights_bytes / 1e6, seconds)
@@ -160,16 +186,39 @@ class MlxEngine:
             Image.fromarray(rgb).save(buf, "PNG", compress_level=1)
             capped, _, target = plan_resize(rgb, self.spec.min_pixels, self.spec.max_pixels)
             learn_now(size_of(capped), target)              # so the device resize is warmed too
-            try:
-                (out,) = self.run([self.prepare(GroundingRequest("warmup", buf.getvalue(), "click the button"))])
-            except JobError as exc:
-                out = exc
-            if isinstance(out, JobError):     # e.g. a max_context_length below this screen's tokens
-                log.warning("warm-up at %dx%d skipped: %s", w, h, out.message)
-                continue
-            log.info("warm-up at %dx%d took %.2fs", w, h, time.perf_counter() - t)
+            # twice where the screenshot cache is on: the second question about the same screen
+            # takes the cache's path, whose shapes are new too
+            for _ in range(2 if self._cache.enabled else 1):
+                try:
+                    (out,) = self.run([self.prepare(GroundingRequest("warmup", buf.getvalue(), "click the button"))])
+                except JobError as exc:
+                    out = exc
+                if isinstance(out, JobError):     # e.g. a max_context_length below this screen's tokens
+                    log.warning("warm-up at %dx%d skipped: %s", w, h, out.message)
+                    break
+            else:
+                log.info("warm-up at %dx%d took %.2fs", w, h, time.perf_counter() - t)
+
+    def _screen_cache_bytes(self) -> int:
+        """The screenshot cache's budget: the configured one where our language-model forward runs
+        and keeps a prompt prefix correctly here (a probe), else 0 (logged)."""
+        budget = self.spec.screenshot_cache_mb << 20
+        if not budget:
+            return 0
+        if self._lm is None:
+            log.info("screenshot cache off: it needs our language-model forward, which these weights do not take")
+            return 0
+        try:
+            if self._lm.prefix_agrees():
+                log.info("screenshot cache: up to %d MB", self.spec.screenshot_cache_mb)
+                return budget
+            log.warning("screenshot cache off: a kept prefix disagrees with the whole forward on the load probe")
+        except Exception as exc:
+            log.warning("screenshot cache off: the load probe failed (%s: %s)", type(exc).__name__, exc)
+        return 0
 
     def unload(self) -> None:
+        self._cache.clear()
         self._model = self._head = self._tok = self._vision = self._lm = None
         self._weights_bytes = 0
         mx.clear_cache()
@@ -180,13 +229,18 @@ class MlxEngine:
         if self._tok is None:
             raise JobError("model_unavailable", "model is not loaded")
         t0 = time.perf_counter()
-        rgb = decode_image(request.image, self.options.max_image_pixels)
         max_px = request.max_pixels or self.spec.max_pixels
         min_px = min(request.min_pixels or self.spec.min_pixels, max_px)
-        image = preprocess(rgb, min_px, max_px, patches=False,
-                           device_resize=resize.supported if self._device_resize else None)
         fam = self._family
         system = request.system if request.system is not None else self._system
+        key = self._cache.key(request.image, min_px, max_px, system)    # None while the cache is off
+        entry = self._cache.get(key)
+        if entry is not None:           # the same bytes decoded and resized before: sizes suffice
+            image = entry.image
+        else:
+            rgb = decode_image(request.image, self.options.max_image_pixels)
+            image = preprocess(rgb, min_px, max_px, patches=False,
+                               device_resize=resize.supported if self._device_resize else None)
         before, after = fam.prompt_parts(system, request.instruction)
         pad, ptr = self._ids[fam.IMAGE_PAD], self._ids[fam.POINTER_PAD]
         head_ids = self._tok.encode(before, add_special_tokens=False).ids
@@ -205,7 +259,7 @@ class MlxEngine:
                            position_ids=fam.mrope_positions(len(ids), len(head_ids), n_h, n_w),
                            pointer_pos=len(ids) - 1, topk=request.topk or self.spec.topk,
                            return_attention=request.return_attention,
-                           preprocess_ms=(time.perf_counter() - t0) * 1e3)
+                           preprocess_ms=(time.perf_counter() - t0) * 1e3, cache_key=key, cached=entry)
 
     def run(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
         """One forward pass for the whole batch (vision tower over all images, language model
@@ -226,17 +280,24 @@ class MlxEngine:
 
     def forward(self, batch: list[PreparedJob]) -> tuple[list[mx.array], mx.array]:
         """(encoder vectors per job [n_img, D], pointer states [B, D]), evaluated."""
+        encs, dec, _ = self._forward(batch)
+        return encs, dec
+
+    def _forward(self, batch: list[PreparedJob], keep: list[int] | None = None):
+        """`forward`, plus each job's kept prefix keys and values where `keep` asks (see
+        FastLanguageModel.pointer_states) -> (encs, dec, kept or None), evaluated."""
         patches = [normalized_patches(self._resized(j.image), self._vision.dtype) for j in batch]
         # one RunAhead for the whole pass, so the vision tower's last chunks count in the language model's
         pace = RunAhead(self.run_ahead)
         enc_all = self._vision(patches, [j.image.grid_thw[1:] for j in batch], pace)
         cuts = np.cumsum([j.image.n_tokens for j in batch])[:-1].tolist()
         encs = mx.split(enc_all, cuts, axis=0) if cuts else [enc_all]
-        dec = pointer_states_batch(self._model, [j.input_ids for j in batch], [j.image_start for j in batch],
+        out = pointer_states_batch(self._model, [j.input_ids for j in batch], [j.image_start for j in batch],
                                    encs, [j.position_ids for j in batch], [j.pointer_pos for j in batch],
-                                   fast_lm=self._lm, pace=pace)
-        mx.eval(encs, dec)
-        return encs, dec
+                                   fast_lm=self._lm, pace=pace, keep=keep)
+        dec, kept = out if keep is not None else (out, None)
+        mx.eval(encs, dec, kept)
+        return encs, dec, kept
 
     @staticmethod
     def _resized(image: PreparedImage) -> mx.array:
@@ -247,32 +308,102 @@ class MlxEngine:
         return resize.resize_bicubic(rgb, image.resized[0], image.resized[1], image.resize_order)
 
     def _run_batch(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
+        """Jobs whose screenshot is in the cache run from it; the rest run one forward together.
+        Several jobs in one batch about the same new screenshot: the first runs the forward, the
+        others then take the cache's path."""
+        out: list[GroundingResult | JobError | None] = [None] * len(batch)
+        whole, later, hits = [], [], []
+        computing: set[tuple] = set()
+        for i, job in enumerate(batch):
+            entry = job.cached or self._cache.get(job.cache_key)   # or stored since it was prepared
+            if entry is not None and entry.prefix == job.prefix:
+                hits.append((i, entry))
+            elif job.cache_key is not None and job.cache_key in computing:
+                later.append(i)
+            else:
+                whole.append(i)
+                if job.cache_key is not None:
+                    computing.add(job.cache_key)
+        if whole:
+            for i, result in zip(whole, self._run_whole([batch[i] for i in whole])):
+                out[i] = result
+        for i in later:
+            entry = self._cache.get(batch[i].cache_key)
+            if entry is not None:
+                hits.append((i, entry))
+            else:                       # not stored (over the budget, or that job failed)
+                out[i] = self._run_whole([batch[i]])[0]
+        groups: dict[int, list[int]] = {}          # one forward per screenshot for its questions
+        entries = {}
+        for i, entry in hits:
+            groups.setdefault(id(entry), []).append(i)
+            entries[id(entry)] = entry
+        for key, members in groups.items():
+            for i, result in zip(members, self._run_cached([batch[i] for i in members], entries[key])):
+                out[i] = result
+        return out
+
+    def _keep_length(self, job: PreparedJob) -> int:
+        """The prefix length to keep for the cache (0: none, or it would not fit its budget)."""
+        if job.cache_key is None:
+            return 0
+        layer = self._lm.kv_heads * self._lm.head_dim * job.prefix * 2 * self.dtype.size
+        side = job.image.n_tokens * self._head.dim * 4
+        return job.prefix if self._cache.fits(len(self._lm.layers) * layer + side) else 0
+
+    def _run_whole(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
         t0 = time.perf_counter()
-        encs, dec = self.forward(batch)
+        keep = [self._keep_length(j) for j in batch]
+        encs, dec, kept = self._forward(batch, keep if any(keep) else None)
         t1 = time.perf_counter()
-        maps = [self._head(enc, dec[i:i + 1])[0] for i, enc in enumerate(encs)]
-        mx.eval(maps)
+        sides = [self._head.encode_image(enc) for enc in encs]
+        maps = [self._head.point(side, dec[i:i + 1])[0] for i, side in enumerate(sides)]
+        mx.eval(sides, maps)
         t2 = time.perf_counter()
         peak = mx.get_peak_memory()
-        out: list[GroundingResult | JobError] = []
-        for job, scores in zip(batch, maps):
-            t3 = time.perf_counter()
-            s = np.array(scores, dtype=np.float32)
-            if not np.all(np.isfinite(s)):
-                out.append(JobError("internal", "the pointer head produced non-finite attention "
-                                                f"(dtype {self.dtype}); try dtype float32"))
-                continue
-            n_h, n_w = job.image.token_grid
-            regions = self._family.extract_regions(s, n_h, n_w)
-            points = self._family.to_points(regions, job.topk, job.image.original)
-            out.append(GroundingResult(
-                points=points, image_size=job.image.original, resized_size=job.image.resized,
-                grid=(n_h, n_w), prompt_tokens=int(len(job.input_ids)), image_tokens=job.image.n_tokens,
-                attention=s.astype("<f4").tobytes() if job.return_attention else None,
-                timings={"preprocess": job.preprocess_ms, "forward": (t1 - t0) * 1e3,
-                         "head": (t2 - t1) * 1e3, "postprocess": (time.perf_counter() - t3) * 1e3},
-                peak_mem=peak))
+        out = []
+        for i, job in enumerate(batch):
+            result = self._result(job, maps[i], {"preprocess": job.preprocess_ms, "forward": (t1 - t0) * 1e3,
+                                                 "head": (t2 - t1) * 1e3}, peak)
+            if keep[i] and isinstance(result, GroundingResult):
+                entry = ScreenEntry(replace(job.image, pixel_values=None, rgb=None, resize_order=None),
+                                    job.prefix, sides[i], kept[i])
+                self._cache.put(job.cache_key, entry, entry.nbytes)
+            out.append(result)
         return out
+
+    def _run_cached(self, jobs: list[PreparedJob], entry: ScreenEntry) -> list[GroundingResult | JobError]:
+        """Questions about one cached screenshot: the language model over each instruction's tokens
+        only, against the kept prefix; the head's instruction side against its kept image side."""
+        t0 = time.perf_counter()
+        dec = pointer_state_after(self._model, self._lm, entry.kept, [j.input_ids[entry.prefix:] for j in jobs],
+                                  [j.position_ids[:, entry.prefix:] for j in jobs])
+        mx.eval(dec)
+        t1 = time.perf_counter()
+        maps = self._head.point(entry.image_side, dec)
+        mx.eval(maps)
+        t2 = time.perf_counter()
+        timings = {"forward": (t1 - t0) * 1e3, "head": (t2 - t1) * 1e3}
+        peak = mx.get_peak_memory()
+        return [self._result(job, maps[i], {"preprocess": job.preprocess_ms, **timings}, peak,
+                             cached_tokens=entry.prefix) for i, job in enumerate(jobs)]
+
+    def _result(self, job: PreparedJob, scores: mx.array, timings: dict, peak: int,
+                cached_tokens: int = 0) -> GroundingResult | JobError:
+        t3 = time.perf_counter()
+        s = np.array(scores, dtype=np.float32)
+        if not np.all(np.isfinite(s)):
+            return JobError("internal", "the pointer head produced non-finite attention "
+                                        f"(dtype {self.dtype}); try dtype float32")
+        n_h, n_w = job.image.token_grid
+        regions = self._family.extract_regions(s, n_h, n_w)
+        points = self._family.to_points(regions, job.topk, job.image.original)
+        return GroundingResult(
+            points=points, image_size=job.image.original, resized_size=job.image.resized,
+            grid=(n_h, n_w), prompt_tokens=int(len(job.input_ids)), image_tokens=job.image.n_tokens,
+            cached_tokens=cached_tokens,
+            attention=s.astype("<f4").tobytes() if job.return_attention else None,
+            timings={**timings, "postprocess": (time.perf_counter() - t3) * 1e3}, peak_mem=peak)
 
     # ---- memory ----------------------------------------------------------------------------
     def memory(self) -> MemoryReport:

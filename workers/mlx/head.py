@@ -68,12 +68,19 @@ class PointerHead(nn.Module):
     def __call__(self, enc: mx.array, dec: mx.array) -> mx.array:
         """enc [n_img, D] visual tokens, dec [n_ptr, D] pointer states -> [n_ptr, n_img]
         attention over visual tokens (rows sum to 1), float32."""
+        return self.point(self.encode_image(enc), dec)
+
+    def encode_image(self, enc: mx.array) -> mx.array:
+        """The image's side, [n_img, D] float32: all of the head's work that does not depend on
+        the instruction, so a screenshot's can be kept for its next question."""
         enc = enc.astype(mx.float32)
-        dec = dec.astype(mx.float32)
         h = self.layer_norm(enc + self.self_attention(enc))
-        e = self._mlp(self.projection_enc, h)
-        d = self._mlp(self.projection_dec, dec)
-        logits = (d @ e.T) / math.sqrt(self.dim)
+        return self._mlp(self.projection_enc, h)
+
+    def point(self, image_side: mx.array, dec: mx.array) -> mx.array:
+        """`encode_image`'s output and dec [n_ptr, D] -> [n_ptr, n_img] attention, float32."""
+        d = self._mlp(self.projection_dec, dec.astype(mx.float32))
+        logits = (d @ image_side.T) / math.sqrt(self.dim)
         return mx.softmax(logits, axis=-1)
 
 

@@ -1,0 +1,175 @@
+"""The screenshot cache: a second question about the same screenshot runs from the kept state
+and gets the answer a fresh forward would give; the store is bounded in bytes (LRU)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from workers.screen_cache import ScreenCache
+
+
+def _png(w: int, h: int, seed: int, level: int = 6) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG", compress_level=level)
+    return buf.getvalue()
+
+
+# ---- the store -----------------------------------------------------------------------------------
+
+
+def test_least_recently_used_go_first_and_bytes_stay_within_the_budget():
+    c = ScreenCache(100)
+    for name in "abc":
+        assert c.put(name, name.upper(), 30)
+    assert c.get("a") == "A"                 # "a" is now the most recent: "b" goes first
+    assert c.put("d", "D", 30)
+    assert c.get("b") is None and [c.get(k) for k in "acd"] == ["A", "C", "D"]
+    assert c.nbytes == 90 and len(c) == 3
+    assert c.put("e", "E", 70)               # needs two evictions: "a" and "c" (d was read last)
+    assert c.get("a") is None and c.get("c") is None and c.get("d") == "D" and c.nbytes == 100
+
+
+def test_an_entry_over_the_whole_budget_is_never_stored():
+    c = ScreenCache(100)
+    c.put("a", 1, 60)
+    assert not c.fits(101) and not c.put("big", 2, 101)
+    assert c.get("big") is None and c.get("a") == 1 and c.nbytes == 60
+
+
+def test_storing_under_a_key_again_replaces_it():
+    c = ScreenCache(100)
+    c.put("a", 1, 60)
+    c.put("a", 2, 50)
+    assert c.get("a") == 2 and c.nbytes == 50 and len(c) == 1
+    c.clear()
+    assert c.get("a") is None and c.nbytes == 0
+
+
+def test_keys_follow_the_bytes_and_the_context_and_a_zero_budget_turns_it_off():
+    c = ScreenCache(1)
+    a, b = _png(64, 48, 0), _png(64, 48, 1)
+    assert c.key(a, 1, "sys") == c.key(bytes(a), 1, "sys") == c.key(memoryview(a), 1, "sys")
+    assert len({c.key(a, 1, "sys"), c.key(b, 1, "sys"), c.key(a, 2, "sys"), c.key(a, 1, "other")}) == 4
+    off = ScreenCache(0)
+    assert not off.enabled and off.key(a, 1) is None and off.get(None) is None and not off.put("k", 1, 1)
+
+
+# ---- the engine ----------------------------------------------------------------------------------
+
+
+def _engine(backbone: str, cache_dir, **spec):
+    from common.config import ModelSpec
+    from workers.engine import EngineOptions
+    from workers.mlx.engine import MlxEngine
+    spec.setdefault("max_pixels", 150_000)
+    engine = MlxEngine(ModelSpec(path=f"tiny:{backbone}", **spec), EngineOptions("t", str(cache_dir), 1 << 26))
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def engines(request, tmp_path_factory):
+    """(engine with the cache, engine without) over one tiny checkpoint."""
+    pytest.importorskip("mlx.core")
+    cache_dir = tmp_path_factory.mktemp("cache")
+    cached, plain = _engine(request.param, cache_dir), _engine(request.param, cache_dir, screenshot_cache_mb=0)
+    yield cached, plain
+    cached.unload()
+    plain.unload()
+
+
+def _ask(engine, image: bytes, text: str, **kw):
+    from workers.engine import GroundingRequest
+    job = engine.prepare(GroundingRequest("j", image, text, return_attention=True, **kw))
+    (result,) = engine.run([job])
+    return job, result
+
+
+def _same_answer(a, b):
+    flat = lambda r: [p[k] for p in r.points for k in ("x", "y", "nx", "ny", "score")]
+    assert flat(a) == pytest.approx(flat(b), rel=1e-5, abs=1e-6)
+    np.testing.assert_allclose(np.frombuffer(a.attention, "<f4"), np.frombuffer(b.attention, "<f4"),
+                               rtol=1e-4, atol=1e-6)
+    assert (a.grid, a.image_size, a.resized_size, a.prompt_tokens) == (b.grid, b.image_size, b.resized_size,
+                                                                       b.prompt_tokens)
+
+
+@pytest.mark.mlx
+def test_a_second_question_runs_from_the_cache_with_a_fresh_forwards_answer(engines):
+    cached, plain = engines
+    img = _png(517, 333, 11)
+    first_job, first = _ask(cached, img, "click the search box")
+    assert first_job.cached is None and first.cached_tokens == 0
+    job, second = _ask(cached, img, "open the settings menu, then the second tab")
+    assert job.cached is not None and job.image.rgb is None            # nothing decoded
+    assert second.cached_tokens == job.image_start + job.image.n_tokens < second.prompt_tokens
+    _, want = _ask(plain, img, "open the settings menu, then the second tab")
+    assert want.cached_tokens == 0
+    _same_answer(second, want)
+    _, other = _ask(plain, img, "click the search box")
+    assert not np.allclose(np.frombuffer(other.attention, "<f4"), np.frombuffer(second.attention, "<f4"))
+
+
+@pytest.mark.mlx
+def test_what_the_kept_state_depends_on_is_part_of_the_key(engines):
+    cached, plain = engines
+    img = _png(400, 300, 12)
+    _ask(cached, img, "click OK")
+    for kw in ({"system": "Point at things."}, {"max_pixels": 60_000}, {"min_pixels": 120_000}):
+        _, got = _ask(cached, img, "click Cancel", **kw)
+        _, want = _ask(plain, img, "click Cancel", **kw)
+        assert got.cached_tokens == 0, kw
+        _same_answer(got, want)
+    same_pixels = _png(400, 300, 12, level=1)            # other bytes: a new key, decoded again
+    assert same_pixels != img
+    assert _ask(cached, same_pixels, "click Cancel")[1].cached_tokens == 0
+    assert _ask(cached, img, "click Cancel", system="Point at things.")[1].cached_tokens > 0
+
+
+@pytest.mark.mlx
+def test_a_batch_runs_each_new_screenshot_once_and_each_cached_ones_questions_together(engines):
+    from workers.engine import GroundingRequest
+    cached, plain = engines
+    known, new_a, new_b = _png(300, 420, 13), _png(500, 300, 14), _png(260, 260, 15)
+    _ask(cached, known, "click OK")
+    # questions about one screenshot run as one forward: rows of different lengths, padded
+    asks = [(new_a, "click OK"), (known, "open the file menu"), (new_b, "close the dialog"),
+            (new_a, "type in the search field at the top of the window, left of the avatar"),
+            (known, "x"), (new_a, "go")]
+    jobs = [cached.prepare(GroundingRequest(str(i), img, text, return_attention=True))
+            for i, (img, text) in enumerate(asks)]
+    results = cached.run(jobs)
+    assert [r.cached_tokens > 0 for r in results] == [False, True, False, True, True, True]
+    assert results[3].timings["forward"] == results[5].timings["forward"]      # one forward for both
+    for (img, text), got in zip(asks, results):
+        _same_answer(got, _ask(plain, img, text)[1])
+
+
+@pytest.mark.mlx
+def test_the_cache_keeps_to_its_budget(tmp_path):
+    pytest.importorskip("mlx.core")
+    engine = _engine("qwen2_vl", tmp_path, screenshot_cache_mb=1, max_pixels=2_000_000)
+    images = [_png(517, 333, 20 + i) for i in range(8)]
+    for img in images:
+        _ask(engine, img, "click OK")
+        assert 0 < engine._cache.nbytes <= 1 << 20
+    assert 1 < len(engine._cache) < len(images)
+    assert _ask(engine, images[-1], "click Cancel")[1].cached_tokens > 0      # the newest stays
+    assert _ask(engine, images[0], "click Cancel")[1].cached_tokens == 0      # the oldest went
+    big = _png(1600, 1000, 30)                                               # its state is over 1 MB
+    _ask(engine, big, "click OK")
+    assert _ask(engine, big, "click Cancel")[1].cached_tokens == 0
+    assert engine._cache.nbytes <= 1 << 20
+    engine.unload()
+
+
+@pytest.mark.mlx
+def test_warm_up_leaves_the_cache_empty(tmp_path):
+    pytest.importorskip("mlx.core")
+    engine = _engine("qwen2_vl", tmp_path, warmup=["320x200"])
+    assert engine._cache.enabled and len(engine._cache) == 0
+    engine.unload()
