@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1280x720,1920x1080")
     ap.add_argument("--rounds", type=int, default=6)
     a = ap.parse_args()
-    eng = MlxEngine(ModelSpec(path=a.checkpoint), EngineOptions("decoder-ab", "/tmp", 1 << 30))
+    eng = MlxEngine(ModelSpec(path=a.checkpoint, screenshot_cache_mb=0), EngineOptions("decoder-ab", "/tmp", 1 << 30))
     eng.load()
     fast = still_decoders.FAST_INFLATE
     print("| size | decoder | preprocess ms | forward ms | prepare + run ms |\n|---|---|---|---|---|")

@@ -3,7 +3,7 @@
     python -m bench.e2e --model-path PATH [--sizes 1280x720,1920x1080] [--concurrency 1,8]
                         [--requests 20] [--engine mlx|fake] [--dtype bfloat16] [--max-batch 8]
                         [--torch-baseline prefill_floor.py|bench/torch_forward.py [--shape 7b]]
-                        [--formats png,jpeg,webp]
+                        [--formats png,jpeg,webp] [--no-repeat]
 
 For each screenshot size, format (bench.screens.SAVE) and client count it reports p50/p95
 end-to-end latency, throughput, the worker's own forward time (from the response's timings), serving
@@ -11,11 +11,17 @@ overhead (end-to-end minus the worker's forward: HTTP, queueing, image decoding 
 worker's preprocessing (decode + resize) and queueing times within it, and the device memory peak of
 the level's last batch (the worker resets the peak before each batch: with one client, one request's
 peak), as a markdown table on stdout.
+
+Every request carries a screenshot no other request of the run has sent, so the worker's
+screenshot cache (workers/screen_cache.py) never answers them; the `cache hits` column shows it.
+Then, unless --no-repeat, the same levels again as questions about one screenshot, each request
+with a new instruction (an agent asking several things of one screen): rows marked "same screen".
 """
 from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import statistics
 import sys
@@ -53,30 +59,38 @@ def one(conn: http.client.HTTPConnection, body: bytes) -> tuple[float, dict]:
 
 
 def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> dict:
+    """`total` requests from `concurrency` clients: request i sends bodies[i], after two warm-up
+    rounds that send bodies[total:total + 2 * concurrency]."""
+    assert len(bodies) >= total + 2 * concurrency
     latencies: list[float] = []
+    hits = 0
     forward: list[float] = []
     overhead: list[float] = []
     parts: dict[str, list[float]] = {"queue": [], "preprocess": []}
     counter = iter(range(total))
     lock = threading.Lock()
     conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(concurrency)]
-    for _ in range(2):   # warm-up, all clients at once: connections, allocator, each batch shape's first run
-        warm = [threading.Thread(target=one, args=(c, b)) for c, b in zip(conns, bodies * concurrency)]
+    for r in range(2):   # warm-up, all clients at once: connections, allocator, each batch shape's first run
+        spare = bodies[total + r * concurrency:total + (r + 1) * concurrency]
+        warm = [threading.Thread(target=one, args=(c, b)) for c, b in zip(conns, spare)]
         for th in warm:
             th.start()
         for th in warm:
             th.join()
 
     def client(conn: http.client.HTTPConnection) -> None:
+        nonlocal hits
         while True:
             with lock:
                 i = next(counter, None)
             if i is None:
                 return
-            elapsed, data = one(conn, bodies[i % len(bodies)])
+            elapsed, data = one(conn, bodies[i])
             t = data.get("timings") or {}
+            cached = ((data.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens", 0)
             with lock:
                 latencies.append(elapsed)
+                hits += cached > 0
                 if "forward" in t:
                     forward.append(t["forward"] / 1e3)
                     overhead.append(elapsed - t["forward"] / 1e3)
@@ -93,7 +107,7 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
     wall = time.perf_counter() - t0
     for conn in conns:
         conn.close()
-    return {"p50": pct(latencies, 0.5), "p95": pct(latencies, 0.95), "rps": total / wall,
+    return {"p50": pct(latencies, 0.5), "p95": pct(latencies, 0.95), "rps": total / wall, "hits": hits,
             "forward_p50": statistics.median(forward) if forward else float("nan"),
             "overhead_p50": statistics.median(overhead) if overhead else float("nan"),
             **{f"{k}_p50": statistics.median(v) if v else float("nan") for k, v in parts.items()}}
@@ -115,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="prefill_floor.py or bench/torch_forward.py: PyTorch's forward per size, run "
                          "before the stack starts, for the issue's ratios")
     ap.add_argument("--shape", default="2b", help="the baseline's model shape (bench/torch_forward.py)")
+    ap.add_argument("--no-repeat", action="store_true", help="skip the rows of questions about one screenshot")
     args = ap.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -139,26 +154,34 @@ def main(argv: list[str] | None = None) -> None:
             status = {m["id"]: m for m in stack.models()}["bench"]
             print(f"stack ready in {ready_s:.1f} s; model load {status.get('load_seconds')} s; "
                   f"weights {status['memory'].get('weights_bytes', 0) / 1e9:.2f} GB", flush=True)
-            print("| size | format | clients | requests | p50 ms | p95 ms | req/s | req/s vs 1 client | worker forward p50 ms | "
-                  "overhead p50 ms | of which preprocess p50 ms | of which queue p50 ms | PyTorch forward ms | "
-                  "p50 / PyTorch forward | last batch's peak GB |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            print("| size | format | clients | requests | cache hits | p50 ms | p95 ms | req/s | req/s vs 1 client | "
+                  "worker forward p50 ms | overhead p50 ms | of which preprocess p50 ms | of which queue p50 ms | "
+                  "PyTorch forward ms | p50 / PyTorch forward | last batch's peak GB |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            seeds = itertools.count()       # no screenshot is sent twice, except in the "same screen" rows
             for (w, h), fmt in ((size, fmt) for size in sizes for fmt in args.formats.split(",")):
-                bodies = [request_body("bench", encoded(w, h, seed, fmt), f"click Button {seed}", fmt) for seed in range(4)]
-                single_rps = None
-                for c in levels:
-                    total = max(args.requests, 2 * c)
-                    r = run_level(stack.config["server"]["port"], bodies, c, total)
-                    single_rps = r["rps"] if c == 1 else single_rps
-                    vs_single = f"{r['rps'] / single_rps:.2f}x" if single_rps and c > 1 else "-"
-                    base = torch_ms.get((w, h))
-                    base_col = f"{base:.1f} | {r['p50'] * 1e3 / base:.2f}x" if base else "- | -"
-                    time.sleep(1.5)         # the worker's memory reaches the status with its next heartbeat
-                    peak = {m["id"]: m for m in stack.models()}["bench"]["memory"].get("peak_bytes", 0)
-                    print(f"| {w}x{h} | {fmt} | {c} | {total} | {r['p50']*1e3:.1f} | {r['p95']*1e3:.1f} | {r['rps']:.2f} | "
-                          f"{vs_single} | {r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} | "
-                          f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} | {base_col} | {peak / 1e9:.2f} |", flush=True)
-
+                for same in (False,) if args.no_repeat else (False, True):
+                    single_rps = None
+                    for c in levels:
+                        total = max(args.requests, 2 * c)
+                        if same:
+                            image = encoded(w, h, next(seeds), fmt)
+                            bodies = [request_body("bench", image, f"click Button {i}", fmt) for i in range(total + 2 * c)]
+                        else:
+                            bodies = [request_body("bench", encoded(w, h, seed, fmt), f"click Button {seed}", fmt)
+                                      for seed in itertools.islice(seeds, total + 2 * c)]
+                        r = run_level(stack.config["server"]["port"], bodies, c, total)
+                        single_rps = r["rps"] if c == 1 else single_rps
+                        vs_single = f"{r['rps'] / single_rps:.2f}x" if single_rps and c > 1 else "-"
+                        base = torch_ms.get((w, h))
+                        base_col = f"{base:.1f} | {r['p50'] * 1e3 / base:.2f}x" if base and not same else "- | -"
+                        time.sleep(1.5)     # the worker's memory reaches the status with its next heartbeat
+                        peak = {m["id"]: m for m in stack.models()}["bench"]["memory"].get("peak_bytes", 0)
+                        print(f"| {w}x{h} | {fmt} | {c}{', same screen' if same else ''} | {total} | {r['hits']} | "
+                              f"{r['p50']*1e3:.1f} | {r['p95']*1e3:.1f} | {r['rps']:.2f} | "
+                              f"{vs_single} | {r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} | "
+                              f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} | {base_col} | {peak / 1e9:.2f} |",
+                              flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1920x1080,1280x720,2560x1440,1440x900,1366x768,1536x864")
     ap.add_argument("--rounds", type=int, default=4, help="then requests cycling through all sizes")
     a = ap.parse_args()
-    eng = MlxEngine(ModelSpec(path=a.checkpoint, max_pixels=5_720_064), EngineOptions("first", "/tmp", 1 << 30))
+    eng = MlxEngine(ModelSpec(path=a.checkpoint, max_pixels=5_720_064, screenshot_cache_mb=0), EngineOptions("first", "/tmp", 1 << 30))
     t = time.perf_counter()
     eng.load()
     print(f"load {time.perf_counter() - t:.1f} s", flush=True)

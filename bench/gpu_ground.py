@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             shards=1 if args.smoke else 4, dims=dims,
             dtype="F32" if args.smoke else "BF16")
         print(f"checkpoint written in {time.perf_counter() - t:.1f}s", flush=True)
+        # no screenshot cache: every run here repeats one screenshot, and must run the whole forward
         spec = ModelSpec(path=str(path), dtype=args.dtype, max_pixels=args.max_pixels,
-                         max_context_length=65536, max_batch=64)
+                         max_context_length=65536, max_batch=64, screenshot_cache_mb=0)
         engine = MlxEngine(spec, EngineOptions("bench", tmp, 1 << 30))
         report = engine.load()
         print(f"load {report.load_seconds:.2f}s, weights {report.weights_bytes / 1e9:.2f} GB, "
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             extra += batch_rows(engine, GroundingRequest("b", screenshot(bw, bh), "click OK"),
                                 [int(b) for b in args.batches.split(",")], args.reps)
         if args.quantize:
-            kw = dict(dtype=args.dtype, max_pixels=args.max_pixels, max_context_length=65536, max_batch=1)
+            kw = dict(dtype=args.dtype, max_pixels=args.max_pixels, max_context_length=65536, max_batch=1,
+                      screenshot_cache_mb=0)
             extra += quantize_rows(path, engine, kw, [int(b) for b in args.quantize.split(",")], tmp,
                                    n_screens=2 if args.smoke else 8, size=(bw, bh))
     print("\n| image | resized | visual tokens | prompt tokens | preprocess ms (CPU) | run median ms | "

@@ -2,7 +2,7 @@
 # One device call's worth of GPU measurements, logs under $OUT (see ../shared/gpu/README.md):
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
-# coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall
+# coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall e2ecache tail e2ecache7b
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
 # Between calls 1 and 2 of ../shared/gpu/README.md, one more call, carry [".gpu/ic"]:
@@ -55,6 +55,14 @@ for s in $steps; do case $s in
   still) run still 300 python3 -m bench.still_decoders --reps 15 ;;
   e2eall) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          run e2eall 560 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 2560x1440,1920x1080,1280x720 \
+             --concurrency 1,8 --requests 32 --torch-baseline .gpu/b/prefill_floor.py ;;
+  tail)  [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
+         run tail 300 python3 -m bench.cached_tail /tmp/ga2b ;;
+  e2ecache7b) [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b
+         run e2ecache7b 450 python3 -m bench.e2e --model-path /tmp/ga7b --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1,8 --requests 24 --torch-baseline bench/torch_forward.py --shape 7b ;;
+  e2ecache) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
+         run e2ecache 560 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080,1280x720 \
              --concurrency 1,8 --requests 32 --torch-baseline .gpu/b/prefill_floor.py ;;
   e2eformats) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          run e2eformats 300 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080,1280x720 \

@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8, help="also this batch at the last size (0: no)")
     args = ap.parse_args()
-    eng = MlxEngine(ModelSpec(path=args.checkpoint, dtype="bfloat16", max_context_length=65536, max_batch=64),
+    eng = MlxEngine(ModelSpec(path=args.checkpoint, dtype="bfloat16", max_context_length=65536, max_batch=64,
+                              screenshot_cache_mb=0),
                     EngineOptions("m", "/tmp", 1 << 30))
     t = time.perf_counter()
     eng.load()
