@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import hmac
 import logging
 import math
@@ -59,7 +60,9 @@ def needs_auth(path: str) -> bool:
     return (path.startswith("/v1/") or path == "/metrics") and path not in OPEN_PATHS
 
 
-def check_api_key(request: Request, keys: list) -> None:
+def check_api_key(request: Request, keys: list) -> str:
+    """The caller's key's scope for the workers' screenshot caches (a digest, never the key), or
+    raises unauthorized."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -71,6 +74,10 @@ def check_api_key(request: Request, keys: list) -> None:
         ok |= hmac.compare_digest(token.encode(), key.encode())
     if not ok:
         raise ServerError("unauthorized", "invalid API key")
+    # A cached screenshot answers only callers with the key that sent it: with prompt caching
+    # reported back (cached_tokens) and faster answers, a shared cache would tell one caller that
+    # another had sent the same image.
+    return hashlib.sha256(b"screenshot-cache\0" + token.encode()).hexdigest()[:32]
 
 
 def as_server_error(exc: BaseException) -> tuple[ServerError, int, dict]:
@@ -158,8 +165,9 @@ def create_app(cfg: AppConfig, name: str = "grounding_frontend") -> GroundingApp
                                     asked if _HEADER_LIST.fullmatch(asked) else CORS_HEADERS,
                                 "Access-Control-Max-Age": "600"})
             return empty(status=204, headers={"Allow": CORS_METHODS, **headers})
+        request.ctx.cache_scope = None
         if s.api_keys and needs_auth(request.path):
-            check_api_key(request, s.api_keys)
+            request.ctx.cache_scope = check_api_key(request, s.api_keys)
         return None
 
     @app.on_response

@@ -105,6 +105,9 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     if image is None:
         image = await fetch_image(req.image_url, cfg.server, req.image_param)
         sniff(image, max_pixels=cfg.server.max_image_pixels, param=req.image_param)
+    scope = getattr(request.ctx, "cache_scope", None)   # set with server.api_keys (frontend/app.py)
+    if scope:
+        req.params["cache_scope"] = scope
     client = await ready_client(app)
     t0 = time.perf_counter()
     handle = await client.submit(req.model, req.params, [image], ttl_s=req.ttl_s, stream=req.stream)

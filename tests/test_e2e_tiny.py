@@ -29,7 +29,8 @@ pytest.importorskip("mlx.core")
 V2, V25 = "tiny-qwen2-vl", "tiny-qwen2.5-vl"
 MAX_PIXELS = 200_000
 CONFIG = {
-    "server": {"default_model": V2, "request_timeout_s": 60},
+    # two API keys: the client below uses the first; the screenshot cache is scoped per key
+    "server": {"default_model": V2, "request_timeout_s": 60, "api_keys": ["unused", "second-key"]},
     # three preprocessing threads on the qwen2_vl worker, so the multi-thread path runs on 2-core CI
     "models": {V2: tiny_model("qwen2_vl", max_pixels=MAX_PIXELS, prep_threads=3),
                V25: tiny_model("qwen2_5_vl", max_pixels=MAX_PIXELS)},
@@ -198,6 +199,18 @@ def test_a_second_question_about_a_screenshot_reports_cached_tokens(client):
     got, ref = (d["choices"][0]["message"]["grounding"]["points"][0] for d in (second, want))
     assert got["x"] == pytest.approx(ref["x"], abs=1e-3) and got["y"] == pytest.approx(ref["y"], abs=1e-3)
     assert got["score"] == pytest.approx(ref["score"], rel=1e-4)
+
+
+def test_each_api_key_has_its_own_screenshot_cache(client, stack):
+    img = screenshot(389, 251)
+    cached = lambda d: d["usage"]["prompt_tokens_details"]["cached_tokens"]
+    first = ground(client, image=img, text="click the Save button")
+    with openai.OpenAI(base_url=stack.http_base + "/v1", api_key="second-key", max_retries=0, timeout=60) as other:
+        theirs = ground(other, image=img, text="click the Save button")
+        theirs_again = ground(other, image=img, text="close this window")
+    mine_again = ground(client, image=img, text="close this window")
+    assert cached(first) == 0 and cached(theirs) == 0           # the other key's caller learns nothing
+    assert cached(theirs_again) > 0 and cached(mine_again) == cached(theirs_again)
 
 
 def test_profile_and_max_pixels_change_resizing(client):

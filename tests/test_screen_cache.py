@@ -58,6 +58,17 @@ def test_keys_follow_the_bytes_and_the_context_and_a_zero_budget_turns_it_off():
     assert not off.enabled and off.key(a, 1) is None and off.get(None) is None and not off.put("k", 1, 1)
 
 
+def test_a_jobs_cache_scope_is_checked():
+    from workers.engine import GroundingRequest, JobError
+    ok = GroundingRequest.from_job("j", {"instruction": "click OK", "cache_scope": "k1"}, [b"png"])
+    assert ok.cache_scope == "k1"
+    assert GroundingRequest.from_job("j", {"instruction": "click OK"}, [b"png"]).cache_scope is None
+    for bad in (5, "", "x" * 129):
+        with pytest.raises(JobError) as err:
+            GroundingRequest.from_job("j", {"instruction": "click OK", "cache_scope": bad}, [b"png"])
+        assert err.value.code == "bad_request" and "cache_scope" in err.value.message
+
+
 # ---- the engine ----------------------------------------------------------------------------------
 
 
@@ -119,7 +130,8 @@ def test_what_the_kept_state_depends_on_is_part_of_the_key(engines):
     cached, plain = engines
     img = _png(400, 300, 12)
     _ask(cached, img, "click OK")
-    for kw in ({"system": "Point at things."}, {"max_pixels": 60_000}, {"min_pixels": 120_000}):
+    for kw in ({"system": "Point at things."}, {"max_pixels": 60_000}, {"min_pixels": 120_000},
+               {"cache_scope": "another API key"}):
         _, got = _ask(cached, img, "click Cancel", **kw)
         _, want = _ask(plain, img, "click Cancel", **kw)
         assert got.cached_tokens == 0, kw

@@ -36,6 +36,7 @@ class GroundingRequest:
     max_pixels: int | None = None       # None: the model's configured value
     min_pixels: int | None = None
     return_attention: bool = False
+    cache_scope: str | None = None      # screenshot cache entries are shared only within a scope
     fake: dict = field(default_factory=dict)  # fault-injection knobs, honoured by FakeEngine only
 
     @classmethod
@@ -57,13 +58,17 @@ class GroundingRequest:
             ints[name] = v
         if ints["topk"] is not None and ints["topk"] > 100:
             raise JobError("bad_request", "params.topk must be <= 100")
+        scope = params.get("cache_scope")
+        if scope is not None and (not isinstance(scope, str) or not 0 < len(scope) <= 128):
+            raise JobError("bad_request", "params.cache_scope must be a string of 1..128 characters")
         fake = params.get("fake") or {}
         if not isinstance(fake, dict):
             raise JobError("bad_request", "params.fake must be a mapping")
         blob = blobs[0]
         image = blob.buffer if hasattr(blob, "buffer") else blob
         return cls(job_id=job_id, image=image, instruction=instruction, system=system,
-                   return_attention=bool(params.get("return_attention", False)), fake=fake, **ints)
+                   return_attention=bool(params.get("return_attention", False)), cache_scope=scope,
+                   fake=fake, **ints)
 
 
 @dataclass

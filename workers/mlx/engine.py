@@ -233,7 +233,7 @@ class MlxEngine:
         min_px = min(request.min_pixels or self.spec.min_pixels, max_px)
         fam = self._family
         system = request.system if request.system is not None else self._system
-        key = self._cache.key(request.image, min_px, max_px, system)    # None while the cache is off
+        key = self._cache.key(request.image, min_px, max_px, system, request.cache_scope)  # None: cache off
         entry = self._cache.get(key)
         if entry is not None:           # the same bytes decoded and resized before: sizes suffice
             image = entry.image
