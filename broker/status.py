@@ -25,7 +25,8 @@ def _unix(b: "Broker", t: float | None) -> float | None:
 def _memory(m: ModelState) -> dict:
     return {"weights_bytes": m.weights or (_int(m.mem, "weights") if m.charge else 0),
             "active_bytes": _int(m.mem, "active"), "peak_bytes": _int(m.mem, "peak"),
-            "cache_bytes": _int(m.mem, "cache"), "committed_bytes": m.charge}
+            "cache_bytes": _int(m.mem, "cache"), "screenshot_cache_bytes": _int(m.mem, "screenshots"),
+            "committed_bytes": m.charge}
 
 
 def model_status(b: "Broker", m: ModelState) -> dict:

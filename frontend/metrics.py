@@ -35,6 +35,9 @@ class Metrics:
                                      ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.disconnects = Counter("grounding_client_disconnects", "Jobs cancelled because the HTTP client left",
                                    registry=r)
+        self.screenshot_cache_hits = Counter(
+            "grounding_screenshot_cache_hits", "Answered jobs whose screenshot state came from the worker's cache",
+            ["model"], registry=r)
         self.resubmits = Counter("grounding_resubmits", "Jobs resubmitted once after a broker restart",
                                  registry=r)
 

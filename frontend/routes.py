@@ -128,7 +128,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
                 handle = await client.submit(req.model, req.params, [image], ttl_s=left)
                 result = await handle.result()
             done = True
-            _count(app, req.model, "stop", t0)
+            _count(app, req.model, "stop", t0, result.usage)
             return json_response(api.completion(
                 completion_id=f"chatcmpl-{handle.job_id}", model=req.model, created=int(time.time()),
                 result=result.result, usage=result.usage, blobs=result.blobs,
@@ -185,15 +185,18 @@ async def _stream(request: Request, req: api.ChatRequest, handle) -> None:
         await response.send(sse.event(api.chunk(delta=None, usage=api.usage_block(result.usage), **common)))
     await response.send(sse.DONE)
     await response.eof()
-    _count(request.app, req.model, "stop", None)
+    _count(request.app, req.model, "stop", None, result.usage)
 
 
 def _finish(result) -> str:
     return result.finish_reason if result.finish_reason in ("stop", "length") else "stop"
 
 
-def _count(app: Sanic, model: str, outcome: str, t0: float | None) -> None:
+def _count(app: Sanic, model: str, outcome: str, t0: float | None, usage: dict | None = None) -> None:
     app.ctx.metrics.jobs.labels(model, outcome).inc()
+    cached = (usage or {}).get("cached_tokens")
+    if isinstance(cached, int) and cached > 0:
+        app.ctx.metrics.screenshot_cache_hits.labels(model).inc()
     if t0 is not None and outcome == "stop":
         app.ctx.metrics.job_latency.labels(model).observe(time.perf_counter() - t0)
 

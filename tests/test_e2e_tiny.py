@@ -15,6 +15,7 @@ import io
 import json
 import math
 import re
+import time
 
 import numpy as np
 import openai
@@ -199,6 +200,22 @@ def test_a_second_question_about_a_screenshot_reports_cached_tokens(client):
     got, ref = (d["choices"][0]["message"]["grounding"]["points"][0] for d in (second, want))
     assert got["x"] == pytest.approx(ref["x"], abs=1e-3) and got["y"] == pytest.approx(ref["y"], abs=1e-3)
     assert got["score"] == pytest.approx(ref["score"], rel=1e-4)
+
+
+def test_the_screenshot_cache_shows_in_models_and_metrics(client, stack):
+    img = screenshot(401, 263)
+    ground(client, image=img, text="click the Save button")
+    ground(client, image=img, text="close this window")
+    deadline = time.monotonic() + 10          # memory reaches the status with the next heartbeat
+    while True:
+        memory = {m.id: m.model_dump()["memory"] for m in client.models.list().data}[V2]
+        if memory["screenshot_cache_bytes"] > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert 0 < memory["screenshot_cache_bytes"] < memory["active_bytes"]
+    metrics = stack.http("GET", "/metrics", headers={"Authorization": "Bearer unused"})[2].decode()
+    hits = re.search(r'^grounding_screenshot_cache_hits_total\{model="%s"\} (\S+)$' % V2, metrics, re.M)
+    assert hits and float(hits.group(1)) >= 1
 
 
 def test_each_api_key_has_its_own_screenshot_cache(client, stack):

@@ -107,10 +107,11 @@ class MemoryReport:
     cache: int = 0
     weights: int = 0
     limit: int = 0
+    screenshots: int = 0                # held by the screenshot cache (within `active`)
 
     def to_wire(self) -> dict:
         return {"active": self.active, "peak": self.peak, "cache": self.cache,
-                "weights": self.weights, "limit": self.limit}
+                "weights": self.weights, "limit": self.limit, "screenshots": self.screenshots}
 
 
 @dataclass(frozen=True)

@@ -409,7 +409,7 @@ class MlxEngine:
     def memory(self) -> MemoryReport:
         return MemoryReport(active=mx.get_active_memory(), peak=mx.get_peak_memory(),
                             cache=mx.get_cache_memory(), weights=self._weights_bytes,
-                            limit=_device_memory())
+                            limit=_device_memory(), screenshots=self._cache.nbytes)
 
     def reset_peak(self) -> None:
         mx.reset_peak_memory()
