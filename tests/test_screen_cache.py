@@ -162,6 +162,25 @@ def test_a_batch_runs_each_new_screenshot_once_and_each_cached_ones_questions_to
 
 
 @pytest.mark.mlx
+def test_questions_padded_to_a_power_of_two_rows_get_their_own_answers(engines):
+    """The GPU's way (pad_questions): 3 questions run as 4 rows, the extra one dropped."""
+    from workers.engine import GroundingRequest
+    cached, plain = engines
+    img = _png(350, 280, 16)
+    _ask(cached, img, "click OK")
+    texts = ["open the file menu", "x", "type in the search field at the top of the window"]
+    cached.pad_questions = True
+    try:
+        jobs = [cached.prepare(GroundingRequest(str(i), img, t, return_attention=True)) for i, t in enumerate(texts)]
+        results = cached.run(jobs)
+    finally:
+        cached.pad_questions = False
+    assert len(results) == 3 and all(r.cached_tokens > 0 for r in results)
+    for text, got in zip(texts, results):
+        _same_answer(got, _ask(plain, img, text)[1])
+
+
+@pytest.mark.mlx
 def test_the_cache_keeps_to_its_budget(tmp_path):
     pytest.importorskip("mlx.core")
     engine = _engine("qwen2_vl", tmp_path, screenshot_cache_mb=1, max_pixels=2_000_000)

@@ -18,7 +18,7 @@ from workers.mlx.checkpoint import Checkpoint, CheckpointError
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 QUANT_GROUP = 64
 PAD_MULTIPLE = 64   # prompt lengths are padded to this (at most 63 extra tokens, ~2 % at 1080p)
-TAIL_MULTIPLE = 16  # the same for the tokens after a kept prefix (workers/screen_cache.py)
+TAIL_MULTIPLE = 32  # the same for the tokens after a kept prefix (workers/screen_cache.py)
 
 # checkpoint name prefix -> mlx-vlm parameter prefix (old layout first, then transformers >= 4.52)
 _RENAMES = (("model.language_model.", "language_model.model."), ("model.visual.", "vision_tower."),

@@ -118,6 +118,7 @@ class MlxEngine:
         self._device_resize = False
         self._lm: FastLanguageModel | None = None     # our language-model forward; None: mlx-vlm's
         self._cache = ScreenCache(0)                   # the screenshot cache, sized at load
+        self.pad_questions = False                     # cached questions in batches of 1, 2, 4, ... (GPU)
         self.run_ahead = RUN_AHEAD                     # chunks of the forward scheduled at once
         self.dtype = None
         self.path = None
@@ -155,6 +156,9 @@ class MlxEngine:
         self._vision = (FastQwen2Vision if ckpt.model_type == "qwen2_vl" else FastQwen25Vision)(model.vision_tower)
         self._lm = fast_language_model(model.language_model.model)
         self._cache = ScreenCache(self._screen_cache_bytes())
+        # on a GPU a question's rows are weight-bound (extra rows nearly free) and each new batch
+        # shape builds attention plans; on the CPU extra rows cost their full compute
+        self.pad_questions = mx.default_device() == mx.gpu
         err = float32_matmul_error()
         log.info("pointer head in float32: its matmuls run %s here (relative error %.1e)",
                  "in full float32" if err < 1e-5 else "as TF32 (MLX_ENABLE_TF32=0 for full float32)", err)
@@ -186,11 +190,13 @@ class MlxEngine:
             Image.fromarray(rgb).save(buf, "PNG", compress_level=1)
             capped, _, target = plan_resize(rgb, self.spec.min_pixels, self.spec.max_pixels)
             learn_now(size_of(capped), target)              # so the device resize is warmed too
-            # twice where the screenshot cache is on: the second question about the same screen
-            # takes the cache's path, whose shapes are new too
-            for _ in range(2 if self._cache.enabled else 1):
+            # where the screenshot cache is on, then questions about the same screen in each
+            # batch width they run in: the cache's path has shapes of its own
+            widths = [1 << i for i in range((self.max_batch - 1).bit_length() + 1)] if self._cache.enabled else []
+            for width in [1, *widths]:
                 try:
-                    (out,) = self.run([self.prepare(GroundingRequest("warmup", buf.getvalue(), "click the button"))])
+                    job = self.prepare(GroundingRequest("warmup", buf.getvalue(), "click the button"))
+                    out = self.run([job] * width)[0]
                 except JobError as exc:
                     out = exc
                 if isinstance(out, JobError):     # e.g. a max_context_length below this screen's tokens
@@ -376,8 +382,15 @@ class MlxEngine:
         """Questions about one cached screenshot: the language model over each instruction's tokens
         only, against the kept prefix; the head's instruction side against its kept image side."""
         t0 = time.perf_counter()
-        dec = pointer_state_after(self._model, self._lm, entry.kept, [j.input_ids[entry.prefix:] for j in jobs],
-                                  [j.position_ids[:, entry.prefix:] for j in jobs])
+        tails = [j.input_ids[entry.prefix:] for j in jobs]
+        positions = [j.position_ids[:, entry.prefix:] for j in jobs]
+        if self.pad_questions:
+            # 1, 2, 4, 8 ... rows: each new batch shape makes the GPU backend build attention plans
+            # and compile kernels (0.1 s and more, once); a few more rows cost nearly nothing here
+            width = 1 << (len(jobs) - 1).bit_length()
+            tails += tails[-1:] * (width - len(jobs))
+            positions += positions[-1:] * (width - len(jobs))
+        dec = pointer_state_after(self._model, self._lm, entry.kept, tails, positions)[:len(jobs)]
         mx.eval(dec)
         t1 = time.perf_counter()
         maps = self._head.point(entry.image_side, dec)
