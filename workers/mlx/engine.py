@@ -339,13 +339,11 @@ class MlxEngine:
                 hits.append((i, entry))
             else:                       # not stored (over the budget, or that job failed)
                 out[i] = self._run_whole([batch[i]])[0]
-        groups: dict[int, list[int]] = {}          # one forward per screenshot for its questions
-        entries = {}
+        groups: dict[int, tuple[ScreenEntry, list[int]]] = {}   # one forward per screenshot's questions
         for i, entry in hits:
-            groups.setdefault(id(entry), []).append(i)
-            entries[id(entry)] = entry
-        for key, members in groups.items():
-            for i, result in zip(members, self._run_cached([batch[i] for i in members], entries[key])):
+            groups.setdefault(id(entry), (entry, []))[1].append(i)
+        for entry, members in groups.values():
+            for i, result in zip(members, self._run_cached([batch[i] for i in members], entry)):
                 out[i] = result
         return out
 
