@@ -46,10 +46,10 @@ def request_body(model: str, image: bytes, instruction: str, fmt: str = "png") -
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": instruction}]}]}).encode()
 
 
-def one(conn: http.client.HTTPConnection, body: bytes) -> tuple[float, dict]:
+def one(conn: http.client.HTTPConnection, body: bytes, path: str = "/v1/chat/completions") -> tuple[float, dict]:
     """One keep-alive request (stdlib client: the GPU image and CI need nothing extra)."""
     t0 = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    conn.request("POST", path, body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
     data = resp.read()
     elapsed = time.perf_counter() - t0
@@ -113,18 +113,42 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
             **{f"{k}_p50": statistics.median(v) if v else float("nan") for k, v in parts.items()}}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_stack_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the model the benchmark stack serves (`bench_stack`)."""
     ap.add_argument("--model-path", default="tiny:qwen2_vl")
     ap.add_argument("--engine", default="mlx", choices=["mlx", "fake"])
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-pixels", type=int, default=5720064)
+    ap.add_argument("--ready-timeout", type=float, default=600)
+
+
+def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
+    """The whole stack (not started) serving one model, `bench`, as `add_stack_args` describes it."""
+    model = {"path": args.model_path, "engine": args.engine, "dtype": args.dtype, "preload": True,
+             "max_batch": args.max_batch, "max_pixels": args.max_pixels}
+    return Stack(Path(tmp), {"server": {"default_model": "bench", "request_timeout_s": 600},
+                             "broker": {"queue_size": 256, "load_timeout_s": 600},
+                             "models": {"bench": model}})
+
+
+def start_stack(stack: Stack, args: argparse.Namespace):
+    """Start it and print how long that took; -> the started stack's context."""
+    t_start = time.perf_counter()
+    started = stack.start(ready_timeout_s=args.ready_timeout, loaded=("bench",))
+    status = {m["id"]: m for m in stack.models()}["bench"]
+    print(f"stack ready in {time.perf_counter() - t_start:.1f} s; model load {status.get('load_seconds')} s; "
+          f"weights {status['memory'].get('weights_bytes', 0) / 1e9:.2f} GB", flush=True)
+    return started
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_stack_args(ap)
     ap.add_argument("--sizes", default="1280x720,1920x1080,2560x1440")
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--formats", default="png", help="screenshot formats, comma-separated: png, jpeg, webp")
     ap.add_argument("--requests", type=int, default=20)
-    ap.add_argument("--ready-timeout", type=float, default=600)
     ap.add_argument("--torch-baseline", default=None, metavar="SCRIPT",
                     help="prefill_floor.py or bench/torch_forward.py: PyTorch's forward per size, run "
                          "before the stack starts, for the issue's ratios")
@@ -142,18 +166,9 @@ def main(argv: list[str] | None = None) -> None:
                 torch_ms[(w, h)] = float(out)
             except ValueError:
                 print(f"PyTorch baseline at {w}x{h}: {out}", flush=True)
-    model = {"path": args.model_path, "engine": args.engine, "dtype": args.dtype, "preload": True,
-             "max_batch": args.max_batch, "max_pixels": args.max_pixels}
     with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(Path(tmp), {"server": {"default_model": "bench", "request_timeout_s": 600},
-                                  "broker": {"queue_size": 256, "load_timeout_s": 600},
-                                  "models": {"bench": model}})
-        t_start = time.perf_counter()
-        with stack.start(ready_timeout_s=args.ready_timeout, loaded=("bench",)):
-            ready_s = time.perf_counter() - t_start
-            status = {m["id"]: m for m in stack.models()}["bench"]
-            print(f"stack ready in {ready_s:.1f} s; model load {status.get('load_seconds')} s; "
-                  f"weights {status['memory'].get('weights_bytes', 0) / 1e9:.2f} GB", flush=True)
+        stack = bench_stack(tmp, args)
+        with start_stack(stack, args):
             print("| size | format | clients | requests | cache hits | p50 ms | p95 ms | req/s | req/s vs 1 client | "
                   "worker forward p50 ms | overhead p50 ms | of which preprocess p50 ms | of which queue p50 ms | "
                   "PyTorch forward ms | p50 / PyTorch forward | last batch's peak GB |")

@@ -136,6 +136,15 @@ class AsyncClient:
         handle = await self.submit(model, {"instruction": instruction, **params}, [image], ttl_s=ttl_s)
         return await handle.result()
 
+    async def prefill(self, model: str, image: bytes, *, ttl_s: float | None = None, **params: Any) -> JobResult:
+        """Keep a screenshot's state in the model's worker for later `ground` calls with the same
+        image bytes and the same `system`, `max_pixels`, `min_pixels` and `cache_scope` params,
+        which then run from it. The result has no points; `usage["cached_tokens"]` (kept before)
+        or `usage["kept_tokens"]` (kept now) is what those calls will report as cached, and
+        `result["not_kept"]` says why nothing is kept (the model's screenshot cache is off, say)."""
+        handle = await self.submit(model, {"prefill": True, **params}, [image], ttl_s=ttl_s)
+        return await handle.result()
+
     async def _cancel(self, job: JobEntry, reason: str) -> None:
         if self._jobs.get(job.id) is not job:
             return
@@ -380,6 +389,9 @@ class Client:
 
     def ground(self, model: str, image: bytes, instruction: str, **kw: Any) -> JobResult:
         return self._call(self._async.ground(model, image, instruction, **kw))
+
+    def prefill(self, model: str, image: bytes, **kw: Any) -> JobResult:
+        return self._call(self._async.prefill(model, image, **kw))
 
     def query(self, service: str, arg: dict | None = None, timeout_s: float = 5.0) -> dict:
         return self._call(self._async.query(service, arg, timeout_s))

@@ -38,6 +38,9 @@ class Metrics:
         self.screenshot_cache_hits = Counter(
             "grounding_screenshot_cache_hits", "Answered jobs whose screenshot state came from the worker's cache",
             ["model"], registry=r)
+        self.prefills = Counter(
+            "grounding_screenshot_prefills", "POST /v1/screenshots by model and outcome (kept, already_kept, "
+            "not_kept or an error code)", ["model", "outcome"], registry=r)
         self.resubmits = Counter("grounding_resubmits", "Jobs resubmitted once after a broker restart",
                                  registry=r)
 

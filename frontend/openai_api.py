@@ -203,12 +203,8 @@ def _refuse_unsupported(body: Mapping) -> None:
                   "logprobs", "unsupported_parameter")
 
 
-def parse_chat_request(body: Any, cfg: AppConfig) -> ChatRequest:
-    """Validate a /v1/chat/completions body. Raises ServerError (400 / 404 / 413) naming the param."""
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    check_depth(body)
-    _refuse_unsupported(body)
+def _model(body: Mapping, cfg: AppConfig) -> str:
+    """The body's model, or the default one; 404 for one that does not exist."""
     model = body.get("model")
     if model is None or model == "":
         model = cfg.default_model
@@ -216,18 +212,13 @@ def parse_chat_request(body: Any, cfg: AppConfig) -> ChatRequest:
             raise bad("no model given and no enabled model configured", "model", "unknown_model")
     if not isinstance(model, str):
         raise bad("model must be a string", "model")
-    spec = cfg.models.get(model)
-    if spec is None:
+    if model not in cfg.models:
         raise bad(f"the model {model!r} does not exist", "model", "unknown_model")
+    return model
 
-    stream = _opt_bool(body, "stream") or False
-    so = body.get("stream_options")
-    if so is not None and not isinstance(so, dict):
-        raise bad("stream_options must be an object", "stream_options")
-    if so is not None and so.get("include_usage") is not None and not isinstance(so["include_usage"], bool):
-        raise bad("stream_options.include_usage must be true or false", "stream_options.include_usage")
-    include_usage = bool(stream and so and so.get("include_usage"))
 
+def _pixel_limits(body: Mapping, cfg: AppConfig) -> tuple[int | None, int | None]:
+    """(max_pixels, min_pixels) from `profile` and the explicit fields (which win); None: the model's."""
     profile = body.get("profile")
     max_pixels = min_pixels = None
     if profile is not None:
@@ -238,40 +229,107 @@ def parse_chat_request(body: Any, cfg: AppConfig) -> ChatRequest:
     min_pixels = _opt_int(body, "min_pixels", MIN_PIXELS_LIMIT, MAX_PIXELS_LIMIT) or min_pixels
     if max_pixels and min_pixels and min_pixels > max_pixels:
         raise bad("min_pixels must be <= max_pixels", "min_pixels")
+    return max_pixels, min_pixels
+
+
+def _ttl_s(body: Mapping, cfg: AppConfig) -> float:
+    """The job's deadline in seconds: `timeout_s`, at most server.request_timeout_s."""
+    timeout_s = body.get("timeout_s", cfg.server.request_timeout_s)
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s:
+        raise bad("timeout_s must be a positive number of seconds", "timeout_s")
+    return float(min(timeout_s, cfg.server.request_timeout_s))
+
+
+def _image_source(url: str, param: str, cfg: AppConfig) -> tuple[bytes | None, ImageInfo | None, str | None]:
+    """(image bytes, their header info, None) for a data: URL, or (None, None, url) for a remote
+    one the route fetches (where server.allow_remote_images); 400 / 413 otherwise."""
+    if url.startswith("data:"):
+        image = decode_data_url(url, max_bytes=cfg.server.max_image_bytes, param=param)
+        return image, sniff(image, max_pixels=cfg.server.max_image_pixels, param=param), None
+    if url.lower().startswith(("http://", "https://")):
+        if not cfg.server.allow_remote_images:
+            raise bad("remote image URLs are disabled on this server (server.allow_remote_images); "
+                      "send a data: URL", param, "invalid_image")
+        return None, None, url
+    raise bad("image_url must be a data: URL (or http(s) when enabled); local paths are refused",
+              param, "invalid_image")
+
+
+def parse_chat_request(body: Any, cfg: AppConfig) -> ChatRequest:
+    """Validate a /v1/chat/completions body. Raises ServerError (400 / 404 / 413) naming the param."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    check_depth(body)
+    _refuse_unsupported(body)
+    model = _model(body, cfg)
+    spec = cfg.models[model]
+
+    stream = _opt_bool(body, "stream") or False
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise bad("stream_options must be an object", "stream_options")
+    if so is not None and so.get("include_usage") is not None and not isinstance(so["include_usage"], bool):
+        raise bad("stream_options.include_usage must be true or false", "stream_options.include_usage")
+    include_usage = bool(stream and so and so.get("include_usage"))
+
+    max_pixels, min_pixels = _pixel_limits(body, cfg)
     if body.get("top_k") is not None and body.get("topk") is not None:
         raise bad("give top_k or topk, not both", "topk")
     topk = _opt_int(body, "top_k", 1, 100) if body.get("top_k") is not None else _opt_int(body, "topk", 1, 100)
     return_attention = _opt_bool(body, "return_attention") or False
     _opt_int(body, "max_context", 1, 1 << 30)  # seed field: validated, not used (one image, no generation)
-    timeout_s = body.get("timeout_s", cfg.server.request_timeout_s)
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s:
-        raise bad("timeout_s must be a positive number of seconds", "timeout_s")
+    ttl_s = _ttl_s(body, cfg)
     fake = body.get("fake")
     if fake is not None and (spec.engine != "fake" or not isinstance(fake, dict)):
         raise bad("fake (fault injection) is accepted only for fake-engine models", "fake",
                   "unsupported_parameter")
 
     instruction, system, url, url_param = _messages(body)
-    image = info = remote = None
-    if url.startswith("data:"):
-        image = decode_data_url(url, max_bytes=cfg.server.max_image_bytes, param=url_param)
-        info = sniff(image, max_pixels=cfg.server.max_image_pixels, param=url_param)
-    elif url.lower().startswith(("http://", "https://")):
-        if not cfg.server.allow_remote_images:
-            raise bad("remote image URLs are disabled on this server (server.allow_remote_images); "
-                      "send a data: URL", url_param, "invalid_image")
-        remote = url
-    else:
-        raise bad("image_url must be a data: URL (or http(s) when enabled); local paths are refused",
-                  url_param, "invalid_image")
+    image, info, remote = _image_source(url, url_param, cfg)
 
     params = {"instruction": instruction, "system": system, "topk": topk, "max_pixels": max_pixels,
               "min_pixels": min_pixels, "return_attention": return_attention}
     if fake:
         params["fake"] = fake
     return ChatRequest(model=model, params=params, image=image, image_info=info, image_url=remote, image_param=url_param,
-                       stream=stream, include_usage=include_usage,
-                       ttl_s=float(min(timeout_s, cfg.server.request_timeout_s)))
+                       stream=stream, include_usage=include_usage, ttl_s=ttl_s)
+
+
+# Fields of POST /v1/screenshots; anything else is refused (a misspelt field must not go unnoticed,
+# and an instruction here would be silently unanswered)
+SCREENSHOT_FIELDS = ("model", "image_url", "system", "profile", "max_pixels", "min_pixels", "timeout_s")
+
+
+def parse_screenshot_request(body: Any, cfg: AppConfig) -> ChatRequest:
+    """Validate a POST /v1/screenshots body: keep a screenshot's state in the model's worker so
+    that later questions about it (same image bytes, pixel limits and system prompt) run from it.
+    -> a ChatRequest whose params make a prefill job (never streamed). 400 / 404 / 413 naming the param."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    check_depth(body)
+    for name in body:
+        if name not in SCREENSHOT_FIELDS:
+            hint = " (ask questions with POST /v1/chat/completions)" if name in ("messages", "instruction") else ""
+            raise bad(f"unknown field {name!r}{hint}; this endpoint takes {', '.join(SCREENSHOT_FIELDS)}",
+                      name, "unsupported_parameter")
+    model = _model(body, cfg)
+    iu = body.get("image_url")
+    url = iu.get("url") if isinstance(iu, dict) else iu
+    url_param = "image_url.url" if isinstance(iu, dict) else "image_url"
+    if not isinstance(url, str) or not url:
+        raise bad("image_url must be the screenshot's URL (a data: URL), as a string or {\"url\": ...}", url_param)
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        raise bad("system must be a string: the system prompt the later questions will use", "system")
+    system = system.strip() if system else None
+    if system and len(system) > MAX_TEXT_CHARS:
+        raise bad(f"system is limited to {MAX_TEXT_CHARS} characters", "system")
+    max_pixels, min_pixels = _pixel_limits(body, cfg)
+    ttl_s = _ttl_s(body, cfg)
+    image, info, remote = _image_source(url, url_param, cfg)
+    params = {"prefill": True, "system": system, "max_pixels": max_pixels, "min_pixels": min_pixels}
+    return ChatRequest(model=model, params=params, image=image, image_info=info, image_url=remote,
+                       image_param=url_param, stream=False, include_usage=False, ttl_s=ttl_s)
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -386,6 +444,21 @@ def chunk(*, completion_id: str, model: str, created: int, delta: dict | None = 
     if timings is not None:
         out["timings"] = timings_block(timings)
     return out
+
+
+def screenshot_object(*, screenshot_id: str, model: str, created: int, result: Mapping, usage: Mapping,
+                      timings: Mapping | None = None) -> dict:
+    """The answer of POST /v1/screenshots. `kept`: later questions about this screenshot run from
+    its kept state, and report `cached_tokens` of their prompt as cached; `already_kept`: it was
+    kept before this call (nothing ran); `not_kept`: why it is not kept (the cache is off for
+    this model, or the state would not fit it). Sizes and `grid` as in message.grounding."""
+    cached, kept = int(usage.get("cached_tokens") or 0), int(usage.get("kept_tokens") or 0)
+    return {"id": screenshot_id, "object": "screenshot", "created": created, "model": model,
+            "kept": bool(cached or kept), "already_kept": bool(cached), "cached_tokens": cached or kept,
+            "not_kept": result.get("not_kept"), "image_size": result.get("image_size"),
+            "resized_size": result.get("resized_size"), "grid": result.get("grid"),
+            "image_tokens": usage.get("image_tokens"), "prompt_tokens": usage.get("prompt_tokens"),
+            "timings": timings_block(timings or {})}
 
 
 def model_object(status: Mapping, *, created: int, owned_by: str = "gui-grounding-server") -> dict:

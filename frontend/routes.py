@@ -95,42 +95,20 @@ async def model_route(request: Request, rest: str) -> HTTPResponse:
 
 async def chat_completions(request: Request) -> HTTPResponse | None:
     app = request.app
-    cfg = app.ctx.cfg
-    body = request.body
-    if len(body) > OFFLOAD_BYTES:   # JSON + base64 of a big body take milliseconds: off the loop
-        req = await asyncio.get_running_loop().run_in_executor(None, _parse_chat, body, cfg)
-    else:
-        req = _parse_chat(body, cfg)
-    image = req.image
-    if image is None:
-        image = await fetch_image(req.image_url, cfg.server, req.image_param)
-        sniff(image, max_pixels=cfg.server.max_image_pixels, param=req.image_param)
-    scope = getattr(request.ctx, "cache_scope", None)   # set with server.api_keys (frontend/app.py)
-    if scope:
-        req.params["cache_scope"] = scope
+    req, image = await _job_request(request, api.parse_chat_request)
     client = await ready_client(app)
     t0 = time.perf_counter()
-    handle = await client.submit(req.model, req.params, [image], ttl_s=req.ttl_s, stream=req.stream)
+    handles = [await client.submit(req.model, req.params, [image], ttl_s=req.ttl_s, stream=req.stream)]
     done = False
     try:
         if req.stream:
-            await _stream(request, req, handle)
+            await _stream(request, req, handles[0])
         else:
-            try:
-                result = await handle.result()
-            except ServerError as exc:
-                # The broker restarted and lost its in-memory jobs; nothing has reached the caller
-                # yet and inference has no side effects, so resubmit once if the deadline allows.
-                left = req.ttl_s - (time.perf_counter() - t0)
-                if exc.code != "broker_restarted" or left <= 0:
-                    raise
-                app.ctx.metrics.resubmits.inc()
-                handle = await client.submit(req.model, req.params, [image], ttl_s=left)
-                result = await handle.result()
+            result = await _result(app, client, req, image, handles, t0)
             done = True
             _count(app, req.model, "stop", t0, result.usage)
             return json_response(api.completion(
-                completion_id=f"chatcmpl-{handle.job_id}", model=req.model, created=int(time.time()),
+                completion_id=f"chatcmpl-{handles[-1].job_id}", model=req.model, created=int(time.time()),
                 result=result.result, usage=result.usage, blobs=result.blobs,
                 return_attention=req.params["return_attention"], finish_reason=_finish(result),
                 timings=result.timings))
@@ -145,11 +123,76 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         raise
     finally:
         if not done:   # client gone, stream write failed, or a bug: the job must not run on
-            bg(app, _cancel_quietly(handle, "client_disconnect"))
+            bg(app, _cancel_quietly(handles[-1], "client_disconnect"))
 
 
-def _parse_chat(body: bytes, cfg) -> api.ChatRequest:
-    return api.parse_chat_request(parse_json(body), cfg)
+async def screenshots(request: Request) -> HTTPResponse:
+    """POST /v1/screenshots: keep a screenshot's state in its model's worker before the question
+    is known (an agent sends the screen while its planner decides what to ask), so that the
+    question then runs from the kept state (api.parse_screenshot_request, api.screenshot_object)."""
+    app = request.app
+    req, image = await _job_request(request, api.parse_screenshot_request)
+    client = await ready_client(app)
+    t0 = time.perf_counter()
+    handles = [await client.submit(req.model, req.params, [image], ttl_s=req.ttl_s)]
+    done = False
+    try:
+        result = await _result(app, client, req, image, handles, t0)
+        done = True
+    except ServerError as exc:
+        done = True
+        app.ctx.metrics.prefills.labels(req.model, exc.code).inc()
+        raise
+    except asyncio.CancelledError:
+        app.ctx.metrics.disconnects.inc()
+        raise
+    finally:
+        if not done:
+            bg(app, _cancel_quietly(handles[-1], "client_disconnect"))
+    body = api.screenshot_object(screenshot_id=f"screenshot-{handles[-1].job_id}", model=req.model,
+                                 created=int(time.time()), result=result.result, usage=result.usage,
+                                 timings=result.timings)
+    outcome = "already_kept" if body["already_kept"] else "kept" if body["kept"] else "not_kept"
+    app.ctx.metrics.prefills.labels(req.model, outcome).inc()
+    return json_response(body)
+
+
+async def _job_request(request: Request, parse) -> tuple[api.ChatRequest, bytes]:
+    """(the body parsed by `parse`, the image's bytes, fetched where it is remote); the caller's
+    screenshot-cache scope added to the job's params (set with server.api_keys, frontend/app.py)."""
+    cfg = request.app.ctx.cfg
+    body = request.body
+    if len(body) > OFFLOAD_BYTES:   # JSON + base64 of a big body take milliseconds: off the loop
+        req = await asyncio.get_running_loop().run_in_executor(None, _parse, parse, body, cfg)
+    else:
+        req = _parse(parse, body, cfg)
+    image = req.image
+    if image is None:
+        image = await fetch_image(req.image_url, cfg.server, req.image_param)
+        sniff(image, max_pixels=cfg.server.max_image_pixels, param=req.image_param)
+    scope = getattr(request.ctx, "cache_scope", None)
+    if scope:
+        req.params["cache_scope"] = scope
+    return req, image
+
+
+def _parse(parse, body: bytes, cfg) -> api.ChatRequest:
+    return parse(parse_json(body), cfg)
+
+
+async def _result(app: Sanic, client, req: api.ChatRequest, image: bytes, handles: list, t0: float):
+    """The result of the job `handles[0]`. If the broker restarted and lost its in-memory jobs,
+    nothing has reached the caller yet and inference has no side effects, so the job is submitted
+    once more if the deadline allows; `handles[-1]` is then the new job (the one to cancel)."""
+    try:
+        return await handles[-1].result()
+    except ServerError as exc:
+        left = req.ttl_s - (time.perf_counter() - t0)
+        if exc.code != "broker_restarted" or left <= 0:
+            raise
+    app.ctx.metrics.resubmits.inc()
+    handles.append(await client.submit(req.model, req.params, [image], ttl_s=left))
+    return await handles[-1].result()
 
 
 async def _stream(request: Request, req: api.ChatRequest, handle) -> None:
@@ -240,6 +283,7 @@ def register(app: Sanic) -> None:
         (list_models, "/v1/models", ["GET", *CORS]),
         (model_route, "/v1/models/<rest:path>", ["GET", "POST", "DELETE", *CORS]),
         (chat_completions, "/v1/chat/completions", ["POST", *CORS]),
+        (screenshots, "/v1/screenshots", ["POST", *CORS]),
         (metrics, "/metrics", ["GET", *CORS]),
         (index, "/", ["GET"]),
         (static, "/static/<name:path>", ["GET"]),

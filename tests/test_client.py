@@ -279,6 +279,16 @@ def test_e2e_grounding_round_trip(stack, e2e):
     assert "counters" in e2e.stats() and e2e.ping() < 0.5 and e2e.healthy
 
 
+def test_e2e_prefill_job(stack, e2e):
+    res = e2e.prefill("m1", IMG, max_pixels=100_000)
+    assert res.result["points"] == [] and res.result["image_size"] == [320, 200]
+    assert "keeps no screenshot state" in res.result["not_kept"]     # the fake engine computes none
+    assert res.usage["kept_tokens"] == res.usage["cached_tokens"] == 0 and res.usage["image_tokens"] > 0
+    with pytest.raises(ServerError) as ei:
+        e2e.submit("m1", {"prefill": True, "instruction": "click OK"}, [IMG]).result()
+    assert ei.value.code == "bad_request" and "prefill" in str(ei.value)
+
+
 def test_e2e_errors_and_fault_knobs(stack, e2e):
     cases = [
         (dict(model="nope"), "unknown_model"),

@@ -230,6 +230,34 @@ def test_each_api_key_has_its_own_screenshot_cache(client, stack):
     assert cached(theirs_again) > 0 and cached(mine_again) == cached(theirs_again)
 
 
+def test_a_screenshot_sent_before_its_question_is_kept_for_it(client, stack):
+    """POST /v1/screenshots while the agent still decides what to ask: the question then runs
+    from the kept state, for the same bytes, profile and system prompt, and for the same key only."""
+    img = screenshot(377, 241)
+    url = "data:image/png;base64," + base64.b64encode(img).decode()
+    shot_body = {"model": V25, "image_url": {"url": url}, "profile": "small", "system": "Point at things."}
+    post = lambda key: stack.http("POST", "/v1/screenshots", shot_body, headers={"Authorization": f"Bearer {key}"})
+    status, _, raw = post("unused")
+    assert status == 200, raw
+    shot = json.loads(raw)
+    assert (shot["kept"], shot["already_kept"], shot["not_kept"]) == (True, False, None)
+    assert shot["image_tokens"] < shot["cached_tokens"] == shot["prompt_tokens"] and shot["timings"]["forward"] > 0
+    again = json.loads(post("unused")[2])
+    assert (again["kept"], again["already_kept"], again["cached_tokens"]) == (True, True, shot["cached_tokens"])
+    cached = lambda d: d["usage"]["prompt_tokens_details"]["cached_tokens"]
+    asked = ground(client, image=img, model=V25, system="Point at things.", extra_body={"profile": "small"})
+    assert cached(asked) == shot["cached_tokens"]
+    assert check_grounding(asked, 377, 241)["grid"] == shot["grid"]
+    assert cached(ground(client, image=img, model=V25, extra_body={"profile": "small"})) == 0   # other system prompt
+    with openai.OpenAI(base_url=stack.http_base + "/v1", api_key="second-key", max_retries=0, timeout=60) as other:
+        assert cached(ground(other, image=img, model=V25, system="Point at things.",
+                             extra_body={"profile": "small"})) == 0
+    metrics = stack.http("GET", "/metrics", headers={"Authorization": "Bearer unused"})[2].decode()
+    for outcome in ("kept", "already_kept"):
+        assert re.search(r'^grounding_screenshot_prefills_total\{model="%s",outcome="%s"\} 1\.0$' % (V25, outcome),
+                         metrics, re.M), outcome
+
+
 def test_profile_and_max_pixels_change_resizing(client):
     big = check_grounding(ground(client), W, H)["resized_size"]
     small = check_grounding(ground(client, extra_body={"max_pixels": 60_000}), W, H)["resized_size"]

@@ -305,6 +305,33 @@ def test_worker_crash(stack, client):
             time.sleep(0.3)
 
 
+# ---- screenshots ---------------------------------------------------------------------------------
+
+
+def test_screenshot_prefill_over_http(stack):
+    """A fake model keeps nothing, and says so; the request is still checked and answered in full."""
+    url = "data:image/png;base64," + base64.b64encode(IMG).decode()
+    status, _, raw = api(stack, "POST", "/v1/screenshots", {"model": "fake-a", "image_url": {"url": url}})
+    assert status == 200, raw
+    shot = json.loads(raw)
+    assert shot["object"] == "screenshot" and shot["id"].startswith("screenshot-") and shot["model"] == "fake-a"
+    assert (shot["kept"], shot["already_kept"], shot["cached_tokens"]) == (False, False, 0)
+    assert "keeps no screenshot state" in shot["not_kept"]
+    assert shot["image_size"] == [400, 300] and shot["grid"][0] * shot["grid"][1] == shot["image_tokens"] > 0
+    assert "preprocess" in shot["timings"]
+    status, _, raw = api(stack, "POST", "/v1/screenshots", {"image_url": url, "instruction": "click OK"})
+    assert status == 400 and error_of(raw)["param"] == "instruction"
+    status, _, raw = api(stack, "POST", "/v1/screenshots", {"model": "gpt-4o", "image_url": url})
+    assert status == 404 and error_of(raw)["code"] == "unknown_model"
+    status, _, raw = api(stack, "POST", "/v1/screenshots", {"image_url": "data:image/png;base64,AAAA"})
+    assert status == 400 and error_of(raw)["code"] == "invalid_image"
+    status, _, raw = stack.http("POST", "/v1/screenshots", {"image_url": url}, auth=False)
+    assert status == 401
+    status, _, raw = api(stack, "GET", "/metrics")
+    assert re.search(r'^grounding_screenshot_prefills_total\{model="fake-a",outcome="not_kept"\} [1-9]',
+                     raw.decode(), re.M)
+
+
 # ---- metrics, CORS -------------------------------------------------------------------------------
 
 

@@ -207,6 +207,62 @@ def test_timeout_is_capped_by_config():
     assert api.parse_chat_request(body(timeout_s=10**6), CFG).ttl_s == CFG.server.request_timeout_s
 
 
+def test_screenshot_requests_make_prefill_jobs():
+    shot = {"image_url": {"url": data_url(png())}, "system": " Point at things. ", "profile": "tiny",
+            "timeout_s": 5}
+    req = api.parse_screenshot_request(shot, CFG)
+    assert req.model == "m1" and req.image == png() and not req.stream and req.ttl_s == 5.0
+    assert req.params == {"prefill": True, "system": "Point at things.", "max_pixels": 100_000,
+                          "min_pixels": 10_000}
+    # the plain-string form, and the keys a chat request with the same options would give
+    plain = api.parse_screenshot_request({"model": "m2", "image_url": data_url(png()), "max_pixels": 50_000}, CFG)
+    chat = api.parse_chat_request(body(model="m2", max_pixels=50_000), CFG)
+    assert plain.model == "m2" and plain.image == chat.image
+    assert {k: plain.params[k] for k in ("system", "max_pixels", "min_pixels")} == \
+        {k: chat.params[k] for k in ("system", "max_pixels", "min_pixels")}
+
+
+@pytest.mark.parametrize("b,param,code", [
+    ({}, "image_url", "bad_request"),
+    ({"image_url": {"url": 5}}, "image_url.url", "bad_request"),
+    ({"image_url": "file:///etc/passwd"}, "image_url", "invalid_image"),
+    ({"image_url": "data:image/png;base64,@@"}, "image_url", "invalid_image"),
+    ({"image_url": "DATA", "messages": []}, "messages", "unsupported_parameter"),
+    ({"image_url": "DATA", "instruction": "click OK"}, "instruction", "unsupported_parameter"),
+    ({"image_url": "DATA", "top_k": 3}, "top_k", "unsupported_parameter"),
+    ({"image_url": "DATA", "system": ["x"]}, "system", "bad_request"),
+    ({"image_url": "DATA", "model": "nope"}, "model", "unknown_model"),
+    ({"image_url": "DATA", "max_pixels": 10}, "max_pixels", "bad_request"),
+    ({"image_url": "DATA", "profile": "huge"}, "profile", "bad_request"),
+    ({"image_url": "DATA", "timeout_s": 0}, "timeout_s", "bad_request"),
+])
+def test_bad_screenshot_requests_name_the_param(b, param, code):
+    b = {k: data_url(png()) if v == "DATA" else v for k, v in b.items()}
+    e = err(api.parse_screenshot_request, b, CFG)
+    assert (e.param, e.code) == (param, code), e.message
+    assert "ask questions with POST /v1/chat/completions" in err(
+        api.parse_screenshot_request, {"instruction": "x"}, CFG).message
+    assert err(api.parse_screenshot_request, [1], CFG).code == "bad_request"
+
+
+def test_screenshot_object():
+    base = {"image_size": [1920, 1080], "resized_size": [1932, 1092], "grid": [39, 69], "points": []}
+    usage = {"prompt_tokens": 2751, "image_tokens": 2691}
+    kept = api.screenshot_object(screenshot_id="screenshot-j", model="m1", created=3, result=base,
+                                 usage={**usage, "kept_tokens": 2751, "cached_tokens": 0}, timings={"forward": 99.5})
+    json.dumps(kept)
+    assert kept == {"id": "screenshot-j", "object": "screenshot", "created": 3, "model": "m1", "kept": True,
+                    "already_kept": False, "cached_tokens": 2751, "not_kept": None, "image_size": [1920, 1080],
+                    "resized_size": [1932, 1092], "grid": [39, 69], "image_tokens": 2691, "prompt_tokens": 2751,
+                    "timings": {"forward": 99.5}}
+    again = api.screenshot_object(screenshot_id="s", model="m1", created=3, result=base,
+                                  usage={**usage, "cached_tokens": 2751, "kept_tokens": 0})
+    assert (again["kept"], again["already_kept"], again["cached_tokens"]) == (True, True, 2751)
+    off = api.screenshot_object(screenshot_id="s", model="m1", created=3, result={**base, "not_kept": "off"},
+                                usage=usage)
+    assert (off["kept"], off["already_kept"], off["cached_tokens"], off["not_kept"]) == (False, False, 0, "off")
+
+
 # ---- responses -----------------------------------------------------------------------------------
 
 RESULT = {"points": [{"x": 1919.7, "y": -3.2, "nx": 0.99, "ny": 0.0, "score": 0.8},

@@ -227,9 +227,14 @@ def test_locate_draws_points_and_heatmap(driver, page_url, tmp_path):
     upload(driver, screenshot_png(tmp_path / "screen.png", SHOT_SIZE))
     wait(driver, lambda d: attr(d, "dropzone", "data-has-image") == "1", "the image to be accepted")
     driver.find_element(By.CSS_SELECTOR, 'input[name="profile"][value="fast"]').click()
+    # the page sends the screenshot (POST /v1/screenshots) as soon as it has it, again for the new profile
+    wait(driver, lambda d: attr(d, "prefill-status", "data-kept") == "1", "the screenshot to be kept")
+    assert re.fullmatch(r"kept for questions \(\d+ tokens\)", driver.find_element(By.ID, "prefill-status").text)
     box = driver.find_element(By.ID, "instruction")
     box.send_keys("click the Save button", Keys.ENTER)     # Enter submits
     wait(driver, lambda d: attr(d, "points-canvas", "data-points-drawn") not in (None, "0"), "points drawn")
+    # ... so the question ran from the kept state
+    assert re.fullmatch(r"\d+ prompt \(\d+ cached\) · \d+ total", driver.find_element(By.ID, "usage").text)
 
     assert error_box(driver)["hidden"], error_box(driver)
     items = driver.find_elements(By.CSS_SELECTOR, "#points li")

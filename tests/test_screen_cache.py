@@ -69,6 +69,18 @@ def test_a_jobs_cache_scope_is_checked():
         assert err.value.code == "bad_request" and "cache_scope" in err.value.message
 
 
+def test_a_prefill_job_takes_no_question():
+    from workers.engine import GroundingRequest, JobError
+    job = GroundingRequest.from_job("j", {"prefill": True, "system": "s", "max_pixels": 9000}, [b"png"])
+    assert job.prefill and job.instruction == "" and job.system == "s" and job.max_pixels == 9000
+    assert not GroundingRequest.from_job("j", {"instruction": "click OK"}, [b"png"]).prefill
+    for params in ({"prefill": True, "instruction": "click OK"}, {"prefill": True, "topk": 3},
+                   {"prefill": True, "return_attention": True}, {"prefill": "yes"}):
+        with pytest.raises(JobError) as err:
+            GroundingRequest.from_job("j", params, [b"png"])
+        assert err.value.code == "bad_request" and "prefill" in err.value.message, params
+
+
 # ---- the engine ----------------------------------------------------------------------------------
 
 
@@ -204,3 +216,54 @@ def test_warm_up_leaves_the_cache_empty(tmp_path):
     engine = _engine("qwen2_vl", tmp_path, warmup=["320x200"])
     assert engine._cache.enabled and len(engine._cache) == 0
     engine.unload()
+
+
+def _prefill(engine, image: bytes, **kw):
+    from workers.engine import GroundingRequest
+    job = engine.prepare(GroundingRequest("p", image, "", prefill=True, **kw))
+    (result,) = engine.run([job])
+    return job, result
+
+
+@pytest.mark.mlx
+def test_a_prefill_keeps_the_screenshot_for_the_question_that_follows(engines):
+    cached, plain = engines
+    img = _png(480, 320, 40)
+    job, kept = _prefill(cached, img, system="Point at things.")
+    assert kept.points == [] and kept.not_kept is None and kept.cached_tokens == 0
+    assert kept.kept_tokens == job.prefix == kept.prompt_tokens > kept.image_tokens > 0
+    assert kept.grid == job.image.token_grid and kept.image_size == (480, 320)
+    again = _prefill(cached, img, system="Point at things.")[1]     # kept already: nothing runs
+    assert (again.cached_tokens, again.kept_tokens) == (job.prefix, 0) and "forward" not in again.timings
+    _, got = _ask(cached, img, "click the search box", system="Point at things.")
+    assert got.cached_tokens == job.prefix and got.kept_tokens == 0
+    _same_answer(got, _ask(plain, img, "click the search box", system="Point at things.")[1])
+    assert _ask(cached, img, "click the search box")[1].cached_tokens == 0      # another system prompt
+
+
+@pytest.mark.mlx
+def test_a_prefill_and_questions_in_one_batch_share_one_forward(engines):
+    from workers.engine import GroundingRequest
+    cached, plain = engines
+    img = _png(330, 410, 41)
+    jobs = [cached.prepare(GroundingRequest("p", img, "", prefill=True)),
+            cached.prepare(GroundingRequest("q", img, "click OK", return_attention=True)),
+            cached.prepare(GroundingRequest("r", img, "", prefill=True))]
+    kept, answer, again = cached.run(jobs)
+    assert kept.kept_tokens == jobs[0].prefix and answer.cached_tokens == jobs[0].prefix
+    assert again.cached_tokens == jobs[0].prefix and again.kept_tokens == 0
+    _same_answer(answer, _ask(plain, img, "click OK")[1])
+
+
+@pytest.mark.mlx
+def test_a_prefill_says_why_nothing_is_kept(engines, tmp_path):
+    _, plain = engines
+    img = _png(300, 200, 42)
+    _, off = _prefill(plain, img)
+    assert off.kept_tokens == off.cached_tokens == 0 and off.points == []
+    assert "screenshot_cache_mb: 0" in off.not_kept and "forward" not in off.timings
+    small = _engine("qwen2_vl", tmp_path, screenshot_cache_mb=1, max_pixels=2_000_000)
+    _, big = _prefill(small, _png(1600, 1000, 43))
+    assert big.kept_tokens == 0 and "larger than the screenshot cache (1 MB" in big.not_kept
+    assert len(small._cache) == 0
+    small.unload()

@@ -27,16 +27,20 @@ class JobError(Exception):
 
 @dataclass(frozen=True)
 class GroundingRequest:
-    """One grounding job as the engine sees it. Pixel limits are areas of the resized image."""
+    """One grounding job as the engine sees it. Pixel limits are areas of the resized image.
+    `prefill`: no question, only keep the screenshot's state for later ones (workers/screen_cache.py):
+    an agent sends the screenshot while it still decides what to ask, and the question then runs
+    from the kept state. Its result has no points; `kept_tokens` / `cached_tokens` say what is kept."""
     job_id: str
     image: bytes | memoryview           # the encoded image (PNG / JPEG / WebP), untouched
-    instruction: str
+    instruction: str                    # "" for a prefill
     system: str | None = None           # None: the model's default system prompt
     topk: int | None = None             # None: the model's configured default
     max_pixels: int | None = None       # None: the model's configured value
     min_pixels: int | None = None
     return_attention: bool = False
     cache_scope: str | None = None      # screenshot cache entries are shared only within a scope
+    prefill: bool = False
     fake: dict = field(default_factory=dict)  # fault-injection knobs, honoured by FakeEngine only
 
     @classmethod
@@ -44,8 +48,17 @@ class GroundingRequest:
         """Validate a JOB's params (the frontend already did; direct clients may not have)."""
         if len(blobs) != 1:
             raise JobError("bad_request", f"a grounding job takes exactly one image, got {len(blobs)}")
+        prefill = params.get("prefill", False)
+        if not isinstance(prefill, bool):
+            raise JobError("bad_request", "params.prefill must be true or false")
         instruction = params.get("instruction")
-        if not isinstance(instruction, str) or not instruction.strip():
+        if prefill:
+            for name in ("instruction", "topk", "return_attention"):
+                if params.get(name) not in (None, False):
+                    raise JobError("bad_request", f"params.{name} has no meaning in a prefill job "
+                                                  "(it keeps a screenshot's state; ask in a later job)")
+            instruction = ""
+        elif not isinstance(instruction, str) or not instruction.strip():
             raise JobError("bad_request", "params.instruction must be a non-empty string")
         system = params.get("system")
         if system is not None and not isinstance(system, str):
@@ -68,14 +81,16 @@ class GroundingRequest:
         image = blob.buffer if hasattr(blob, "buffer") else blob
         return cls(job_id=job_id, image=image, instruction=instruction, system=system,
                    return_attention=bool(params.get("return_attention", False)), cache_scope=scope,
-                   fake=fake, **ints)
+                   prefill=prefill, fake=fake, **ints)
 
 
 @dataclass
 class GroundingResult:
     """Points: `x`, `y` in original-image pixels (floats), `nx`, `ny` normalised to [0, 1],
     `score` the region's mean attention; best first. Sizes are [width, height] in pixels;
-    `grid` is [n_h, n_w] visual tokens (one token = 28x28 resized pixels)."""
+    `grid` is [n_h, n_w] visual tokens (one token = 28x28 resized pixels). A prefill's result has
+    no points: `cached_tokens` (already kept) or `kept_tokens` (kept by this job) say whether the
+    screenshot's state is now kept, and `not_kept` says why it is not."""
     points: list[dict]
     image_size: tuple[int, int]
     resized_size: tuple[int, int]
@@ -83,6 +98,8 @@ class GroundingResult:
     prompt_tokens: int
     image_tokens: int
     cached_tokens: int = 0              # prompt tokens whose state came from the screenshot cache
+    kept_tokens: int = 0                # prompt tokens whose state this job stored there
+    not_kept: str | None = None         # a prefill only: why nothing is kept
     attention: bytes | None = None      # float32 little-endian, row-major n_h*n_w
     timings: dict = field(default_factory=dict)   # milliseconds: preprocess, forward, head, ...
     peak_mem: int = 0                    # bytes, device peak during this job's batch
@@ -92,8 +109,10 @@ class GroundingResult:
         result = {"points": self.points, "image_size": list(self.image_size),
                   "resized_size": list(self.resized_size), "grid": list(self.grid),
                   "attention_blob": 0 if self.attention is not None else None}
+        if self.not_kept is not None:
+            result["not_kept"] = self.not_kept
         usage = {"prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
-                 "cached_tokens": self.cached_tokens,
+                 "cached_tokens": self.cached_tokens, "kept_tokens": self.kept_tokens,
                  "completion_tokens": 0, "total_tokens": self.prompt_tokens}
         return result, usage, ([self.attention] if self.attention is not None else [])
 

@@ -173,6 +173,11 @@ class FakeEngine:
     def _result(self, item: FakePrepared) -> GroundingResult:
         req = item.request
         (w, h), (n_h, n_w) = item.image_size, item.grid
+        if req.prefill:     # nothing to keep: this engine computes no state
+            return GroundingResult(points=[], image_size=(w, h), resized_size=item.resized_size, grid=(n_h, n_w),
+                                   prompt_tokens=n_h * n_w + 32, image_tokens=n_h * n_w,
+                                   not_kept="a simulated model (engine: fake) keeps no screenshot state",
+                                   timings={"preprocess": item.preprocess_ms})
         topk = req.topk or self.spec.topk
         digest = hashlib.sha256(req.instruction.encode("utf-8")).digest()
         points = []

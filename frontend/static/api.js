@@ -48,3 +48,13 @@ export function groundingBody({ model, imageUrl, instruction, profile, topK }) {
   if (model) body.model = model;
   return body;
 }
+
+/**
+ * Body of POST /v1/screenshots: the server keeps the screenshot's state for the questions that
+ * follow with the same image, model and profile, which then run from it (usage reports cached_tokens).
+ */
+export function screenshotBody({ model, imageUrl, profile }) {
+  const body = { image_url: { url: imageUrl }, profile };
+  if (model) body.model = model;
+  return body;
+}

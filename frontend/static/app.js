@@ -1,6 +1,7 @@
-// Playground page: an example client of the public HTTP API (GET /v1/models, POST /v1/chat/completions
-// with return_attention). Vanilla JS module, no build step; nothing is fetched from outside the server.
-import { ApiError, groundingBody, request } from "/static/api.js";
+// Playground page: an example client of the public HTTP API (GET /v1/models, POST /v1/screenshots as
+// soon as a screenshot is chosen, POST /v1/chat/completions with return_attention). Vanilla JS module,
+// no build step; nothing is fetched from outside the server.
+import { ApiError, groundingBody, request, screenshotBody } from "/static/api.js";
 import { drawHeatmap, drawPoints, fmtScore, sizeCanvas } from "/static/draw.js";
 
 const $ = (id) => document.getElementById(id);
@@ -13,6 +14,7 @@ const state = {
   result: null,          // {points, attention, grid} of the last answer, in original-image pixels
   highlight: -1,         // index into result.points under the pointer or keyboard focus
   inflight: null,        // AbortController of the running completion
+  prefill: null,         // AbortController of the running POST /v1/screenshots
   pollTimer: 0,
 };
 
@@ -182,6 +184,7 @@ async function acceptFile(file) {
     resetResult();
     showStage(false);
     $("file-name").textContent = "";
+    prefill();   // clears what it said about the previous image
     $("dropzone").dataset.hasImage = "0";
     showError("Invalid image", e);
     return;
@@ -192,7 +195,35 @@ async function acceptFile(file) {
   resetResult();
   drawImage();
   $("instruction").focus();
+  prefill();
 }
+
+// While the instruction is being typed, the server already runs the screenshot through the model and
+// keeps its state (POST /v1/screenshots): the question then takes a fraction of a whole request.
+// Best effort: a failure here shows nothing, since the question itself reports any real problem.
+async function prefill() {
+  const status = $("prefill-status");
+  if (state.prefill) state.prefill.abort();
+  status.textContent = "";
+  status.dataset.kept = "";
+  if (!state.image) return;
+  const ctl = new AbortController();
+  state.prefill = ctl;
+  const body = screenshotBody({ model: $("model").value, imageUrl: state.image.dataUrl, profile: currentProfile() });
+  try {
+    const shot = await api("POST", "/v1/screenshots", body, ctl.signal);
+    if (state.prefill !== ctl) return;
+    status.dataset.kept = shot.kept ? "1" : "0";
+    status.textContent = shot.kept ? `kept for questions (${shot.cached_tokens} tokens)` : "";
+    status.title = shot.kept ? "The next question about this screenshot runs from its kept state." : (shot.not_kept || "");
+  } catch (e) {
+    if (e.name !== "AbortError" && state.prefill === ctl) status.dataset.kept = "0";
+  } finally {
+    if (state.prefill === ctl) state.prefill = null;
+  }
+}
+
+const currentProfile = () => (document.querySelector('input[name="profile"]:checked') || {}).value || "balanced";
 
 // ---------- drawing ----------
 function showStage(on) {
@@ -259,7 +290,9 @@ function showResult(data, ms) {
   $("resized-size").textContent = fmtSize(g.resized_size);
   $("grid-size").textContent = Array.isArray(g.grid) ? `${g.grid[0]} × ${g.grid[1]} tokens` : "—";
   const u = data.usage || {};
-  $("usage").textContent = u.total_tokens != null ? `${u.prompt_tokens} prompt · ${u.total_tokens} total` : "—";
+  const cached = (u.prompt_tokens_details && u.prompt_tokens_details.cached_tokens) || 0;
+  $("usage").textContent = u.total_tokens != null
+    ? `${u.prompt_tokens} prompt${cached ? ` (${cached} cached)` : ""} · ${u.total_tokens} total` : "—";
   const drawn = drawHeatmap($("heatmap"), g.attention, g.grid);
   $("heatmap").dataset.drawn = drawn ? "1" : "0";
   $("heatmap-toggle").disabled = !drawn;
@@ -303,7 +336,7 @@ async function locate() {
   if (state.inflight) state.inflight.abort();
   const ctl = new AbortController();
   state.inflight = ctl;
-  const profile = (document.querySelector('input[name="profile"]:checked') || {}).value || "balanced";
+  const profile = currentProfile();
   const topK = Math.max(1, Math.min(20, parseInt($("top-k").value, 10) || 5));
   const body = groundingBody({ model: $("model").value, imageUrl: state.image.dataUrl, instruction, profile, topK });
   resetResult();   // stale points from another instruction would mislead while this one runs
@@ -347,7 +380,7 @@ function wire() {
   $("api-key").addEventListener("input", (e) => { state.apiKey = e.target.value.trim(); });
   $("api-key").addEventListener("change", () => refreshModels(true));
   $("refresh-models").addEventListener("click", () => { clearError(); refreshModels(true); });
-  $("model").addEventListener("change", renderModelStatus);
+  $("model").addEventListener("change", () => { renderModelStatus(); prefill(); });
   $("load-btn").addEventListener("click", () => changeModel("load"));
   $("unload-btn").addEventListener("click", () => changeModel("unload"));
 
@@ -369,6 +402,7 @@ function wire() {
     if (item) { e.preventDefault(); acceptFile(item.getAsFile()); }
   });
 
+  for (const radio of document.querySelectorAll('input[name="profile"]')) radio.addEventListener("change", prefill);
   $("locate-form").addEventListener("submit", (e) => { e.preventDefault(); locate(); });
   $("instruction").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); locate(); }

@@ -52,6 +52,7 @@ class PreparedJob:
     preprocess_ms: float
     cache_key: tuple | None = None            # the screenshot cache's key; None: the cache is off
     cached: "ScreenEntry | None" = None       # found in the cache when prepared
+    prefill: bool = False                     # keep the screenshot's state; no question to answer
 
     @property
     def prefix(self) -> int:
@@ -118,6 +119,7 @@ class MlxEngine:
         self._device_resize = False
         self._lm: FastLanguageModel | None = None     # our language-model forward; None: mlx-vlm's
         self._cache = ScreenCache(0)                   # the screenshot cache, sized at load
+        self._cache_off = "the model is not loaded"    # why the cache is off, for prefill answers
         self.pad_questions = False                     # cached questions in batches of 1, 2, 4, ... (GPU)
         self.run_ahead = RUN_AHEAD                     # chunks of the forward scheduled at once
         self.dtype = None
@@ -155,7 +157,8 @@ class MlxEngine:
         self._model, self._head, self._tok, self._family, self._ids = model, head, tok, family, ids
         self._vision = (FastQwen2Vision if ckpt.model_type == "qwen2_vl" else FastQwen25Vision)(model.vision_tower)
         self._lm = fast_language_model(model.language_model.model)
-        self._cache = ScreenCache(self._screen_cache_bytes())
+        budget, self._cache_off = self._screen_cache_budget()
+        self._cache = ScreenCache(budget)
         # on a GPU a question's rows are weight-bound (extra rows nearly free) and each new batch
         # shape builds attention plans; on the CPU extra rows cost their full compute
         self.pad_questions = mx.default_device() == mx.gpu
@@ -205,23 +208,26 @@ class MlxEngine:
             else:
                 log.info("warm-up at %dx%d took %.2fs", w, h, time.perf_counter() - t)
 
-    def _screen_cache_bytes(self) -> int:
-        """The screenshot cache's budget: the configured one where our language-model forward runs
-        and keeps a prompt prefix correctly here (a probe), else 0 (logged)."""
+    def _screen_cache_budget(self) -> tuple[int, str]:
+        """(bytes, why it is off) for the screenshot cache: the configured budget where our
+        language-model forward runs and keeps a prompt prefix correctly here (a probe), else 0
+        and the reason (logged)."""
         budget = self.spec.screenshot_cache_mb << 20
         if not budget:
-            return 0
+            return 0, "the screenshot cache is off for this model (screenshot_cache_mb: 0)"
         if self._lm is None:
-            log.info("screenshot cache off: it needs our language-model forward, which these weights do not take")
-            return 0
+            why = "the screenshot cache needs our language-model forward, which these weights do not take"
+            log.info("screenshot cache off: %s", why)
+            return 0, why
         try:
             if self._lm.prefix_agrees():
                 log.info("screenshot cache: up to %d MB", self.spec.screenshot_cache_mb)
-                return budget
-            log.warning("screenshot cache off: a kept prefix disagrees with the whole forward on the load probe")
+                return budget, ""
+            why = "a kept prefix disagreed with the whole forward on this device's load probe"
         except Exception as exc:
-            log.warning("screenshot cache off: the load probe failed (%s: %s)", type(exc).__name__, exc)
-        return 0
+            why = f"the screenshot cache's load probe failed ({type(exc).__name__}: {exc})"
+        log.warning("screenshot cache off: %s", why)
+        return 0, why
 
     def unload(self) -> None:
         self._cache.clear()
@@ -265,7 +271,8 @@ class MlxEngine:
                            position_ids=fam.mrope_positions(len(ids), len(head_ids), n_h, n_w),
                            pointer_pos=len(ids) - 1, topk=request.topk or self.spec.topk,
                            return_attention=request.return_attention,
-                           preprocess_ms=(time.perf_counter() - t0) * 1e3, cache_key=key, cached=entry)
+                           preprocess_ms=(time.perf_counter() - t0) * 1e3, cache_key=key, cached=entry,
+                           prefill=request.prefill)
 
     def run(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
         """One forward pass for the whole batch (vision tower over all images, language model
@@ -316,16 +323,22 @@ class MlxEngine:
     def _run_batch(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
         """Jobs whose screenshot is in the cache run from it; the rest run one forward together.
         Several jobs in one batch about the same new screenshot: the first runs the forward, the
-        others then take the cache's path."""
+        others then take the cache's path. A prefill whose screenshot is kept already, or could not
+        be kept, is answered without running anything."""
         out: list[GroundingResult | JobError | None] = [None] * len(batch)
         whole, later, hits = [], [], []
         computing: set[tuple] = set()
         for i, job in enumerate(batch):
             entry = job.cached or self._cache.get(job.cache_key)   # or stored since it was prepared
             if entry is not None and entry.prefix == job.prefix:
-                hits.append((i, entry))
+                if job.prefill:
+                    out[i] = self._prefill_result(job, cached=entry.prefix)
+                else:
+                    hits.append((i, entry))
             elif job.cache_key is not None and job.cache_key in computing:
                 later.append(i)
+            elif job.prefill and not self._keep_length(job):
+                out[i] = self._prefill_result(job, not_kept=self._why_not_kept(job))
             else:
                 whole.append(i)
                 if job.cache_key is not None:
@@ -335,7 +348,9 @@ class MlxEngine:
                 out[i] = result
         for i in later:
             entry = self._cache.get(batch[i].cache_key)
-            if entry is not None:
+            if entry is not None and batch[i].prefill:
+                out[i] = self._prefill_result(batch[i], cached=entry.prefix)
+            elif entry is not None:
                 hits.append((i, entry))
             else:                       # not stored (over the budget, or that job failed)
                 out[i] = self._run_whole([batch[i]])[0]
@@ -351,9 +366,19 @@ class MlxEngine:
         """The prefix length to keep for the cache (0: none, or it would not fit its budget)."""
         if job.cache_key is None:
             return 0
+        return job.prefix if self._cache.fits(self._entry_bytes(job)) else 0
+
+    def _entry_bytes(self, job: PreparedJob) -> int:
+        """What a cache entry for this job's screenshot holds: keys and values of every layer
+        over the prefix, and the head's float32 image side."""
         layer = self._lm.kv_heads * self._lm.head_dim * job.prefix * 2 * self.dtype.size
-        side = job.image.n_tokens * self._head.dim * 4
-        return job.prefix if self._cache.fits(len(self._lm.layers) * layer + side) else 0
+        return len(self._lm.layers) * layer + job.image.n_tokens * self._head.dim * 4
+
+    def _why_not_kept(self, job: PreparedJob) -> str:
+        if job.cache_key is None:
+            return self._cache_off
+        return (f"this screenshot's state ({self._entry_bytes(job) / 2**20:.0f} MB) is larger than the "
+                f"screenshot cache ({self.spec.screenshot_cache_mb} MB, screenshot_cache_mb)")
 
     def _run_whole(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
         t0 = time.perf_counter()
@@ -367,14 +392,30 @@ class MlxEngine:
         peak = mx.get_peak_memory()
         out = []
         for i, job in enumerate(batch):
-            result = self._result(job, maps[i], {"preprocess": job.preprocess_ms, "forward": (t1 - t0) * 1e3,
-                                                 "head": (t2 - t1) * 1e3}, peak)
+            timings = {"forward": (t1 - t0) * 1e3, "head": (t2 - t1) * 1e3}
+            result = self._result(job, maps[i], {"preprocess": job.preprocess_ms, **timings}, peak)
+            stored = False
             if keep[i] and isinstance(result, GroundingResult):
                 entry = ScreenEntry(replace(job.image, pixel_values=None, rgb=None, resize_order=None),
                                     job.prefix, sides[i], kept[i])
-                self._cache.put(job.cache_key, entry, entry.nbytes)
+                stored = self._cache.put(job.cache_key, entry, entry.nbytes)
+            if job.prefill and isinstance(result, GroundingResult):
+                result = self._prefill_result(job, kept=job.prefix if stored else 0, timings=timings, peak=peak,
+                                              not_kept=None if stored else self._why_not_kept(job))
+            elif stored:
+                result.kept_tokens = job.prefix
             out.append(result)
         return out
+
+    def _prefill_result(self, job: PreparedJob, *, cached: int = 0, kept: int = 0, not_kept: str | None = None,
+                        timings: dict | None = None, peak: int = 0) -> GroundingResult:
+        """A prefill's answer: no points; whether the screenshot's state is kept (`cached`: it
+        already was; `kept`: stored now) or why not. Its prompt is the system prompt and the image."""
+        return GroundingResult(points=[], image_size=job.image.original, resized_size=job.image.resized,
+                               grid=job.image.token_grid, prompt_tokens=job.prefix,
+                               image_tokens=job.image.n_tokens, cached_tokens=cached, kept_tokens=kept,
+                               not_kept=not_kept, timings={"preprocess": job.preprocess_ms, **(timings or {})},
+                               peak_mem=peak)
 
     def _run_cached(self, jobs: list[PreparedJob], entry: ScreenEntry) -> list[GroundingResult | JobError]:
         """Questions about one cached screenshot: the language model over each instruction's tokens
