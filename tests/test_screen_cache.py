@@ -243,16 +243,21 @@ def test_a_prefill_keeps_the_screenshot_for_the_question_that_follows(engines):
 
 @pytest.mark.mlx
 def test_a_prefill_and_questions_in_one_batch_share_one_forward(engines):
+    """The first question's own forward keeps the screenshot (no forward for the prefill's empty
+    question, no second one for that question); the others run from it."""
     from workers.engine import GroundingRequest
     cached, plain = engines
     img = _png(330, 410, 41)
-    jobs = [cached.prepare(GroundingRequest("p", img, "", prefill=True)),
-            cached.prepare(GroundingRequest("q", img, "click OK", return_attention=True)),
-            cached.prepare(GroundingRequest("r", img, "", prefill=True))]
-    kept, answer, again = cached.run(jobs)
-    assert kept.kept_tokens == jobs[0].prefix and answer.cached_tokens == jobs[0].prefix
-    assert again.cached_tokens == jobs[0].prefix and again.kept_tokens == 0
+    asks = [("p", ""), ("q", "click OK"), ("r", ""), ("s", "close the dialog")]
+    jobs = [cached.prepare(GroundingRequest(name, img, text, prefill=not text, return_attention=bool(text)))
+            for name, text in asks]
+    kept, answer, again, other = cached.run(jobs)
+    prefix = jobs[0].prefix
+    assert (answer.cached_tokens, answer.kept_tokens) == (0, prefix) and answer.timings["forward"] > 0
+    assert (kept.cached_tokens, again.cached_tokens, other.cached_tokens) == (prefix, prefix, prefix)
+    assert kept.points == again.points == [] and kept.not_kept is None
     _same_answer(answer, _ask(plain, img, "click OK")[1])
+    _same_answer(other, _ask(plain, img, "close the dialog")[1])
 
 
 @pytest.mark.mlx

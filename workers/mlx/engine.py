@@ -324,11 +324,13 @@ class MlxEngine:
         """Jobs whose screenshot is in the cache run from it; the rest run one forward together.
         Several jobs in one batch about the same new screenshot: the first runs the forward, the
         others then take the cache's path. A prefill whose screenshot is kept already, or could not
-        be kept, is answered without running anything."""
+        be kept, is answered without running anything; one whose screenshot a question in the batch
+        is about lets that question's forward keep it (so the question needs no second forward)."""
         out: list[GroundingResult | JobError | None] = [None] * len(batch)
         whole, later, hits = [], [], []
         computing: set[tuple] = set()
-        for i, job in enumerate(batch):
+        for i in sorted(range(len(batch)), key=lambda i: batch[i].prefill):    # questions first
+            job = batch[i]
             entry = job.cached or self._cache.get(job.cache_key)   # or stored since it was prepared
             if entry is not None and entry.prefix == job.prefix:
                 if job.prefill:
