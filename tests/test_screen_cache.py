@@ -261,21 +261,6 @@ def test_a_prefill_and_questions_in_one_batch_share_one_forward(engines):
 
 
 @pytest.mark.mlx
-def test_a_prefill_of_another_screenshot_waits_while_its_batch_has_questions(engines):
-    from workers.engine import DEFERRED, GroundingRequest
-    cached, _ = engines
-    asked, other, known = _png(300, 300, 44), _png(310, 290, 45), _png(280, 320, 46)
-    _prefill(cached, known)
-    jobs = [cached.prepare(GroundingRequest("q", asked, "click OK")),
-            cached.prepare(GroundingRequest("p", other, "", prefill=True)),
-            cached.prepare(GroundingRequest("k", known, "", prefill=True))]
-    answer, deferred, kept = cached.run(jobs)
-    assert answer.points and deferred is DEFERRED and kept.cached_tokens == jobs[2].prefix
-    (alone,) = cached.run([jobs[1]])           # offered again with no question: it runs
-    assert alone.kept_tokens == jobs[1].prefix
-
-
-@pytest.mark.mlx
 def test_a_prefill_says_why_nothing_is_kept(engines, tmp_path):
     _, plain = engines
     img = _png(300, 200, 42)

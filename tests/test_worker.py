@@ -161,43 +161,6 @@ def test_batching_cancel_and_progress(tmp_path, broker, proc_list):
     assert res.id == "stuck" and res.code == "cancelled"
 
 
-def test_a_prefill_waits_for_the_questions_of_its_batch(tmp_path, broker, proc_list):
-    """The engine defers a prefill batched with a question: the question is answered first, the
-    prefill right after, when nothing else waits; a held prefill is answered before a command."""
-    proc_list.append(start(tmp_path, broker, spec=fake_spec(max_batch=4)))
-    ident, _ = loaded(broker)
-    msg, blobs = job("slow", fake={"sleep_ms": 400})          # the next two queue behind it
-    broker.send(ident, msg, blobs)
-    time.sleep(0.1)
-    broker.send(ident, p.Job(id="pre", params={"prefill": True}, ttl_ms=10_000), [IMG])
-    msg, blobs = job("ask")
-    broker.send(ident, msg, blobs)
-    order = []
-    for _ in range(3):
-        res, _ = answer(broker)
-        assert isinstance(res, p.Result), res
-        order.append(res.id)
-        if res.id == "pre":
-            assert res.result["points"] == [] and "keeps no screenshot state" in res.result["not_kept"]
-            assert res.timings["batch"] == 1 and res.timings["queue"] >= 200
-    assert order == ["slow", "ask", "pre"]
-
-    # the same with an UNLOAD queued behind them: the held prefill is answered before the command
-    msg, blobs = job("slow2", fake={"sleep_ms": 400})
-    broker.send(ident, msg, blobs)
-    time.sleep(0.1)
-    broker.send(ident, p.Job(id="pre2", params={"prefill": True}, ttl_ms=10_000), [IMG])
-    msg, blobs = job("ask2")
-    broker.send(ident, msg, blobs)
-    broker.send(ident, p.Unload(model_id="m1"))
-    seen = []
-    while "unloaded" not in seen:
-        _, msg, _ = broker.expect((p.Result, p.WorkerError, p.Unloaded), ignore=(p.Memory,))
-        seen.append("unloaded" if isinstance(msg, p.Unloaded) else msg.id)
-        assert not isinstance(msg, p.WorkerError), msg
-    assert seen == ["slow2", "ask2", "pre2", "unloaded"]
-
-
 def test_deadline_in_worker_queue(tmp_path, broker, proc_list):
     proc_list.append(start(tmp_path, broker, spec=fake_spec(max_batch=1)))
     ident, _ = loaded(broker)

@@ -21,7 +21,7 @@ import zmq
 
 from common import protocol as p
 from common import wire
-from workers.engine import Deferred, GroundingRequest, GroundingResult, JobError
+from workers.engine import GroundingRequest, GroundingResult, JobError
 
 if TYPE_CHECKING:
     from workers.worker import Worker
@@ -111,24 +111,13 @@ class Compute:
     # ---- compute thread (main thread) -----------------------------------------------------------
 
     def loop(self, work_q: queue.SimpleQueue) -> None:
-        """Commands and prepared jobs in arrival order; returns after ("shutdown",). Jobs the
-        engine deferred (background work, engine.py) are held and offered again with the next
-        batch, after the new jobs; with nothing new waiting, they run at once, and before any
-        command."""
+        """Commands and prepared jobs in arrival order; returns after ("shutdown",)."""
         max_batch = max(1, int(self.engine.max_batch))
-        held: list[Ticket] = []
         while True:
-            self.idle = not held
-            if held:
-                try:
-                    item = work_q.get_nowait()
-                except queue.Empty:
-                    item = None
-            else:
-                item = work_q.get()
+            self.idle = True
+            item = work_q.get()
             self.idle = False
             pending = None
-            batch: list[Ticket] = []
             if isinstance(item, Ticket):
                 batch = [item]
                 while len(batch) < max_batch:
@@ -143,17 +132,11 @@ class Compute:
                         break
                 # jobs handed over directly (nothing to overlap with) are prepared here
                 batch = [t for t in batch if t.prep_end or self.prepare(t, self.push)]
-            else:
-                pending = item
-            room = max_batch - len(batch)
-            batch, held = batch + held[:room], held[room:]
-            if batch:
-                held = self.run_batch(batch) + held
-            if pending is not None:
-                while held:     # in arrival order: the held jobs came before the command
-                    held = self.run_batch(held[:max_batch]) + held[max_batch:]
-                if self.command(pending):
-                    return
+                if batch:
+                    self.run_batch(batch)
+                item = pending
+            if item is not None and self.command(item):
+                return
 
     def command(self, cmd: tuple) -> bool:
         """Load / unload / shutdown; True when the loop must end."""
@@ -210,10 +193,7 @@ class Compute:
                                    mem=dict(w.mem)))
         self._model_msg(p.Memory(mem=dict(w.mem), reason="after_unload"))
 
-    def run_batch(self, batch: list[Ticket]) -> list[Ticket]:
-        """Run the live jobs of `batch` and answer them -> those the engine deferred (still
-        unanswered). A batch whose every job is deferred is answered instead: deferring exists to
-        let other work go first, and there was none."""
+    def run_batch(self, batch: list[Ticket]) -> None:
         now = time.monotonic()
         live = []
         for t in batch:
@@ -227,7 +207,7 @@ class Compute:
                 t.fwd_start = t.progress_t = now
                 live.append(t)
         if not live:
-            return []
+            return
         try:
             self.engine.reset_peak()
             outs = self.engine.run([t.prepared for t in live])
@@ -238,8 +218,6 @@ class Compute:
         except Exception as exc:
             log.exception("engine.run failed for a batch of %d", len(live))
             outs = [JobError("internal", f"{type(exc).__name__}: {exc}")] * len(live)
-        if all(isinstance(out, Deferred) for out in outs):
-            outs = [JobError("internal", "the engine deferred a batch with nothing else to run")] * len(live)
         end = time.monotonic()
         try:
             mem = self.engine.memory()
@@ -247,13 +225,7 @@ class Compute:
         except Exception:
             log.exception("engine.memory failed")
             peak = 0
-        deferred = []
-        ran = sum(not isinstance(out, Deferred) for out in outs)
         for t, out in zip(live, outs):
-            if isinstance(out, Deferred):
-                t.fwd_start = 0.0       # waiting again (heartbeats: not watched for stalls)
-                deferred.append(t)
-                continue
             t.prepared = None
             if isinstance(out, JobError):
                 self._job_msg(t, p.WorkerError(id=t.id, code=out.code, message=out.message))
@@ -264,13 +236,12 @@ class Compute:
                 timings = dict(out.timings)
                 timings.update(queue=_ms((t.prep_start - t.recv_t) + (t.fwd_start - t.prep_end)),
                                preprocess=_ms(t.prep_end - t.prep_start), forward=_ms(end - t.fwd_start),
-                               total=_ms(end - t.recv_t), batch=ran)
+                               total=_ms(end - t.recv_t), batch=len(live))
                 self._job_msg(t, p.Result(id=t.id, result=result, usage=usage, finish_reason="stop",
                                           peak_mem_job=int(out.peak_mem or peak), timings=timings), blobs)
             else:
                 self._job_msg(t, p.WorkerError(id=t.id, code="internal",
                                                message=f"engine returned {type(out).__name__}"))
-        return deferred
 
     def _job_msg(self, t: Ticket, msg: p.Message, blobs: list | tuple = ()) -> None:
         _answer(self.push, t, msg, blobs)

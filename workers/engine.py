@@ -6,10 +6,7 @@ A worker owns exactly one engine (one model). The runtime calls, from its thread
                                              tokenize), so it overlaps the previous forward pass;
 - `run(batch)`                               on the compute thread, with up to `max_batch` prepared jobs.
 Engines raise `JobError` for a bad job (the worker answers it and goes on) and let anything else
-escape (the worker reports `internal` for that job, and exits if the engine is broken). For
-background work (a prefill) that would delay the questions of the same batch, `run` may answer
-`DEFERRED` instead: the runtime holds that job and offers it again in a later batch, and runs it
-once no question waits (a batch of only deferred jobs is never deferred again).
+escape (the worker reports `internal` for that job, and exits if the engine is broken).
 """
 from __future__ import annotations
 
@@ -17,16 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from common.config import ModelSpec
-
-
-class Deferred:
-    """`run`'s answer for a job it leaves for a later batch (see the module docstring)."""
-
-    def __repr__(self) -> str:
-        return "DEFERRED"
-
-
-DEFERRED = Deferred()
 
 
 class JobError(Exception):
@@ -166,7 +153,7 @@ class Engine(Protocol):
 
     def load(self) -> LoadReport: ...
     def prepare(self, request: GroundingRequest) -> Any: ...
-    def run(self, batch: list[Any]) -> list[GroundingResult | JobError | Deferred]: ...
+    def run(self, batch: list[Any]) -> list[GroundingResult | JobError]: ...
     def memory(self) -> MemoryReport: ...
     def reset_peak(self) -> None: ...
     def unload(self) -> None: ...

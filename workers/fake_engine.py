@@ -7,8 +7,6 @@ the instruction, and reports synthetic memory. Fault knobs come from two places:
   `latency_ms` (per batch), `fail_load` (bool or message), `mem_limit`;
 - each job's `params.fake` (GroundingRequest.fake): `sleep_ms`, `fail` (an error code),
   `crash` (os._exit(1) mid-run), `hang_s` (the compute thread sleeps; heartbeats keep going).
-Prefills keep nothing (`not_kept` says so) but are scheduled as the real engine schedules them:
-deferred while their batch has questions.
 """
 from __future__ import annotations
 
@@ -25,8 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from common.config import ModelSpec
 from common.errors import ERROR_CODES
-from workers.engine import (DEFERRED, Deferred, EngineOptions, GroundingRequest, GroundingResult, JobError,
-                            LoadReport, MemoryReport)
+from workers.engine import EngineOptions, GroundingRequest, GroundingResult, JobError, LoadReport, MemoryReport
 from workers.images import smart_resize
 
 PATCH = 28  # one visual token covers 28x28 pixels of the resized image (Qwen2-VL merge of 2x2 patches)
@@ -134,7 +131,7 @@ class FakeEngine:
         return FakePrepared(request, (width, height), (rw, rh), (rh // PATCH, rw // PATCH),
                             (time.perf_counter() - t0) * 1000.0)
 
-    def run(self, batch: list[FakePrepared]) -> list[GroundingResult | JobError | Deferred]:
+    def run(self, batch: list[FakePrepared]) -> list[GroundingResult | JobError]:
         if not self._loaded:
             raise RuntimeError("FakeEngine.run before load()")
         with self._lock:
@@ -144,10 +141,9 @@ class FakeEngine:
             t0 = time.perf_counter()
             if self._latency_s:
                 time.sleep(self._latency_s)
-            out: list[GroundingResult | JobError | Deferred] = []
-            questions = not all(item.request.prefill for item in batch)
+            out: list[GroundingResult | JobError] = []
             for item in batch:
-                out.append(DEFERRED if item.request.prefill and questions else self._one(item))
+                out.append(self._one(item))
             forward_ms = (time.perf_counter() - t0) * 1000.0
             for res in out:
                 if isinstance(res, GroundingResult):

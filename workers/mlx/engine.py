@@ -18,8 +18,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from common.config import ModelSpec
-from workers.engine import (DEFERRED, Deferred, EngineOptions, GroundingRequest, GroundingResult, JobError,
-                            LoadReport, MemoryReport)
+from workers.engine import EngineOptions, GroundingRequest, GroundingResult, JobError, LoadReport, MemoryReport
 from workers.families import family_for
 from workers.images import PreparedImage, decode_image, plan_resize, preprocess, size_of
 from workers.mlx.backbone import load_backbone, pointer_state_after, pointer_states_batch, resolve_dtype
@@ -275,7 +274,7 @@ class MlxEngine:
                            preprocess_ms=(time.perf_counter() - t0) * 1e3, cache_key=key, cached=entry,
                            prefill=request.prefill)
 
-    def run(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError | Deferred]:
+    def run(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
         """One forward pass for the whole batch (vision tower over all images, language model
         over right-padded prompts); a JobError per failed job. If the batch as a whole fails
         (out of memory, say), each job is retried alone so one bad job cannot sink the others."""
@@ -321,19 +320,15 @@ class MlxEngine:
             return rgb
         return resize.resize_bicubic(rgb, image.resized[0], image.resized[1], image.resize_order)
 
-    def _run_batch(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError | Deferred]:
+    def _run_batch(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
         """Jobs whose screenshot is in the cache run from it; the rest run one forward together.
         Several jobs in one batch about the same new screenshot: the first runs the forward, the
         others then take the cache's path. A prefill whose screenshot is kept already, or could not
         be kept, is answered without running anything; one whose screenshot a question in the batch
-        is about lets that question's forward keep it (so the question needs no second forward).
-        Any other prefill waits (DEFERRED) while the batch has questions: its whole forward would
-        hold their answers back (~110 ms for a 1080p screenshot on an H100), and its question, if
-        it comes first, keeps the screenshot anyway."""
-        out: list[GroundingResult | JobError | Deferred | None] = [None] * len(batch)
+        is about lets that question's forward keep it (so the question needs no second forward)."""
+        out: list[GroundingResult | JobError | None] = [None] * len(batch)
         whole, later, hits = [], [], []
         computing: set[tuple] = set()
-        questions = not all(job.prefill for job in batch)
         for i in sorted(range(len(batch)), key=lambda i: batch[i].prefill):    # questions first
             job = batch[i]
             entry = job.cached or self._cache.get(job.cache_key)   # or stored since it was prepared
@@ -346,8 +341,6 @@ class MlxEngine:
                 later.append(i)
             elif job.prefill and not self._keep_length(job):
                 out[i] = self._prefill_result(job, not_kept=self._why_not_kept(job))
-            elif job.prefill and questions:
-                out[i] = DEFERRED
             else:
                 whole.append(i)
                 if job.cache_key is not None:
