@@ -236,13 +236,13 @@ def test_a_screenshot_sent_before_its_question_is_kept_for_it(client, stack):
     img = screenshot(377, 241)
     url = "data:image/png;base64," + base64.b64encode(img).decode()
     shot_body = {"model": V25, "image_url": {"url": url}, "profile": "small", "system": "Point at things."}
-    post = lambda key: stack.http("POST", "/v1/screenshots", shot_body, headers={"Authorization": f"Bearer {key}"})
-    status, _, raw = post("unused")
-    assert status == 200, raw
-    shot = json.loads(raw)
+    shot = client.post("/screenshots", cast_to=object, body=shot_body)       # as the README shows it
+    assert shot["object"] == "screenshot" and shot["model"] == V25
     assert (shot["kept"], shot["already_kept"], shot["not_kept"]) == (True, False, None)
     assert shot["image_tokens"] < shot["cached_tokens"] == shot["prompt_tokens"] and shot["timings"]["forward"] > 0
-    again = json.loads(post("unused")[2])
+    status, _, raw = stack.http("POST", "/v1/screenshots", shot_body, headers={"Authorization": "Bearer unused"})
+    assert status == 200, raw
+    again = json.loads(raw)
     assert (again["kept"], again["already_kept"], again["cached_tokens"]) == (True, True, shot["cached_tokens"])
     cached = lambda d: d["usage"]["prompt_tokens_details"]["cached_tokens"]
     asked = ground(client, image=img, model=V25, system="Point at things.", extra_body={"profile": "small"})
