@@ -268,7 +268,14 @@ def test_a_prefill_says_why_nothing_is_kept(engines, tmp_path):
     assert off.kept_tokens == off.cached_tokens == 0 and off.points == []
     assert "screenshot_cache_mb: 0" in off.not_kept and "forward" not in off.timings
     small = _engine("qwen2_vl", tmp_path, screenshot_cache_mb=1, max_pixels=2_000_000)
-    _, big = _prefill(small, _png(1600, 1000, 43))
+    img = _png(1600, 1000, 43)
+    _, big = _prefill(small, img)
     assert big.kept_tokens == 0 and "larger than the screenshot cache (1 MB" in big.not_kept
-    assert len(small._cache) == 0
+    assert "forward" not in big.timings and len(small._cache) == 0
+    # beside a question about it: still nothing runs for the prefill, and the question is answered
+    from workers.engine import GroundingRequest
+    jobs = [small.prepare(GroundingRequest("q", img, "click OK")), small.prepare(GroundingRequest("p", img, "", prefill=True))]
+    answer, refused = small.run(jobs)
+    assert answer.points and answer.kept_tokens == 0 and "forward" not in refused.timings
+    assert "larger than the screenshot cache" in refused.not_kept
     small.unload()

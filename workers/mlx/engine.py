@@ -337,10 +337,10 @@ class MlxEngine:
                     out[i] = self._prefill_result(job, cached=entry.prefix)
                 else:
                     hits.append((i, entry))
-            elif job.cache_key is not None and job.cache_key in computing:
-                later.append(i)
             elif job.prefill and not self._keep_length(job):
                 out[i] = self._prefill_result(job, not_kept=self._why_not_kept(job))
+            elif job.cache_key is not None and job.cache_key in computing:
+                later.append(i)
             else:
                 whole.append(i)
                 if job.cache_key is not None:
