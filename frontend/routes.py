@@ -181,7 +181,7 @@ def _parse(parse, body: bytes, cfg) -> api.ChatRequest:
 
 
 async def _result(app: Sanic, client, req: api.ChatRequest, image: bytes, handles: list, t0: float):
-    """The result of the job `handles[0]`. If the broker restarted and lost its in-memory jobs,
+    """The result of the job `handles[-1]`. If the broker restarted and lost its in-memory jobs,
     nothing has reached the caller yet and inference has no side effects, so the job is submitted
     once more if the deadline allows; `handles[-1]` is then the new job (the one to cancel)."""
     try:
