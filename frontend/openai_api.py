@@ -279,10 +279,7 @@ def parse_chat_request(body: Any, cfg: AppConfig) -> ChatRequest:
     return_attention = _opt_bool(body, "return_attention") or False
     _opt_int(body, "max_context", 1, 1 << 30)  # seed field: validated, not used (one image, no generation)
     ttl_s = _ttl_s(body, cfg)
-    fake = body.get("fake")
-    if fake is not None and (spec.engine != "fake" or not isinstance(fake, dict)):
-        raise bad("fake (fault injection) is accepted only for fake-engine models", "fake",
-                  "unsupported_parameter")
+    fake = _fake(body, spec)
 
     instruction, system, url, url_param = _messages(body)
     image, info, remote = _image_source(url, url_param, cfg)
@@ -295,7 +292,16 @@ def parse_chat_request(body: Any, cfg: AppConfig) -> ChatRequest:
                        stream=stream, include_usage=include_usage, ttl_s=ttl_s)
 
 
-# Fields of POST /v1/screenshots; anything else is refused (a misspelt field must not go unnoticed,
+def _fake(body: Mapping, spec) -> dict | None:
+    """The test-only fault injection object (workers/fake_engine.py), for fake-engine models only."""
+    fake = body.get("fake")
+    if fake is not None and (spec.engine != "fake" or not isinstance(fake, dict)):
+        raise bad("fake (fault injection) is accepted only for fake-engine models", "fake",
+                  "unsupported_parameter")
+    return fake
+
+
+# Fields of POST /v1/screenshots (and `fake` for fake-engine models, not advertised); anything else is refused (a misspelt field must not go unnoticed,
 # and an instruction here would be silently unanswered)
 SCREENSHOT_FIELDS = ("model", "image_url", "system", "profile", "max_pixels", "min_pixels", "timeout_s")
 
@@ -308,7 +314,7 @@ def parse_screenshot_request(body: Any, cfg: AppConfig) -> ChatRequest:
         raise bad("the request body must be a JSON object")
     check_depth(body)
     for name in body:
-        if name not in SCREENSHOT_FIELDS:
+        if name not in SCREENSHOT_FIELDS and name != "fake":
             hint = " (ask questions with POST /v1/chat/completions)" if name in ("messages", "instruction") else ""
             raise bad(f"unknown field {name!r}{hint}; this endpoint takes {', '.join(SCREENSHOT_FIELDS)}",
                       name, "unsupported_parameter")
@@ -328,6 +334,9 @@ def parse_screenshot_request(body: Any, cfg: AppConfig) -> ChatRequest:
     ttl_s = _ttl_s(body, cfg)
     image, info, remote = _image_source(url, url_param, cfg)
     params = {"prefill": True, "system": system, "max_pixels": max_pixels, "min_pixels": min_pixels}
+    fake = _fake(body, cfg.models[model])
+    if fake:
+        params["fake"] = fake
     return ChatRequest(model=model, params=params, image=image, image_info=info, image_url=remote,
                        image_param=url_param, stream=False, include_usage=False, ttl_s=ttl_s)
 

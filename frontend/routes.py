@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -99,31 +100,20 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     client = await ready_client(app)
     t0 = time.perf_counter()
     handles = [await client.submit(req.model, req.params, [image], ttl_s=req.ttl_s, stream=req.stream)]
-    done = False
     try:
-        if req.stream:
-            await _stream(request, req, handles[0])
-        else:
+        async with _owned(app, handles):
+            if req.stream:
+                return await _stream(request, req, handles[0])
             result = await _result(app, client, req, image, handles, t0)
-            done = True
-            _count(app, req.model, "stop", t0, result.usage)
-            return json_response(api.completion(
-                completion_id=f"chatcmpl-{handles[-1].job_id}", model=req.model, created=int(time.time()),
-                result=result.result, usage=result.usage, blobs=result.blobs,
-                return_attention=req.params["return_attention"], finish_reason=_finish(result),
-                timings=result.timings))
-        done = True
-        return None
     except ServerError as exc:
-        done = True
         _count(app, req.model, exc.code, t0)
         raise
-    except asyncio.CancelledError:   # Sanic cancels the handler when the connection is lost
-        app.ctx.metrics.disconnects.inc()
-        raise
-    finally:
-        if not done:   # client gone, stream write failed, or a bug: the job must not run on
-            bg(app, _cancel_quietly(handles[-1], "client_disconnect"))
+    _count(app, req.model, "stop", t0, result.usage)
+    return json_response(api.completion(
+        completion_id=f"chatcmpl-{handles[-1].job_id}", model=req.model, created=int(time.time()),
+        result=result.result, usage=result.usage, blobs=result.blobs,
+        return_attention=req.params["return_attention"], finish_reason=_finish(result),
+        timings=result.timings))
 
 
 async def screenshots(request: Request) -> HTTPResponse:
@@ -135,26 +125,34 @@ async def screenshots(request: Request) -> HTTPResponse:
     client = await ready_client(app)
     t0 = time.perf_counter()
     handles = [await client.submit(req.model, req.params, [image], ttl_s=req.ttl_s)]
-    done = False
     try:
-        result = await _result(app, client, req, image, handles, t0)
-        done = True
+        async with _owned(app, handles):
+            result = await _result(app, client, req, image, handles, t0)
     except ServerError as exc:
-        done = True
         app.ctx.metrics.prefills.labels(req.model, exc.code).inc()
         raise
-    except asyncio.CancelledError:
-        app.ctx.metrics.disconnects.inc()
-        raise
-    finally:
-        if not done:
-            bg(app, _cancel_quietly(handles[-1], "client_disconnect"))
     body = api.screenshot_object(screenshot_id=f"screenshot-{handles[-1].job_id}", model=req.model,
                                  created=int(time.time()), result=result.result, usage=result.usage,
                                  timings=result.timings)
     outcome = "already_kept" if body["already_kept"] else "kept" if body["kept"] else "not_kept"
     app.ctx.metrics.prefills.labels(req.model, outcome).inc()
     return json_response(body)
+
+
+@contextlib.asynccontextmanager
+async def _owned(app: Sanic, handles: list):
+    """The route owns the job `handles[-1]` for the block: if the block ends other than with the
+    job's answer or its error (the client went away, a stream write failed, a bug), the job is
+    cancelled, so that it does not run on for nobody."""
+    try:
+        yield
+    except ServerError:    # the job's own error: it has ended
+        raise
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):   # Sanic cancels the handler when the connection is lost
+            app.ctx.metrics.disconnects.inc()
+        bg(app, _cancel_quietly(handles[-1], "client_disconnect"))
+        raise
 
 
 async def _job_request(request: Request, parse) -> tuple[api.ChatRequest, bytes]:

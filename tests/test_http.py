@@ -259,11 +259,15 @@ def test_error_mid_stream_is_sse_error(client):
     assert ei.value.body["code"] == "internal"
 
 
-def _hang_up(stack, stream: bool) -> None:
-    body = json.dumps({"model": "fake-x", "messages": messages(), "stream": stream,
-                       "fake": {"sleep_ms": 1500}}).encode()
+def _hang_up(stack, stream: bool, path: str = "/v1/chat/completions") -> None:
+    if path == "/v1/screenshots":
+        body = json.dumps({"model": "fake-x", "image_url": messages()[-1]["content"][1]["image_url"],
+                           "fake": {"sleep_ms": 1500}}).encode()
+    else:
+        body = json.dumps({"model": "fake-x", "messages": messages(), "stream": stream,
+                           "fake": {"sleep_ms": 1500}}).encode()
     with socket.create_connection(("127.0.0.1", stack.config["server"]["port"]), timeout=5) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + KEY.encode() +
+        s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + KEY.encode() +
                   b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         if stream:
             assert s.recv(4096).startswith(b"HTTP/1.1 200")   # the stream started, then we hang up
@@ -275,19 +279,22 @@ def test_client_disconnect_cancels_job(stack):
     cancels0 = stack.query("mmi.stats")["counters"].get("cancels_total", 0)
     _hang_up(stack, stream=True)
     _hang_up(stack, stream=False)
+    _hang_up(stack, stream=False, path="/v1/screenshots")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         text = api(stack, "GET", "/metrics")[2].decode()
-        if re.search(r"^grounding_client_disconnects_total 2\.0$", text, re.M):
+        if re.search(r"^grounding_client_disconnects_total 3\.0$", text, re.M):
             break
         time.sleep(0.1)
     else:
-        pytest.fail("the frontend did not notice both disconnects")
+        pytest.fail("the frontend did not notice all three disconnects")
     assert re.search(r'^grounding_http_requests_total\{method="POST",route="/v1/chat/completions",status="499"\} 1\.0$',
+                     text, re.M)
+    assert re.search(r'^grounding_http_requests_total\{method="POST",route="/v1/screenshots",status="499"\} 1\.0$',
                      text, re.M)
     assert re.search(r"^grounding_http_inflight_requests 1\.0$", text, re.M)   # only this /metrics call
     counters = stack.query("mmi.stats")["counters"]
-    assert counters.get("cancels_total", 0) == cancels0 + 2, counters   # CANCEL reached the broker
+    assert counters.get("cancels_total", 0) == cancels0 + 3, counters   # CANCEL reached the broker
 
 
 def test_worker_crash(stack, client):
