@@ -3,12 +3,15 @@
     python -m bench.e2e --model-path PATH [--sizes 1280x720,1920x1080] [--concurrency 1,8]
                         [--requests 20] [--engine mlx|fake] [--dtype bfloat16] [--max-batch 8]
                         [--torch-baseline prefill_floor.py|bench/torch_forward.py [--shape 7b]]
-                        [--formats png,jpeg,webp] [--no-repeat]
+                        [--formats png,jpeg,webp] [--content plain,busy] [--no-repeat]
 
-For each screenshot size, format (bench.screens.SAVE) and client count it reports p50/p95
+For each screenshot size, format (bench.screens.SAVE), content (`busy`: dense text and a photo,
+PNGs ~15x larger) and client count it reports p50/p95
 end-to-end latency, throughput, the worker's own forward time (from the response's timings), serving
 overhead (end-to-end minus the worker's forward: HTTP, queueing, image decoding and resizing), the
-worker's preprocessing (decode + resize) and queueing times within it, and the device memory peak of
+worker's preprocessing (decode + resize) and queueing times within it and the time outside the worker
+(end to end minus the worker's `total`: HTTP, JSON and base64, the broker's hops, the answer's way
+back), and the device memory peak of
 the level's last batch (the worker resets the peak before each batch: with one client, one request's
 peak), as a markdown table on stdout.
 
@@ -66,6 +69,7 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
     hits = 0
     forward: list[float] = []
     overhead: list[float] = []
+    outside: list[float] = []    # end to end minus the worker's `total` (receipt to answer)
     parts: dict[str, list[float]] = {"queue": [], "preprocess": []}
     counter = iter(range(total))
     lock = threading.Lock()
@@ -94,6 +98,8 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
                 if "forward" in t:
                     forward.append(t["forward"] / 1e3)
                     overhead.append(elapsed - t["forward"] / 1e3)
+                if "total" in t:
+                    outside.append(elapsed - t["total"] / 1e3)
                 for k in parts:
                     if k in t:
                         parts[k].append(t[k] / 1e3)
@@ -110,6 +116,7 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
     return {"p50": pct(latencies, 0.5), "p95": pct(latencies, 0.95), "rps": total / wall, "hits": hits,
             "forward_p50": statistics.median(forward) if forward else float("nan"),
             "overhead_p50": statistics.median(overhead) if overhead else float("nan"),
+            "outside_p50": statistics.median(outside) if outside else float("nan"),
             **{f"{k}_p50": statistics.median(v) if v else float("nan") for k, v in parts.items()}}
 
 
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="1280x720,1920x1080,2560x1440")
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--formats", default="png", help="screenshot formats, comma-separated: png, jpeg, webp")
+    ap.add_argument("--content", default="plain", help="plain, busy or both (bench.screens.screenshot's busy)")
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--torch-baseline", default=None, metavar="SCRIPT",
                     help="prefill_floor.py or bench/torch_forward.py: PyTorch's forward per size, run "
@@ -157,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
+    if not set(args.content.split(",")) <= {"plain", "busy"}:
+        ap.error("--content takes plain, busy or plain,busy")
     torch_ms: dict[tuple[int, int], float] = {}
     if args.torch_baseline:
         from bench.gpu_ground import torch_baseline
@@ -171,19 +181,21 @@ def main(argv: list[str] | None = None) -> None:
         with start_stack(stack, args):
             print("| size | format | clients | requests | cache hits | p50 ms | p95 ms | req/s | req/s vs 1 client | "
                   "worker forward p50 ms | overhead p50 ms | of which preprocess p50 ms | of which queue p50 ms | "
-                  "PyTorch forward ms | p50 / PyTorch forward | last batch's peak GB |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                  "of which outside the worker p50 ms | PyTorch forward ms | p50 / PyTorch forward | last batch's peak GB |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             seeds = itertools.count()       # no screenshot is sent twice, except in the "same screen" rows
-            for (w, h), fmt in ((size, fmt) for size in sizes for fmt in args.formats.split(",")):
+            for (w, h), fmt, content in itertools.product(sizes, args.formats.split(","), args.content.split(",")):
+                busy = content == "busy"
+                label = fmt if content == "plain" else f"{fmt}, {content}"
                 for same in (False,) if args.no_repeat else (False, True):
                     single_rps = None
                     for c in levels:
                         total = max(args.requests, 2 * c)
                         if same:
-                            image = encoded(w, h, next(seeds), fmt)
+                            image = encoded(w, h, next(seeds), fmt, busy)
                             bodies = [request_body("bench", image, f"click Button {i}", fmt) for i in range(total + 2 * c)]
                         else:
-                            bodies = [request_body("bench", encoded(w, h, seed, fmt), f"click Button {seed}", fmt)
+                            bodies = [request_body("bench", encoded(w, h, seed, fmt, busy), f"click Button {seed}", fmt)
                                       for seed in itertools.islice(seeds, total + 2 * c)]
                         r = run_level(stack.config["server"]["port"], bodies, c, total)
                         single_rps = r["rps"] if c == 1 else single_rps
@@ -192,10 +204,10 @@ def main(argv: list[str] | None = None) -> None:
                         base_col = f"{base:.1f} | {r['p50'] * 1e3 / base:.2f}x" if base and not same else "- | -"
                         time.sleep(1.5)     # the worker's memory reaches the status with its next heartbeat
                         peak = {m["id"]: m for m in stack.models()}["bench"]["memory"].get("peak_bytes", 0)
-                        print(f"| {w}x{h} | {fmt} | {c}{', same screen' if same else ''} | {total} | {r['hits']} | "
+                        print(f"| {w}x{h} | {label} | {c}{', same screen' if same else ''} | {total} | {r['hits']} | "
                               f"{r['p50']*1e3:.1f} | {r['p95']*1e3:.1f} | {r['rps']:.2f} | "
                               f"{vs_single} | {r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} | "
-                              f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} | {base_col} | {peak / 1e9:.2f} |",
+                              f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} | {r['outside_p50']*1e3:.1f} | {base_col} | {peak / 1e9:.2f} |",
                               flush=True)
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall e2ecache tail e2ecache7b
-# agent agent7b pause varlen
+# agent agent7b pause varlen e2ebusy
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
 # Between calls 1 and 2 of ../shared/gpu/README.md, one more call, carry [".gpu/ic"]:
@@ -84,6 +84,9 @@ for s in $steps; do case $s in
   agent7b) [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b
          run agent7b 400 python3 -m bench.agent_loop --model-path /tmp/ga7b --dtype bfloat16 --size 1920x1080 \
              --agents 1 --steps 16 --think-ms 0,150,500 ;;
+  e2ebusy) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
+         run e2ebusy 500 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
+             --content plain,busy --concurrency 1,8 --requests 32 --no-repeat --torch-baseline .gpu/b/prefill_floor.py ;;
   varlen) run varlen_vit 120 python3 -m bench.varlen_attention --case vit
          run varlen_lm 120 python3 -m bench.varlen_attention --case lm
          run varlen_long 120 python3 -m bench.varlen_attention --case vit --lengths 19136,12544,12012 --layouts views,dense_tm ;;

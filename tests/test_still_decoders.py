@@ -87,10 +87,10 @@ def test_webp_pixels_are_pillows(size, kind):
 
 
 @pytest.mark.parametrize("fmt,params", [("JPEG", {"quality": 90}), ("JPEG", {"quality": 85, "progressive": True}),
-                                        ("WEBP", {"quality": 80}), ("WEBP", {"lossless": True})])
+                                        ("WEBP", {"quality": 80}), ("WEBP", {"lossless": True}), ("PNG", {})])
 def test_screenshots_decode_to_pillows_pixels(fmt, params):
-    for seed in range(3):
-        data = _save(screenshot(1280, 720, seed), fmt, **params)
+    for seed in range(3):   # the last one busy: dense antialiased text and a photo with grain
+        data = _save(screenshot(1280, 720, seed, busy=seed == 2), fmt, **params)
         np.testing.assert_array_equal(images.decode_image(data, 10**7), _pillow(data))
 
 
