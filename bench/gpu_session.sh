@@ -86,7 +86,7 @@ for s in $steps; do case $s in
              --agents 1 --steps 16 --think-ms 0,150,500 ;;
   e2ebusy) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          run e2ebusy 500 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
-             --content plain,busy --concurrency 1,8 --requests 32 --no-repeat --torch-baseline .gpu/b/prefill_floor.py ;;
+             --content plain,busy --concurrency 1,8 --requests 48 --no-repeat --torch-baseline .gpu/b/prefill_floor.py ;;
   varlen) run varlen_vit 120 python3 -m bench.varlen_attention --case vit
          run varlen_lm 120 python3 -m bench.varlen_attention --case lm
          run varlen_long 120 python3 -m bench.varlen_attention --case vit --lengths 19136,12544,12012 --layouts views,dense_tm ;;
