@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import pybase64
+
 from common.config import AppConfig
 from common.errors import ServerError
 from frontend.images import ImageInfo, sniff
@@ -85,6 +87,22 @@ def _opt_bool(body: Mapping, name: str) -> bool | None:
     return v
 
 
+def _b64decode(payload: str) -> bytes:
+    """The standard library's strict base64 (`validate=True`), after removing spaces and line breaks
+    (some clients wrap it), in pybase64's SIMD decoder: a realistic 1080p screenshot's ~780 KB of
+    base64 took 0.9 ms with the standard library on the CI box and 3.3 ms on the GPU host
+    (bench.body_cost), on the event loop that every request shares; pybase64 gives the same bytes
+    in ~0.03 ms. Where it refuses (wrapped lines, or padding the standard library tolerates, such
+    as "abcd="), the standard library decides, so the verdicts and bytes are its own."""
+    try:
+        return pybase64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    if any(c in payload for c in " \n\r\t"):
+        payload = "".join(payload.split())
+    return base64.b64decode(payload, validate=True)
+
+
 def decode_data_url(url: str, *, max_bytes: int, param: str) -> bytes:
     """Bytes of a base64 `data:` URL. 400 for a malformed URL or bad base64; 413 over `max_bytes`."""
     m = DATA_URL.match(url)
@@ -94,10 +112,8 @@ def decode_data_url(url: str, *, max_bytes: int, param: str) -> bytes:
     if len(payload) // 4 * 3 > max_bytes + 3:
         raise bad(f"the image is larger than {max_bytes} bytes (server.max_image_bytes)", param,
                   "payload_too_large")
-    if any(c in payload for c in " \n\r\t"):
-        payload = "".join(payload.split())
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = _b64decode(payload)
     except (binascii.Error, ValueError) as exc:
         raise bad(f"the image data URL is not valid base64: {exc}", param, "invalid_image") from None
     if len(data) > max_bytes:
