@@ -4,15 +4,16 @@
 
 Starts the whole stack with the fake engine (no model work, no decode), then times, for a plain and
 a busy 1080p PNG (bench.screens; ~38 KB and ~590 KB) sent as the OpenAI API's base64 data URL:
-- the same body cut short by one byte: HTTP transport and a JSON parse that fails at the end (400),
-  sent by http.client and, to tell the client's share from the server's, as one `sendall` of a
-  raw socket with TCP_NODELAY;
+- the same body naming a model that does not exist: HTTP transport and the JSON parse (404), sent
+  by http.client and, to tell the client's share from the server's, as one `sendall` of a raw
+  socket with TCP_NODELAY;
 - the same body with the PNG's header declaring more pixels than allowed: + the data URL's base64
   decode and the header check (413);
 - the whole request (fake engine, 200);
 - the same job through the Python ZMQ client (common.client.Client.ground): no HTTP, no JSON, no
   base64, the image's bytes as a frame.
-Also the frontend's parts in this process: json.loads of the body, the data URL decode.
+Also the frontend's parts in this process: its JSON parse of the body (frontend/json_body.py) and
+the data URL decode.
 Medians of --n keep-alive requests after 5 warm-ups, ms.
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
-import json
 import socket
 import statistics
 import struct
@@ -32,6 +32,7 @@ from pathlib import Path
 from bench.e2e import request_body
 from bench.screens import encoded
 from common.client import Client
+from frontend import json_body
 from frontend.openai_api import decode_data_url
 from tests.stackutil import Stack, fake_model
 
@@ -94,7 +95,7 @@ def main() -> None:
             conn = http.client.HTTPConnection("127.0.0.1", stack.config["server"]["port"], timeout=60)
             raw = RawPost(stack.config["server"]["port"])
             zmq_client = Client(stack.config["broker"]["client_endpoint"])
-            print("| screenshot | PNG KB | body KB | json.loads | data URL decode | HTTP + JSON (400) | "
+            print("| screenshot | PNG KB | body KB | JSON parse | data URL decode | HTTP + JSON (404) | "
                   "the same, raw socket | + base64 + header (413) | whole request (200) | ZMQ client |")
             print("|---|---|---|---|---|---|---|---|---|---|")
             for busy in (False, True):
@@ -102,11 +103,12 @@ def main() -> None:
                 body = request_body("fake-x", png, "click Button 1")
                 url = "data:image/png;base64," + base64.b64encode(png).decode()
                 huge = request_body("fake-x", too_many_pixels(png), "click Button 1")
+                nowhere = request_body("no-such-model", png, "click Button 1")
                 cols = [
-                    median_ms(lambda: json.loads(body), a.n),
+                    median_ms(lambda: json_body.loads(body), a.n),
                     median_ms(lambda: decode_data_url(url, max_bytes=1 << 30, param="p"), a.n),
-                    median_ms(lambda: post(conn, body[:-1], 400), a.n),
-                    median_ms(lambda: raw(body[:-1]), a.n),
+                    median_ms(lambda: post(conn, nowhere, 404), a.n),
+                    median_ms(lambda: raw(nowhere), a.n),
                     median_ms(lambda: post(conn, huge, 413), a.n),
                     median_ms(lambda: post(conn, body, 200), a.n),
                     median_ms(lambda: zmq_client.ground("fake-x", png, "click Button 1"), a.n),
