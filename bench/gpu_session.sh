@@ -3,13 +3,14 @@
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall e2ecache tail e2ecache7b
-# agent agent7b pause varlen e2ebusy
+# agent agent7b pause varlen e2ebusy body
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
+# (and pybase64, the frontend's base64 decoder, the same way)
 # Between calls 1 and 2 of ../shared/gpu/README.md, one more call, carry [".gpu/ic"]:
 #   mkdir -p /root/icw && cp .gpu/ic/*.whl /root/icw/
 set -u
-python3 -c "import imagecodecs" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/gpu-site \
+python3 -c "import imagecodecs, pybase64" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/gpu-site \
   /root/icw/*.whl 2>&1 | grep -v "^WARNING" || true
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -87,6 +88,7 @@ for s in $steps; do case $s in
   e2ebusy) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          run e2ebusy 500 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
              --content plain,busy --concurrency 1,8 --requests 48 --no-repeat --torch-baseline .gpu/b/prefill_floor.py ;;
+  body)  run body 180 python3 -m bench.body_cost ;;
   varlen) run varlen_vit 120 python3 -m bench.varlen_attention --case vit
          run varlen_lm 120 python3 -m bench.varlen_attention --case lm
          run varlen_long 120 python3 -m bench.varlen_attention --case vit --lengths 19136,12544,12012 --layouts views,dense_tm ;;
