@@ -12,8 +12,7 @@ a busy 1080p PNG (bench.screens; ~38 KB and ~590 KB) sent as the OpenAI API's ba
 - the whole request (fake engine, 200);
 - the same job through the Python ZMQ client (common.client.Client.ground): no HTTP, no JSON, no
   base64, the image's bytes as a frame.
-Also the frontend's parts in this process: its JSON parse of the body (frontend/json_body.py) and
-the data URL decode.
+Also the frontend's parts in this process: json.loads of the body and the data URL decode.
 Medians of --n keep-alive requests after 5 warm-ups, ms.
 """
 from __future__ import annotations
@@ -21,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
+import json
 import socket
 import statistics
 import struct
@@ -32,7 +32,6 @@ from pathlib import Path
 from bench.e2e import request_body
 from bench.screens import encoded
 from common.client import Client
-from frontend import json_body
 from frontend.openai_api import decode_data_url
 from tests.stackutil import Stack, fake_model
 
@@ -95,7 +94,7 @@ def main() -> None:
             conn = http.client.HTTPConnection("127.0.0.1", stack.config["server"]["port"], timeout=60)
             raw = RawPost(stack.config["server"]["port"])
             zmq_client = Client(stack.config["broker"]["client_endpoint"])
-            print("| screenshot | PNG KB | body KB | JSON parse | data URL decode | HTTP + JSON (404) | "
+            print("| screenshot | PNG KB | body KB | json.loads | data URL decode | HTTP + JSON (404) | "
                   "the same, raw socket | + base64 + header (413) | whole request (200) | ZMQ client |")
             print("|---|---|---|---|---|---|---|---|---|---|")
             for busy in (False, True):
@@ -105,7 +104,7 @@ def main() -> None:
                 huge = request_body("fake-x", too_many_pixels(png), "click Button 1")
                 nowhere = request_body("no-such-model", png, "click Button 1")
                 cols = [
-                    median_ms(lambda: json_body.loads(body), a.n),
+                    median_ms(lambda: json.loads(body), a.n),
                     median_ms(lambda: decode_data_url(url, max_bytes=1 << 30, param="p"), a.n),
                     median_ms(lambda: post(conn, nowhere, 404), a.n),
                     median_ms(lambda: raw(nowhere), a.n),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from sanic.response import json as json_response
 from common.errors import ServerError
 from common.protocol import Q_MODELS, Accepted, Partial
 from frontend import openai_api as api
-from frontend import json_body, sse
+from frontend import sse
 from frontend.app import bg, ready_client, tracked
 from frontend.images import sniff
 from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -33,7 +34,7 @@ def parse_json(body: bytes) -> Any:
     if not body:
         raise ServerError("bad_request", "the request body is empty; send a JSON object")
     try:
-        value = json_body.loads(body)
+        value = json.loads(body)
     except (ValueError, RecursionError) as exc:
         raise ServerError("bad_request", f"invalid JSON body: {str(exc)[:200]}") from None
     api.check_depth(value)
