@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         with start_stack(stack, args):
             print("| size | format | clients | requests | cache hits | p50 ms | p95 ms | req/s | req/s vs 1 client | "
                   "worker forward p50 ms | overhead p50 ms | of which preprocess p50 ms | of which queue p50 ms | "
-                  "of which outside the worker p50 ms | PyTorch forward ms | p50 / PyTorch forward | last batch's peak GB |")
+                  "of which outside the worker p50 ms | PyTorch forward ms | p50 / PyTorch forward | "
+                  "last batch's peak GB |")
             print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             seeds = itertools.count()       # no screenshot is sent twice, except in the "same screen" rows
             for (w, h), fmt, content in itertools.product(sizes, args.formats.split(","), args.content.split(",")):
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"| {w}x{h} | {label} | {c}{', same screen' if same else ''} | {total} | {r['hits']} | "
                               f"{r['p50']*1e3:.1f} | {r['p95']*1e3:.1f} | {r['rps']:.2f} | "
                               f"{vs_single} | {r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} | "
-                              f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} | {r['outside_p50']*1e3:.1f} | {base_col} | {peak / 1e9:.2f} |",
+                              f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} | "
+                              f"{r['outside_p50']*1e3:.1f} | {base_col} | {peak / 1e9:.2f} |",
                               flush=True)
 
 if __name__ == "__main__":

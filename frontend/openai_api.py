@@ -90,7 +90,7 @@ def _opt_bool(body: Mapping, name: str) -> bool | None:
 def _b64decode(payload: str) -> bytes:
     """The standard library's strict base64 (`validate=True`), after removing spaces and line breaks
     (some clients wrap it), in pybase64's SIMD decoder: a realistic 1080p screenshot's ~780 KB of
-    base64 took 0.9 ms with the standard library on the CI box and 3.3 ms on the GPU host
+    base64 took 0.9 ms with the standard library on the CI box and 3.3 ms on one H100 host
     (bench.body_cost), on the event loop that every request shares; pybase64 gives the same bytes
     in ~0.03 ms. Where it refuses (wrapped lines, or padding the standard library tolerates, such
     as "abcd="), the standard library decides, so the verdicts and bytes are its own."""
@@ -317,8 +317,9 @@ def _fake(body: Mapping, spec) -> dict | None:
     return fake
 
 
-# Fields of POST /v1/screenshots (and `fake` for fake-engine models, not advertised); anything else is refused (a misspelt field must not go unnoticed,
-# and an instruction here would be silently unanswered)
+# Fields of POST /v1/screenshots (and `fake` for fake-engine models, not advertised); anything else
+# is refused (a misspelt field must not go unnoticed, and an instruction here would be silently
+# unanswered)
 SCREENSHOT_FIELDS = ("model", "image_url", "system", "profile", "max_pixels", "min_pixels", "timeout_s")
 
 
