@@ -22,14 +22,13 @@ import base64
 import http.client
 import json
 import socket
-import statistics
 import struct
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
 from bench.e2e import request_body
+from bench.prep_profile import med
 from bench.screens import encoded
 from common.client import Client
 from frontend.openai_api import decode_data_url
@@ -37,13 +36,10 @@ from tests.stackutil import Stack, fake_model
 
 
 def median_ms(fn, n: int) -> float:
-    times = []
-    for i in range(n + 5):
-        t = time.perf_counter()
+    """`med` of n calls after 5 untimed ones (the connection and its TCP window warmed up)."""
+    for _ in range(5):
         fn()
-        if i >= 5:
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return med(fn, n)
 
 
 def post(conn: http.client.HTTPConnection, body: bytes, want: int) -> None:

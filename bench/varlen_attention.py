@@ -17,26 +17,16 @@ Layouts: `views` (what workers/mlx/vision.py and language.py pass now: slices of
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import mlx.core as mx
 
 import workers.mlx  # noqa: F401  (the worker's MLX settings)
+from bench.timing import device_times, median_ms
 
 CASES = {  # heads, kv heads, head dim, causal
     "vit": (16, 16, 80, False),
     "lm": (12, 2, 128, True),
 }
-
-
-def timed(fn) -> tuple[float, mx.array]:
-    mx.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    mx.eval(out)
-    mx.synchronize()
-    return (time.perf_counter() - t) * 1e3, out
 
 
 def inputs(layout: str, n: int, heads: int, kv: int, hd: int):
@@ -73,9 +63,9 @@ def main() -> None:
         for n in lengths:
             q, k, v = inputs(layout, n, heads, kv, hd)
             run = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=hd ** -0.5, mask=mask)
-            first, out = timed(run)
-            later = statistics.median(timed(run)[0] for _ in range(5))
-            out = out.astype(mx.float32)
+            first = device_times(run, 1, warmup=0)[0] * 1e3            # the plan is built here
+            later = median_ms(run, 5, warmup=0)
+            out = run().astype(mx.float32)
             if layout == "views":
                 reference[n] = out
             diff = mx.abs(out - reference[n]).max().item() if n in reference else float("nan")
