@@ -26,11 +26,27 @@ def test_same_pointer_states_as_mlx_vlm_for_a_padded_batch(backbone, tmp_path):
     assert mx.allclose(fast, slow, rtol=1e-5, atol=1e-5)
 
 
-def test_quantized_language_models_keep_mlx_vlms_forward(tmp_path):
-    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", quantize=8), EngineOptions("t", str(tmp_path), 1 << 30))
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_language_models_take_our_forward(bits, tmp_path):
+    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", quantize=bits, max_pixels=200_704),
+                    EngineOptions("t", str(tmp_path), 1 << 30))
     eng.load()
-    assert isinstance(eng._model.language_model.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
-    assert not FastLanguageModel.supports(eng._model.language_model.model) and eng._lm is None
+    text = eng._model.language_model.model
+    assert isinstance(text.layers[0].self_attn.q_proj, nn.QuantizedLinear) and eng._lm is not None
+    jobs = [eng.prepare(GroundingRequest(str(i), png_bytes(w, h, i), t)) for i, (w, h, t) in
+            enumerate([(500, 300, "click OK"), (300, 420, "open the settings menu, then the second tab")])]
+    eng._lm.dequantize_rows = 0                   # MLX's quantized matmuls, as mlx-vlm's forward runs them
+    encs, fast = eng.forward(jobs)
+    slow = pointer_states_batch(eng._model, [j.input_ids for j in jobs], [j.image_start for j in jobs], encs,
+                                [j.position_ids for j in jobs], [j.pointer_pos for j in jobs])
+    assert mx.allclose(fast, slow, rtol=1e-4, atol=1e-4)
+    # dequantizing before the matmul (what CUDA does for long prompts) is the same function
+    eng._lm.dequantize_rows = 1
+    assert mx.allclose(eng.forward(jobs)[1], slow, rtol=1e-4, atol=1e-4)
+    # fusing kept one copy of the packed weights: the modules' own are views into the fused ones
+    (_, (qkv, fmt), _), _ = eng._lm.layers[0]
+    assert fmt[:2] == (64, bits) and qkv[0].shape[0] == sum(
+        text.layers[0].self_attn[p].weight.shape[0] for p in ("q_proj", "k_proj", "v_proj"))
 
 
 def test_the_load_probe_catches_a_forward_that_computes_something_else(tmp_path):
@@ -39,6 +55,7 @@ def test_the_load_probe_catches_a_forward_that_computes_something_else(tmp_path)
     text = eng._model.language_model.model
     fast = FastLanguageModel(text)
     assert fast.agrees_with(text)
-    (norm_w, qkv_w, qkv_b), rest = fast.layers[0]
-    fast.layers[0] = ((norm_w, mx.concatenate([qkv_w[qkv_w.shape[0] // 2:], qkv_w[:qkv_w.shape[0] // 2]]), qkv_b), rest)
+    (norm_w, ((qkv_w,), fmt), qkv_b), rest = fast.layers[0]
+    half = qkv_w.shape[0] // 2
+    fast.layers[0] = ((norm_w, ((mx.concatenate([qkv_w[half:], qkv_w[:half]]),), fmt), qkv_b), rest)
     assert not fast.agrees_with(text)

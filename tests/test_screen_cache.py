@@ -138,6 +138,19 @@ def test_a_second_question_runs_from_the_cache_with_a_fresh_forwards_answer(engi
 
 
 @pytest.mark.mlx
+def test_a_quantized_model_keeps_screenshots_too(tmp_path):
+    cached, plain = (_engine("qwen2_vl", tmp_path, quantize=4, **kw) for kw in ({}, {"screenshot_cache_mb": 0}))
+    assert cached._cache.enabled and cached._cache_off == ""
+    img = _png(517, 333, 13)
+    _ask(cached, img, "click the search box")
+    job, second = _ask(cached, img, "open the settings menu, then the second tab")
+    assert job.cached is not None and second.cached_tokens > 0
+    _same_answer(second, _ask(plain, img, "open the settings menu, then the second tab")[1])
+    cached.unload()
+    plain.unload()
+
+
+@pytest.mark.mlx
 def test_what_the_kept_state_depends_on_is_part_of_the_key(engines):
     cached, plain = engines
     img = _png(400, 300, 12)

@@ -24,7 +24,7 @@ from workers.images import PreparedImage, decode_image, plan_resize, preprocess,
 from workers.mlx.backbone import load_backbone, pointer_state_after, pointer_states_batch, resolve_dtype
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
 from workers.mlx.head import float32_matmul_error, head_from_tensors
-from workers.mlx.language import FastLanguageModel
+from workers.mlx.language import FastLanguageModel, dequantize_rows_here
 from workers.mlx.run_ahead import RunAhead
 from workers.mlx import resize
 from workers.mlx.vision import FastQwen2Vision, FastVision, normalized_patches
@@ -81,7 +81,7 @@ def fast_language_model(text_model) -> FastLanguageModel | None:
     if not FastLanguageModel.supports(text_model):
         return None
     try:
-        fast = FastLanguageModel(text_model)
+        fast = FastLanguageModel(text_model, dequantize_rows=dequantize_rows_here())
         if fast.agrees_with(text_model):
             return fast
         log.warning("our language-model forward disagrees with mlx-vlm's on the load probe; using mlx-vlm's")

@@ -9,8 +9,12 @@ own forward (bench/RESULTS.md, `bench.lm_ops`, H200, 2B shape, 2,944 tokens, 28 
 - the last layer's output matters only at the pointer tokens, so its attention runs for those
   queries alone and its MLP for those rows alone.
 Same arithmetic otherwise: cos/sin from mlx-vlm's own rotary module, RMSNorm, causal attention.
-Quantized language models (`quantize: 8|4`) keep mlx-vlm's forward: their linear layers are
-packed, and their cost is the dequantizing matmuls.
+Quantized language models (`quantize: 8|4`) take the same forward: a packed weight, its scales and
+biases concatenate along the output rows just as a plain weight does (MLX's groups run along each
+row), so q/k/v and gate/up stay single matmuls. Each matmul is `x @ w.T` for a plain weight and
+MLX's quantized matmul for a packed one, or, where `dequantize_rows` says so (a long prompt on a
+GPU whose quantized matmul is slower than dequantizing and one bf16 matmul; bench/RESULTS.md),
+the weight dequantized just before its matmul: a transient the size of one bf16 weight.
 """
 from __future__ import annotations
 
@@ -21,9 +25,36 @@ from workers.mlx.cuda_rotary import rotate_half
 from workers.mlx.run_ahead import RunAhead
 
 
+# From this many rows a packed weight is dequantized before its matmul, on CUDA and the CPU: there
+# MLX's quantized matmul took a 1080p prompt's 2,816 rows 2.2-3.6x longer than dequantizing and one
+# bf16 matmul, while a cached question's 16-64 rows go as fast or faster through it (H200 and H100,
+# bench.quantized_lm). On Metal, MLX's quantized matmul is its tuned path, unmeasured here: it stays.
+DEQUANTIZE_ROWS = 512
+
+
+def dequantize_rows_here() -> int:
+    """`FastLanguageModel`'s `dequantize_rows` for the default device."""
+    return 0 if mx.default_device() == mx.gpu and mx.metal.is_available() else DEQUANTIZE_ROWS
+
+
+def _mm(x, w, dequantize_rows: int):
+    """x @ W.T for w = (arrays, fmt): arrays (W,) and fmt None for a plain weight; for a packed one
+    arrays (packed, scales[, biases]) and fmt (group_size, bits, mode)."""
+    arrays, fmt = w
+    if fmt is None:
+        return x @ arrays[0].T
+    group_size, bits, mode = fmt
+    if dequantize_rows and x.size // x.shape[-1] >= dequantize_rows:
+        return x @ mx.dequantize(*arrays, group_size=group_size, bits=bits, mode=mode).astype(x.dtype).T
+    return mx.quantized_matmul(x, *arrays, transpose=True, group_size=group_size, bits=bits, mode=mode)
+
+
 @mx.compile
-def _qkv(x, norm_w, qkv_w, qkv_b, eps):
-    return mx.addmm(qkv_b, mx.fast.rms_norm(x, norm_w, eps), qkv_w.T)
+def _qkv(x, norm_w, qkv_w, qkv_b, eps, dequantize_rows):
+    normed = mx.fast.rms_norm(x, norm_w, eps)
+    if qkv_w[1] is None:
+        return mx.addmm(qkv_b, normed, qkv_w[0][0].T)
+    return _mm(normed, qkv_w, dequantize_rows) + qkv_b
 
 
 @mx.compile
@@ -34,19 +65,56 @@ def _rope(q, k, cos, sin):
 
 
 @mx.compile
-def _mlp_block(x, o, o_w, norm_w, gate_up_w, down_w, eps):
+def _mlp_block(x, o, o_w, norm_w, gate_up_w, down_w, eps, dequantize_rows):
     """Output projection + residual, RMSNorm, SwiGLU MLP + residual."""
-    h = x + o @ o_w.T
-    gate, up = mx.split(mx.fast.rms_norm(h, norm_w, eps) @ gate_up_w.T, 2, axis=-1)
-    return h + (nn.silu(gate) * up) @ down_w.T
+    h = x + _mm(o, o_w, dequantize_rows)
+    gate, up = mx.split(_mm(mx.fast.rms_norm(h, norm_w, eps), gate_up_w, dequantize_rows), 2, axis=-1)
+    return h + _mm(nn.silu(gate) * up, down_w, dequantize_rows)
+
+
+_PACKED = ("weight", "scales", "biases")
+
+
+def _weight(linear):
+    """A linear layer's weight as `_mm` takes it (no copy)."""
+    if isinstance(linear, nn.QuantizedLinear):
+        return tuple(linear[k] for k in _PACKED if k in linear), (linear.group_size, linear.bits, linear.mode)
+    return (linear.weight,), None
+
+
+def _concatenated(linears, names) -> tuple:
+    """The linears' parameters `names` concatenated along the output rows. The modules' own become
+    views into the result: one copy in memory, and mlx-vlm's forward (the load probe) still runs."""
+    whole = [mx.concatenate([lin[k] for lin in linears]) for k in names]
+    mx.eval(whole)
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        for k, w in zip(names, whole):
+            lin[k] = w[start:start + rows]
+        start += rows
+    return tuple(whole)
+
+
+def _fused(linears):
+    """The linears' weights as one, as `_mm` takes them."""
+    fmt = _weight(linears[0])[1]
+    if any(_weight(lin)[1] != fmt for lin in linears):
+        raise ValueError("linears fused into one matmul must share their quantization")
+    return _concatenated(linears, [k for k in _PACKED if k in linears[0]]), fmt
 
 
 class FastLanguageModel:
     """`pointer_states(h, position_ids, pointer_pos)` over mlx-vlm's `Qwen2Model` parameters."""
 
-    def __init__(self, lm, eval_every: int = 4):
+    def __init__(self, lm, eval_every: int | None = None, dequantize_rows: int = 0):
+        """`dequantize_rows`: a packed weight is dequantized before its matmul where at least this
+        many rows meet it (0: never; MLX's quantized matmul runs). Read at each call, as is
+        `eval_every`, the layers per chunk of the graph (bench.memory_profile): 4 by default, 1 where
+        packed weights are dequantized, since each chunk in flight holds its layers' dequantized
+        weights (7B shape, 4-bit, H100: peak 14.9 -> 8.95 GB at the same speed; bench.quantized_lm)."""
         self.lm = lm
-        self.eval_every = eval_every      # layers per chunk of the graph (bench.memory_profile)
+        self.dequantize_rows = dequantize_rows
         att0 = lm.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = att0.n_heads, att0.n_kv_heads, att0.head_dim
         self.scale = att0.scale
@@ -54,29 +122,25 @@ class FastLanguageModel:
         self.layers = []
         for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
-            qkv_w = mx.concatenate([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            qkv_b = mx.concatenate([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            gate_up_w = mx.concatenate([m.gate_proj.weight, m.up_proj.weight])
-            mx.eval(qkv_w, qkv_b, gate_up_w)
-            # The fused weights replace the separate ones, whose modules now hold views into them:
-            # one copy in memory, and mlx-vlm's forward (the load probe) still works.
-            cuts = [0, a.q_proj.weight.shape[0], a.q_proj.weight.shape[0] + a.k_proj.weight.shape[0], qkv_w.shape[0]]
-            for lin, s, e in zip((a.q_proj, a.k_proj, a.v_proj), cuts[:-1], cuts[1:]):
-                lin.weight, lin.bias = qkv_w[s:e], qkv_b[s:e]
-            inter = m.gate_proj.weight.shape[0]
-            m.gate_proj.weight, m.up_proj.weight = gate_up_w[:inter], gate_up_w[inter:]
+            projections = (a.q_proj, a.k_proj, a.v_proj)
+            (qkv_b,) = _concatenated(projections, ["bias"])
+            qkv_w = _fused(projections)
+            gate_up_w = _fused((m.gate_proj, m.up_proj))
             mx.eval(a.parameters(), m.parameters())
             self.layers.append(((layer.input_layernorm.weight, qkv_w, qkv_b),
-                                (a.o_proj.weight, layer.post_attention_layernorm.weight, gate_up_w, m.down_proj.weight)))
+                                (_weight(a.o_proj), layer.post_attention_layernorm.weight,
+                                 gate_up_w, _weight(m.down_proj))))
         mx.clear_cache()
+        packed = any(w[1] is not None for block, rest in self.layers for w in (block[1], rest[0], rest[2], rest[3]))
+        self.eval_every = eval_every if eval_every is not None else 1 if packed and dequantize_rows else 4
 
     @staticmethod
     def supports(lm) -> bool:
-        """False for quantized weights or a layout this forward does not know."""
+        """False for a layout this forward does not know."""
         try:
             a, m = lm.layers[0].self_attn, lm.layers[0].mlp
             linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-            return (all(type(l) is nn.Linear for l in linears) and "bias" in a.q_proj
+            return (all(type(l) in (nn.Linear, nn.QuantizedLinear) for l in linears) and "bias" in a.q_proj
                     and "bias" not in a.o_proj and "bias" not in m.gate_proj)
         except (AttributeError, IndexError):
             return False
@@ -98,7 +162,7 @@ class FastLanguageModel:
 
     def _attention_inputs(self, h, block, cos, sin):
         b, length, _ = h.shape
-        qkv = _qkv(h, *block, self.eps)
+        qkv = _qkv(h, *block, self.eps, self.dequantize_rows)
         q, k, v = mx.split(qkv, [self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim], axis=-1)
         q, k, v = (t.reshape(b, length, -1, self.head_dim).transpose(0, 2, 1, 3) for t in (q, k, v))
         q, k = _rope(q, k, cos, sin)
@@ -121,7 +185,7 @@ class FastLanguageModel:
             q, k, v = self._attention_inputs(h, block, cos, sin)
             copies = self._keep(kept, k, v, keep)
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
-            h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, length, -1), *rest, self.eps)
+            h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, length, -1), *rest, self.eps, self.dequantize_rows)
             if self.eval_every and (i + 1) % self.eval_every == 0:
                 pace([h, *copies])
         block, rest = self.layers[-1]
@@ -154,7 +218,7 @@ class FastLanguageModel:
             # "causal" aligns the last query with the last key: tail token i sees the prefix and
             # the tail up to itself
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
-            h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, t, -1), *rest, self.eps)
+            h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, t, -1), *rest, self.eps, self.dequantize_rows)
         block, rest = self.layers[-1]
         q, k, v = with_prefix(*self._attention_inputs(h, block, cos, sin), *kept[-1])
         return self._at_pointers(h, q, k, v, rest, pointers, offset=prefix)
@@ -167,7 +231,8 @@ class FastLanguageModel:
         q_ptr = q[rows, :, ptr][:, :, None]                                         # [B, H, 1, D]
         visible = (mx.arange(k.shape[2])[None, :] <= ptr[:, None] + offset)[:, None, None]
         o = mx.fast.scaled_dot_product_attention(q_ptr, k, v, scale=self.scale, mask=visible)
-        out = _mlp_block(h[rows, ptr][:, None], o.transpose(0, 2, 1, 3).reshape(b, 1, -1), *rest, self.eps)
+        out = _mlp_block(h[rows, ptr][:, None], o.transpose(0, 2, 1, 3).reshape(b, 1, -1), *rest, self.eps,
+                         self.dequantize_rows)
         return mx.fast.rms_norm(out[:, 0], self.lm.norm.weight, self.lm.norm.eps)
 
     @staticmethod
