@@ -127,13 +127,14 @@ def add_stack_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-pixels", type=int, default=5720064)
+    ap.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="the language model's weight bits")
     ap.add_argument("--ready-timeout", type=float, default=600)
 
 
 def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
     """The whole stack (not started) serving one model, `bench`, as `add_stack_args` describes it."""
     model = {"path": args.model_path, "engine": args.engine, "dtype": args.dtype, "preload": True,
-             "max_batch": args.max_batch, "max_pixels": args.max_pixels}
+             "max_batch": args.max_batch, "max_pixels": args.max_pixels, "quantize": args.quantize}
     return Stack(Path(tmp), {"server": {"default_model": "bench", "request_timeout_s": 600},
                              "broker": {"queue_size": 256, "load_timeout_s": 600},
                              "models": {"bench": model}})
