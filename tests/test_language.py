@@ -59,3 +59,22 @@ def test_the_load_probe_catches_a_forward_that_computes_something_else(tmp_path)
     half = qkv_w.shape[0] // 2
     fast.layers[0] = ((norm_w, ((mx.concatenate([qkv_w[half:], qkv_w[:half]]),), fmt), qkv_b), rest)
     assert not fast.agrees_with(text)
+
+
+def test_the_load_probe_checks_the_dequantizing_path_of_packed_weights(tmp_path):
+    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", quantize=8), EngineOptions("t", str(tmp_path), 1 << 30))
+    eng.load()
+    text = eng._model.language_model.model
+    fast = FastLanguageModel(text, dequantize_rows=512)
+    assert fast.packed and fast.agrees_with(text) and fast.dequantize_rows == 512
+    # a dequantizing path gone wrong, which the probe's 140 rows would never take at 512: caught.
+    # (Uncompiled, so that the forward looks mx.dequantize up at each call.)
+    real = mx.dequantize
+    mx.disable_compile()
+    mx.dequantize = lambda *a, **kw: real(*a, **kw) * 3
+    try:
+        assert not fast.agrees_with(text)
+    finally:
+        mx.dequantize = real
+        mx.enable_compile()
+    assert fast.dequantize_rows == 512 and fast.agrees_with(text)
