@@ -23,7 +23,8 @@ from bench.screens import png_bytes
 from bench.timing import median_ms
 from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest
-from workers.mlx.backbone import QUANT_GROUP, pointer_state_after
+from workers.mlx.backbone import pointer_state_after
+from workers.mlx.checkpoint import QUANT_GROUP
 from workers.mlx.engine import MlxEngine
 from workers.mlx.language import DEQUANTIZE_ROWS
 

@@ -234,3 +234,62 @@ def test_vocab_comes_from_the_embed_tensor(ckpt):
     engine = _load(ckpt)
     rows = engine._model.language_model.model.embed_tokens.weight.shape[0]
     assert rows == read_checkpoint(ckpt).tensors["model.embed_tokens.weight"].shape[0] < 151936
+
+
+# ---- the broker's reservation before a first load: the weights' size from the headers ----------
+
+
+@pytest.mark.mlx
+@pytest.mark.parametrize("backbone,tied", [("qwen2_vl", True), ("qwen2_5_vl", False)])
+def test_the_weight_estimate_is_what_the_engine_keeps(tmp_path, backbone, tied):
+    from common.config import ModelSpec
+    from workers.engine import EngineOptions
+    from workers.mlx.checkpoint import estimate_weight_bytes
+    from workers.mlx.engine import MlxEngine
+    from workers.tiny_checkpoint import Dims
+    path = write_tiny_checkpoint(tmp_path / "c", backbone, dims=Dims(tie_embeddings=tied), shards=2)
+    assert ("lm_head.weight" in read_checkpoint(path).tensors) is not tied    # dropped at load
+    for quantize in (None, 8, 4):
+        engine = MlxEngine(ModelSpec(path=str(path), quantize=quantize), EngineOptions("m", str(tmp_path), 10**8))
+        loaded = engine.load().weights_bytes
+        assert estimate_weight_bytes(str(path), str(tmp_path), None, quantize) == loaded, quantize
+        engine.unload()
+    # as bf16 (the config's dtype), the float32 checkpoint halves, but for the float32 pointer head
+    f32 = estimate_weight_bytes(str(path), str(tmp_path))
+    bf16 = estimate_weight_bytes(str(path), str(tmp_path), dtype_bytes=2)
+    head = sum(4 * int(np.prod(t.shape)) for n, t in read_checkpoint(path).tensors.items()
+               if n.startswith("multi_patch_pointer_head."))
+    assert bf16 == (f32 - head) // 2 + head and head > 0
+
+
+def test_the_weight_estimate_finds_what_the_engine_would_load_and_generates_nothing(tmp_path):
+    from workers.mlx.checkpoint import estimate_weight_bytes
+    hf_home = tmp_path / "hf"
+    repo = hf_home / "hub" / "models--microsoft--GUI-Actor-2B-Qwen2-VL"
+    snap = write_tiny_checkpoint(repo / "snapshots" / "abc123", "qwen2_vl")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    local = estimate_weight_bytes(str(snap), str(tmp_path))
+    assert local > 100_000
+    assert estimate_weight_bytes("microsoft/GUI-Actor-2B-Qwen2-VL", str(tmp_path), str(hf_home)) == local
+    cache = tmp_path / "cache"
+    assert estimate_weight_bytes("microsoft/GUI-Actor-7B-Qwen2-VL", str(cache), str(hf_home)) is None
+    assert estimate_weight_bytes(str(tmp_path / "nope"), str(cache)) is None
+    assert estimate_weight_bytes("tiny:qwen2_vl", str(cache)) is None and not cache.exists()
+    ensure_tiny("qwen2_vl", str(cache))
+    assert estimate_weight_bytes("tiny:qwen2_vl", str(cache)) == local     # seed 0 either way, same sizes
+
+
+def test_the_workers_estimate_follows_the_model_spec(tmp_path):
+    from common.config import ModelSpec
+    from workers.__main__ import DEFAULT_FAKE_WEIGHTS, estimate_weights_bytes
+    from workers.engine import EngineOptions
+    from workers.mlx.checkpoint import estimate_weight_bytes
+    path = write_tiny_checkpoint(tmp_path / "c", "qwen2_vl")
+    opts = EngineOptions("m", str(tmp_path), 10**8)
+    env = {"HOME": str(tmp_path)}
+    assert estimate_weights_bytes(ModelSpec(path=str(path), dtype="bfloat16", quantize=4), opts, env) == \
+        estimate_weight_bytes(str(path), str(tmp_path), None, 4, 2)
+    assert estimate_weights_bytes(ModelSpec(path="~/c"), opts, env) == estimate_weight_bytes(str(path), str(tmp_path))
+    assert estimate_weights_bytes(ModelSpec(path="org/absent"), opts, env) == DEFAULT_FAKE_WEIGHTS
+    assert estimate_weights_bytes(ModelSpec(path=str(path), engine="fake", fake={"weights_bytes": 7}), opts, env) == 7

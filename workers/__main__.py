@@ -19,6 +19,7 @@ from workers.worker import Worker, WorkerSettings
 
 SUPERVISOR_PID_ENV = "GROUNDING_SUPERVISOR_PID"   # set by workers/supervisor.py for its children
 DEFAULT_FAKE_WEIGHTS = 100_000_000
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}    # `auto`: the checkpoint's own
 
 
 def default_prep_threads() -> int:
@@ -41,17 +42,22 @@ def keep_kernel_cache(cache_dir: str) -> None:
     os.environ["MLX_PTX_CACHE_DIR"] = str(Path(cache_dir) / "mlx-kernels" / mlx_version)
 
 
-def estimate_weights_bytes(spec: ModelSpec, environ: Mapping[str, str]) -> int:
-    """Bytes of *.safetensors under a local model directory, else the fake engine's figure."""
-    path = Path(expand_path(spec.path, environ))
-    if path.is_dir():
-        total = sum(f.stat().st_size for f in path.rglob("*.safetensors") if f.is_file())
-        if total:
-            return total
+def estimate_weights_bytes(spec: ModelSpec, options: EngineOptions, environ: Mapping[str, str]) -> int:
+    """The broker's reservation for a model's first load (its LOADED report replaces it): for an
+    MLX model whose checkpoint is on disk (a local folder, a repo in the local Hugging Face cache, a
+    tiny one already generated), what the engine will keep of it, from the safetensors headers;
+    else the fake engine's figure."""
+    if spec.engine == "mlx":
+        from workers.mlx.checkpoint import estimate_weight_bytes      # reads headers; no MLX
+        est = estimate_weight_bytes(expand_path(spec.path, environ), options.cache_dir, options.hf_home,
+                                    spec.quantize, _DTYPE_BYTES.get(spec.dtype))
+        if est:
+            return est
     return int(spec.fake.get("weights_bytes", DEFAULT_FAKE_WEIGHTS))
 
 
-def worker_settings(cfg: AppConfig, model_id: str, spec: ModelSpec, environ: Mapping[str, str]) -> WorkerSettings:
+def worker_settings(cfg: AppConfig, model_id: str, spec: ModelSpec, options: EngineOptions,
+                    environ: Mapping[str, str]) -> WorkerSettings:
     parent = environ.get(SUPERVISOR_PID_ENV, "")
     return WorkerSettings(
         model_id=model_id,
@@ -63,7 +69,7 @@ def worker_settings(cfg: AppConfig, model_id: str, spec: ModelSpec, environ: Map
         # finish before the supervisor's SIGKILL at shutdown_grace_s
         shutdown_grace_s=max(0.5, 0.8 * cfg.supervisor.shutdown_grace_s),
         engine_name=spec.engine,
-        est_weights_bytes=estimate_weights_bytes(spec, environ),
+        est_weights_bytes=estimate_weights_bytes(spec, options, environ),
         parent_pid=int(parent) if parent.isdigit() else None,
         prep_threads=spec.prep_threads or default_prep_threads(),
     )
@@ -98,7 +104,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     except ImportError as exc:
         print(f"error: engine {spec.engine!r} for model {args.model!r} is not available: {exc}", file=sys.stderr)
         return 2
-    return Worker(engine, worker_settings(cfg, args.model, spec, environ)).run()
+    return Worker(engine, worker_settings(cfg, args.model, spec, options, environ)).run()
 
 
 if __name__ == "__main__":

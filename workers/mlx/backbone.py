@@ -13,10 +13,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from workers.families.gui_actor import HEAD_PREFIX
-from workers.mlx.checkpoint import Checkpoint, CheckpointError
+from workers.mlx.checkpoint import QUANT_GROUP, Checkpoint, CheckpointError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-QUANT_GROUP = 64
 PAD_MULTIPLE = 64   # prompt lengths are padded to this (at most 63 extra tokens, ~2 % at 1080p)
 TAIL_MULTIPLE = 32  # the same for the tokens after a kept prefix (workers/screen_cache.py)
 

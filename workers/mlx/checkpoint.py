@@ -5,7 +5,9 @@ headers. Every failure is a CheckpointError whose message names the file or tens
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -13,8 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.families import family_for
+from workers.families.gui_actor import HEAD_PREFIX
 
 TINY_PREFIX = "tiny:"
+QUANT_GROUP = 64      # `quantize: 8|4`: MLX affine groups of this many weights, one scale and bias each
+# the language model's linear weights, which `quantize` packs (workers/mlx/backbone.py)
+_LM_LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+_proj\.weight$")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
 
 
 class CheckpointError(Exception):
@@ -58,6 +65,39 @@ def resolve_path(spec_path: str, cache_dir: str, hf_home: str | None = None) -> 
     if len(parts) == 2 and all(parts) and not spec_path.startswith((".", "/", "~")):
         return _from_hf_cache(spec_path, hf_home)
     raise CheckpointError(f"model path {spec_path} does not exist")
+
+
+def estimate_weight_bytes(spec_path: str, cache_dir: str, hf_home: str | None = None,
+                          quantize: int | None = None, dtype_bytes: int | None = None) -> int | None:
+    """Bytes the model's weights will take once loaded, from the safetensors headers alone (nothing
+    generated, no weight read), for the broker's reservation before the first load; None where no
+    checkpoint is found yet. Counts what the engine keeps: no `lm_head` (grounding computes no
+    vocabulary logits), the pointer head in float32, the language model's linear weights packed
+    where `quantize` is set, everything else at `dtype_bytes` (None: the checkpoint's own dtype)."""
+    if spec_path.startswith(TINY_PREFIX):
+        path = Path(cache_dir) / f"tiny-{spec_path[len(TINY_PREFIX):]}"     # not generated here
+    else:
+        try:
+            path = resolve_path(spec_path, cache_dir, hf_home)
+        except CheckpointError:
+            return None
+    try:
+        tensors = {name: info for f in _weight_files(path) for name, info in read_header(f).items()}
+    except CheckpointError:
+        return None
+    total = 0
+    for name, info in tensors.items():
+        count = math.prod(info.shape)
+        size = dtype_bytes or _DTYPE_BYTES.get(info.dtype, 2)
+        if name.startswith("lm_head."):
+            continue
+        if name.startswith(HEAD_PREFIX):
+            total += 4 * count
+        elif quantize and _LM_LINEAR.search(name) and info.shape[-1] % QUANT_GROUP == 0:
+            total += count * quantize // 8 + 2 * size * (count // QUANT_GROUP)
+        else:
+            total += size * count
+    return total
 
 
 def _from_hf_cache(repo_id: str, hf_home: str | None) -> Path:
