@@ -16,7 +16,9 @@ from workers.mlx.engine import MlxEngine
 
 
 def test_device_resize_gives_the_same_grounding(tmp_path):
-    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", max_pixels=200_704), EngineOptions("t", str(tmp_path), 1 << 30))
+    # no screenshot cache: the second job must run the whole forward on the device-resized pixels
+    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", max_pixels=200_704, screenshot_cache_mb=0),
+                    EngineOptions("t", str(tmp_path), 1 << 30))
     eng.load()
     req = GroundingRequest("a", png_bytes(900, 600, seed=3), "click Button 4")
     cpu = eng.prepare(req)

@@ -63,9 +63,12 @@ def test_grounding_end_to_end(engine):
     assert set(res.timings) >= {"preprocess", "forward", "head"}
     result, usage, blobs = res.to_wire()
     assert result["attention_blob"] == 0 and blobs == [res.attention] and usage["total_tokens"] == res.prompt_tokens
-    # Deterministic: the same job again gives the same answer.
+    # Deterministic: the same job again gives the same answer (now from the screenshot cache, whose
+    # matmuls have other shapes: equal up to float rounding, as tests/test_screen_cache.py checks).
     (again,) = engine.run([engine.prepare(GroundingRequest("j2", _png(517, 333), "click the search box"))])
-    assert again.points == res.points and again.attention is None
+    assert again.cached_tokens > 0 and again.attention is None
+    assert [(p["x"], p["y"]) for p in again.points] == [(p["x"], p["y"]) for p in res.points]
+    assert [p["score"] for p in again.points] == pytest.approx([p["score"] for p in res.points], rel=1e-5)
 
 
 def test_positions_match_mlx_vlm(engine):

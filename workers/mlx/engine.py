@@ -26,7 +26,7 @@ from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_pat
 from workers.mlx.head import float32_matmul_error, head_from_tensors
 from workers.mlx.language import FastLanguageModel, dequantize_rows_here
 from workers.mlx.run_ahead import RunAhead
-from workers.mlx import resize
+from workers.mlx import cpu_blas, resize
 from workers.mlx.vision import FastQwen2Vision, FastVision, normalized_patches
 from workers.mlx.vision_qwen2_5 import FastQwen25Vision
 from workers.parallel_resize import learn_now
@@ -162,6 +162,9 @@ class MlxEngine:
         # on a GPU a question's rows are weight-bound (extra rows nearly free) and each new batch
         # shape builds attention plans; on the CPU extra rows cost their full compute
         self.pad_questions = mx.default_device() == mx.gpu
+        if mx.default_device() == mx.cpu:
+            log.info("CPU matmuls: %s", f"OpenBLAS ({cpu_blas.use_openblas()})" if cpu_blas.use_openblas()
+                     else "MLX's bundled BLAS")
         err = float32_matmul_error()
         log.info("pointer head in float32: its matmuls run %s here (relative error %.1e)",
                  "in full float32" if err < 1e-5 else "as TF32 (MLX_ENABLE_TF32=0 for full float32)", err)
