@@ -29,7 +29,7 @@ PROBE = textwrap.dedent("""
     b = mx.random.normal((200, 100), key=mx.random.key(1))
     got = np.array(a @ b)
     want = np.array(a).astype(np.float64) @ np.array(b).astype(np.float64)
-    shim = cpu_blas._loaded
+    shim = cpu_blas.loaded()
     calls = ctypes.CDLL(shim).grounding_blas_shim_calls() if shim else None
     print(json.dumps({{"shim": shim, "calls": calls, "err": float(np.abs(got - want).max())}}))
 """)

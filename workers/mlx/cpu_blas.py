@@ -51,6 +51,11 @@ def cache_root() -> Path:
     return Path(base) / "gui-grounding"
 
 
+def loaded() -> str | None:
+    """The shim's path where MLX's CPU gemm calls go to OpenBLAS in this process, else None."""
+    return _loaded
+
+
 def use_openblas(cache: Path | None = None) -> str | None:
     """Route MLX's CPU gemm calls to OpenBLAS -> the shim's path, or None where they stay on the
     bundled reference BLAS (the reason logged). Idempotent."""

@@ -163,7 +163,7 @@ class MlxEngine:
         # shape builds attention plans; on the CPU extra rows cost their full compute
         self.pad_questions = mx.default_device() == mx.gpu
         if mx.default_device() == mx.cpu:
-            log.info("CPU matmuls: %s", f"OpenBLAS ({cpu_blas.use_openblas()})" if cpu_blas.use_openblas()
+            log.info("CPU matmuls: %s", f"OpenBLAS ({cpu_blas.loaded()})" if cpu_blas.loaded()
                      else "MLX's bundled BLAS")
         err = float32_matmul_error()
         log.info("pointer head in float32: its matmuls run %s here (relative error %.1e)",
