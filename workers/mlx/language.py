@@ -12,9 +12,10 @@ Same arithmetic otherwise: cos/sin from mlx-vlm's own rotary module, RMSNorm, ca
 Quantized language models (`quantize: 8|4`) take the same forward: a packed weight, its scales and
 biases concatenate along the output rows just as a plain weight does (MLX's groups run along each
 row), so q/k/v and gate/up stay single matmuls. Each matmul is `x @ w.T` for a plain weight and
-MLX's quantized matmul for a packed one, or, where `dequantize_rows` says so (a long prompt on a
-GPU whose quantized matmul is slower than dequantizing and one bf16 matmul; bench/RESULTS.md),
-the weight dequantized just before its matmul: a transient the size of one bf16 weight.
+MLX's quantized matmul for a packed one, or, where `dequantize_rows` says so (a long prompt on
+CUDA, any prompt on the CPU: there MLX's quantized matmul is slower than dequantizing and one plain
+matmul; bench/RESULTS.md), the weight dequantized just before its matmul: a transient the size of
+one plain weight.
 """
 from __future__ import annotations
 
@@ -25,16 +26,20 @@ from workers.mlx.cuda_rotary import rotate_half
 from workers.mlx.run_ahead import RunAhead
 
 
-# From this many rows a packed weight is dequantized before its matmul, on CUDA and the CPU: there
-# MLX's quantized matmul took a 1080p prompt's 2,816 rows 2.2-3.6x longer than dequantizing and one
-# bf16 matmul, while a cached question's 16-64 rows go as fast or faster through it (H200 and H100,
-# bench.quantized_lm). On Metal, MLX's quantized matmul is its tuned path, unmeasured here: it stays.
+# From this many rows a packed weight is dequantized before its matmul on CUDA: there MLX's
+# quantized matmul took a 1080p prompt's 2,816 rows 2.2-3.6x longer than dequantizing and one bf16
+# matmul, while a cached question's 16-64 rows go as fast or faster through it (H200 and H100,
+# bench.quantized_lm). On the CPU MLX's quantized matmul is 3-50x slower than dequantizing at any
+# row count (16 rows: 141 against 43 ms for one 8960x1536 weight), so every matmul dequantizes
+# there. On Metal, MLX's quantized matmul is its tuned path, unmeasured here: it stays.
 DEQUANTIZE_ROWS = 512
 
 
 def dequantize_rows_here() -> int:
     """`FastLanguageModel`'s `dequantize_rows` for the default device."""
-    return 0 if mx.default_device() == mx.gpu and mx.metal.is_available() else DEQUANTIZE_ROWS
+    if mx.default_device() == mx.cpu:
+        return 1
+    return 0 if mx.metal.is_available() else DEQUANTIZE_ROWS
 
 
 def _mm(x, w, dequantize_rows: int):
