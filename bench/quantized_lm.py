@@ -7,14 +7,14 @@ dequantized before a bf16 matmul, against bf16 weights and against mlx-vlm's for
    several row counts: bf16, quantized matmul, dequantize + matmul. Where dequantizing starts to pay
    sets the engine's `dequantize_rows`.
 2. Per weight format, one engine: the whole forward of one screenshot (vision tower + language
-   model to the pointer state) with mlx-vlm's language model and with ours in each matmul mode, its
-   peak memory; and a second question about the screenshot from the screenshot cache (the tail).
+   model to the pointer state) with mlx-vlm's language model and with ours in each matmul mode and
+   chunk size, its peak memory; and a second question about the screenshot from the screenshot
+   cache (the tail).
 Medians of --reps, mx.synchronize() around each.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 
 import mlx.core as mx
