@@ -45,10 +45,6 @@ class Checkpoint:
     weight_files: tuple[Path, ...]
     tensors: dict
 
-    @property
-    def weight_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.weight_files)
-
 
 def resolve_path(spec_path: str, cache_dir: str, hf_home: str | None = None) -> Path:
     """`spec_path` -> a local folder. `tiny:<backbone>` is generated (seed 0) into
@@ -82,15 +78,15 @@ def estimate_weight_bytes(spec_path: str, cache_dir: str, hf_home: str | None = 
         except CheckpointError:
             return None
     try:
-        tensors = {name: info for f in _weight_files(path) for name, info in read_header(f).items()}
+        tensors = _headers(_weight_files(path))
     except CheckpointError:
         return None
     total = 0
     for name, info in tensors.items():
-        count = math.prod(info.shape)
-        size = dtype_bytes or _DTYPE_BYTES.get(info.dtype, 2)
         if name.startswith("lm_head."):
             continue
+        count = math.prod(info.shape)
+        size = dtype_bytes or _DTYPE_BYTES.get(info.dtype, 2)
         if name.startswith(HEAD_PREFIX):
             total += 4 * count
         elif quantize and _LM_LINEAR.search(name) and info.shape[-1] % QUANT_GROUP == 0:
@@ -206,6 +202,11 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _headers(files: list[Path]) -> dict[str, TensorInfo]:
+    """Every tensor's header entry across the weight files."""
+    return {name: info for f in files for name, info in read_header(f).items()}
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     """Check config.json (GUI-Actor architecture, supported model_type), tokenizer.json and the
     safetensors headers; the index's tensor -> file map must agree with the shards."""
@@ -228,10 +229,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"tokenizer.json is missing from {path} (the checkpoint's own tokenizer is required)")
     files = _weight_files(path)
-    tensors: dict[str, TensorInfo] = {}
-    for f in files:
-        for name, info in read_header(f).items():
-            tensors[name] = info
+    tensors = _headers(files)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         for name, shard in json.loads(index.read_text())["weight_map"].items():
