@@ -26,7 +26,6 @@ from workers.engine import EngineOptions, GroundingRequest
 from workers.mlx.backbone import pointer_state_after
 from workers.mlx.checkpoint import QUANT_GROUP
 from workers.mlx.engine import MlxEngine
-from workers.mlx.language import DEQUANTIZE_ROWS
 
 
 def matmul_rows(hidden: int, qkv_out: int, inter: int, bits_list: list[int], rows_list: list[int],
@@ -73,8 +72,8 @@ def engine_rows(path: str, bits: int | None, w: int, h: int, reps: int, tmp: str
     ours = eng._lm
     every = ours.eval_every
     modes = [("mlx-vlm's", None, 0, every)] + ([("ours, quantized matmul", ours, 0, 4)] + [
-        (f"ours, dequantized from {DEQUANTIZE_ROWS} rows, {n} layer(s) per chunk", ours, DEQUANTIZE_ROWS, n)
-        for n in (4, 2, 1)] if bits else [("ours", ours, 0, every)])
+        (f"ours, dequantized from {rows} row(s), 1 layer per chunk", ours, rows, 1)
+        for rows in (512, 1)] if bits else [("ours", ours, 0, every)])
     out = []
     for label, lm, dequantize_rows, eval_every in modes:
         eng._lm = lm

@@ -8,7 +8,7 @@ from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest
 from workers.mlx.backbone import pointer_states_batch
 from workers.mlx.engine import MlxEngine
-from workers.mlx.language import FastLanguageModel
+from workers.mlx.language import PROBE_REFERENCE_STEP, FastLanguageModel, _reference_forward
 
 
 @pytest.mark.parametrize("backbone", ["qwen2_vl", "qwen2_5_vl"])
@@ -78,3 +78,23 @@ def test_the_load_probe_checks_the_dequantizing_path_of_packed_weights(tmp_path)
         mx.dequantize = real
         mx.enable_compile()
     assert fast.dequantize_rows == 512 and fast.agrees_with(text)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_the_probe_reference_run_a_few_tokens_at_a_time_is_mlx_vlms_forward(bits, tmp_path):
+    # on CUDA a packed model's probe reference runs 3 tokens per call, so that MLX compiles no
+    # quantized-matmul kernel at load: the same function as the whole call, and still a probe
+    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", quantize=bits), EngineOptions("t", str(tmp_path), 1 << 30))
+    eng.load()
+    text = eng._model.language_model.model
+    h = mx.random.normal((2, 70, text.norm.weight.shape[0]), key=mx.random.key(5)) * 0.5
+    pos = mx.broadcast_to((mx.arange(70) * 2)[None, None], (3, 2, 70)).astype(mx.int32)
+    whole = _reference_forward(text, h, pos, 0)
+    assert mx.allclose(_reference_forward(text, h, pos, PROBE_REFERENCE_STEP), whole, rtol=1e-4, atol=1e-4)
+    fast = FastLanguageModel(text, dequantize_rows=1)
+    assert fast.agrees_with(text, reference_step=PROBE_REFERENCE_STEP)
+    (norm_w, ((qkv_w, *packed), fmt), qkv_b), rest = fast.layers[0]
+    half = qkv_w.shape[0] // 2
+    swapped = [mx.concatenate([a[half:], a[:half]]) for a in (qkv_w, *packed)]
+    fast.layers[0] = ((norm_w, (tuple(swapped), fmt), qkv_b), rest)
+    assert not fast.agrees_with(text, reference_step=PROBE_REFERENCE_STEP)

@@ -12,34 +12,43 @@ Same arithmetic otherwise: cos/sin from mlx-vlm's own rotary module, RMSNorm, ca
 Quantized language models (`quantize: 8|4`) take the same forward: a packed weight, its scales and
 biases concatenate along the output rows just as a plain weight does (MLX's groups run along each
 row), so q/k/v and gate/up stay single matmuls. Each matmul is `x @ w.T` for a plain weight and
-MLX's quantized matmul for a packed one, or, where `dequantize_rows` says so (a long prompt on
-CUDA, any prompt on the CPU: there MLX's quantized matmul is slower than dequantizing and one plain
-matmul; bench/RESULTS.md), the weight dequantized just before its matmul: a transient the size of
-one plain weight.
+MLX's quantized matmul for a packed one, or, where `dequantize_rows` says so (CUDA and the CPU:
+there MLX's quantized matmul is slower than dequantizing and one plain matmul; bench/RESULTS.md),
+the weight dequantized just before its matmul: a transient the size of one plain weight.
 """
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_vlm.models.cache import KVCache
 
 from workers.mlx.cuda_rotary import rotate_half
 from workers.mlx.run_ahead import RunAhead
 
 
-# From this many rows a packed weight is dequantized before its matmul on CUDA: there MLX's
-# quantized matmul took a 1080p prompt's 2,816 rows 2.2-3.6x longer than dequantizing and one bf16
-# matmul, while a cached question's 16-64 rows go as fast or faster through it (H200 and H100,
-# bench.quantized_lm). On the CPU MLX's quantized matmul is 3-50x slower than dequantizing at any
-# row count (16 rows: 141 against 43 ms for one 8960x1536 weight), so every matmul dequantizes
-# there. On Metal, MLX's quantized matmul is its tuned path, unmeasured here: it stays.
-DEQUANTIZE_ROWS = 512
-
-
+# Where every matmul of a packed weight dequantizes it first (`dequantize_rows` 1): on CUDA and the
+# CPU. On CUDA MLX's quantized matmul took a 1080p prompt's 2,816 rows 2.2-3.6x longer than
+# dequantizing and one bf16 matmul, was no faster at a cached question's 16-64 rows (tail 14.2 ms
+# against 11.7 ms dequantized, 2B 4-bit, H200), and from 8 rows it runs CUTLASS kernels that MLX
+# compiles at run time, 34-44 s each on a machine's first load (bench.first_load). On the CPU it
+# is 3-50x slower than dequantizing at any row count (16 rows: 141 against 43 ms for one 8960x1536
+# weight). On Metal, MLX's quantized matmul is its tuned path, unmeasured here: it stays.
 def dequantize_rows_here() -> int:
     """`FastLanguageModel`'s `dequantize_rows` for the default device."""
-    if mx.default_device() == mx.cpu:
-        return 1
-    return 0 if mx.metal.is_available() else DEQUANTIZE_ROWS
+    return 0 if mx.default_device() == mx.gpu and mx.metal.is_available() else 1
+
+
+# The load probe's reference (mlx-vlm's forward) runs a packed model a few tokens at a time through
+# its KV cache on CUDA: 2 probe rows x 3 tokens stay below the 8 rows from which MLX's quantized
+# matmul compiles a CUTLASS kernel (34-44 s on a machine's first load; under 8 rows a precompiled
+# kernel runs). Elsewhere MLX compiles nothing at run time and the reference runs in one call.
+PROBE_REFERENCE_STEP = 3
+
+
+def probe_reference_step_here(packed: bool) -> int:
+    """`agrees_with`'s `reference_step` for the default device (0: the whole probe at once)."""
+    on_cuda = mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+    return PROBE_REFERENCE_STEP if packed and on_cuda else 0
 
 
 def _mm(x, w, dequantize_rows: int):
@@ -109,6 +118,18 @@ def _fused(linears):
     return _concatenated(linears, [k for k in _PACKED if k in linears[0]]), fmt
 
 
+def _reference_forward(lm, h, position_ids, step: int) -> mx.array:
+    """mlx-vlm's forward over embeddings h [B, L, C] -> [B, L, C]; with `step`, that many tokens
+    per call through its KV cache (the same causal attention, fewer rows per matmul)."""
+    ids = mx.zeros(h.shape[:2], dtype=mx.int32)
+    if not step:
+        return lm(ids, inputs_embeds=h, position_ids=position_ids)
+    cache = [KVCache() for _ in lm.layers]
+    return mx.concatenate([lm(ids[:, i:i + step], inputs_embeds=h[:, i:i + step], cache=cache,
+                              position_ids=position_ids[:, :, i:i + step])
+                           for i in range(0, h.shape[1], step)], axis=1)
+
+
 class FastLanguageModel:
     """`pointer_states(h, position_ids, pointer_pos)` over mlx-vlm's `Qwen2Model` parameters."""
 
@@ -151,17 +172,20 @@ class FastLanguageModel:
         except (AttributeError, IndexError):
             return False
 
-    def agrees_with(self, lm) -> bool:
+    def agrees_with(self, lm, reference_step: int | None = None) -> bool:
         """A probe at load: two padded rows through this forward and mlx-vlm's. A wrong index, mask
         or rotary is off by the size of the values; kernel choices and bf16 rounding are far below
-        the 10 % allowed here. Packed weights that long prompts dequantize are probed both ways: the
-        probe's rows are too few to dequantize at the configured `dequantize_rows`."""
+        the 10 % allowed here. Packed weights are probed in both matmul modes where the configured
+        `dequantize_rows` would leave the probe's rows to one of them. `reference_step`: mlx-vlm's
+        forward runs that many tokens at a time through its KV cache (0: all at once; None: as
+        `probe_reference_step_here` says)."""
         c = lm.norm.weight.shape[0]
         dtype = lm.norm.weight.dtype
         h = (mx.random.normal((2, 70, c), key=mx.random.key(0)) * 0.5).astype(dtype)
         pos = mx.broadcast_to(mx.arange(70)[None, None], (3, 2, 70)).astype(mx.int32)
         ptr = [69, 40]
-        theirs = lm(mx.zeros((2, 70), dtype=mx.int32), inputs_embeds=h, position_ids=pos)
+        step = probe_reference_step_here(self.packed) if reference_step is None else reference_step
+        theirs = _reference_forward(lm, h, pos, step)
         theirs = theirs[mx.arange(2), mx.array(ptr)].astype(mx.float32)
         scale = max(mx.abs(theirs).max().item(), 1e-6)
         configured = self.dequantize_rows
