@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import workers.mlx  # noqa: F401  (routes MLX's CPU matmuls before mlx.core loads)
+import workers.mlx  # noqa: F401  (routes MLX's CPU matmuls to OpenBLAS)
 import workers.mlx.cpu_blas as cpu_blas
 import mlx.core as mx
 

@@ -9,14 +9,13 @@ it (bench/RESULTS.md). A server meets new shapes with every screen size, prompt-
 batch composition, so a long-lived worker would start failing requests. Here a miss costs a rebuilt plan
 (~40 ms) instead, and four times as many plans are kept. An operator's own values win.
 
-On a Linux CPU install, MLX's matmuls are routed to OpenBLAS here too (workers/mlx/cpu_blas.py),
-which must happen before mlx.core is loaded.
+On a Linux CPU install, MLX's matmuls are routed to OpenBLAS here too (workers/mlx/cpu_blas.py).
 """
 import os
 
 for _name, _value in (("MLX_ENABLE_CACHE_THRASHING_CHECK", "0"), ("MLX_CUDA_SDPA_CACHE_SIZE", "1024")):
     os.environ.setdefault(_name, _value)
 
-from workers.mlx.cpu_blas import use_openblas  # noqa: E402  (after the settings, before any mlx import)
+from workers.mlx.cpu_blas import use_openblas  # noqa: E402  (after the settings)
 
 use_openblas()
