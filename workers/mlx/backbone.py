@@ -13,7 +13,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from workers.families.gui_actor import HEAD_PREFIX
-from workers.mlx.checkpoint import QUANT_GROUP, Checkpoint, CheckpointError
+from workers.mlx.checkpoint import QUANT_GROUP, Checkpoint, CheckpointError, packed_by_quantize
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 PAD_MULTIPLE = 64   # prompt lengths are padded to this (at most 63 extra tokens, ~2 % at 1080p)
@@ -106,9 +106,9 @@ def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None
         weights.append((name, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v))
     model.load_weights(weights, strict=True)
     if quantize:
-        # Language-model linears only: the ViT is small and sensitive, the head stays float32.
         nn.quantize(model.language_model, group_size=QUANT_GROUP, bits=quantize,
-                    class_predicate=lambda _p, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % QUANT_GROUP == 0)
+                    class_predicate=lambda path, m: isinstance(m, nn.Linear)
+                    and packed_by_quantize(f"{path}.weight", m.weight.shape))
     mx.eval(model.parameters())
     model.eval()
     return model, head

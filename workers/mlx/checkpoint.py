@@ -19,9 +19,16 @@ from workers.families.gui_actor import HEAD_PREFIX
 
 TINY_PREFIX = "tiny:"
 QUANT_GROUP = 64      # `quantize: 8|4`: MLX affine groups of this many weights, one scale and bias each
-# the language model's linear weights, which `quantize` packs (workers/mlx/backbone.py)
 _LM_LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+_proj\.weight$")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+def packed_by_quantize(name: str, shape) -> bool:
+    """Whether `quantize: 8|4` packs this weight: a linear weight of the language model's layers
+    (the ViT is small and sensitive, the head stays float32) whose rows split into whole groups.
+    One rule for the load (workers/mlx/backbone.py, over module paths) and the estimate below (over
+    tensor names), which cannot import MLX."""
+    return bool(_LM_LINEAR.search(name)) and shape[-1] % QUANT_GROUP == 0
 
 
 class CheckpointError(Exception):
@@ -89,7 +96,7 @@ def estimate_weight_bytes(spec_path: str, cache_dir: str, hf_home: str | None = 
         size = dtype_bytes or _DTYPE_BYTES.get(info.dtype, 2)
         if name.startswith(HEAD_PREFIX):
             total += 4 * count
-        elif quantize and _LM_LINEAR.search(name) and info.shape[-1] % QUANT_GROUP == 0:
+        elif quantize and packed_by_quantize(name, info.shape):
             total += count * quantize // 8 + 2 * size * (count // QUANT_GROUP)
         else:
             total += size * count
