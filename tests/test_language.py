@@ -80,11 +80,11 @@ def test_the_load_probe_checks_the_dequantizing_path_of_packed_weights(tmp_path)
     assert fast.dequantize_rows == 512 and fast.agrees_with(text)
 
 
-@pytest.mark.parametrize("bits", [None, 4])
-def test_the_probe_reference_run_a_few_tokens_at_a_time_is_mlx_vlms_forward(bits, tmp_path):
+@pytest.mark.parametrize("backbone,bits", [("qwen2_vl", None), ("qwen2_vl", 4), ("qwen2_5_vl", 4)])
+def test_the_probe_reference_run_a_few_tokens_at_a_time_is_mlx_vlms_forward(backbone, bits, tmp_path):
     # on CUDA a packed model's probe reference runs 3 tokens per call, so that MLX compiles no
     # quantized-matmul kernel at load: the same function as the whole call, and still a probe
-    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", quantize=bits), EngineOptions("t", str(tmp_path), 1 << 30))
+    eng = MlxEngine(ModelSpec(path=f"tiny:{backbone}", quantize=bits), EngineOptions("t", str(tmp_path), 1 << 30))
     eng.load()
     text = eng._model.language_model.model
     h = mx.random.normal((2, 70, text.norm.weight.shape[0]), key=mx.random.key(5)) * 0.5
