@@ -137,6 +137,7 @@ def _address(lib: ctypes.CDLL, name: str) -> int:
 def _checked_slot(slot: int, bound: int, plt: tuple[int, int]) -> int:
     """`slot` if the GOT slot there holds what the dynamic linker puts in it: the bound function,
     or, not yet bound (lazy binding), a stub inside the library's own PLT (`plt`); else ValueError."""
+    _permissions(slot)                                   # mapped, or OSError rather than a crash
     now = ctypes.c_void_p.from_address(slot).value or 0
     if now != bound and not plt[0] <= now < plt[1]:
         raise ValueError(f"a GOT slot holds {now:#x}, neither the bound function nor a PLT stub")
@@ -146,7 +147,7 @@ def _checked_slot(slot: int, bound: int, plt: tuple[int, int]) -> int:
 def _write(slot: int, target: int) -> None:
     """Store `target` in the GOT slot, through a read-only page if the library's RELRO made it one."""
     page = slot & ~(mmap.PAGESIZE - 1)
-    read_only = not _writable(slot)
+    read_only = _permissions(slot)[1] != "w"
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     if read_only and libc.mprotect(page, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE) != 0:
@@ -156,11 +157,12 @@ def _write(slot: int, target: int) -> None:
         libc.mprotect(page, mmap.PAGESIZE, mmap.PROT_READ)
 
 
-def _writable(address: int) -> bool:
+def _permissions(address: int) -> str:
+    """The "rwxp" flags of the mapping that holds `address` in this process."""
     with open("/proc/self/maps") as maps:
         for line in maps:
             span, perms = line.split()[:2]
             lo, hi = (int(v, 16) for v in span.split("-"))
             if lo <= address < hi:
-                return perms[1] == "w"
+                return perms
     raise OSError(f"{address:#x} is not mapped")
