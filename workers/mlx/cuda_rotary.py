@@ -90,9 +90,14 @@ def reference(qkv: mx.array, cos: mx.array, sin: mx.array, heads: int) -> mx.arr
     return mx.stack(rotate_qk(qkv.reshape(n, 3, heads, 2 * cos.shape[-1]), cos, sin), axis=1)
 
 
+def on_cuda() -> bool:
+    """Whether MLX's default device is a GPU of its CUDA backend."""
+    return hasattr(mx, "cuda") and mx.cuda.is_available() and mx.default_device() == mx.gpu
+
+
 def load(heads: int, head_dim: int, dtype: mx.Dtype) -> CudaRotary | None:
     """The kernel if MLX runs on CUDA and the kernel matches the MLX-ops path on a probe, else None."""
-    if not (hasattr(mx, "cuda") and mx.cuda.is_available()) or mx.default_device() != mx.gpu:
+    if not on_cuda():
         return None
     try:
         rot = CudaRotary(heads, head_dim)

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_vlm.models.cache import KVCache
 
-from workers.mlx.cuda_rotary import rotate_half
+from workers.mlx.cuda_rotary import on_cuda, rotate_half
 from workers.mlx.run_ahead import RunAhead
 
 
@@ -47,8 +47,7 @@ PROBE_REFERENCE_STEP = 3
 
 def probe_reference_step_here(packed: bool) -> int:
     """`agrees_with`'s `reference_step` for the default device (0: the whole probe at once)."""
-    on_cuda = mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
-    return PROBE_REFERENCE_STEP if packed and on_cuda else 0
+    return PROBE_REFERENCE_STEP if packed and on_cuda() else 0
 
 
 def _mm(x, w, dequantize_rows: int):
