@@ -113,10 +113,16 @@ class Stack:
         """Ask the broker directly over its client socket (no dependency on our client code)."""
         ctx = zmq.Context.instance()
         sock = make_socket(ctx, zmq.DEALER)
+        # IMMEDIATE (make_socket) queues nothing before a connection: without a send timeout a
+        # broker that never came up would block this send, and wait_ready with it, for ever
+        sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         try:
             sock.connect(self.client_endpoint)
             qid = uuid.uuid4().hex
-            sock.send_multipart(wire.encode(p.Query(id=qid, service=service, arg=arg or {})))
+            try:
+                sock.send_multipart(wire.encode(p.Query(id=qid, service=service, arg=arg or {})))
+            except zmq.Again:
+                raise TimeoutError(f"broker not reachable for {service}") from None
             if not sock.poll(int(timeout_s * 1000)):
                 raise TimeoutError(f"broker did not answer {service}")
             msg, _ = wire.decode(sock.recv_multipart(), wire.TO_CLIENT)
