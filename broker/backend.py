@@ -74,8 +74,8 @@ class Backend:
             self.b.lose_worker(w, f"disconnected ({msg.reason})", now, crashed=False)
 
     def _on_ready(self, ident: bytes, msg: p.Ready, now: float) -> None:
-        spec = self.b.specs.get(msg.model_id)
-        if spec is None or not spec.enabled:
+        unit = self.b.models.get(msg.model_id)
+        if unit is None or not unit.spec.enabled:
             self.b.emit(e.Log(logging.WARNING, "READY for a model that is not configured or enabled",
                               {"model": msg.model_id, "worker": msg.worker_uid}))
             return self._tell_to_leave(ident, f"model {msg.model_id!r} is not served by this broker", now)
@@ -85,7 +85,7 @@ class Backend:
             if old is not None:
                 self.b.lose_worker(old, "replaced by a new READY", now)
         w = Worker.from_ready(ident, msg, now)
-        self.b.registry.add(w)
+        self.b.registry.add(w, unit.device_key)
         self._told_to_leave.pop(ident, None)
         self.b.lifecycle.on_ready(w, msg, now)
         self.b.emit(e.Log(logging.INFO, "worker ready", {"model": w.model_id, "worker": w.uid, "pid": w.pid,

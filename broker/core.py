@@ -13,11 +13,11 @@ import logging
 from collections import Counter
 
 from common import protocol as p
-from common.config import BrokerConfig, ModelSpec
+from common.config import BrokerConfig, ModelSpec, units_of
 from broker import events as e
 from broker import scheduler as s
 from broker import status
-from broker.jobs import DISPATCHED, Job, JobTable, PoisonList, job_digest
+from broker.jobs import DISPATCHED, Job, JobTable, PoisonList, job_digest, replica_rank
 from broker.backend import Backend
 from broker.lifecycle import Lifecycle
 from broker.registry import Registry, Worker
@@ -30,7 +30,7 @@ class Broker:
                  wall_offset: float = 0.0, started_at: float | None = None):
         """`wall_offset`: unix time minus the shell's monotonic clock, for reported times."""
         self.config = config
-        self.specs = dict(models)
+        self.specs = dict(models)             # the model ids clients ask for
         self.incarnation = incarnation
         self.wall_offset = wall_offset
         self.started_at = started_at
@@ -38,7 +38,13 @@ class Broker:
         self.registry = Registry()
         self.poison = PoisonList(config.poison_ttl_s)
         self.counters: Counter[str] = Counter()
-        self.models = {mid: s.ModelState(mid, spec, i) for i, (mid, spec) in enumerate(self.specs.items())}
+        # One state per unit (a model, or each replica of a model with `devices`), by unit id;
+        # jobs queue per model id and go to any loaded unit of that model.
+        self.models = {u.id: s.ModelState(u.id, u.spec, i, group=u.model_id, device=u.device)
+                       for i, u in enumerate(units_of(self.specs))}
+        self.groups: dict[str, list[s.ModelState]] = {}
+        for m in self.models.values():
+            self.groups.setdefault(m.group, []).append(m)
         self.lifecycle = Lifecycle(self)
         self.shutting_down = False
         self._drained_logged = False
@@ -66,11 +72,20 @@ class Broker:
         """Shutting down and no accepted job is left without its answer."""
         return self.shutting_down and len(self.jobs) == 0
 
-    def budget(self) -> int | None:
-        return s.budget_bytes(self.config.memory_budget, self.registry.device_total, self.registry.host_total)
+    def devices(self) -> list[int]:
+        """The devices whose memory the units use (0 alone unless models have `devices`)."""
+        return sorted({m.device_key for m in self.models.values()})
 
-    def committed(self) -> int:
-        return s.committed(self.models.values())
+    def budget(self, device: int | None = None) -> int | None:
+        """One device's memory budget; without `device`, all devices' together (None: unknown)."""
+        if device is None:
+            known = [b for b in map(self.budget, self.devices()) if b is not None]
+            return sum(known) if known else None
+        total = self.registry.device_totals.get(device) or self.registry.device_total
+        return s.budget_bytes(self.config.memory_budget, total, self.registry.host_total)
+
+    def committed(self, device: int | None = None) -> int:
+        return s.committed(m for m in self.models.values() if device is None or m.device_key == device)
 
     # ---- used by backend and lifecycle ----------------------------------------------------------------------
 
@@ -213,22 +228,22 @@ class Broker:
         if mid is not None and not isinstance(mid, str):
             return self._client_error(client, q.id, "bad_request", "arg.model must be a string")
         if q.service == p.Q_MODELS and mid is None:
-            reply = [status.model_status(self, m) for m in self.models.values()]
+            reply = [status.group_status(self, g) for g in self.groups]
             self.emit(e.ToClient(client, p.QueryReply(q.id, {"models": reply})))
             return
         if mid is None:
             return self._client_error(client, q.id, "bad_request", f"{q.service} needs arg.model")
-        m = self.models.get(mid)
-        if m is None or (q.service == p.Q_LOAD and not m.spec.enabled):
+        spec = self.specs.get(mid)
+        if spec is None or (q.service == p.Q_LOAD and not spec.enabled):
             return self._client_error(client, q.id, "unknown_model", f"model {mid!r} is not configured or disabled")
         if q.service == p.Q_MODELS:
-            self.emit(e.ToClient(client, p.QueryReply(q.id, {"models": [status.model_status(self, m)]})))
+            self.emit(e.ToClient(client, p.QueryReply(q.id, {"models": [status.group_status(self, mid)]})))
         elif q.service == p.Q_LOAD:
             if self.shutting_down:
                 return self._client_error(client, q.id, "overloaded", "the broker is shutting down", retryable=True)
-            self.lifecycle.query_load(client, q.id, m, now)
+            self.lifecycle.query_load(client, q.id, mid, now)
         else:
-            self.lifecycle.query_unload(client, q.id, m, now)
+            self.lifecycle.query_unload(client, q.id, mid, now)
 
     def _on_client_bad(self, ev: e.ClientBadMessage) -> None:
         self.count("decode_errors_total.client")
@@ -288,19 +303,27 @@ class Broker:
         """After every event: model decisions, then credit-based dispatch of queued jobs."""
         self.lifecycle.reconcile(now)
         if self.jobs.queued_total:
-            for m in self.models.values():
-                if m.state == s.LOADED and self.jobs.queue_depth(m.id):
-                    self._dispatch(m, now)
+            for group, units in self.groups.items():
+                if self.jobs.queue_depth(group):
+                    self._dispatch(group, units, now)
         if self.drained and not self._drained_logged:
             self._drained_logged = True
             self.emit(e.Log(logging.INFO, "drained: every accepted job has its answer"))
 
-    def _dispatch(self, m: s.ModelState, now: float) -> None:
-        w = self.registry.for_model(m.id)
-        while w is not None and w.free_slots > 0:
-            job = self.jobs.pop_next(m.id)
-            if job is None:
+    def _dispatch(self, group: str, units: list[s.ModelState], now: float) -> None:
+        """Queued jobs of a model, in order, each to its least busy loaded unit with a free slot.
+        Among equally busy replicas a job goes where the same screenshot went before
+        (`replica_rank`): that worker keeps the screenshot's state for the next question."""
+        while self.jobs.queue_depth(group):
+            ready = [(m, w) for m in units if m.state == s.LOADED
+                     and (w := self.registry.for_model(m.id)) is not None and w.free_slots > 0]
+            if not ready:
                 return
+            if len(ready) > 1:
+                head = self.jobs.queue(group)[0]
+                ready.sort(key=lambda mw: (mw[1].busy, -replica_rank(head, mw[0].id)))
+            m, w = ready[0]
+            job = self.jobs.pop_next(group)
             job.state, job.worker, job.dispatched_at = DISPATCHED, w.identity, now
             w.live[job.id] = None
             m.last_used = now

@@ -8,11 +8,16 @@ States (common.protocol.MODEL_STATES): unloaded -> loading -> loaded -> [drainin
   later ones from taking it; eviction = UNLOAD idle victims, drain busy ones (UNLOAD at idle);
 - memory is released only by the worker's report or its departure (scheduler docstring);
 - timeouts: load -> load_failed + kill; unload -> UNLOAD(then=exit), then kill.
+States, loads and evictions are per unit (a model, or each replica of a model with `devices`, each
+on its own device's budget). What clients see is per model: mmi.load answers once any unit is
+loaded (and loads the others too), mmi.unload once every unit is unloaded, and a failed load fails
+the model's queued jobs only when no other unit is loaded or loading.
 The owner (`broker.core.Broker`) provides the job table, registry, outbox and job answers.
 """
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import TYPE_CHECKING
 
 from common import protocol as p
@@ -20,7 +25,7 @@ from broker import scheduler as s
 from broker.events import Log, ToClient, ToWorker
 from broker.registry import Worker
 from broker.scheduler import ModelState
-from broker.status import model_status
+from broker.status import group_status
 
 if TYPE_CHECKING:
     from broker.core import Broker
@@ -34,12 +39,14 @@ class Lifecycle:
     def __init__(self, broker: "Broker"):
         self.b = broker
         self.models: dict[str, ModelState] = broker.models
-        self.load_waiters: dict[str, list[tuple[bytes, str, float]]] = {}    # (client, query id, since)
+        # by model id (a unit's `group`): (client, query id, since)
+        self.load_waiters: dict[str, list[tuple[bytes, str, float]]] = {}
         self.unload_waiters: dict[str, list[tuple[bytes, str, float]]] = {}
         self.preload_at: dict[str, float] = {}
         self.doomed_at: dict[bytes, float] = {}
         self.promised: str | None = None    # the model an eviction made room for: first claim on it
         self.seen: set[str] = set()         # models whose worker has registered at least once
+        self.making_room: set[str] = set()  # units whose load waits for memory being freed (last reconcile)
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -53,11 +60,23 @@ class Lifecycle:
     def _log(self, level: int, text: str, m: ModelState, **ctx) -> None:
         self.b.emit(Log(level, text, {"model": m.id, **ctx}))
 
-    def _reply_waiters(self, waiters: dict, m: ModelState, code: str | None = None,
+    def _units(self, group: str) -> list[ModelState]:
+        return self.b.groups[group]
+
+    def _others_serve(self, m: ModelState) -> bool:
+        """Another unit of m's model is loaded, loading or waiting for memory to be freed for its
+        load: the model's waiters and queued jobs wait for it rather than share m's failure."""
+        return any(u is not m and (u.state in (s.LOADED, s.LOADING) or u.id in self.making_room)
+                   for u in self._units(m.group))
+
+    def _all_unloaded(self, group: str) -> bool:
+        return all(u.state in (s.UNLOADED, s.FAILED) and u.charge == 0 for u in self._units(group))
+
+    def _reply_waiters(self, waiters: dict, group: str, code: str | None = None,
                        message: str = "", retryable: bool = False) -> None:
-        for client, qid, _ in waiters.pop(m.id, []):
+        for client, qid, _ in waiters.pop(group, []):
             if code is None:
-                self.b.emit(ToClient(client, p.QueryReply(qid, model_status(self.b, m))))
+                self.b.emit(ToClient(client, p.QueryReply(qid, group_status(self.b, group))))
             else:
                 self.b.emit(ToClient(client, p.Error(qid, code, message, retryable,
                                                      self.b.config.retry_after_ms if retryable else None)))
@@ -84,20 +103,27 @@ class Lifecycle:
 
     # ---- queries -------------------------------------------------------------------------------
 
-    def query_load(self, client: bytes, qid: str, m: ModelState, now: float) -> None:
-        if m.state == s.LOADED:
-            self.b.emit(ToClient(client, p.QueryReply(qid, model_status(self.b, m))))
+    def query_load(self, client: bytes, qid: str, group: str, now: float) -> None:
+        """mmi.load: every unit of the model is wanted; the answer comes once one is loaded."""
+        units = self._units(group)
+        for u in units:
+            u.want_unload = False
+            if u.state != s.LOADED:
+                u.wanted_at = now
+        if any(u.state == s.LOADED for u in units):
+            self.b.emit(ToClient(client, p.QueryReply(qid, group_status(self.b, group))))
             return
-        self.load_waiters.setdefault(m.id, []).append((client, qid, now))
-        m.want_unload = False
+        self.load_waiters.setdefault(group, []).append((client, qid, now))
 
-    def query_unload(self, client: bytes, qid: str, m: ModelState, now: float) -> None:
-        if m.state in (s.UNLOADED, s.FAILED) and m.charge == 0:
-            self.b.emit(ToClient(client, p.QueryReply(qid, model_status(self.b, m))))
+    def query_unload(self, client: bytes, qid: str, group: str, now: float) -> None:
+        """mmi.unload: every unit of the model; the answer comes once all are unloaded."""
+        if self._all_unloaded(group):
+            self.b.emit(ToClient(client, p.QueryReply(qid, group_status(self.b, group))))
             return
-        self.unload_waiters.setdefault(m.id, []).append((client, qid, now))
-        self.preload_at.pop(m.id, None)
-        self.request_unload(m, now)
+        self.unload_waiters.setdefault(group, []).append((client, qid, now))
+        for u in self._units(group):
+            self.preload_at.pop(u.id, None)
+            self.request_unload(u, now)
 
     def forget_client(self, client: bytes) -> None:
         for waiters in (self.load_waiters, self.unload_waiters):
@@ -121,7 +147,8 @@ class Lifecycle:
             if msg.weights_bytes > 0:
                 m.est_weights = m.seen_weights = msg.weights_bytes
             m.charge, m.loaded_at, m.load_seconds = m.resident(), now, msg.load_seconds
-            self._reply_waiters(self.load_waiters, m)
+            m.wanted_at = None
+            self._reply_waiters(self.load_waiters, m.group)
         elif msg.state == "loading":
             self._set(m, s.LOADING, now)
             m.charge = m.need()
@@ -144,12 +171,12 @@ class Lifecycle:
         if msg.weights_bytes > 0:
             m.seen_weights = msg.weights_bytes
         m.charge, m.loaded_at, m.load_seconds = m.resident(), now, msg.load_seconds
-        m.last_error = None
+        m.last_error, m.wanted_at = None, None
         if msg.mem:
             m.mem = dict(msg.mem)
         self.b.count("model_loads_total")
         self._log(logging.INFO, "model loaded", m, weights_bytes=m.weights, load_s=round(msg.load_seconds, 3))
-        self._reply_waiters(self.load_waiters, m)
+        self._reply_waiters(self.load_waiters, m.group)
         if m.want_unload:
             m.want_unload = False
             self.request_unload(m, now)
@@ -160,14 +187,18 @@ class Lifecycle:
         if not charge_kept:
             m.charge = 0
         m.weights, m.loaded_at, m.want_unload = 0, None, False
+        m.wanted_at = None
         m.failures += 1
         m.last_error = f"{code}: {message}"
         self.preload_at.pop(m.id, None)
         self.b.count("load_failures_total")
         self._log(logging.WARNING, f"load failed: {message}", m, code=code)
-        self._reply_waiters(self.load_waiters, m, code, message)
-        for job in self.b.jobs.queued(m.id):
-            self.b.fail(job, code, f"loading model {m.id!r} failed: {message}")
+        if self._others_serve(m):
+            self._spend_demand(m)
+            return
+        self._reply_waiters(self.load_waiters, m.group, code, message)
+        for job in self.b.jobs.queued(m.group):
+            self.b.fail(job, code, f"loading model {m.group!r} failed: {message}")
 
     def on_unloaded(self, w: Worker, now: float) -> None:
         m = self.models[w.model_id]
@@ -177,7 +208,8 @@ class Lifecycle:
         m.charge, m.weights, m.loaded_at = 0, 0, None
         self.b.count("model_unloads_total")
         self._log(logging.INFO, "model unloaded", m)
-        self._reply_waiters(self.unload_waiters, m)
+        if self._all_unloaded(m.group):
+            self._reply_waiters(self.unload_waiters, m.group)
 
     def on_worker_gone(self, w: Worker, now: float) -> None:
         """Its process is gone or forgotten: whatever it held counts as released."""
@@ -187,12 +219,14 @@ class Lifecycle:
             return
         if m.state == s.LOADING:
             m.last_error = "worker lost while loading"
-            self._reply_waiters(self.load_waiters, m, "load_failed", "the worker was lost while loading")
+            if not self._others_serve(m):
+                self._reply_waiters(self.load_waiters, m.group, "load_failed", "the worker was lost while loading")
         if m.state != s.FAILED:
             self._set(m, s.UNLOADED, now)
         m.charge, m.weights, m.loaded_at, m.want_unload = 0, 0, None, False
         self.preload_at.pop(m.id, None)
-        self._reply_waiters(self.unload_waiters, m)
+        if self._all_unloaded(m.group):
+            self._reply_waiters(self.unload_waiters, m.group)
 
     # ---- decisions -----------------------------------------------------------------------------
 
@@ -200,6 +234,9 @@ class Lifecycle:
         assert m.state in (s.UNLOADED, s.FAILED), m.state   # never two loads of one model at once
         self._set(m, s.LOADING, now)
         m.charge = m.need()
+        m.wanted_at = None
+        m.spent_jobs.clear()
+        m.spent_waiters.clear()
         self.preload_at.pop(m.id, None)
         if self.promised == m.id:
             self.promised = None
@@ -208,6 +245,7 @@ class Lifecycle:
 
     def request_unload(self, m: ModelState, now: float) -> None:
         """Unload as soon as nothing runs on it (explicit unload or eviction)."""
+        m.wanted_at = None
         if m.state == s.LOADING:
             m.want_unload = True
         elif m.state == s.LOADED:
@@ -223,25 +261,41 @@ class Lifecycle:
             self._log(logging.INFO, "unloading model", m, worker=w.uid)
 
     def _demand_since(self, m: ModelState) -> float | None:
-        times = [t for _, _, t in self.load_waiters.get(m.id, ())]
-        q = self.b.jobs.queue(m.id)
-        if q:
+        """When the oldest demand for loading this unit arose: its model's mmi.load waiters and
+        queued jobs (less those its last failure left to another replica), its own preload or
+        mmi.load."""
+        times = [t for c, qid, t in self.load_waiters.get(m.group, ()) if (c, qid) not in m.spent_waiters]
+        q = self.b.jobs.queue(m.group)
+        if q and not m.spent_jobs:
             times.append(q[0].accepted_at)
+        elif q:
+            times += [j.accepted_at for j in q if j not in m.spent_jobs]
         if m.id in self.preload_at:
             times.append(self.preload_at[m.id])
+        if m.wanted_at is not None:
+            times.append(m.wanted_at)
         return min(times) if times else None
 
+    def _spend_demand(self, m: ModelState) -> None:
+        """m failed while another replica of its model serves: the demand of this moment waits
+        for that one, and does not make m try again at once."""
+        m.spent_jobs = weakref.WeakSet(self.b.jobs.queue(m.group))
+        m.spent_waiters = {(c, qid) for c, qid, _ in self.load_waiters.get(m.group, ())}
+
     def reconcile(self, now: float) -> None:
-        """After every event: finish drains, relieve pressure, start loads or evictions."""
+        """After every event: finish drains, relieve pressure, start loads or evictions. Memory is
+        planned per device: a unit competes only with the units on its own device."""
         b = self.b
         for m in self.models.values():
             if m.state == s.DRAINING:
                 self._drain(m, now)
-        budget = b.budget()
-        for victim in s.plan_relief(self.models.values(), budget, now, b.config.min_residency_s, self._is_busy):
-            self._log(logging.WARNING, "evicting: working memory pushed committed past the budget", victim)
-            b.count("evictions_total.pressure")
-            self.request_unload(victim, now)
+        on_device = {d: [m for m in self.models.values() if m.device_key == d] for d in b.devices()}
+        budgets = {d: b.budget(d) for d in on_device}
+        for d, units in on_device.items():
+            for victim in s.plan_relief(units, budgets[d], now, b.config.min_residency_s, self._is_busy):
+                self._log(logging.WARNING, "evicting: working memory pushed committed past the budget", victim)
+                b.count("evictions_total.pressure")
+                self.request_unload(victim, now)
         if b.shutting_down:
             self._refuse_loads_during_shutdown()
             return
@@ -253,7 +307,8 @@ class Lifecycle:
             since = self._demand_since(m)
             if since is None:
                 continue
-            preload_only = not self.load_waiters.get(m.id) and not b.jobs.queue_depth(m.id)
+            preload_only = (not self.load_waiters.get(m.group) and not b.jobs.queue_depth(m.group)
+                            and m.wanted_at is None)
             if preload_only and self._earlier_preload_pending(m, now):
                 continue
             # real demands (jobs, mmi.load) oldest first, then preloads in config order
@@ -262,20 +317,27 @@ class Lifecycle:
         if self.promised not in {d[1].id for d in demands}:
             self.promised = None
         demands.sort(key=lambda d: d[0])
-        held = 0           # bytes kept for an earlier demand that waits for room
+        held: dict[int, int] = {}   # by device: bytes kept for an earlier demand that waits for room
+        self.making_room = set()
+        cannot = []
         for _, m, w, preload_only in demands:
-            plan = s.plan_load(m, self.models.values(), budget, now, b.config.min_residency_s, self._is_busy)
+            d = m.device_key
+            budget, units, kept = budgets[d], on_device[d], held.get(d, 0)
+            plan = s.plan_load(m, units, budget, now, b.config.min_residency_s, self._is_busy)
             if plan.action == "never":
-                self._cannot_fit(m, budget)
-            elif plan.action == "load" and (budget is None or s.committed(self.models.values()) + m.need() + held <= budget):
+                cannot.append((m, budget))
+            elif plan.action == "load" and (budget is None or s.committed(units) + m.need() + kept <= budget):
                 self.start_load(m, w, now)
             elif preload_only:
                 self.preload_at.pop(m.id, None)   # preload never evicts
                 self._log(logging.INFO, "preload skipped: not enough memory within budget", m)
             else:
-                if held == 0 and plan.action == "evict":
+                if kept == 0 and plan.action == "evict":
                     self._evict(m, plan, now)
-                held += m.need()
+                held[d] = kept + m.need()
+                self.making_room.add(m.id)
+        for m, budget in cannot:      # after the loads: another replica may serve what m cannot
+            self._cannot_fit(m, budget)
 
     def _earlier_preload_pending(self, m: ModelState, now: float) -> bool:
         """Preloads go in config order: an earlier preload model whose worker has not registered
@@ -295,23 +357,31 @@ class Lifecycle:
             self.request_unload(victim, now)
 
     def _cannot_fit(self, m: ModelState, budget: int) -> None:
-        message = (f"model {m.id!r} needs {m.need()} bytes, more than the memory budget of {budget} "
-                   f"bytes allows even with every unpinned model unloaded")
-        m.last_error = f"insufficient_memory: {message}"
+        where = f" on device {m.device}" if m.device is not None else ""
+        message = (f"model {m.group!r} needs {m.need()} bytes, more than the memory budget of {budget} "
+                   f"bytes{where} allows even with every unpinned model unloaded")
+        m.wanted_at = None
         self.preload_at.pop(m.id, None)
-        self._log(logging.WARNING, "model cannot fit", m, need_bytes=m.need(), budget_bytes=budget)
-        self._reply_waiters(self.load_waiters, m, "insufficient_memory", message)
-        for job in self.b.jobs.queued(m.id):
+        if m.last_error != f"insufficient_memory: {message}":   # once, not at every demand
+            self._log(logging.WARNING, "model cannot fit", m, need_bytes=m.need(), budget_bytes=budget)
+        m.last_error = f"insufficient_memory: {message}"
+        if self._others_serve(m):
+            self._spend_demand(m)
+            return
+        self._reply_waiters(self.load_waiters, m.group, "insufficient_memory", message)
+        for job in self.b.jobs.queued(m.group):
             self.b.fail(job, "insufficient_memory", message)
 
     def _refuse_loads_during_shutdown(self) -> None:
         msg = "the broker is shutting down"
-        for m in self.models.values():
-            if m.state in (s.LOADED, s.DRAINING):
+        for group, units in self.b.groups.items():
+            for u in units:
+                if u.state not in (s.LOADED, s.DRAINING):
+                    self.preload_at.pop(u.id, None)
+            if any(u.state in (s.LOADED, s.DRAINING) for u in units):
                 continue
-            self.preload_at.pop(m.id, None)
-            self._reply_waiters(self.load_waiters, m, "overloaded", msg, retryable=True)
-            for job in self.b.jobs.queued(m.id):
+            self._reply_waiters(self.load_waiters, group, "overloaded", msg, retryable=True)
+            for job in self.b.jobs.queued(group):
                 self.b.fail(job, "overloaded", msg, retryable=True)
 
     # ---- timers --------------------------------------------------------------------------------
@@ -332,19 +402,21 @@ class Lifecycle:
                     self.b.emit(ToWorker(w.identity, p.Unload(m.id, "exit")))
                 else:
                     self.doom(w, "unload timeout", now)
+        for group, units in self.b.groups.items():
             # mmi.load waiters that are still not loading after load_timeout_s give up
-            if m.state != s.LOADING and self.load_waiters.get(m.id):
-                expired = [x for x in self.load_waiters[m.id] if now - x[2] > cfg.load_timeout_s]
+            if self.load_waiters.get(group) and not any(u.state == s.LOADING for u in units):
+                expired = [x for x in self.load_waiters[group] if now - x[2] > cfg.load_timeout_s]
                 if expired:
-                    self.load_waiters[m.id] = [x for x in self.load_waiters[m.id] if x not in expired]
-                    code, why = (("model_unavailable", "no worker for this model is connected") if w is None
+                    self.load_waiters[group] = [x for x in self.load_waiters[group] if x not in expired]
+                    code, why = (("model_unavailable", "no worker for this model is connected")
+                                 if all(self._worker(u) is None for u in units)
                                  else ("insufficient_memory", "no room could be made in time"))
                     for client, qid, _ in expired:
                         self.b.emit(ToClient(client, p.Error(qid, code, why, True, cfg.retry_after_ms)))
             # mmi.unload waiters get the current status rather than hanging on a long drain
-            for client, qid, since in [x for x in self.unload_waiters.get(m.id, ()) if now - x[2] > UNLOAD_REPLY_S]:
-                self.unload_waiters[m.id].remove((client, qid, since))
-                self.b.emit(ToClient(client, p.QueryReply(qid, model_status(self.b, m))))
+            for client, qid, since in [x for x in self.unload_waiters.get(group, ()) if now - x[2] > UNLOAD_REPLY_S]:
+                self.unload_waiters[group].remove((client, qid, since))
+                self.b.emit(ToClient(client, p.QueryReply(qid, group_status(self.b, group))))
         for ident, since in list(self.doomed_at.items()):
             w = self.b.registry.get(ident)
             if w is not None and now - since > DOOMED_GRACE_S:
@@ -352,6 +424,6 @@ class Lifecycle:
                 self.b.lose_worker(w, "did not exit after a kill request", now)
 
     def fail_all_waiters(self, code: str, message: str) -> None:
-        for m in self.models.values():
-            self._reply_waiters(self.load_waiters, m, code, message, retryable=True)
-            self._reply_waiters(self.unload_waiters, m, code, message, retryable=True)
+        for group in self.b.groups:
+            self._reply_waiters(self.load_waiters, group, code, message, retryable=True)
+            self._reply_waiters(self.unload_waiters, group, code, message, retryable=True)

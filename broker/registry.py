@@ -1,4 +1,5 @@
-"""Who is connected on the backend: model workers (one per model id) and supervisors.
+"""Who is connected on the backend: model workers (one per unit: a model, or one of its
+replicas) and supervisors.
 
 Pure bookkeeping: no commands are issued here. Liveness is "any message within
 `heartbeat_interval_ms * heartbeat_liveness`"; the core decides what losing a worker means.
@@ -74,7 +75,8 @@ class Registry:
         self.by_model: dict[str, Worker] = {}
         self.supervisors: dict[bytes, Supervisor] = {}
         # Largest memory sizes ever reported (bytes); the "auto" budget derives from these.
-        self.device_total = 0
+        self.device_total = 0                      # any device's
+        self.device_totals: dict[int, int] = {}    # by device (ModelState.device_key)
         self.host_total = 0
 
     def get(self, identity: bytes) -> Worker | None:
@@ -83,11 +85,14 @@ class Registry:
     def for_model(self, model_id: str) -> Worker | None:
         return self.by_model.get(model_id)
 
-    def add(self, worker: Worker) -> None:
-        """Register; the caller has removed any previous worker of the same model."""
+    def add(self, worker: Worker, device: int = 0) -> None:
+        """Register a worker that runs on `device`; the caller has removed any previous worker of
+        the same unit."""
         self.workers[worker.identity] = worker
         self.by_model[worker.model_id] = worker
         self.device_total = max(self.device_total, worker.device_mem_total)
+        if worker.device_mem_total:
+            self.device_totals[device] = max(self.device_totals.get(device, 0), worker.device_mem_total)
 
     def remove(self, identity: bytes) -> Worker | None:
         w = self.workers.pop(identity, None)

@@ -11,6 +11,7 @@ while it is busy: dispatch then never needs a memory check and cannot deadlock o
 """
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -25,9 +26,12 @@ WORK_SAMPLES = 32      # recent per-job working-memory observations kept per mod
 
 @dataclass(eq=False)
 class ModelState:
-    id: str
+    """One unit's state (common.config.Unit): a model, or one replica of a model with `devices`."""
+    id: str                          # the unit id: its worker's name on the broker link
     spec: ModelSpec
     order: int                       # position in the config (preload order)
+    group: str = ""                  # the model id clients ask for (default: `id`)
+    device: int | None = None        # CUDA device of a replica; None: the default device
     state: str = UNLOADED
     charge: int = 0                  # bytes counted in `committed`
     est_weights: int = 0             # bytes: READY capabilities.est_weights_bytes, then LOADED
@@ -42,7 +46,20 @@ class ModelState:
     last_error: str | None = None
     failures: int = 0
     want_unload: bool = False        # mmi.unload arrived while loading: unload once loaded
+    wanted_at: float | None = None   # mmi.load asked for this unit (monotonic s): a demand
+    # A replica whose load failed while another one serves leaves the demand of that moment (its
+    # model's queued jobs, mmi.load waiters) to the other; only demand that comes later retries it.
+    spent_jobs: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    spent_waiters: set = field(default_factory=set)   # (client, query id)
     mem: dict = field(default_factory=dict)   # the worker's last report {active, peak, cache, ...}
+
+    def __post_init__(self) -> None:
+        self.group = self.group or self.id
+
+    @property
+    def device_key(self) -> int:
+        """The device whose memory it uses: a worker without `devices` runs on the default one, 0."""
+        return self.device or 0
 
     @property
     def work(self) -> int:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from broker.scheduler import ModelState, committed
+from broker import scheduler as s
+from broker.scheduler import ModelState
 
 if TYPE_CHECKING:
     from broker.core import Broker
@@ -30,7 +31,7 @@ def _memory(m: ModelState) -> dict:
 
 
 def model_status(b: "Broker", m: ModelState) -> dict:
-    """One model's status object (GET /v1/models)."""
+    """One unit's status object: GET /v1/models' object for a model without replicas."""
     w = b.registry.for_model(m.id)
     engine = w.capabilities.get("engine") if w is not None else None
     return {
@@ -38,21 +39,48 @@ def model_status(b: "Broker", m: ModelState) -> dict:
         "pinned": m.spec.pin, "engine": engine if isinstance(engine, str) else m.spec.engine,
         "memory": _memory(m), "last_used": _unix(b, m.last_used), "loaded_at": _unix(b, m.loaded_at),
         "load_seconds": m.load_seconds, "last_error": m.last_error, "failures": m.failures,
-        "queue_depth": b.jobs.queue_depth(m.id), "inflight": w.busy if w is not None else 0,
+        "queue_depth": b.jobs.queue_depth(m.group), "inflight": w.busy if w is not None else 0,
         "worker": {"pid": w.pid, "uid": w.uid, "state": w.state} if w is not None else None,
+    }
+
+
+# A model with replicas shows its most available unit's state: it serves while any one is loaded.
+STATE_RANK = (s.LOADED, s.LOADING, s.DRAINING, s.UNLOADING, s.FAILED, s.UNLOADED)
+
+
+def group_status(b: "Broker", group: str) -> dict:
+    """A model's status object (GET /v1/models/{id}). With replicas (`devices`): the units'
+    figures summed, the state of the most available one, and each replica's own under
+    `replicas`."""
+    units = b.groups[group]
+    if len(units) == 1 and units[0].device is None:
+        return model_status(b, units[0])
+    each = [model_status(b, m) for m in units]
+    best = min(each, key=lambda u: STATE_RANK.index(u["status"]))
+    used = [t for t in (m.last_used for m in units) if t is not None]
+    loaded = [t for t in (m.loaded_at for m in units) if t is not None]
+    return {
+        **best, "id": group, "worker": None, "replicas": [{"device": m.device, **u} for m, u in zip(units, each)],
+        "memory": {k: sum(u["memory"][k] for u in each) for k in best["memory"]},
+        "last_used": _unix(b, max(used)) if used else None, "loaded_at": _unix(b, min(loaded)) if loaded else None,
+        "failures": sum(u["failures"] for u in each), "inflight": sum(u["inflight"] for u in each),
+        "last_error": next((u["last_error"] for u in each if u["last_error"]), None),
     }
 
 
 def stats(b: "Broker", now: float) -> dict:
     """mmi.stats: counters, per-model gauges, memory and workers (for /metrics)."""
     models = {}
-    for m in b.models.values():
-        w = b.registry.for_model(m.id)
-        models[m.id] = {"queue_depth": b.jobs.queue_depth(m.id), "inflight": w.busy if w else 0,
-                        "state": m.state, "memory": _memory(m)}
+    for group in b.groups:
+        g = group_status(b, group)
+        models[group] = {"queue_depth": g["queue_depth"], "inflight": g["inflight"],
+                         "state": g["status"], "memory": g["memory"]}
     workers = [{"uid": w.uid, "pid": w.pid, "host": w.host, "model_id": w.model_id, "state": w.state,
                 "free_slots": w.free_slots, "inflight": w.busy, "doomed": w.doomed, "running": w.running,
                 "heartbeat_age_s": round(now - w.last_seen, 3)} for w in b.registry.workers.values()]
+    memory = {"budget": b.budget(), "committed": b.committed()}
+    if any(m.device is not None for m in b.models.values()):   # replicas: each device's own
+        memory["devices"] = [{"device": d, "budget": b.budget(d), "committed": b.committed(d)} for d in b.devices()]
     supervisors = [{"host": sup.host, "mem_total": sup.mem_total, "mem_available": sup.mem_available,
                     "heartbeat_age_s": round(now - sup.last_seen, 3)} for sup in b.registry.supervisors.values()]
     return {
@@ -60,7 +88,7 @@ def stats(b: "Broker", now: float) -> dict:
         "uptime_s": round(now - (b.started_at if b.started_at is not None else now), 3),
         "counters": dict(sorted(b.counters.items())),
         "models": models,
-        "memory": {"budget": b.budget(), "committed": committed(b.models.values())},
+        "memory": memory,
         "workers": workers,
         "supervisors": supervisors,
         "jobs": {"live": len(b.jobs), "queued": b.jobs.queued_total},

@@ -147,6 +147,10 @@ class ModelSpec:
     # screen sizes ("1920x1080") run once at load, so the first request pays no kernel compiling;
     # None: 1920x1080 on a GPU, none on the CPU; [] : none
     warmup: list | None = None
+    # CUDA devices to serve the model from, one worker (a replica, with its own copy of the
+    # weights) per device; requests go to the least busy. Ordinals count within
+    # $CUDA_VISIBLE_DEVICES where that is set. None: one worker on the process's default device.
+    devices: list | None = None
     fake: dict = field(default_factory=dict)  # fake engine knobs (load_s, latency_ms, weights_bytes, ...)
 
     def validate(self, key: str) -> None:
@@ -169,6 +173,10 @@ class ModelSpec:
                                           and 28 <= min(warmup_size(v)) and max(warmup_size(v)) <= 8192
                                           for v in self.warmup),
                f"{key}.warmup", "must be null or a list of sizes like '1920x1080' (28..8192 each way)")
+        _check(self.devices is None or (0 < len(self.devices) <= MAX_DEVICES
+                                        and all(type(d) is int and 0 <= d < MAX_DEVICES for d in self.devices)
+                                        and len(set(self.devices)) == len(self.devices)),
+               f"{key}.devices", f"must be null or a non-empty list of distinct device numbers 0..{MAX_DEVICES - 1}")
 
     def warmup_sizes(self, on_gpu: bool) -> list[tuple[int, int]]:
         """(width, height) of the screens to run at load."""
@@ -178,6 +186,28 @@ class ModelSpec:
 
 
 WARMUP_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+MAX_DEVICES = 64
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one worker process serves: a model, or one replica of a model with `devices`.
+    `id` is the worker's name on the broker link: the model id, or "<model id>@<device>"."""
+    id: str
+    model_id: str
+    spec: ModelSpec
+    device: int | None = None       # CUDA device ordinal; None: the process's default device
+
+
+def units_of(models: Mapping[str, ModelSpec]) -> list[Unit]:
+    """Every model's units, in config order (a model's replicas in its `devices` order)."""
+    out = []
+    for mid, spec in models.items():
+        if spec.devices is None:
+            out.append(Unit(mid, mid, spec))
+        else:
+            out.extend(Unit(f"{mid}@{d}", mid, spec, d) for d in spec.devices)
+    return out
 
 
 def warmup_size(text: str) -> tuple[int, int]:
@@ -215,6 +245,10 @@ class AppConfig:
 
     def enabled_models(self) -> dict[str, ModelSpec]:
         return {mid: spec for mid, spec in self.models.items() if spec.enabled}
+
+    def units(self) -> dict[str, Unit]:
+        """Every configured model's units by unit id (`units_of`)."""
+        return {u.id: u for u in units_of(self.models)}
 
 
 def _typename(t: Any) -> str:
@@ -295,6 +329,9 @@ def parse_config(raw: Any) -> AppConfig:
     )
     _check(cfg.log_level in ("debug", "info", "warning", "error"), "log_level",
            "must be debug, info, warning or error")
+    ids = [u.id for u in units_of(models)]
+    clash = sorted({i for i in ids if ids.count(i) > 1})
+    _check(not clash, "models", f"replica name(s) {', '.join(clash)} (model@device) clash with another model's")
     dm = cfg.server.default_model
     _check(dm is None or dm in models, "server.default_model", f"{dm!r} is not a key of models")
     _check(dm is None or models[dm].enabled, "server.default_model", f"model {dm!r} is disabled")

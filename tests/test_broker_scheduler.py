@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common import protocol as p
-from common.config import BrokerConfig, ModelSpec
+from common.config import BrokerConfig, ModelSpec, units_of
 from broker import events as e
 from broker import scheduler as s
 from broker.core import Broker
@@ -246,13 +246,16 @@ class FakeWorker:
 class World:
     """A broker plus obedient fake workers; checks invariants after every event."""
 
-    def __init__(self, weights: dict[str, int], budget: int, min_residency_s: float = 5.0, pins=()):
+    def __init__(self, weights: dict[str, int], budget: int, min_residency_s: float = 5.0, pins=(),
+                 devices: dict[str, list[int]] | None = None):
+        """`devices`: models served by replicas, one worker per device (the budget is per device)."""
         self.cfg = BrokerConfig(memory_budget=budget, min_residency_s=min_residency_s, queue_size=6,
                                 global_queue_size=10, load_timeout_s=4.0, unload_timeout_s=2.0, job_stall_s=30.0)
-        specs = {m: ModelSpec(path="fake", engine="fake", pin=m in pins) for m in weights}
+        specs = {m: ModelSpec(path="fake", engine="fake", pin=m in pins, devices=(devices or {}).get(m))
+                 for m in weights}
         self.b = Broker(self.cfg, specs, "inc", started_at=0.0)
         self.budget = budget
-        self.workers = {m: FakeWorker(m, w, i) for i, (m, w) in enumerate(weights.items())}
+        self.workers = {u.id: FakeWorker(u.id, weights[u.model_id], i) for i, u in enumerate(units_of(specs))}
         self.now = 0.0
         self.msgs: dict[str, list] = {}          # job id -> client messages, in order
         self.deadline: dict[str, float] = {}     # accepted job id -> deadline
@@ -263,7 +266,8 @@ class World:
     def send(self, event) -> None:
         for cmd in self.b.handle(event):
             self.execute(cmd)
-        assert self.b.committed() <= self.budget, (self.b.committed(), self.budget)
+        for d in self.b.devices():
+            assert self.b.committed(d) <= self.budget, (d, self.b.committed(d), self.budget)
         for m in self.b.models.values():
             assert m.state in p.MODEL_STATES
 
@@ -429,6 +433,44 @@ def test_invariants_hold_over_random_event_sequences(actions, budget, pin_a):
             jid = f"j{x}"
             if jid in world.msgs:
                 world.send(e.ClientMessage(b"client", p.Cancel(jid), [], world.now))
+        elif kind in ("load", "unload"):
+            service = p.Q_LOAD if kind == "load" else p.Q_UNLOAD
+            world.send(e.ClientMessage(b"client", p.Query(f"q-{kind}", service, {"model": x}), [], world.now))
+    world.finish()
+
+
+REPLICATED = {"r": [0, 1], "s": [1]}
+replica_action = st.one_of(
+    st.tuples(st.just("submit"), st.sampled_from(["a", "r", "s"]), st.sampled_from([0.5, 2.0, 8.0])),
+    st.tuples(st.just("deliver"), st.sampled_from(["a", "r@0", "r@1", "s@1"]), st.integers(1, 3)),
+    st.tuples(st.just("advance"), st.sampled_from([0.1, 0.5, 1.5, 4.0]), st.just(0)),
+    st.tuples(st.just("crash"), st.sampled_from(["a", "r@0", "r@1", "s@1"]), st.booleans()),
+    st.tuples(st.just("restart"), st.sampled_from(["a", "r@0", "r@1", "s@1"]), st.just(0)),
+    st.tuples(st.just("load"), st.sampled_from(["a", "r", "s"]), st.just(0)),
+    st.tuples(st.just("unload"), st.sampled_from(["a", "r", "s"]), st.just(0)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actions=st.lists(replica_action, min_size=15, max_size=60), budget=st.sampled_from([700, 1000]))
+def test_invariants_hold_with_replicas_on_two_devices(actions, budget):
+    """Model "a" on device 0, "r" replicated on devices 0 and 1, "s" on device 1 only: each
+    device's budget holds, nothing loads twice, and every job gets one answer."""
+    world = World({"a": 400, "r": 500, "s": 300}, budget, devices=REPLICATED)
+    for w in world.workers.values():
+        world.restart(w)
+    for kind, x, y in actions:
+        if kind == "submit":
+            world.submit(x, y)
+        elif kind == "deliver":
+            for _ in range(y):
+                world.deliver(world.workers[x])
+        elif kind == "advance":
+            world.advance(x)
+        elif kind == "crash" and world.workers[x].alive:
+            world.crash(world.workers[x], report=y)
+        elif kind == "restart":
+            world.restart(world.workers[x])
         elif kind in ("load", "unload"):
             service = p.Q_LOAD if kind == "load" else p.Q_UNLOAD
             world.send(e.ClientMessage(b"client", p.Query(f"q-{kind}", service, {"model": x}), [], world.now))

@@ -1,4 +1,5 @@
-"""`python -m workers --config PATH --model ID [--engine fake|mlx]`: one model worker.
+"""`python -m workers --config PATH --model ID [--engine fake|mlx]`: one model worker. ID is a
+model id, or "<model id>@<device>" for one replica of a model with `devices`.
 
 Reads the config and the environment once, builds the engine and runs the Worker until
 SIGTERM/SIGINT. Exit status 2 with one line on stderr for a bad config or model id.
@@ -78,16 +79,19 @@ def worker_settings(cfg: AppConfig, model_id: str, spec: ModelSpec, options: Eng
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers", description="Run one model worker.")
     add_config_argument(parser)
-    parser.add_argument("--model", required=True, metavar="ID", help="a key of `models` in the config")
+    parser.add_argument("--model", required=True, metavar="ID",
+                        help="a key of `models` in the config, or MODEL@DEVICE for a replica")
     parser.add_argument("--engine", choices=("fake", "mlx"), default=None,
                         help="override the model's configured engine")
     args = parser.parse_args(argv)
     cfg = load_or_exit(args.config, environ)
-    spec = cfg.models.get(args.model)
-    if spec is None:
-        known = ", ".join(cfg.models) or "none"
+    units = cfg.units()
+    unit = units.get(args.model)
+    if unit is None:
+        known = ", ".join(units) or "none"
         print(f"error: unknown model {args.model!r} (configured: {known})", file=sys.stderr)
         return 2
+    spec = unit.spec
     if args.engine:
         spec = dataclasses.replace(spec, engine=args.engine)
     configure_logging(f"worker:{args.model}", cfg.log_level)

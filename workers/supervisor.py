@@ -1,6 +1,7 @@
 """Node supervisor: `python -m workers.supervisor [--config PATH]`.
 
-Spawns one `python -m workers --model ID` per enabled model, restarts crashed workers with
+Spawns one `python -m workers --model ID` per enabled model (per replica, for a model with
+`devices`: ID is then "<model>@<device>" and the worker sees only that GPU), restarts crashed workers with
 exponential backoff, and reports host memory and worker exits to the broker (HOST on the worker
 link; exits are sent at once so the broker fails or requeues their jobs without waiting for
 heartbeats). Obeys KILL from the broker for its own children only (the job watchdog's last resort).
@@ -21,14 +22,15 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import zmq
 
 from common import protocol as p
 from common import wire
-from common.config import AppConfig, add_config_argument, load_or_exit
+from common.config import AppConfig, Unit, add_config_argument, load_or_exit
+from common.errors import ConfigError
 from common.logs import configure_logging
 from common.zmqutil import close_quietly, drain, make_socket
 
@@ -41,9 +43,10 @@ PR_SET_PDEATHSIG = 1
 
 @dataclass
 class Child:
-    """One model's worker slot. Times are time.monotonic() seconds."""
-    model_id: str
+    """One unit's worker slot (a model, or a replica). Times are time.monotonic() seconds."""
+    model_id: str                # the unit id
     backoff_s: float
+    env: dict = field(default_factory=dict)   # added to the worker's environment
     proc: subprocess.Popen | None = None
     state: str = "starting"      # starting / running / backoff / exited
     started_t: float = 0.0
@@ -92,6 +95,22 @@ def _pdeathsig_hook(parent_pid: int):
     return hook
 
 
+def device_env(unit: Unit, environ: Mapping[str, str]) -> dict:
+    """The environment that puts a replica's worker on its GPU: CUDA_VISIBLE_DEVICES naming that
+    one device. Device numbers count within our own $CUDA_VISIBLE_DEVICES where that is set, as
+    CUDA itself counts them. Raises ConfigError for a device that list does not have."""
+    if unit.device is None:
+        return {}
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return {"CUDA_VISIBLE_DEVICES": str(unit.device)}
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    if unit.device >= len(ids):
+        raise ConfigError(f"models.{unit.model_id}.devices: device {unit.device} is not among the "
+                          f"{len(ids)} of CUDA_VISIBLE_DEVICES={visible!r}")
+    return {"CUDA_VISIBLE_DEVICES": ids[unit.device]}
+
+
 class Supervisor:
     def __init__(self, cfg: AppConfig, config_path: str | None, environ: Mapping[str, str] = os.environ):
         self.cfg = cfg
@@ -99,7 +118,8 @@ class Supervisor:
         self.config_path = config_path
         self.environ = dict(environ)
         self.host = socket.gethostname()
-        self.children = {mid: Child(mid, self.sc.restart_backoff_s) for mid in cfg.enabled_models()}
+        self.children = {u.id: Child(u.id, self.sc.restart_backoff_s, device_env(u, environ))
+                         for u in cfg.units().values() if u.spec.enabled}
         self.exited: list[int] = []      # pids not yet reported to the broker
         self._stop = False
 
@@ -110,7 +130,7 @@ class Supervisor:
         if self.config_path:
             argv += ["--config", self.config_path]
         argv += ["--model", child.model_id]
-        env = dict(self.environ, **{SUPERVISOR_PID_ENV: str(os.getpid())})
+        env = dict(self.environ, **child.env, **{SUPERVISOR_PID_ENV: str(os.getpid())})
         # own session: a terminal's Ctrl-C reaches only us; we stop workers in order
         child.proc = subprocess.Popen(argv, env=env, start_new_session=True,
                                       preexec_fn=_pdeathsig_hook(os.getpid()))
@@ -271,7 +291,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
     configure_logging("supervisor", cfg.log_level)
     if not cfg.enabled_models():
         log.warning("no enabled models in the config; nothing to supervise")
-    return Supervisor(cfg, args.config, environ).run()
+    try:
+        supervisor = Supervisor(cfg, args.config, environ)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    return supervisor.run()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from workers.families import family_for
 from workers.images import PreparedImage, decode_image, plan_resize, preprocess, size_of
 from workers.mlx.backbone import load_backbone, pointer_state_after, pointer_states_batch, resolve_dtype
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
+from workers.mlx.cuda_rotary import on_cuda
 from workers.mlx.head import float32_matmul_error, head_from_tensors
 from workers.mlx.language import FastLanguageModel, dequantize_rows_here
 from workers.mlx.run_ahead import RunAhead
@@ -130,6 +131,11 @@ class MlxEngine:
         """Resolve, check and load the checkpoint. Raises CheckpointError (message names the file
         or tensor) on any problem with it; the worker reports load_failed."""
         t0 = time.perf_counter()
+        if self.spec.devices is not None and not on_cuda():
+            # each replica's budget is its own device's memory: on one Metal GPU or the CPU,
+            # replicas would share one memory and one compute unit
+            raise RuntimeError(f"`devices` places one replica per CUDA GPU, and MLX runs on "
+                               f"{mx.default_device()} here, not on CUDA")
         from tokenizers import Tokenizer
         path = resolve_path(self.spec.path, self.options.cache_dir, self.options.hf_home)
         ckpt = read_checkpoint(path)

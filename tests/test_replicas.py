@@ -1,0 +1,251 @@
+"""Replicas: a model with `devices` is served by one worker per device (pure broker core; the
+supervisor's side and a whole stack are at the end). Clients name the model; the broker spreads
+its jobs over the loaded replicas, least busy first, and keeps per device memory budgets."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from common import protocol as p
+from common.config import ModelSpec, parse_config, units_of
+from common.errors import ConfigError
+from common.client import Client
+from tests.stackutil import Stack, fake_model
+from tests.test_broker_core import Harness, answers, of, spec
+from tests.test_faults import IMG, log_on_failure, model_status, running, wait_for
+from workers.supervisor import Supervisor, device_env
+
+R0, R1 = b"w-r0", b"w-r1"
+SHOT_A, SHOT_B = b"\x89PNG screen A" * 100, b"\x89PNG screen B" * 100
+
+
+class Replicated(Harness):
+    """The core harness, submitting to model "r" unless told otherwise."""
+
+    def submit(self, jid, model="r", **kw) -> list:
+        return super().submit(jid, model=model, **kw)
+
+
+def replicated(models=None, **cfg) -> Replicated:
+    return Replicated(models or {"r": spec(devices=[0, 1])}, **cfg)
+
+
+def both_loaded(h: Harness, slots: int = 2) -> None:
+    h.ready(R0, "r@0", "loaded", slots=slots)
+    h.ready(R1, "r@1", "loaded", slots=slots)
+
+
+def dispatched_to(cmds, ident) -> list[str]:
+    return [j.id for j in of(cmds, p.Job, ident)]
+
+
+# ---- config ------------------------------------------------------------------------------------------
+
+def test_config_names_one_unit_per_device_and_refuses_bad_devices():
+    cfg = parse_config({"models": {"r": {"path": "x", "devices": [1, 0]}, "m": {"path": "y"}}})
+    assert [(u.id, u.model_id, u.device) for u in units_of(cfg.models)] == [("r@1", "r", 1), ("r@0", "r", 0),
+                                                                            ("m", "m", None)]
+    for bad in ([], [0, 0], [-1], [64], ["0"], [True]):
+        with pytest.raises(ConfigError, match="models.r.devices"):
+            parse_config({"models": {"r": {"path": "x", "devices": bad}}})
+    with pytest.raises(ConfigError, match="r@0"):
+        parse_config({"models": {"r": {"path": "x", "devices": [0]}, "r@0": {"path": "y"}}})
+
+
+def test_supervisor_puts_each_replica_on_its_device_counted_within_cuda_visible_devices():
+    cfg = parse_config({"models": {"r": {"path": "x", "devices": [0, 2]}, "m": {"path": "y"},
+                                   "off": {"path": "z", "enabled": False, "devices": [5]}}})
+    sup = Supervisor(cfg, None, environ={})
+    assert {c.model_id: c.env for c in sup.children.values()} == {
+        "r@0": {"CUDA_VISIBLE_DEVICES": "0"}, "r@2": {"CUDA_VISIBLE_DEVICES": "2"}, "m": {}}
+    units = cfg.units()
+    assert device_env(units["r@2"], {"CUDA_VISIBLE_DEVICES": "4, 5,6"}) == {"CUDA_VISIBLE_DEVICES": "6"}
+    assert device_env(units["r@2"], {"CUDA_VISIBLE_DEVICES": "GPU-aa,GPU-bb,GPU-cc"}) == {"CUDA_VISIBLE_DEVICES": "GPU-cc"}
+    with pytest.raises(ConfigError, match="device 2 is not among the 2"):
+        Supervisor(cfg, None, environ={"CUDA_VISIBLE_DEVICES": "4,5"})
+
+
+# ---- dispatch ----------------------------------------------------------------------------------------
+
+def test_jobs_go_to_the_least_busy_replica():
+    h = replicated()
+    both_loaded(h)
+    cmds = h.submit("j1", blobs=[SHOT_A]) + h.submit("j2", blobs=[SHOT_A]) + h.submit("j3", blobs=[SHOT_B])
+    assert sorted([len(dispatched_to(cmds, R0)), len(dispatched_to(cmds, R1))]) == [1, 2]
+    cmds = h.submit("j4", blobs=[SHOT_B])
+    assert len(dispatched_to(h.log, R0)) == len(dispatched_to(h.log, R1)) == 2
+    assert not of(h.submit("j5"), p.Job)                  # all four slots taken: it queues
+    first = dispatched_to(h.log, R1)[0]
+    cmds = h.result(R1, first)
+    assert dispatched_to(cmds, R1) == ["j5"] and answers(h.log, first)
+
+
+def test_a_screenshot_goes_back_to_the_replica_that_saw_it_when_both_are_idle():
+    h = replicated()
+    both_loaded(h)
+    homes = {}
+    for shot in (SHOT_A, SHOT_B, b"\x89PNG screen C" * 9000, b"\x89PNG screen D"):
+        seen = set()
+        for i in range(3):                                # a question at a time: both replicas idle
+            jid = f"{hash(shot)}-{i}"
+            cmds = h.submit(jid, blobs=[shot])
+            [target] = [ident for ident in (R0, R1) if dispatched_to(cmds, ident)]
+            h.result(target, jid)
+            seen.add(target)
+        assert len(seen) == 1                             # the same replica every time
+        homes[shot] = seen.pop()
+    assert set(homes.values()) == {R0, R1}               # and different screens use both
+
+
+def test_jobs_wait_for_any_replica_and_a_lost_replica_hands_its_jobs_to_the_other():
+    h = replicated()
+    h.ready(R0, "r@0")
+    h.ready(R1, "r@1")
+    cmds = h.submit("j1")
+    assert sorted(of(cmds, p.Load), key=lambda m: m.model_id) == [p.Load("r@0"), p.Load("r@1")]
+    cmds = h.worker(R1, p.Loaded("r@1", 100, 1.0))
+    assert dispatched_to(cmds, R1) == ["j1"]
+    h.worker(R0, p.Loaded("r@0", 100, 1.0))
+    h.host(exited=[h.pids[R1]])                          # r@1's process died with j1 on it
+    assert dispatched_to(h.log, R0) == ["j1"] and h.b.jobs.get("j1").attempt == 2
+
+
+def test_a_failed_replica_leaves_the_jobs_to_the_other_and_is_retried_only_on_new_demand():
+    h = replicated()
+    h.ready(R0, "r@0")
+    h.ready(R1, "r@1")
+    h.submit("j1")
+    h.worker(R0, p.WorkerError(None, "load_failed", "no such GPU"))
+    assert not answers(h.log, "j1")                       # r@1 is still loading
+    assert h.b.models["r@0"].state == "failed"
+    h.tick()
+    assert len(of(h.log, p.Load, R0)) == 1                # not retried for the old job
+    cmds = h.worker(R1, p.Loaded("r@1", 100, 1.0))
+    assert dispatched_to(cmds, R1) == ["j1"]
+    h.now += 1
+    cmds = h.submit("j2")
+    assert of(cmds, p.Load, R0) == [p.Load("r@0")]      # new demand: r@0 is tried again
+    h.worker(R0, p.WorkerError(None, "load_failed", "no such GPU"))
+    h.worker(R1, p.WorkerError(None, "load_failed", "also gone"))   # stray: r@1 is loaded, not loading
+    assert not [a for a in answers(h.log, "j2") if isinstance(a, p.Error)]
+
+
+def test_jobs_fail_once_every_replica_failed_to_load():
+    h = replicated()
+    h.ready(R0, "r@0")
+    h.ready(R1, "r@1")
+    h.submit("j1")
+    h.worker(R0, p.WorkerError(None, "load_failed", "bad"))
+    assert not answers(h.log, "j1")
+    h.worker(R1, p.WorkerError(None, "load_failed", "worse"))
+    [err] = answers(h.log, "j1")
+    assert err.code == "load_failed" and "worse" in err.message
+
+
+# ---- memory per device -------------------------------------------------------------------------------
+
+def test_each_device_has_its_own_budget():
+    h = replicated({"r": spec(devices=[0, 1]), "m": spec()}, memory_budget=1000)
+    h.ready(R0, "r@0", est=700)
+    h.ready(R1, "r@1", est=700)
+    h.ready(b"w-m", "m", est=700)
+    h.submit("j1", model="r")
+    assert {l.model_id for l in of(h.log, p.Load)} == {"r@0", "r@1"}   # 1400 bytes, on two devices
+    h.worker(R0, p.Loaded("r@0", 700, 1.0))
+    h.worker(R1, p.Loaded("r@1", 700, 1.0))
+    assert h.b.committed(0) == h.b.committed(1) == 700 and h.b.budget() == 2000
+    h.result(R0, "j1")
+    h.submit("j2", model="m", ttl_ms=60_000)              # device 0 is full: m waits for r@0
+    assert not of(h.log, p.Load, b"w-m")
+    h.advance(10.5, alive=(R0, R1, b"w-m"))               # r@0 idle past its residency: evicted
+    assert of(h.log, p.Unload, R0) and not of(h.log, p.Unload, R1)
+    h.worker(R0, p.Unloaded("r@0", 700))
+    assert of(h.log, p.Load, b"w-m") == [p.Load("m")]
+
+
+def test_a_replica_that_cannot_fit_its_device_does_not_fail_the_model():
+    h = replicated({"r": spec(devices=[0, 1]), "big": spec(pin=True)}, memory_budget=1000)
+    h.ready(b"w-big", "big", "loaded", est=600)           # pinned on device 0
+    h.ready(R0, "r@0", est=700)
+    h.ready(R1, "r@1", est=700)
+    h.submit("j1", model="r")
+    assert of(h.log, p.Load) == [p.Load("r@1")]           # r@0 can never fit beside `big`
+    assert "on device 0" in h.b.models["r@0"].last_error
+    h.worker(R1, p.Loaded("r@1", 700, 1.0))
+    assert dispatched_to(h.log, R1) == ["j1"] and not [a for a in answers(h.log, "j1") if isinstance(a, p.Error)]
+
+
+# ---- queries -----------------------------------------------------------------------------------------
+
+def test_load_answers_at_the_first_replica_and_loads_all_and_unload_answers_when_all_are_gone():
+    h = replicated()
+    h.ready(R0, "r@0")
+    h.ready(R1, "r@1")
+    cmds = h.query(p.Q_LOAD, {"model": "r"})
+    assert len(of(cmds, p.Load)) == 2 and not of(cmds, p.QueryReply)
+    h.worker(R1, p.Loaded("r@1", 100, 1.0))
+    [reply] = of(h.log, p.QueryReply)
+    assert reply.data["id"] == "r" and reply.data["status"] == "loaded"
+    assert [(r["device"], r["status"]) for r in reply.data["replicas"]] == [(0, "loading"), (1, "loaded")]
+    h.worker(R0, p.Loaded("r@0", 100, 1.0))
+    status = of(h.query(p.Q_MODELS, {"model": "r"}, qid="q2"), p.QueryReply)[0].data["models"][0]
+    assert status["memory"]["weights_bytes"] == 200 and status["worker"] is None
+    cmds = h.query(p.Q_UNLOAD, {"model": "r"}, qid="q3")
+    assert len(of(cmds, p.Unload)) == 2
+    h.worker(R0, p.Unloaded("r@0", 100))
+    assert not [r for r in of(h.log, p.QueryReply) if r.id == "q3"]
+    cmds = h.worker(R1, p.Unloaded("r@1", 100))
+    [done] = [r for r in of(cmds, p.QueryReply) if r.id == "q3"]
+    assert done.data["status"] == "unloaded"
+    listing = of(h.query(p.Q_MODELS, qid="q4"), p.QueryReply)[0].data["models"]
+    assert [m["id"] for m in listing] == ["r"]            # replicas are not models of their own
+
+
+def test_a_replica_id_is_not_a_model_clients_can_ask_for():
+    h = replicated()
+    both_loaded(h)
+    assert of(h.submit("j1", model="r@0"), p.Error)[0].code == "unknown_model"
+    assert of(h.query(p.Q_LOAD, {"model": "r@1"}), p.Error)[0].code == "unknown_model"
+
+
+# ---- the whole stack: supervisor, broker and two worker processes ------------------------------------
+
+def test_stack_runs_one_worker_per_device_and_spreads_jobs_over_them(tmp_path):
+    """Fake-engine replicas on "devices" 0 and 1: each worker process sees only its device, a job
+    that holds one replica does not hold up the next, and a killed replica's work goes on."""
+    cfg = {"models": {"r": fake_model(devices=[0, 1], max_batch=1)}, "supervisor": {"restart_backoff_s": 0.2}}
+    st = Stack(tmp_path, cfg, procs=("broker", "supervisor"))
+    with running(st, 30, ("r",)), log_on_failure(st), Client(st.client_endpoint, default_ttl_s=30) as c:
+        status = wait_for(lambda: (s := model_status(st, "r"))["status"] == "loaded" and
+                          all(x["status"] == "loaded" for x in s["replicas"]) and s, 10, what="both loaded")
+        pids = {x["device"]: x["worker"]["pid"] for x in status["replicas"]}
+        assert sorted(pids) == [0, 1] and len(set(pids.values())) == 2
+        for device, pid in pids.items():
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"CUDA_VISIBLE_DEVICES={device}".encode() in env
+        slow = c.submit("r", {"instruction": "slow", "fake": {"sleep_ms": 4000}}, [IMG])
+        wait_for(lambda: any(slow.job_id in w["running"] for w in st.query(p.Q_STATS)["workers"]), 3,
+                 what="the slow job runs")
+        t0 = time.monotonic()
+        assert c.ground("r", IMG, "quick").result["points"]   # on the other replica, not behind it
+        assert time.monotonic() - t0 < 3.0
+        busy = next(x["worker"]["pid"] for x in model_status(st, "r")["replicas"] if x["inflight"])
+        os.kill(busy, signal.SIGKILL)                             # the slow job's replica dies
+        assert slow.result().result["points"]                     # rerun on the survivor
+        assert c.ground("r", IMG, "after").result["points"]
+        wait_for(lambda: all(x["status"] == "loaded" for x in model_status(st, "r")["replicas"]), 10,
+                 what="the killed replica restarted and loaded")
+
+
+def test_the_mlx_engine_refuses_replicas_off_cuda(tmp_path):
+    """On the CPU (and Metal) every replica would share one memory and one compute unit, which
+    per-device budgets would count twice: the load fails and says why."""
+    from workers.engine import EngineOptions
+    from workers.mlx.engine import MlxEngine
+    engine = MlxEngine(ModelSpec(path="tiny:qwen2_vl", devices=[0]), EngineOptions("r@0", str(tmp_path), 10**8))
+    with pytest.raises(RuntimeError, match="one replica per CUDA GPU.*not on CUDA"):
+        engine.load()
