@@ -3,7 +3,7 @@
     python -m bench.e2e --model-path PATH [--sizes 1280x720,1920x1080] [--concurrency 1,8]
                         [--requests 20] [--engine mlx|fake] [--dtype bfloat16] [--max-batch 8]
                         [--torch-baseline prefill_floor.py|bench/torch_forward.py [--shape 7b]]
-                        [--formats png,jpeg,webp] [--content plain,busy] [--no-repeat]
+                        [--formats png,jpeg,webp] [--content plain,busy] [--no-repeat] [--devices 0,1]
 
 For each screenshot size, format (bench.screens.SAVE), content (`busy`: dense text and a photo,
 PNGs ~15x larger) and client count it reports p50/p95
@@ -13,7 +13,7 @@ worker's preprocessing (decode + resize) and queueing times within it and the ti
 (end to end minus the worker's `total`: HTTP, JSON and base64, the broker's hops, the answer's way
 back), and the device memory peak of
 the level's last batch (the worker resets the peak before each batch: with one client, one request's
-peak), as a markdown table on stdout.
+peak; with --devices, the largest replica's), as a markdown table on stdout.
 
 Every request carries a screenshot no other request of the run has sent, so the worker's
 screenshot cache (workers/screen_cache.py) never answers them; the `cache hits` column shows it.
@@ -129,12 +129,16 @@ def add_stack_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-pixels", type=int, default=5720064)
     ap.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="the language model's weight bits")
     ap.add_argument("--ready-timeout", type=float, default=600)
+    ap.add_argument("--devices", default=None, metavar="0,1",
+                    help="serve the model from one replica per CUDA device (the model's `devices`)")
 
 
 def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
     """The whole stack (not started) serving one model, `bench`, as `add_stack_args` describes it."""
     model = {"path": args.model_path, "engine": args.engine, "dtype": args.dtype, "preload": True,
              "max_batch": args.max_batch, "max_pixels": args.max_pixels, "quantize": args.quantize}
+    if args.devices:
+        model["devices"] = [int(d) for d in args.devices.split(",")]
     return Stack(Path(tmp), {"server": {"default_model": "bench", "request_timeout_s": 600},
                              "broker": {"queue_size": 256, "load_timeout_s": 600},
                              "models": {"bench": model}})
@@ -145,6 +149,11 @@ def start_stack(stack: Stack, args: argparse.Namespace):
     t_start = time.perf_counter()
     started = stack.start(ready_timeout_s=args.ready_timeout, loaded=("bench",))
     status = {m["id"]: m for m in stack.models()}["bench"]
+    while any(r["status"] != "loaded" for r in status.get("replicas", ())):   # every replica, not the first
+        if time.perf_counter() - t_start > args.ready_timeout:
+            raise TimeoutError(f"replicas not loaded: {status['replicas']}")
+        time.sleep(0.2)
+        status = {m["id"]: m for m in stack.models()}["bench"]
     print(f"stack ready in {time.perf_counter() - t_start:.1f} s; model load {status.get('load_seconds')} s; "
           f"weights {status['memory'].get('weights_bytes', 0) / 1e9:.2f} GB", flush=True)
     return started
@@ -205,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
                         base = torch_ms.get((w, h))
                         base_col = f"{base:.1f} | {r['p50'] * 1e3 / base:.2f}x" if base and not same else "- | -"
                         time.sleep(1.5)     # the worker's memory reaches the status with its next heartbeat
-                        peak = {m["id"]: m for m in stack.models()}["bench"]["memory"].get("peak_bytes", 0)
+                        status = {m["id"]: m for m in stack.models()}["bench"]
+                        peak = max(x["memory"].get("peak_bytes", 0) for x in status.get("replicas", [status]))
                         print(f"| {w}x{h} | {label} | {c}{', same screen' if same else ''} | {total} | {r['hits']} | "
                               f"{r['p50']*1e3:.1f} | {r['p95']*1e3:.1f} | {r['rps']:.2f} | "
                               f"{vs_single} | {r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} | "

@@ -3,12 +3,16 @@
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall e2ecache tail e2ecache7b
-# agent agent7b pause varlen e2ebusy body quant quant7b e2eq firstload qtail
+# agent agent7b pause varlen e2ebusy body quant quant7b e2eq firstload qtail replicas (2 GPUs) replicas4 (4 GPUs)
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
 # (and pybase64, the frontend's base64 decoder, the same way)
 # Between calls 1 and 2 of ../shared/gpu/README.md, one more call, carry [".gpu/ic"]:
 #   mkdir -p /root/icw && cp .gpu/ic/*.whl /root/icw/
+# The whole-stack steps (e2e*, agent*, replicas*) start the Procfile under honcho, which the GPU image
+# lacks: pip download --no-deps --only-binary=:all: -d .gpu/h honcho, carry [".gpu/b", ".gpu/h"] and run
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/gpu-site .gpu/h/*.whl
+# after sourcing setup.sh. The replicas steps need a machine with 2 (replicas) or 4 (replicas4) GPUs.
 set -u
 python3 -c "import imagecodecs, pybase64" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/gpu-site \
   /root/icw/*.whl 2>&1 | grep -v "^WARNING" || true
@@ -104,6 +108,16 @@ for s in $steps; do case $s in
          run qtail 300 python3 -m bench.quantized_lm /tmp/ga2b --bits 4 --reps 6 --rows "" ;;
   firstload) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          run firstload 590 python3 -m bench.first_load /tmp/ga2b ;;
+  replicas) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
+         # one kernel cache for both runs: the first fills it, the replicas' loads then read it
+         export MLX_PTX_CACHE_DIR=/tmp/mlx-kernels-replicas
+         run e2e_one_gpu 300 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1,8,16 --requests 32 --no-repeat
+         run e2e_two_gpus 240 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1,2,8,16 --requests 32 --devices 0,1 ;;
+  replicas4) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b   # 4 GPUs, empty kernel cache
+         run e2e_four_gpus 420 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1,4,8,16,32 --requests 32 --no-repeat --devices 0,1,2,3 ;;
   quant7b) [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b
          run quant7b 480 python3 -m bench.quantized_lm /tmp/ga7b --bits 4 --reps 5 --rows 16,256,1024,2816 ;;
 esac; done
