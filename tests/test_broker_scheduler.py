@@ -376,6 +376,31 @@ class World:
     def terminal(self, jid: str) -> list:
         return [m for m in self.msgs[jid] if isinstance(m, (p.Final, p.Error))]
 
+    def play(self, actions) -> None:
+        """Start every worker, do `actions` (kind, x, y) in order, then `finish`."""
+        for w in self.workers.values():
+            self.restart(w)
+        for kind, x, y in actions:
+            if kind in ("submit", "stream"):
+                self.submit(x, y, stream=kind == "stream")
+            elif kind == "deliver":
+                for _ in range(y):
+                    self.deliver(self.workers[x])
+            elif kind == "advance":
+                self.advance(x)
+            elif kind == "crash" and self.workers[x].alive:
+                self.crash(self.workers[x], report=y)
+            elif kind == "restart":
+                self.restart(self.workers[x])
+            elif kind == "cancel":
+                jid = f"j{x}"
+                if jid in self.msgs:
+                    self.send(e.ClientMessage(b"client", p.Cancel(jid), [], self.now))
+            elif kind in ("load", "unload"):
+                service = p.Q_LOAD if kind == "load" else p.Q_UNLOAD
+                self.send(e.ClientMessage(b"client", p.Query(f"q-{kind}", service, {"model": x}), [], self.now))
+        self.finish()
+
     def finish(self) -> None:
         """Let everything play out, then check the one-answer rule for every job."""
         for w in self.workers.values():
@@ -415,28 +440,7 @@ action = st.one_of(
        pin_a=st.booleans())
 def test_invariants_hold_over_random_event_sequences(actions, budget, pin_a):
     world = World({"a": 400, "b": 500, "c": 300}, budget, pins=("a",) if pin_a else ())
-    for w in world.workers.values():
-        world.restart(w)
-    for kind, x, y in actions:
-        if kind in ("submit", "stream"):
-            world.submit(x, y, stream=kind == "stream")
-        elif kind == "deliver":
-            for _ in range(y):
-                world.deliver(world.workers[x])
-        elif kind == "advance":
-            world.advance(x)
-        elif kind == "crash" and world.workers[x].alive:
-            world.crash(world.workers[x], report=y)
-        elif kind == "restart":
-            world.restart(world.workers[x])
-        elif kind == "cancel":
-            jid = f"j{x}"
-            if jid in world.msgs:
-                world.send(e.ClientMessage(b"client", p.Cancel(jid), [], world.now))
-        elif kind in ("load", "unload"):
-            service = p.Q_LOAD if kind == "load" else p.Q_UNLOAD
-            world.send(e.ClientMessage(b"client", p.Query(f"q-{kind}", service, {"model": x}), [], world.now))
-    world.finish()
+    world.play(actions)
 
 
 REPLICATED = {"r": [0, 1], "s": [1]}
@@ -457,24 +461,7 @@ def test_invariants_hold_with_replicas_on_two_devices(actions, budget):
     """Model "a" on device 0, "r" replicated on devices 0 and 1, "s" on device 1 only: each
     device's budget holds, nothing loads twice, and every job gets one answer."""
     world = World({"a": 400, "r": 500, "s": 300}, budget, devices=REPLICATED)
-    for w in world.workers.values():
-        world.restart(w)
-    for kind, x, y in actions:
-        if kind == "submit":
-            world.submit(x, y)
-        elif kind == "deliver":
-            for _ in range(y):
-                world.deliver(world.workers[x])
-        elif kind == "advance":
-            world.advance(x)
-        elif kind == "crash" and world.workers[x].alive:
-            world.crash(world.workers[x], report=y)
-        elif kind == "restart":
-            world.restart(world.workers[x])
-        elif kind in ("load", "unload"):
-            service = p.Q_LOAD if kind == "load" else p.Q_UNLOAD
-            world.send(e.ClientMessage(b"client", p.Query(f"q-{kind}", service, {"model": x}), [], world.now))
-    world.finish()
+    world.play(actions)
 
 
 def test_alternating_two_model_traffic_that_fits_only_one_does_not_thrash():

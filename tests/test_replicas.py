@@ -39,6 +39,15 @@ def both_loaded(h: Harness, slots: int = 2) -> None:
     h.ready(R1, "r@1", "loaded", slots=slots)
 
 
+def both_loading_for_a_job() -> Replicated:
+    """Both replicas registered empty; job j1 made both load."""
+    h = replicated()
+    h.ready(R0, "r@0")
+    h.ready(R1, "r@1")
+    h.submit("j1")
+    return h
+
+
 def dispatched_to(cmds, ident) -> list[str]:
     return [j.id for j in of(cmds, p.Job, ident)]
 
@@ -102,11 +111,8 @@ def test_a_screenshot_goes_back_to_the_replica_that_saw_it_when_both_are_idle():
 
 
 def test_jobs_wait_for_any_replica_and_a_lost_replica_hands_its_jobs_to_the_other():
-    h = replicated()
-    h.ready(R0, "r@0")
-    h.ready(R1, "r@1")
-    cmds = h.submit("j1")
-    assert sorted(of(cmds, p.Load), key=lambda m: m.model_id) == [p.Load("r@0"), p.Load("r@1")]
+    h = both_loading_for_a_job()
+    assert sorted(of(h.log, p.Load), key=lambda m: m.model_id) == [p.Load("r@0"), p.Load("r@1")]
     cmds = h.worker(R1, p.Loaded("r@1", 100, 1.0))
     assert dispatched_to(cmds, R1) == ["j1"]
     h.worker(R0, p.Loaded("r@0", 100, 1.0))
@@ -115,10 +121,7 @@ def test_jobs_wait_for_any_replica_and_a_lost_replica_hands_its_jobs_to_the_othe
 
 
 def test_a_failed_replica_leaves_the_jobs_to_the_other_and_is_retried_only_on_new_demand():
-    h = replicated()
-    h.ready(R0, "r@0")
-    h.ready(R1, "r@1")
-    h.submit("j1")
+    h = both_loading_for_a_job()
     h.worker(R0, p.WorkerError(None, "load_failed", "no such GPU"))
     assert not answers(h.log, "j1")                       # r@1 is still loading
     assert h.b.models["r@0"].state == "failed"
@@ -135,10 +138,7 @@ def test_a_failed_replica_leaves_the_jobs_to_the_other_and_is_retried_only_on_ne
 
 
 def test_jobs_fail_once_every_replica_failed_to_load():
-    h = replicated()
-    h.ready(R0, "r@0")
-    h.ready(R1, "r@1")
-    h.submit("j1")
+    h = both_loading_for_a_job()
     h.worker(R0, p.WorkerError(None, "load_failed", "bad"))
     assert not answers(h.log, "j1")
     h.worker(R1, p.WorkerError(None, "load_failed", "worse"))
