@@ -29,6 +29,13 @@ MIN_PIXELS_LIMIT = 28 * 28    # one visual token
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # Parameters whose meaning a grounding model cannot honour: refused, never silently ignored.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call")
+# Sampling parameters: accepted for compatibility and ignored (grounding is one forward pass, nothing
+# is sampled), but checked as OpenAI checks them, so that a client's mistake is not taken for a
+# setting. name -> (integer only, lowest, highest); None: no bound.
+SAMPLING = {"temperature": (False, 0, 2), "top_p": (False, 0, 1), "presence_penalty": (False, -2, 2),
+            "frequency_penalty": (False, -2, 2), "max_tokens": (True, 1, None),
+            "max_completion_tokens": (True, 1, None), "seed": (True, None, None)}
+MAX_STOP = 4
 DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*),", re.ASCII)
 
 
@@ -219,6 +226,26 @@ def _refuse_unsupported(body: Mapping) -> None:
                   "logprobs", "unsupported_parameter")
 
 
+def _check_sampling(body: Mapping) -> None:
+    """400 for a sampling parameter of the wrong type or out of OpenAI's range (null is fine)."""
+    for name, (integer, lo, hi) in SAMPLING.items():
+        v = body.get(name)
+        if v is None:
+            continue
+        kind = "an integer" if integer else "a number"
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or v != v:
+            raise bad(f"{name} must be {kind}, got {type(v).__name__}", name)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            within = f"within {lo}..{hi}" if hi is not None else f">= {lo}"
+            raise bad(f"{name} must be {kind} {within}", name)
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= MAX_STOP
+                                                            and all(isinstance(x, str) for x in stop))):
+        raise bad(f"stop must be a string or a list of up to {MAX_STOP} strings", "stop")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad("user must be a string", "user")
+
+
 def _model(body: Mapping, cfg: AppConfig) -> str:
     """The body's model, or the default one; 404 for one that does not exist."""
     model = body.get("model")
@@ -277,6 +304,7 @@ def parse_chat_request(body: Any, cfg: AppConfig) -> ChatRequest:
         raise bad("the request body must be a JSON object")
     check_depth(body)
     _refuse_unsupported(body)
+    _check_sampling(body)
     model = _model(body, cfg)
     spec = cfg.models[model]
 

@@ -163,6 +163,25 @@ def test_unsupported_parameters_are_named(extra, param):
 def test_harmless_parameters_accepted():
     api.parse_chat_request(body(n=1, response_format={"type": "text"}, temperature=0, top_p=1, seed=3,
                                 user="u", presence_penalty=0, stop=["x"]), CFG)
+    api.parse_chat_request(body(temperature=2.0, top_p=0.5, frequency_penalty=-2, max_tokens=1,
+                                max_completion_tokens=4096, seed=-7, stop="\n"), CFG)
+    api.parse_chat_request(body(temperature=None, top_p=None, max_tokens=None, stop=None, user=None), CFG)
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"temperature": "hot"}, "temperature"), ({"temperature": True}, "temperature"),
+    ({"temperature": 2.5}, "temperature"), ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"), ({"top_p": 1.5}, "top_p"),
+    ({"presence_penalty": 3}, "presence_penalty"), ({"frequency_penalty": "0"}, "frequency_penalty"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 10.5}, "max_tokens"),
+    ({"max_completion_tokens": "5"}, "max_completion_tokens"), ({"seed": 1.5}, "seed"),
+    ({"stop": 5}, "stop"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": ["a", 1]}, "stop"),
+    ({"user": 42}, "user"),
+])
+def test_ignored_sampling_parameters_are_still_checked(extra, param):
+    """OpenAI answers `temperature: "hot"` with a 400; taking it silently would hide the client's bug."""
+    e = err(api.parse_chat_request, body(**extra), CFG)
+    assert (e.code, e.param, e.http_status) == ("bad_request", param, 400), e.message
 
 
 def _msgs(content):
