@@ -93,6 +93,14 @@ class _BrokerCollector:
                 g = GaugeMetricFamily(f"grounding_memory_{key}_bytes", f"Broker memory {key}")
                 g.add_metric([], float(memory[key]))
                 yield g
+        if memory.get("devices"):    # models with replicas: each GPU's own budget
+            dev = GaugeMetricFamily("grounding_device_memory_bytes", "Broker memory budget and committed bytes per GPU",
+                                    labels=["device", "kind"])
+            for d in memory["devices"]:
+                for key in ("budget", "committed"):
+                    if isinstance(d, dict) and isinstance(d.get(key), (int, float)) and not isinstance(d.get(key), bool):
+                        dev.add_metric([str(d.get("device")), key], float(d[key]))
+            yield dev
         counters = CounterMetricFamily("grounding_broker_events", "Broker counters by name", labels=["name"])
         for name, n in sorted((s.get("counters") or {}).items()):
             if isinstance(n, (int, float)) and not isinstance(n, bool):

@@ -249,3 +249,20 @@ def test_the_mlx_engine_refuses_replicas_off_cuda(tmp_path):
     engine = MlxEngine(ModelSpec(path="tiny:qwen2_vl", devices=[0]), EngineOptions("r@0", str(tmp_path), 10**8))
     with pytest.raises(RuntimeError, match="one replica per CUDA GPU.*not on CUDA"):
         engine.load()
+
+
+def test_stats_and_metrics_give_each_devices_memory():
+    from broker import status
+    from frontend.metrics import Metrics
+    h = replicated({"r": spec(devices=[0, 1]), "m": spec()}, memory_budget=1000)
+    h.ready(R0, "r@0", "loaded", est=300)
+    h.ready(R1, "r@1", "loaded", est=300)
+    h.ready(b"w-m", "m", "loaded", est=200)
+    stats = status.stats(h.b, h.now)
+    assert stats["memory"] == {"budget": 2000, "committed": 800, "devices": [
+        {"device": 0, "budget": 1000, "committed": 500}, {"device": 1, "budget": 1000, "committed": 300}]}
+    assert stats["models"]["r"]["memory"]["weights_bytes"] == 600 and stats["models"]["r"]["state"] == "loaded"
+    text = Metrics().render(stats).decode()
+    assert 'grounding_device_memory_bytes{device="0",kind="committed"} 500.0' in text
+    assert 'grounding_device_memory_bytes{device="1",kind="budget"} 1000.0' in text
+    assert "grounding_memory_committed_bytes 800.0" in text
