@@ -3,6 +3,8 @@ supervisor's side and a whole stack are at the end). Clients name the model; the
 its jobs over the loaded replicas, least busy first, and keeps per device memory budgets."""
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import time
@@ -218,7 +220,7 @@ def test_stack_runs_one_worker_per_device_and_spreads_jobs_over_them(tmp_path):
     """Fake-engine replicas on "devices" 0 and 1: each worker process sees only its device, a job
     that holds one replica does not hold up the next, and a killed replica's work goes on."""
     cfg = {"models": {"r": fake_model(devices=[0, 1], max_batch=1)}, "supervisor": {"restart_backoff_s": 0.2}}
-    st = Stack(tmp_path, cfg, procs=("broker", "supervisor"))
+    st = Stack(tmp_path, cfg)
     with running(st, 30, ("r",)), log_on_failure(st), Client(st.client_endpoint, default_ttl_s=30) as c:
         status = wait_for(lambda: (s := model_status(st, "r"))["status"] == "loaded" and
                           all(x["status"] == "loaded" for x in s["replicas"]) and s, 10, what="both loaded")
@@ -239,6 +241,19 @@ def test_stack_runs_one_worker_per_device_and_spreads_jobs_over_them(tmp_path):
         assert c.ground("r", IMG, "after").result["points"]
         wait_for(lambda: all(x["status"] == "loaded" for x in model_status(st, "r")["replicas"]), 10,
                  what="the killed replica restarted and loaded")
+        # the HTTP API: one model, its replicas listed; unload and load act on both
+        status, _, raw = st.http("GET", "/v1/models")
+        assert status == 200 and [m["id"] for m in json.loads(raw)["data"]] == ["r"]
+        status, _, raw = st.http("DELETE", "/v1/models/r")
+        assert status == 200 and [x["status"] for x in json.loads(raw)["replicas"]] == ["unloaded", "unloaded"]
+        status, _, raw = st.http("POST", "/v1/models/r/load")
+        assert status == 200 and json.loads(raw)["status"] == "loaded"
+        status, _, raw = st.http("POST", "/v1/chat/completions", {"model": "r", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(IMG).decode()}},
+            {"type": "text", "text": "click OK"}]}]})
+        assert status == 200 and json.loads(raw)["choices"][0]["message"]["grounding"]
+        wait_for(lambda: all(x["status"] == "loaded" for x in model_status(st, "r")["replicas"]), 10,
+                 what="the load brought both replicas back")
 
 
 def test_the_mlx_engine_refuses_replicas_off_cuda(tmp_path):
