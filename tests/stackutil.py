@@ -51,10 +51,12 @@ def tiny_model(backbone: str = "qwen2_vl", **overrides: Any) -> dict:
 
 class Stack:
     def __init__(self, tmp_path: Path, config: dict, procs: tuple[str, ...] = ALL_PROCS,
-                 api_key: str | None = None):
+                 api_key: str | None = None, env: dict[str, str] | None = None):
+        """`env`: variables set in the stack's environment, over ours."""
         self.dir = Path(tmp_path)
         self.procs = procs
         self.api_key = api_key
+        self.extra_env = dict(env or {})
         self.config = copy.deepcopy(config)
         broker = self.config.setdefault("broker", {})
         broker.setdefault("client_endpoint", free_tcp_endpoint())
@@ -80,6 +82,7 @@ class Stack:
         env["GROUNDING_CONFIG"] = str(self.config_path)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         return env
 
     def start(self, ready_timeout_s: float = 60.0, loaded: tuple[str, ...] = ()) -> "Stack":

@@ -19,7 +19,7 @@ from common.client import Client
 from tests.stackutil import Stack, fake_model
 from tests.test_broker_core import Harness, answers, of, spec
 from tests.test_faults import IMG, log_on_failure, model_status, running, wait_for
-from workers.supervisor import Supervisor, device_env
+from workers.supervisor import Supervisor, device_env, nvidia_gpus
 
 R0, R1 = b"w-r0", b"w-r1"
 SHOT_A, SHOT_B = b"\x89PNG screen A" * 100, b"\x89PNG screen B" * 100
@@ -67,10 +67,10 @@ def test_config_names_one_unit_per_device_and_refuses_bad_devices():
         parse_config({"models": {"r": {"path": "x", "devices": [0]}, "r@0": {"path": "y"}}})
 
 
-def test_supervisor_puts_each_replica_on_its_device_counted_within_cuda_visible_devices():
+def test_supervisor_puts_each_replica_on_its_device_counted_within_cuda_visible_devices(tmp_path):
     cfg = parse_config({"models": {"r": {"path": "x", "devices": [0, 2]}, "m": {"path": "y"},
                                    "off": {"path": "z", "enabled": False, "devices": [5]}}})
-    sup = Supervisor(cfg, None, environ={})
+    sup = Supervisor(cfg, None, environ={}, gpus=4)
     assert {c.model_id: c.env for c in sup.children.values()} == {
         "r@0": {"CUDA_VISIBLE_DEVICES": "0"}, "r@2": {"CUDA_VISIBLE_DEVICES": "2"}, "m": {}}
     units = cfg.units()
@@ -78,6 +78,18 @@ def test_supervisor_puts_each_replica_on_its_device_counted_within_cuda_visible_
     assert device_env(units["r@2"], {"CUDA_VISIBLE_DEVICES": "GPU-aa,GPU-bb,GPU-cc"}) == {"CUDA_VISIBLE_DEVICES": "GPU-cc"}
     with pytest.raises(ConfigError, match="device 2 is not among the 2"):
         Supervisor(cfg, None, environ={"CUDA_VISIBLE_DEVICES": "4,5"})
+    # without CUDA_VISIBLE_DEVICES, the driver's list of GPUs decides (a missing GPU would make
+    # its worker fail to import MLX, again at every restart)
+    assert Supervisor(cfg, None, environ={}, gpus=3).children["r@2"].env == {"CUDA_VISIBLE_DEVICES": "2"}
+    with pytest.raises(ConfigError, match="device 2, and the NVIDIA driver lists 2 GPU"):
+        Supervisor(cfg, None, environ={}, gpus=2)
+    listing = tmp_path / "gpus"
+    assert nvidia_gpus(str(listing)) is None                  # no driver
+    listing.mkdir()
+    assert nvidia_gpus(str(listing)) is None                  # no GPU listed
+    for bus in ("0000:18:00.0", "0000:2a:00.0"):
+        (listing / bus).mkdir()
+    assert nvidia_gpus(str(listing)) == 2
 
 
 # ---- dispatch ----------------------------------------------------------------------------------------
@@ -217,10 +229,12 @@ def test_a_replica_id_is_not_a_model_clients_can_ask_for():
 # ---- the whole stack: supervisor, broker and two worker processes ------------------------------------
 
 def test_stack_runs_one_worker_per_device_and_spreads_jobs_over_them(tmp_path):
-    """Fake-engine replicas on "devices" 0 and 1: each worker process sees only its device, a job
-    that holds one replica does not hold up the next, and a killed replica's work goes on."""
+    """Fake-engine replicas on "devices" 0 and 1 of two named GPUs: each worker process sees only
+    its own, a job that holds one replica does not hold up the next, and a killed replica's work
+    goes on."""
     cfg = {"models": {"r": fake_model(devices=[0, 1], max_batch=1)}, "supervisor": {"restart_backoff_s": 0.2}}
-    st = Stack(tmp_path, cfg)
+    gpus = ["GPU-test-a", "GPU-test-b"]       # any machine: no real GPU is asked for
+    st = Stack(tmp_path, cfg, env={"CUDA_VISIBLE_DEVICES": ",".join(gpus)})
     with running(st, 30, ("r",)), log_on_failure(st), Client(st.client_endpoint, default_ttl_s=30) as c:
         status = wait_for(lambda: (s := model_status(st, "r"))["status"] == "loaded" and
                           all(x["status"] == "loaded" for x in s["replicas"]) and s, 10, what="both loaded")
@@ -228,7 +242,7 @@ def test_stack_runs_one_worker_per_device_and_spreads_jobs_over_them(tmp_path):
         assert sorted(pids) == [0, 1] and len(set(pids.values())) == 2
         for device, pid in pids.items():
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            assert f"CUDA_VISIBLE_DEVICES={device}".encode() in env
+            assert f"CUDA_VISIBLE_DEVICES={gpus[device]}".encode() in env
         slow = c.submit("r", {"instruction": "slow", "fake": {"sleep_ms": 4000}}, [IMG])
         wait_for(lambda: any(slow.job_id in w["running"] for w in st.query(p.Q_STATS)["workers"]), 3,
                  what="the slow job runs")

@@ -95,14 +95,26 @@ def _pdeathsig_hook(parent_pid: int):
     return hook
 
 
-def device_env(unit: Unit, environ: Mapping[str, str]) -> dict:
+def nvidia_gpus(listing: str = "/proc/driver/nvidia/gpus") -> int | None:
+    """How many GPUs the NVIDIA driver lists (Linux); None where it lists none or cannot be read."""
+    try:
+        return len(os.listdir(listing)) or None
+    except OSError:
+        return None
+
+
+def device_env(unit: Unit, environ: Mapping[str, str], gpus: int | None = None) -> dict:
     """The environment that puts a replica's worker on its GPU: CUDA_VISIBLE_DEVICES naming that
     one device. Device numbers count within our own $CUDA_VISIBLE_DEVICES where that is set, as
-    CUDA itself counts them. Raises ConfigError for a device that list does not have."""
+    CUDA itself counts them, else among the machine's `gpus` where that is known. Raises
+    ConfigError for a device that is not there (its worker could not even import MLX)."""
     if unit.device is None:
         return {}
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
+        if gpus is not None and unit.device >= gpus:
+            raise ConfigError(f"models.{unit.model_id}.devices: device {unit.device}, and the NVIDIA "
+                              f"driver lists {gpus} GPU(s) on this machine")
         return {"CUDA_VISIBLE_DEVICES": str(unit.device)}
     ids = [v.strip() for v in visible.split(",") if v.strip()]
     if unit.device >= len(ids):
@@ -112,14 +124,18 @@ def device_env(unit: Unit, environ: Mapping[str, str]) -> dict:
 
 
 class Supervisor:
-    def __init__(self, cfg: AppConfig, config_path: str | None, environ: Mapping[str, str] = os.environ):
+    def __init__(self, cfg: AppConfig, config_path: str | None, environ: Mapping[str, str] = os.environ,
+                 gpus: int | None = None):
+        """`gpus`: the machine's NVIDIA GPUs (default: as the driver lists them)."""
         self.cfg = cfg
         self.sc = cfg.supervisor
         self.config_path = config_path
         self.environ = dict(environ)
         self.host = socket.gethostname()
-        self.children = {u.id: Child(u.id, self.sc.restart_backoff_s, device_env(u, environ))
-                         for u in cfg.units().values() if u.spec.enabled}
+        units = [u for u in cfg.units().values() if u.spec.enabled]
+        if gpus is None and any(u.device is not None for u in units):
+            gpus = nvidia_gpus()
+        self.children = {u.id: Child(u.id, self.sc.restart_backoff_s, device_env(u, environ, gpus)) for u in units}
         self.exited: list[int] = []      # pids not yet reported to the broker
         self._stop = False
 

@@ -135,7 +135,8 @@ class MlxEngine:
             # each replica's budget is its own device's memory: on one Metal GPU or the CPU,
             # replicas would share one memory and one compute unit
             raise RuntimeError(f"`devices` places one replica per CUDA GPU, and MLX runs on "
-                               f"{mx.default_device()} here, not on CUDA")
+                               f"{mx.default_device()} here, not on CUDA (CUDA_VISIBLE_DEVICES="
+                               f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}: a GPU that does not exist?)")
         from tokenizers import Tokenizer
         path = resolve_path(self.spec.path, self.options.cache_dir, self.options.hf_home)
         ckpt = read_checkpoint(path)
