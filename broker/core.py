@@ -17,9 +17,10 @@ from common.config import BrokerConfig, ModelSpec, units_of
 from broker import events as e
 from broker import scheduler as s
 from broker import status
-from broker.jobs import DISPATCHED, Job, JobTable, PoisonList, job_digest, replica_rank
+from broker.jobs import DISPATCHED, Job, JobTable, PoisonList, job_digest
 from broker.backend import Backend
 from broker.lifecycle import Lifecycle
+from broker.placement import Placement
 from broker.registry import Registry, Worker
 
 MAX_JOB_ID = 256
@@ -46,6 +47,7 @@ class Broker:
         for m in self.models.values():
             self.groups.setdefault(m.group, []).append(m)
         self.lifecycle = Lifecycle(self)
+        self.placement = Placement()
         self.shutting_down = False
         self._drained_logged = False
         self._out: list[e.Command] = []
@@ -311,18 +313,14 @@ class Broker:
             self.emit(e.Log(logging.INFO, "drained: every accepted job has its answer"))
 
     def _dispatch(self, group: str, units: list[s.ModelState], now: float) -> None:
-        """Queued jobs of a model, in order, each to its least busy loaded unit with a free slot.
-        Among equally busy replicas a job goes where the same screenshot went before
-        (`replica_rank`): that worker keeps the screenshot's state for the next question."""
+        """Queued jobs of a model, in order, each to a loaded unit with a free slot: the model's
+        one worker, or the replica broker.placement chooses."""
         while self.jobs.queue_depth(group):
             ready = [(m, w) for m in units if m.state == s.LOADED
                      and (w := self.registry.for_model(m.id)) is not None and w.free_slots > 0]
             if not ready:
                 return
-            if len(ready) > 1:
-                head = self.jobs.queue(group)[0]
-                ready.sort(key=lambda mw: (mw[1].busy, -replica_rank(head, mw[0].id)))
-            m, w = ready[0]
+            m, w = self.placement.choose(self.jobs.queue(group)[0], ready) if len(units) > 1 else ready[0]
             job = self.jobs.pop_next(group)
             job.state, job.worker, job.dispatched_at = DISPATCHED, w.identity, now
             w.live[job.id] = None

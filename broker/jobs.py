@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -35,7 +34,7 @@ class Job:
     deaths: int = 0                # workers that died while running it (2 -> poison)
     stalled_at: float | None = None  # the watchdog sent JobCancel at this time
     kill_sent: bool = False          # ... and then asked the supervisor to kill the worker
-    screen_key: int | None = None    # replica_rank's key of its screenshot, once computed
+    screen_key: int | None = None    # broker.placement's key of its screenshot, once computed
 
     def remaining_ms(self, now: float) -> int:
         return max(1, int((self.deadline - now) * 1000))
@@ -107,24 +106,6 @@ class JobTable:
 
     def of_client(self, client: bytes) -> list[Job]:
         return [j for j in self._jobs.values() if j.client == client]
-
-
-SCREEN_KEY_SPAN = 1 << 16
-
-
-def replica_rank(job: Job, unit_id: str) -> int:
-    """How much the job's screenshot prefers the replica `unit_id` (rendezvous hashing: each
-    screenshot ranks the replicas in its own fixed order, unchanged by replicas coming or going).
-    The screenshot's key is a CRC-32 of its size and its first and last 64 KiB: a routing hint, not
-    an identity (a collision only sends two screens to one replica), and bounded in cost on the
-    broker's loop whatever the image's size."""
-    if job.screen_key is None:
-        blob = job.blobs[0] if job.blobs else b""
-        data = memoryview(getattr(blob, "buffer", blob)).cast("B")
-        key = zlib.crc32(len(data).to_bytes(8, "little"))
-        key = zlib.crc32(data[:SCREEN_KEY_SPAN], key)
-        job.screen_key = zlib.crc32(data[-SCREEN_KEY_SPAN:], key) if len(data) > SCREEN_KEY_SPAN else key
-    return zlib.crc32(unit_id.encode(), job.screen_key)
 
 
 def job_digest(model: str, params: dict, blobs: list[Any]) -> str:

@@ -16,6 +16,7 @@ from common import protocol as p
 from common.config import ModelSpec, parse_config, units_of
 from common.errors import ConfigError
 from common.client import Client
+from tests.rawbroker import png
 from tests.stackutil import Stack, fake_model
 from tests.test_broker_core import Harness, answers, of, spec
 from tests.test_faults import IMG, log_on_failure, model_status, running, wait_for
@@ -122,6 +123,26 @@ def test_a_screenshot_goes_back_to_the_replica_that_saw_it_when_both_are_idle():
         assert len(seen) == 1                             # the same replica every time
         homes[shot] = seen.pop()
     assert set(homes.values()) == {R0, R1}               # and different screens use both
+
+
+def test_a_screenshot_seen_before_waits_one_job_for_its_replica_but_not_two():
+    h = replicated()
+    h.ready(R0, "r@0", "loaded", slots=3)
+    h.ready(R1, "r@1", "loaded", slots=3)
+    cmds = h.submit("a1", blobs=[SHOT_A])
+    [home] = [ident for ident in (R0, R1) if dispatched_to(cmds, ident)]
+    other = R1 if home == R0 else R0
+    h.result(home, "a1")
+    h.submit("x1", blobs=[SHOT_B + b"1"])                 # something else runs on each replica
+    h.submit("x2", blobs=[SHOT_B + b"2"])
+    busy = {ident: h.b.registry.get(ident).busy for ident in (R0, R1)}
+    assert busy == {R0: 1, R1: 1}
+    assert dispatched_to(h.submit("a2", blobs=[SHOT_A]), home) == ["a2"]         # equal: its replica
+    assert dispatched_to(h.submit("a3", blobs=[SHOT_A]), home) == ["a3"]         # one job more: still
+    assert dispatched_to(h.submit("a4", blobs=[SHOT_A]), other) == ["a4"]        # two more: elsewhere
+    for jid in ("a2", "a3"):
+        h.result(home, jid)
+    assert dispatched_to(h.submit("a5", blobs=[SHOT_A]), other) == ["a5"]        # and that is its replica now
 
 
 def test_jobs_wait_for_any_replica_and_a_lost_replica_hands_its_jobs_to_the_other():
@@ -247,7 +268,7 @@ def test_stack_runs_one_worker_per_device_and_spreads_jobs_over_them(tmp_path):
         wait_for(lambda: any(slow.job_id in w["running"] for w in st.query(p.Q_STATS)["workers"]), 3,
                  what="the slow job runs")
         t0 = time.monotonic()
-        assert c.ground("r", IMG, "quick").result["points"]   # on the other replica, not behind it
+        assert c.ground("r", png(300, 200), "quick").result["points"]   # another screen: not behind it
         assert time.monotonic() - t0 < 3.0
         busy = next(x["worker"]["pid"] for x in model_status(st, "r")["replicas"] if x["inflight"])
         os.kill(busy, signal.SIGKILL)                             # the slow job's replica dies
@@ -295,3 +316,17 @@ def test_stats_and_metrics_give_each_devices_memory():
     assert 'grounding_device_memory_bytes{device="0",kind="committed"} 500.0' in text
     assert 'grounding_device_memory_bytes{device="1",kind="budget"} 1000.0' in text
     assert "grounding_memory_committed_bytes 800.0" in text
+
+
+def test_placement_remembers_a_bounded_number_of_screenshots():
+    from broker.jobs import Job
+    from broker.placement import Placement, screen_key
+    h = replicated()
+    both_loaded(h)
+    ready = [(h.b.models[u], h.b.registry.get(ident)) for u, ident in (("r@0", R0), ("r@1", R1))]
+    placement = Placement(homes=2)
+    jobs = [Job(f"j{i}", b"c", "r", {}, [shot], [], False, 0.0, 10.0) for i, shot in enumerate((SHOT_A, SHOT_B, SHOT_A + b"!"))]
+    for job in jobs:
+        placement.choose(job, ready)
+    assert list(placement.homes) == [("r", screen_key(jobs[1])), ("r", screen_key(jobs[2]))]
+    assert screen_key(jobs[0]) != screen_key(jobs[2])     # the last 64 KiB differ
