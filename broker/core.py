@@ -3,7 +3,8 @@
 No sockets, no clock reads, no randomness: the shell (broker/server.py) feeds events stamped
 with its monotonic clock and executes the commands. Job rules live here; what worker-link
 messages mean in broker/backend.py; model load/unload rules in broker/lifecycle.py; memory
-arithmetic in broker/scheduler.py; status replies in broker/status.py.
+arithmetic in broker/scheduler.py; which replica gets a job in broker/placement.py; status replies
+in broker/status.py.
 Every accepted job gets exactly one answer (FINAL or ERROR), sent by `finish`; a client that
 vanished (EHOSTUNREACH) gets none.
 """

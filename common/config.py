@@ -148,8 +148,8 @@ class ModelSpec:
     # None: 1920x1080 on a GPU, none on the CPU; [] : none
     warmup: list | None = None
     # CUDA devices to serve the model from, one worker (a replica, with its own copy of the
-    # weights) per device; requests go to the least busy. Ordinals count within
-    # $CUDA_VISIBLE_DEVICES where that is set. None: one worker on the process's default device.
+    # weights) per device; the broker spreads requests over them (broker/placement.py). Numbers
+    # count within $CUDA_VISIBLE_DEVICES where that is set. None: one worker, default device.
     devices: list | None = None
     fake: dict = field(default_factory=dict)  # fake engine knobs (load_s, latency_ms, weights_bytes, ...)
 

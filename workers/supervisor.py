@@ -1,10 +1,10 @@
 """Node supervisor: `python -m workers.supervisor [--config PATH]`.
 
-Spawns one `python -m workers --model ID` per enabled model (per replica, for a model with
-`devices`: ID is then "<model>@<device>" and the worker sees only that GPU), restarts crashed workers with
-exponential backoff, and reports host memory and worker exits to the broker (HOST on the worker
-link; exits are sent at once so the broker fails or requeues their jobs without waiting for
-heartbeats). Obeys KILL from the broker for its own children only (the job watchdog's last resort).
+Spawns one `python -m workers --model ID` per enabled model (per replica for a model with
+`devices`: ID is then "<model>@<device>" and the worker sees only that GPU), restarts crashed
+workers with exponential backoff, and reports host memory and worker exits to the broker (HOST on
+the worker link; exits are sent at once so the broker fails or requeues their jobs without waiting
+for heartbeats). Obeys KILL from the broker for its own children only (the job watchdog's last resort).
 honcho stops everything when one Procfile process exits, which is why workers are not Procfile lines.
 
 No orphans: children get PR_SET_PDEATHSIG (Linux) and also watch their parent pid themselves
