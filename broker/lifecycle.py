@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 DOOMED_GRACE_S = 10.0   # a worker we asked the supervisor to kill is dropped after this anyway
 PRELOAD_WAIT_S = 10.0   # after start, a preload waits this long for earlier models' workers
 UNLOAD_REPLY_S = 55.0   # mmi.unload waiters get the current status by then (clients wait 60 s)
+# A replica whose load failed while another replica serves tries again after this, doubled for
+# each failure in a row (a broken or full GPU would otherwise be reloaded at every new request,
+# each time reading the whole checkpoint), up to the cap.
+REPLICA_RETRY_S = 5.0
+REPLICA_RETRY_MAX_S = 300.0
 
 
 class Lifecycle:
@@ -171,7 +176,7 @@ class Lifecycle:
         if msg.weights_bytes > 0:
             m.seen_weights = msg.weights_bytes
         m.charge, m.loaded_at, m.load_seconds = m.resident(), now, msg.load_seconds
-        m.last_error, m.wanted_at = None, None
+        m.last_error, m.wanted_at, m.fail_streak = None, None, 0
         if msg.mem:
             m.mem = dict(msg.mem)
         self.b.count("model_loads_total")
@@ -189,12 +194,14 @@ class Lifecycle:
         m.weights, m.loaded_at, m.want_unload = 0, None, False
         m.wanted_at = None
         m.failures += 1
+        m.fail_streak += 1
         m.last_error = f"{code}: {message}"
         self.preload_at.pop(m.id, None)
         self.b.count("load_failures_total")
         self._log(logging.WARNING, f"load failed: {message}", m, code=code)
         if self._others_serve(m):
             self._spend_demand(m)
+            m.retry_at = now + min(REPLICA_RETRY_S * 2 ** (m.fail_streak - 1), REPLICA_RETRY_MAX_S)
             return
         self._reply_waiters(self.load_waiters, m.group, code, message)
         for job in self.b.jobs.queued(m.group):
@@ -303,6 +310,8 @@ class Lifecycle:
         for m in self.models.values():
             w = self._worker(m)
             if w is None or w.doomed or m.state not in (s.UNLOADED, s.FAILED) or m.charge:
+                continue
+            if now < m.retry_at and self._others_serve(m):
                 continue
             since = self._demand_since(m)
             if since is None:

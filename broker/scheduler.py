@@ -51,6 +51,8 @@ class ModelState:
     # model's queued jobs, mmi.load waiters) to the other; only demand that comes later retries it.
     spent_jobs: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     spent_waiters: set = field(default_factory=set)   # (client, query id)
+    fail_streak: int = 0             # failed loads in a row
+    retry_at: float = 0.0            # a failed replica loads no sooner (lifecycle.REPLICA_RETRY_S)
     mem: dict = field(default_factory=dict)   # the worker's last report {active, peak, cache, ...}
 
     def __post_init__(self) -> None:

@@ -165,11 +165,30 @@ def test_a_failed_replica_leaves_the_jobs_to_the_other_and_is_retried_only_on_ne
     cmds = h.worker(R1, p.Loaded("r@1", 100, 1.0))
     assert dispatched_to(cmds, R1) == ["j1"]
     h.now += 1
-    cmds = h.submit("j2")
-    assert of(cmds, p.Load, R0) == [p.Load("r@0")]      # new demand: r@0 is tried again
+    assert not of(h.submit("j2", ttl_ms=60_000), p.Load, R0)   # new demand, but within the 5 s backoff
+    h.advance(4.5, alive=(R0, R1))
+    assert of(h.log, p.Load, R0) == [p.Load("r@0")] * 2  # then r@0 is tried again
     h.worker(R0, p.WorkerError(None, "load_failed", "no such GPU"))
     h.worker(R1, p.WorkerError(None, "load_failed", "also gone"))   # stray: r@1 is loaded, not loading
     assert not [a for a in answers(h.log, "j2") if isinstance(a, p.Error)]
+    h.submit("j3", ttl_ms=60_000)
+    h.advance(9.0, alive=(R0, R1))                        # the second failure in a row: 10 s
+    assert len(of(h.log, p.Load, R0)) == 2
+    h.advance(1.5, alive=(R0, R1))
+    assert len(of(h.log, p.Load, R0)) == 3
+    h.worker(R0, p.Loaded("r@0", 100, 1.0))
+    assert h.b.models["r@0"].fail_streak == 0
+
+
+def test_a_failed_replica_left_alone_retries_without_waiting_for_its_backoff():
+    h = both_loading_for_a_job()
+    h.worker(R0, p.WorkerError(None, "load_failed", "flaky"))
+    h.worker(R1, p.Loaded("r@1", 100, 1.0))
+    h.now += 1
+    h.query(p.Q_UNLOAD, {"model": "r"})                   # r@1 goes: nobody else serves r
+    h.worker(R1, p.Unloaded("r@1", 100))
+    cmds = h.submit("j2")
+    assert of(cmds, p.Load, R0) == [p.Load("r@0")]
 
 
 def test_jobs_fail_once_every_replica_failed_to_load():
