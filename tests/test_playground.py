@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.stackutil import ROOT, Stack, tiny_model
+from tests.stackutil import ROOT, Stack, fake_model, tiny_model
 
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium is not installed (it belongs to the test extra)")
@@ -28,7 +28,7 @@ from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 # The install step may take minutes on a fresh CI machine; the tests themselves take seconds.
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(720)]
@@ -44,10 +44,16 @@ SHOT_SIZE = (1280, 800)        # pixels of the generated screenshot (under the c
 WAIT_S = 30
 
 
+REPLICATED = "playground-two-gpus"   # listed after MODEL (by id), which stays the default
+
+
 def playground_models() -> dict:
     """The tiny random-weight GUI-Actor checkpoint on real MLX (CPU): real attention maps, so the
-    heatmap assertions see what a real model draws. max_pixels matches the page's "fast" profile."""
-    return {MODEL: tiny_model("qwen2_vl", max_pixels=1_048_576)}
+    heatmap assertions see what a real model draws. max_pixels matches the page's "fast" profile.
+    And a fake-engine model on two GPUs (named in the stack's CUDA_VISIBLE_DEVICES: none is used),
+    to show its replicas."""
+    return {MODEL: tiny_model("qwen2_vl", max_pixels=1_048_576),
+            REPLICATED: fake_model(devices=[0, 1], preload=True)}
 
 
 # ---------- browser ----------
@@ -107,8 +113,9 @@ def driver(chromium):
 def stack(tmp_path_factory):
     config = {"server": {"api_keys": [API_KEY], "max_image_pixels": PIXEL_CAP, "default_model": MODEL},
               "models": playground_models()}
-    with Stack(tmp_path_factory.mktemp("playground"), config, api_key=API_KEY) as s:
-        s.start(ready_timeout_s=180, loaded=(MODEL,))   # MLX import + checkpoint generation + load
+    with Stack(tmp_path_factory.mktemp("playground"), config, api_key=API_KEY,
+               env={"CUDA_VISIBLE_DEVICES": "gpu-a,gpu-b"}) as s:
+        s.start(ready_timeout_s=180, loaded=(MODEL, REPLICATED))   # MLX import + checkpoint generation + load
         yield s
 
 
@@ -208,7 +215,7 @@ def test_api_key_model_status_load_unload(driver, page_url):
     field.send_keys(API_KEY, Keys.TAB)
     wait(driver, lambda d: attr(d, "model-status", "data-status") == "loaded", "model status 'loaded'")
     options = [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#model option")]
-    assert options == [MODEL]
+    assert options == [MODEL, REPLICATED]
     assert "weights" in driver.find_element(By.ID, "model-memory").text
     assert driver.find_element(By.ID, "load-btn").get_attribute("disabled") is not None
 
@@ -218,6 +225,16 @@ def test_api_key_model_status_load_unload(driver, page_url):
     driver.find_element(By.ID, "load-btn").click()
     wait(driver, lambda d: attr(d, "model-status", "data-status") == "loaded", "model status 'loaded' again")
     assert error_box(driver)["hidden"]
+    assert js_errors(driver) == []
+
+
+def test_a_model_on_several_gpus_shows_its_replicas(driver, page_url):
+    open_page(driver, page_url)
+    wait(driver, lambda d: attr(d, "model-status", "data-status") == "loaded", "the models to be listed")
+    Select(driver.find_element(By.ID, "model")).select_by_value(REPLICATED)
+    wait(driver, lambda d: "2/2 GPUs loaded" in d.find_element(By.ID, "model-memory").text, "the replicas shown")
+    Select(driver.find_element(By.ID, "model")).select_by_value(MODEL)
+    wait(driver, lambda d: "GPUs" not in d.find_element(By.ID, "model-memory").text, "a plain model again")
     assert js_errors(driver) == []
 
 

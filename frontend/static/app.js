@@ -120,6 +120,10 @@ function renderModelStatus() {
   $("model-badge").textContent = status;
   const mem = (m && m.memory) || {};
   const parts = [];
+  if (m && Array.isArray(m.replicas)) {      // a model served from several GPUs (`devices`)
+    const up = m.replicas.filter((r) => r.status === "loaded").length;
+    parts.push(`${up}/${m.replicas.length} GPUs loaded`);
+  }
   if (mem.weights_bytes) parts.push(`weights ${fmtBytes(mem.weights_bytes)}`);
   if (mem.active_bytes) parts.push(`active ${fmtBytes(mem.active_bytes)}`);
   if (mem.peak_bytes) parts.push(`peak ${fmtBytes(mem.peak_bytes)}`);
