@@ -1,6 +1,7 @@
 """Replicas: a model with `devices` is served by one worker per device (pure broker core; the
 supervisor's side and a whole stack are at the end). Clients name the model; the broker spreads
-its jobs over the loaded replicas, least busy first, and keeps per device memory budgets."""
+its jobs over the loaded replicas (least busy first, a screenshot seen before back to its replica:
+broker/placement.py) and keeps per device memory budgets."""
 from __future__ import annotations
 
 import base64
