@@ -62,10 +62,10 @@ def use_openblas() -> str | None:
         base = load_base(mlx)
         plt = (base, base + libmlx.stat().st_size)
         # every slot checked before any is written: all three routed, or none
-        writes = [(_checked_slot(base + offset, _address(mlx, name), plt), _address(openblas, f"scipy_{name}"))
+        writes = [(*_checked_slot(base + offset, _address(mlx, name), plt), _address(openblas, f"scipy_{name}"))
                   for name, offset in jump_slots(libmlx, ROUTINES).items()]
-        for slot, target in writes:
-            _write(slot, target)
+        for slot, perms, target in writes:
+            _write(slot, perms, target)
     except (OSError, ValueError, AttributeError) as exc:
         log.warning("MLX's CPU matmuls stay on its bundled reference BLAS, ~30x slower than OpenBLAS "
                     "(%s: %s)", type(exc).__name__, exc)
@@ -134,20 +134,22 @@ def _address(lib: ctypes.CDLL, name: str) -> int:
     return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
 
 
-def _checked_slot(slot: int, bound: int, plt: tuple[int, int]) -> int:
-    """`slot` if the GOT slot there holds what the dynamic linker puts in it: the bound function,
-    or, not yet bound (lazy binding), a stub inside the library's own PLT (`plt`); else ValueError."""
-    _permissions(slot)                                   # mapped, or OSError rather than a crash
+def _checked_slot(slot: int, bound: int, plt: tuple[int, int]) -> tuple[int, str]:
+    """(`slot`, its page's "rwxp" flags) if the GOT slot there holds what the dynamic linker puts
+    in it: the bound function, or, not yet bound (lazy binding), a stub inside the library's own
+    PLT (`plt`); else ValueError."""
+    perms = _permissions(slot)                           # mapped, or OSError rather than a crash
     now = ctypes.c_void_p.from_address(slot).value or 0
     if now != bound and not plt[0] <= now < plt[1]:
         raise ValueError(f"a GOT slot holds {now:#x}, neither the bound function nor a PLT stub")
-    return slot
+    return slot, perms
 
 
-def _write(slot: int, target: int) -> None:
-    """Store `target` in the GOT slot, through a read-only page if the library's RELRO made it one."""
+def _write(slot: int, perms: str, target: int) -> None:
+    """Store `target` in the GOT slot, through a read-only page (`perms`, as _checked_slot read
+    them) if the library's RELRO made it one."""
     page = slot & ~(mmap.PAGESIZE - 1)
-    read_only = _permissions(slot)[1] != "w"
+    read_only = perms[1] != "w"
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     if read_only and libc.mprotect(page, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE) != 0:
