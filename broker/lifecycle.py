@@ -17,7 +17,6 @@ The owner (`broker.core.Broker`) provides the job table, registry, outbox and jo
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import TYPE_CHECKING
 
 from common import protocol as p
@@ -200,7 +199,6 @@ class Lifecycle:
         self.b.count("load_failures_total")
         self._log(logging.WARNING, f"load failed: {message}", m, code=code)
         if self._others_serve(m):
-            self._spend_demand(m)
             m.retry_at = now + min(REPLICA_RETRY_S * 2 ** (m.fail_streak - 1), REPLICA_RETRY_MAX_S)
             return
         self._reply_waiters(self.load_waiters, m.group, code, message)
@@ -242,8 +240,6 @@ class Lifecycle:
         self._set(m, s.LOADING, now)
         m.charge = m.need()
         m.wanted_at = None
-        m.spent_jobs.clear()
-        m.spent_waiters.clear()
         self.preload_at.pop(m.id, None)
         if self.promised == m.id:
             self.promised = None
@@ -269,25 +265,16 @@ class Lifecycle:
 
     def _demand_since(self, m: ModelState) -> float | None:
         """When the oldest demand for loading this unit arose: its model's mmi.load waiters and
-        queued jobs (less those its last failure left to another replica), its own preload or
-        mmi.load."""
-        times = [t for c, qid, t in self.load_waiters.get(m.group, ()) if (c, qid) not in m.spent_waiters]
+        queued jobs, its own preload or mmi.load."""
+        times = [t for _, _, t in self.load_waiters.get(m.group, ())]
         q = self.b.jobs.queue(m.group)
-        if q and not m.spent_jobs:
+        if q:
             times.append(q[0].accepted_at)
-        elif q:
-            times += [j.accepted_at for j in q if j not in m.spent_jobs]
         if m.id in self.preload_at:
             times.append(self.preload_at[m.id])
         if m.wanted_at is not None:
             times.append(m.wanted_at)
         return min(times) if times else None
-
-    def _spend_demand(self, m: ModelState) -> None:
-        """m failed while another replica of its model serves: the demand of this moment waits
-        for that one, and does not make m try again at once."""
-        m.spent_jobs = weakref.WeakSet(self.b.jobs.queue(m.group))
-        m.spent_waiters = {(c, qid) for c, qid, _ in self.load_waiters.get(m.group, ())}
 
     def reconcile(self, now: float) -> None:
         """After every event: finish drains, relieve pressure, start loads or evictions. Memory is
@@ -375,7 +362,6 @@ class Lifecycle:
             self._log(logging.WARNING, "model cannot fit", m, need_bytes=m.need(), budget_bytes=budget)
         m.last_error = f"insufficient_memory: {message}"
         if self._others_serve(m):
-            self._spend_demand(m)
             return
         self._reply_waiters(self.load_waiters, m.group, "insufficient_memory", message)
         for job in self.b.jobs.queued(m.group):

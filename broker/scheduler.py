@@ -11,7 +11,6 @@ while it is busy: dispatch then never needs a memory check and cannot deadlock o
 """
 from __future__ import annotations
 
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -47,10 +46,6 @@ class ModelState:
     failures: int = 0
     want_unload: bool = False        # mmi.unload arrived while loading: unload once loaded
     wanted_at: float | None = None   # mmi.load asked for this unit (monotonic s): a demand
-    # A replica whose load failed while another one serves leaves the demand of that moment (its
-    # model's queued jobs, mmi.load waiters) to the other; only demand that comes later retries it.
-    spent_jobs: weakref.WeakSet = field(default_factory=weakref.WeakSet)
-    spent_waiters: set = field(default_factory=set)   # (client, query id)
     fail_streak: int = 0             # failed loads in a row
     retry_at: float = 0.0            # a failed replica loads no sooner (lifecycle.REPLICA_RETRY_S)
     mem: dict = field(default_factory=dict)   # the worker's last report {active, peak, cache, ...}

@@ -156,17 +156,17 @@ def test_jobs_wait_for_any_replica_and_a_lost_replica_hands_its_jobs_to_the_othe
     assert dispatched_to(h.log, R0) == ["j1"] and h.b.jobs.get("j1").attempt == 2
 
 
-def test_a_failed_replica_leaves_the_jobs_to_the_other_and_is_retried_only_on_new_demand():
+def test_a_failed_replica_leaves_the_jobs_to_the_other_and_is_retried_after_a_backoff():
     h = both_loading_for_a_job()
     h.worker(R0, p.WorkerError(None, "load_failed", "no such GPU"))
     assert not answers(h.log, "j1")                       # r@1 is still loading
     assert h.b.models["r@0"].state == "failed"
     h.tick()
-    assert len(of(h.log, p.Load, R0)) == 1                # not retried for the old job
+    assert len(of(h.log, p.Load, R0)) == 1                # not retried at once
     cmds = h.worker(R1, p.Loaded("r@1", 100, 1.0))
     assert dispatched_to(cmds, R1) == ["j1"]
     h.now += 1
-    assert not of(h.submit("j2", ttl_ms=60_000), p.Load, R0)   # new demand, but within the 5 s backoff
+    assert not of(h.submit("j2", ttl_ms=60_000), p.Load, R0)   # more demand, but within the 5 s backoff
     h.advance(4.5, alive=(R0, R1))
     assert of(h.log, p.Load, R0) == [p.Load("r@0")] * 2  # then r@0 is tried again
     h.worker(R0, p.WorkerError(None, "load_failed", "no such GPU"))
