@@ -1,4 +1,4 @@
-"""Imported before any test module: workers.mlx first, so that MLX's CPU matmuls run on OpenBLAS in
-the tests as they do in a Linux CPU install (workers/mlx/cpu_blas.py; workers.mlx itself imports no
-MLX)."""
+"""Loaded before the test modules: importing workers.mlx routes MLX's CPU matmuls to OpenBLAS for
+every test, including those that use mlx.core alone, as in a Linux CPU install
+(workers/mlx/cpu_blas.py; the routing works whatever was imported before)."""
 import workers.mlx  # noqa: F401
