@@ -1,0 +1,204 @@
+"""Is a 2B-shaped ViT faster split over two GPUs (tensor parallel, MLX's NCCL backend)?
+
+`python3 -m bench.tp_probe [--ranks 2] [--size 1920x1080]` starts one process per GPU (each sees
+only its own GPU) and, in each, with random bf16 weights of the 2B shape's ViT (32 blocks, 1280
+wide, 16 heads of 80, MLP 5120):
+- the whole tower on this GPU alone (what a single-GPU worker runs);
+- one all_sum of an [N, 1280] bf16 activation between the ranks;
+- the tower split Megatron-style: each rank has H/ranks heads and 5120/ranks MLP columns, and
+  the two row-parallel outputs (attention projection, fc2) are summed over the ranks, 64 all_sums;
+- the same split but attention only (each rank its heads, then an all_gather; MLP on every rank).
+It prints medians and the split tower's largest difference from the whole one (rank 0 only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+DIM, HEADS, HD, MLP, BLOCKS = 1280, 16, 80, 5120, 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(ranks: int, size: str, reps: int, blocks: int) -> int:
+    port = _free_port()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(ranks)]
+    hostfile = "/tmp/tp_probe_hosts.json"      # the ring backend (CPU check) reads this
+    with open(hostfile, "w") as f:
+        json.dump([[f"127.0.0.1:{_free_port()}"] for _ in range(ranks)], f)
+    procs = []
+    for r in range(ranks):
+        env = dict(os.environ, MLX_RANK=str(r), MLX_WORLD_SIZE=str(ranks), NCCL_HOST_IP="127.0.0.1",
+                   NCCL_PORT=str(port), CUDA_VISIBLE_DEVICES=gpus[r])
+        if ranks > 1:
+            env["MLX_HOSTFILE"] = hostfile
+        procs.append(subprocess.Popen([sys.executable, "-m", "bench.tp_probe", "--rank-run", "--size", size,
+                                       "--reps", str(reps), "--blocks", str(blocks)], env=env))
+    return max(p.wait() for p in procs)
+
+
+def timed(fn, reps: int) -> float:
+    import mlx.core as mx
+    for _ in range(2):
+        mx.eval(fn())
+    ts = []
+    for _ in range(reps):
+        mx.synchronize()
+        t = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(ts))
+
+
+def rank_run(size: str, reps: int, blocks_n: int) -> None:
+    import mlx.core as mx
+    from workers.mlx import cuda_rotary
+    from workers.mlx.run_ahead import RunAhead
+    from workers.mlx.cuda_rotary import rotate_qk
+    group = mx.distributed.init(strict=os.environ["MLX_WORLD_SIZE"] != "1",
+                                backend="nccl" if mx.default_device() == mx.gpu else "ring")
+    rank, ranks = group.rank(), group.size()
+    DT = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32    # CPU: a quick check only
+    w, h = (int(v) for v in size.split("x"))
+    n = (round(h / 28) * 2) * (round(w / 28) * 2)
+    mx.random.seed(0)           # the same weights on every rank
+    sc = 0.02
+    blocks = []
+    for _ in range(blocks_n):
+        blocks.append(dict(ln1=(mx.ones(DIM), mx.zeros(DIM)), ln2=(mx.ones(DIM), mx.zeros(DIM)),
+                           qkv_w=mx.random.normal((3 * DIM, DIM)) * sc, qkv_b=mx.random.normal((3 * DIM,)) * sc,
+                           proj_w=mx.random.normal((DIM, DIM)) * sc, proj_b=mx.random.normal((DIM,)) * sc,
+                           fc1_w=mx.random.normal((MLP, DIM)) * sc, fc1_b=mx.random.normal((MLP,)) * sc,
+                           fc2_w=mx.random.normal((DIM, MLP)) * sc, fc2_b=mx.random.normal((DIM,)) * sc))
+    blocks = [{k: (tuple(t.astype(DT) for t in v) if isinstance(v, tuple) else v.astype(DT))
+               for k, v in b.items()} for b in blocks]
+    x0 = (mx.random.normal((n, DIM)) * 0.5).astype(DT)
+    freqs = mx.random.uniform(shape=(n, HD // 2)) * 10
+    cos, sin = mx.cos(freqs), mx.sin(freqs)
+    mx.eval(blocks, x0, cos, sin)
+
+    hl, ml = HEADS // ranks, MLP // ranks
+    part = []                    # this rank's slices
+    for b in blocks:
+        q, k, v = (b["qkv_w"][i * DIM:(i + 1) * DIM] for i in range(3))
+        qb, kb, vb = (b["qkv_b"][i * DIM:(i + 1) * DIM] for i in range(3))
+        cols = slice(rank * hl * HD, (rank + 1) * hl * HD)
+        mcols = slice(rank * ml, (rank + 1) * ml)
+        part.append(dict(qkv_w=mx.concatenate([q[cols], k[cols], v[cols]]),
+                         qkv_b=mx.concatenate([qb[cols], kb[cols], vb[cols]]),
+                         proj_w=mx.contiguous(b["proj_w"][:, cols]), fc1_w=b["fc1_w"][mcols],
+                         fc1_b=b["fc1_b"][mcols], fc2_w=mx.contiguous(b["fc2_w"][:, mcols])))
+    mx.eval(part)
+    rot_full = cuda_rotary.load(HEADS, HD, DT)
+    rot_part = cuda_rotary.load(hl, HD, DT)
+
+    @mx.compile
+    def qkv_of(x, lw, lb, w_, b_):
+        return mx.addmm(b_, mx.fast.layer_norm(x, lw, lb, 1e-6), w_.T)
+
+    @mx.compile
+    def post_full(x, o, pw, pb, lw, lb, f1w, f1b, f2w, f2b):
+        x = x + mx.addmm(pb, o, pw.T)
+        y = mx.fast.layer_norm(x, lw, lb, 1e-6)
+        hh = mx.addmm(f1b, y, f1w.T)
+        hh = hh * mx.sigmoid(1.702 * hh)
+        return x + mx.addmm(f2b, hh, f2w.T)
+
+    @mx.compile
+    def mlp_part(x, lw, lb, f1w, f1b, f2w):
+        y = mx.fast.layer_norm(x, lw, lb, 1e-6)
+        hh = mx.addmm(f1b, y, f1w.T)
+        hh = hh * mx.sigmoid(1.702 * hh)
+        return hh @ f2w.T
+
+    def attention(qkv, heads, rot):
+        if rot is not None:
+            qk = rot(qkv, cos, sin)
+            q, k = qk[:, 0], qk[:, 1]
+        else:
+            q, k = rotate_qk(qkv.reshape(n, 3, heads, HD), cos, sin)
+        v = qkv.reshape(n, 3, heads, HD)[:, 2]
+        qs, ks, vs = (t.reshape(1, n, heads, HD).transpose(0, 2, 1, 3) for t in (q, k, v))
+        o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=HD ** -0.5)
+        return o.transpose(0, 2, 1, 3).reshape(n, heads * HD)
+
+    def tower_full():
+        pace = RunAhead(2)
+        x = x0
+        for i, b in enumerate(blocks):
+            o = attention(qkv_of(x, *b["ln1"], b["qkv_w"], b["qkv_b"]), HEADS, rot_full)
+            x = post_full(x, o, b["proj_w"], b["proj_b"], *b["ln2"], b["fc1_w"], b["fc1_b"], b["fc2_w"], b["fc2_b"])
+            if i % 2 == 1:
+                pace(x)
+        return x
+
+    def tower_megatron():
+        pace = RunAhead(2)
+        x = x0
+        for i, (b, p) in enumerate(zip(blocks, part)):
+            o = attention(qkv_of(x, *b["ln1"], p["qkv_w"], p["qkv_b"]), hl, rot_part)
+            x = x + mx.distributed.all_sum(o @ p["proj_w"].T, group=group) + b["proj_b"]
+            x = x + mx.distributed.all_sum(mlp_part(x, *b["ln2"], p["fc1_w"], p["fc1_b"], p["fc2_w"]),
+                                           group=group) + b["fc2_b"]
+            if i % 2 == 1:
+                pace(x)
+        return x
+
+    def tower_attention_split():
+        pace = RunAhead(2)
+        x = x0
+        for i, (b, p) in enumerate(zip(blocks, part)):
+            o = attention(qkv_of(x, *b["ln1"], p["qkv_w"], p["qkv_b"]), hl, rot_part)   # [n, hl*HD]
+            o = mx.distributed.all_gather(o, group=group)                                 # [ranks*n, hl*HD]
+            o = o.reshape(ranks, n, hl * HD).transpose(1, 0, 2).reshape(n, DIM)
+            x = post_full(x, o, b["proj_w"], b["proj_b"], *b["ln2"], b["fc1_w"], b["fc1_b"], b["fc2_w"], b["fc2_b"])
+            if i % 2 == 1:
+                pace(x)
+        return x
+
+    act = (mx.random.normal((n, DIM))).astype(DT)
+    mx.eval(act)
+    res = {"rank": rank, "ranks": ranks, "tokens": n, "device": str(mx.default_device())}
+    res["all_sum_ms"] = timed(lambda: mx.distributed.all_sum(act, group=group), reps * 3)
+    res["all_gather_half_ms"] = timed(lambda: mx.distributed.all_gather(act[:, :DIM // ranks], group=group), reps * 3)
+    res["tower_alone_ms"] = timed(tower_full, reps)
+    res["tower_megatron_ms"] = timed(tower_megatron, reps)
+    res["tower_attention_split_ms"] = timed(tower_attention_split, reps)
+    full = tower_full().astype(mx.float32)
+    for name, fn in (("megatron", tower_megatron), ("attention_split", tower_attention_split)):
+        got = fn().astype(mx.float32)
+        res[f"{name}_max_abs_diff"] = float(mx.abs(got - full).max())
+        res[f"{name}_rel_diff"] = float(mx.abs(got - full).max() / mx.abs(full).max())
+    res["peak_gb"] = mx.get_peak_memory() / 1e9
+    print(json.dumps(res), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--size", default="1920x1080")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--blocks", type=int, default=BLOCKS)
+    ap.add_argument("--rank-run", action="store_true")
+    a = ap.parse_args()
+    if a.rank_run:
+        rank_run(a.size, a.reps, a.blocks)
+    else:
+        sys.exit(launch(a.ranks, a.size, a.reps, a.blocks))
+
+
+if __name__ == "__main__":
+    main()
