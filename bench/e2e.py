@@ -3,7 +3,7 @@
     python -m bench.e2e --model-path PATH [--sizes 1280x720,1920x1080] [--concurrency 1,8]
                         [--requests 20] [--engine mlx|fake] [--dtype bfloat16] [--max-batch 8]
                         [--torch-baseline prefill_floor.py|bench/torch_forward.py [--shape 7b]]
-                        [--formats png,jpeg,webp] [--content plain,busy] [--no-repeat] [--devices 0,1]
+                        [--formats png,jpeg,webp] [--content plain,busy] [--no-repeat] [--devices 0,1 [--gpus-per-replica 2]]
 
 For each screenshot size, format (bench.screens.SAVE), content (`busy`: dense text and a photo,
 PNGs ~15x larger) and client count it reports p50/p95
@@ -131,6 +131,8 @@ def add_stack_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ready-timeout", type=float, default=600)
     ap.add_argument("--devices", default=None, metavar="0,1",
                     help="serve the model from one replica per CUDA device (the model's `devices`)")
+    ap.add_argument("--gpus-per-replica", type=int, default=1,
+                    help="GPUs each replica's vision tower is split over (workers/mlx/split.py)")
 
 
 def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
@@ -139,6 +141,7 @@ def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
              "max_batch": args.max_batch, "max_pixels": args.max_pixels, "quantize": args.quantize}
     if args.devices:
         model["devices"] = [int(d) for d in args.devices.split(",")]
+        model["gpus_per_replica"] = args.gpus_per_replica
     return Stack(Path(tmp), {"server": {"default_model": "bench", "request_timeout_s": 600},
                              "broker": {"queue_size": 256, "load_timeout_s": 600},
                              "models": {"bench": model}})

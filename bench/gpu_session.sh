@@ -4,6 +4,7 @@
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall e2ecache tail e2ecache7b
 # agent agent7b pause varlen e2ebusy body quant quant7b e2eq firstload qtail replicas (2 GPUs) replicas4 (4 GPUs) agentreplicas (2 GPUs)
+# split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs)
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
 # (and pybase64, the frontend's base64 decoder, the same way)
@@ -124,6 +125,19 @@ for s in $steps; do case $s in
              --agents 4,8 --steps 16 --think-ms 150
          run agent_two_gpus 200 python3 -m bench.agent_loop --model-path /tmp/ga2b --dtype bfloat16 --size 1920x1080 \
              --agents 4,8 --steps 16 --think-ms 150 --devices 0,1 ;;
+  tpprobe) run tp_probe 200 python3 -m bench.tp_probe --ranks 2 --size 1920x1080 --reps 10 ;;
+  split) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b   # 2 GPUs
+         export MLX_PTX_CACHE_DIR=/tmp/mlx-kernels-split
+         run e2e_one_gpu 300 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080,1280x720 \
+             --concurrency 1,8 --requests 32 --torch-baseline .gpu/b/prefill_floor.py
+         run e2e_split_two_gpus 300 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080,1280x720 \
+             --concurrency 1,8 --requests 32 --devices 0,1 --gpus-per-replica 2 ;;
+  split4) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b   # 4 GPUs
+         export MLX_PTX_CACHE_DIR=/tmp/mlx-kernels-split
+         run e2e_split_four_gpus 300 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1,8 --requests 32 --devices 0,1,2,3 --gpus-per-replica 4
+         run e2e_two_split_replicas 300 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1,8 --requests 32 --devices 0,1,2,3 --gpus-per-replica 2 ;;
   quant7b) [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b
          run quant7b 480 python3 -m bench.quantized_lm /tmp/ga7b --bits 4 --reps 5 --rows 16,256,1024,2816 ;;
 esac; done

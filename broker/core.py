@@ -42,7 +42,8 @@ class Broker:
         self.counters: Counter[str] = Counter()
         # One state per unit (a model, or each replica of a model with `devices`), by unit id;
         # jobs queue per model id and go to any loaded unit of that model.
-        self.models = {u.id: s.ModelState(u.id, u.spec, i, group=u.model_id, device=u.device)
+        self.models = {u.id: s.ModelState(u.id, u.spec, i, group=u.model_id, device=u.device,
+                                      helpers=u.helpers)
                        for i, u in enumerate(units_of(self.specs))}
         self.groups: dict[str, list[s.ModelState]] = {}
         for m in self.models.values():

@@ -31,6 +31,7 @@ class ModelState:
     order: int                       # position in the config (preload order)
     group: str = ""                  # the model id clients ask for (default: `id`)
     device: int | None = None        # CUDA device of a replica; None: the default device
+    helpers: tuple = ()              # its vision split's helper GPUs (gpus_per_replica), its alone
     state: str = UNLOADED
     charge: int = 0                  # bytes counted in `committed`
     est_weights: int = 0             # bytes: READY capabilities.est_weights_bytes, then LOADED

@@ -51,7 +51,8 @@ STATE_RANK = (s.LOADED, s.LOADING, s.DRAINING, s.UNLOADING, s.FAILED, s.UNLOADED
 def group_status(b: "Broker", group: str) -> dict:
     """A model's status object (GET /v1/models/{id}). With replicas (`devices`): the units'
     figures summed, the state of the most available one, and each replica's own under
-    `replicas`."""
+    `replicas` (its `device`, and under `devices` every GPU it runs on: with gpus_per_replica,
+    its helpers' too; `memory` is its worker's own GPU's)."""
     units = b.groups[group]
     if len(units) == 1 and units[0].device is None:
         return model_status(b, units[0])
@@ -60,7 +61,8 @@ def group_status(b: "Broker", group: str) -> dict:
     used = [t for t in (m.last_used for m in units) if t is not None]
     loaded = [t for t in (m.loaded_at for m in units) if t is not None]
     return {
-        **best, "id": group, "worker": None, "replicas": [{"device": m.device, **u} for m, u in zip(units, each)],
+        **best, "id": group, "worker": None, "replicas": [{"device": m.device, "devices": [m.device, *m.helpers], **u}
+                                                    for m, u in zip(units, each)],
         "memory": {k: sum(u["memory"][k] for u in each) for k in best["memory"]},
         "last_used": _unix(b, max(used)) if used else None, "loaded_at": _unix(b, min(loaded)) if loaded else None,
         "failures": sum(u["failures"] for u in each), "inflight": sum(u["inflight"] for u in each),

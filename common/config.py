@@ -151,6 +151,11 @@ class ModelSpec:
     # weights) per device; the broker spreads requests over them (broker/placement.py). Numbers
     # count within $CUDA_VISIBLE_DEVICES where that is set. None: one worker, default device.
     devices: list | None = None
+    # GPUs per replica: with 2 or more, each replica takes that many of `devices` in order; its
+    # worker runs on the first and starts a helper process on each of the others, and they share
+    # every vision block's attention heads (workers/mlx/split.py): lower latency per request, the
+    # same results bit for bit. Those other GPUs serve that replica alone.
+    gpus_per_replica: int = 1
     fake: dict = field(default_factory=dict)  # fake engine knobs (load_s, latency_ms, weights_bytes, ...)
 
     def validate(self, key: str) -> None:
@@ -177,6 +182,11 @@ class ModelSpec:
                                         and all(type(d) is int and 0 <= d < MAX_DEVICES for d in self.devices)
                                         and len(set(self.devices)) == len(self.devices)),
                f"{key}.devices", f"must be null or a non-empty list of distinct device numbers 0..{MAX_DEVICES - 1}")
+        _check(type(self.gpus_per_replica) is int and 1 <= self.gpus_per_replica <= 8, f"{key}.gpus_per_replica",
+               "must be an integer within 1..8")
+        _check(self.gpus_per_replica == 1 or (self.devices is not None and len(self.devices) % self.gpus_per_replica == 0),
+               f"{key}.gpus_per_replica", "above 1 needs `devices`, a whole number of replicas' GPUs "
+                                          f"({self.gpus_per_replica} each)")
 
     def warmup_sizes(self, on_gpu: bool) -> list[tuple[int, int]]:
         """(width, height) of the screens to run at load."""
@@ -197,6 +207,7 @@ class Unit:
     model_id: str
     spec: ModelSpec
     device: int | None = None       # CUDA device ordinal; None: the process's default device
+    helpers: tuple = ()             # the devices of its vision split's helpers (gpus_per_replica)
 
 
 def units_of(models: Mapping[str, ModelSpec]) -> list[Unit]:
@@ -206,7 +217,10 @@ def units_of(models: Mapping[str, ModelSpec]) -> list[Unit]:
         if spec.devices is None:
             out.append(Unit(mid, mid, spec))
         else:
-            out.extend(Unit(f"{mid}@{d}", mid, spec, d) for d in spec.devices)
+            per = spec.gpus_per_replica
+            for i in range(0, len(spec.devices), per):
+                first, *rest = spec.devices[i:i + per]
+                out.append(Unit(f"{mid}@{first}", mid, spec, first, tuple(rest)))
     return out
 
 
@@ -332,10 +346,30 @@ def parse_config(raw: Any) -> AppConfig:
     ids = [u.id for u in units_of(models)]
     clash = sorted({i for i in ids if ids.count(i) > 1})
     _check(not clash, "models", f"replica name(s) {', '.join(clash)} (model@device) clash with another model's")
+    _check_helper_devices([u for u in units_of(models) if u.spec.enabled])
     dm = cfg.server.default_model
     _check(dm is None or dm in models, "server.default_model", f"{dm!r} is not a key of models")
     _check(dm is None or models[dm].enabled, "server.default_model", f"model {dm!r} is disabled")
     return cfg
+
+
+def _check_helper_devices(units: list[Unit]) -> None:
+    """A vision split's helper GPU is its replica's alone: the broker budgets each worker's own GPU
+    only, so another model there would not see the helper's memory."""
+    owner: dict[int, Unit] = {}
+    for u in units:
+        for h in u.helpers:
+            if h in owner:
+                raise ConfigError(f"models.{u.model_id}.devices: device {h} is a vision split's helper GPU "
+                                  f"of both {owner[h].id} and {u.id}")
+            owner[h] = u
+    for u in units:
+        d = u.device if u.device is not None else 0        # without `devices`: the default device
+        other = owner.get(d)
+        if other is not None and other is not u:
+            where = "devices" if u.device is not None else "devices (none: it runs on device 0)"
+            raise ConfigError(f"models.{u.model_id}.{where}: device {d} is a vision split's helper GPU of "
+                              f"{other.id} (gpus_per_replica), which has it to itself")
 
 
 def load_config(path: str | os.PathLike | None = None, environ: Mapping[str, str] = os.environ) -> AppConfig:

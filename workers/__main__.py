@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 from common.config import AppConfig, ModelSpec, add_config_argument, expand_path, load_or_exit
 from common.logs import configure_logging
-from workers.engine import EngineOptions, make_engine
+from workers.engine import HELPER_GPUS_ENV, EngineOptions, make_engine
 from workers.worker import Worker, WorkerSettings
 
 SUPERVISOR_PID_ENV = "GROUNDING_SUPERVISOR_PID"   # set by workers/supervisor.py for its children
@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.envi
         cache_dir=expand_path(cfg.cache_dir, environ),
         max_image_pixels=cfg.server.max_image_pixels,
         hf_home=environ.get("HF_HOME") or environ.get("HF_HUB_CACHE") or None,
+        helper_gpus=tuple(environ[HELPER_GPUS_ENV].split(",")) if environ.get(HELPER_GPUS_ENV) else None,
     )
     if spec.engine == "mlx":
         keep_kernel_cache(options.cache_dir)

@@ -139,6 +139,9 @@ class LoadReport:
     load_seconds: float
 
 
+HELPER_GPUS_ENV = "GROUNDING_HELPER_GPUS"   # a vision split's helper GPUs, set by workers/supervisor.py
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """What an engine needs beyond its ModelSpec, taken from the app config by `workers/__main__`."""
@@ -146,6 +149,7 @@ class EngineOptions:
     cache_dir: str                      # expanded; where tiny:<backbone> checkpoints are generated
     max_image_pixels: int               # decoded width*height cap (decompression bombs)
     hf_home: str | None = None          # Hugging Face cache root, from the environment in __main__
+    helper_gpus: tuple | None = None    # CUDA ids for a vision split's helpers (HELPER_GPUS_ENV)
 
 
 class Engine(Protocol):

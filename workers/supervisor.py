@@ -32,6 +32,7 @@ from common import wire
 from common.config import AppConfig, Unit, add_config_argument, load_or_exit
 from common.errors import ConfigError
 from common.logs import configure_logging
+from workers.engine import HELPER_GPUS_ENV
 from common.zmqutil import close_quietly, drain, make_socket
 
 log = logging.getLogger("workers.supervisor")
@@ -105,22 +106,30 @@ def nvidia_gpus(listing: str = "/proc/driver/nvidia/gpus") -> int | None:
 
 def device_env(unit: Unit, environ: Mapping[str, str], gpus: int | None = None) -> dict:
     """The environment that puts a replica's worker on its GPU: CUDA_VISIBLE_DEVICES naming that
-    one device. Device numbers count within our own $CUDA_VISIBLE_DEVICES where that is set, as
-    CUDA itself counts them, else among the machine's `gpus` where that is known. Raises
-    ConfigError for a device that is not there (its worker could not even import MLX)."""
+    one device, and HELPER_GPUS_ENV naming its vision split's helper GPUs (gpus_per_replica).
+    Device numbers count within our own $CUDA_VISIBLE_DEVICES where that is set, as CUDA itself
+    counts them, else among the machine's `gpus` where that is known. Raises ConfigError for a
+    device that is not there (its worker could not even import MLX)."""
     if unit.device is None:
         return {}
     visible = environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        if gpus is not None and unit.device >= gpus:
-            raise ConfigError(f"models.{unit.model_id}.devices: device {unit.device}, and the NVIDIA "
-                              f"driver lists {gpus} GPU(s) on this machine")
-        return {"CUDA_VISIBLE_DEVICES": str(unit.device)}
-    ids = [v.strip() for v in visible.split(",") if v.strip()]
-    if unit.device >= len(ids):
-        raise ConfigError(f"models.{unit.model_id}.devices: device {unit.device} is not among the "
-                          f"{len(ids)} of CUDA_VISIBLE_DEVICES={visible!r}")
-    return {"CUDA_VISIBLE_DEVICES": ids[unit.device]}
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else None
+
+    def cuda_id(device: int) -> str:
+        if ids is None:
+            if gpus is not None and device >= gpus:
+                raise ConfigError(f"models.{unit.model_id}.devices: device {device}, and the NVIDIA "
+                                  f"driver lists {gpus} GPU(s) on this machine")
+            return str(device)
+        if device >= len(ids):
+            raise ConfigError(f"models.{unit.model_id}.devices: device {device} is not among the "
+                              f"{len(ids)} of CUDA_VISIBLE_DEVICES={visible!r}")
+        return ids[device]
+
+    env = {"CUDA_VISIBLE_DEVICES": cuda_id(unit.device)}
+    if unit.helpers:
+        env[HELPER_GPUS_ENV] = ",".join(cuda_id(h) for h in unit.helpers)
+    return env
 
 
 class Supervisor:

@@ -121,8 +121,8 @@ function renderModelStatus() {
   const mem = (m && m.memory) || {};
   const parts = [];
   if (m && Array.isArray(m.replicas)) {      // a model served from several GPUs (`devices`)
-    const up = m.replicas.filter((r) => r.status === "loaded").length;
-    parts.push(`${up}/${m.replicas.length} GPUs loaded`);
+    const gpus = (rs) => rs.reduce((n, r) => n + (Array.isArray(r.devices) ? r.devices.length : 1), 0);
+    parts.push(`${gpus(m.replicas.filter((r) => r.status === "loaded"))}/${gpus(m.replicas)} GPUs loaded`);
   }
   if (mem.weights_bytes) parts.push(`weights ${fmtBytes(mem.weights_bytes)}`);
   if (mem.active_bytes) parts.push(`active ${fmtBytes(mem.active_bytes)}`);

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from common.config import ModelSpec
-from workers.engine import EngineOptions, GroundingRequest, GroundingResult, JobError, LoadReport, MemoryReport
+from workers.engine import HELPER_GPUS_ENV, EngineOptions, GroundingRequest, GroundingResult, JobError, LoadReport, MemoryReport
 from workers.families import family_for
 from workers.images import PreparedImage, decode_image, plan_resize, preprocess, size_of
 from workers.mlx.backbone import load_backbone, pointer_state_after, pointer_states_batch, resolve_dtype
@@ -27,6 +27,7 @@ from workers.mlx.cuda_rotary import on_cuda
 from workers.mlx.head import float32_matmul_error, head_from_tensors
 from workers.mlx.language import FastLanguageModel, dequantize_rows_here
 from workers.mlx.run_ahead import RunAhead
+from workers.mlx.split import Helpers
 from workers.mlx import cpu_blas, resize
 from workers.mlx.vision import FastQwen2Vision, FastVision, normalized_patches
 from workers.mlx.vision_qwen2_5 import FastQwen25Vision
@@ -117,6 +118,7 @@ class MlxEngine:
         self._system = ""
         self._weights_bytes = 0
         self._vision: FastVision | None = None   # our vision forward (both backbones)
+        self._helpers: Helpers | None = None       # a vision split's helper processes (gpus_per_replica)
         self._device_resize = False
         self._lm: FastLanguageModel | None = None     # our language-model forward; None: mlx-vlm's
         self._cache = ScreenCache(0)                   # the screenshot cache, sized at load
@@ -137,8 +139,29 @@ class MlxEngine:
             raise RuntimeError(f"`devices` places one replica per CUDA GPU, and MLX runs on "
                                f"{mx.default_device()} here, not on CUDA (CUDA_VISIBLE_DEVICES="
                                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}: a GPU that does not exist?)")
-        from tokenizers import Tokenizer
         path = resolve_path(self.spec.path, self.options.cache_dir, self.options.hf_home)
+        if self.spec.gpus_per_replica > 1:
+            self._start_helpers().load(path, self.spec.dtype, self.spec.quantize)   # they load beside us
+        try:
+            return self._load(path, t0)
+        except BaseException:
+            if self._helpers is not None:
+                self._helpers.unload()
+            raise
+
+    def _start_helpers(self) -> Helpers:
+        """The vision split's helpers, started at the first load; they live as long as the worker
+        (its distributed group cannot be joined twice)."""
+        if self._helpers is None:
+            gpus = self.options.helper_gpus
+            if on_cuda() and (gpus is None or len(gpus) != self.spec.gpus_per_replica - 1):
+                raise RuntimeError(f"gpus_per_replica {self.spec.gpus_per_replica} needs the helpers' GPUs in "
+                                   f"${HELPER_GPUS_ENV} (set by the supervisor), got {gpus}")
+            self._helpers = Helpers(self.spec.gpus_per_replica, list(gpus) if on_cuda() else None)
+        return self._helpers
+
+    def _load(self, path, t0: float) -> LoadReport:
+        from tokenizers import Tokenizer
         ckpt = read_checkpoint(path)
         family = family_for(ckpt.model_type)
         try:
@@ -163,6 +186,11 @@ class MlxEngine:
         mx.eval(head.parameters())
         self._model, self._head, self._tok, self._family, self._ids = model, head, tok, family, ids
         self._vision = (FastQwen2Vision if ckpt.model_type == "qwen2_vl" else FastQwen25Vision)(model.vision_tower)
+        if self._helpers is not None:
+            try:
+                self._vision.share_heads(self._helpers.split)
+            except ValueError as exc:
+                raise CheckpointError(str(exc)) from None
         self._lm = fast_language_model(model.language_model.model)
         budget, self._cache_off = self._screen_cache_budget()
         self._cache = ScreenCache(budget)
@@ -184,6 +212,8 @@ class MlxEngine:
         self.dtype, self.path = dtype, path
         self._weights_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters())) + \
             sum(v.nbytes for _, v in tree_flatten(head.parameters()))
+        if self._helpers is not None:
+            self._helpers.wait_loaded()
         self._warm_up()
         self._cache.clear()
         seconds = time.perf_counter() - t0
@@ -240,6 +270,8 @@ class MlxEngine:
         return 0, why
 
     def unload(self) -> None:
+        if self._helpers is not None:
+            self._helpers.unload()
         self._cache.clear()
         self._model = self._head = self._tok = self._vision = self._lm = None
         self._weights_bytes = 0
@@ -310,9 +342,16 @@ class MlxEngine:
         """`forward`, plus each job's kept prefix keys and values where `keep` asks (see
         FastLanguageModel.pointer_states) -> (encs, dec, kept or None), evaluated."""
         patches = [normalized_patches(self._resized(j.image), self._vision.dtype) for j in batch]
+        grids = [j.image.grid_thw[1:] for j in batch]
+        if self._helpers is None:
+            return self._forward_from(batch, patches, grids, keep)
+        with self._helpers.forward(mx.concatenate(patches) if len(patches) > 1 else patches[0], grids) as shared:
+            return self._forward_from(batch, [shared], grids, keep)
+
+    def _forward_from(self, batch: list[PreparedJob], patches: list[mx.array], grids: list, keep: list[int] | None):
         # one RunAhead for the whole pass, so the vision tower's last chunks count in the language model's
         pace = RunAhead(self.run_ahead)
-        enc_all = self._vision(patches, [j.image.grid_thw[1:] for j in batch], pace)
+        enc_all = self._vision(patches, grids, pace)
         cuts = np.cumsum([j.image.n_tokens for j in batch])[:-1].tolist()
         encs = mx.split(enc_all, cuts, axis=0) if cuts else [enc_all]
         out = pointer_states_batch(self._model, [j.input_ids for j in batch], [j.image_start for j in batch],

@@ -17,6 +17,8 @@ quick-GELU MLP; workers/mlx/vision_qwen2_5.py adds Qwen2.5-VL's RMSNorm, SwiGLU 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import mlx.core as mx
 import numpy as np
 
@@ -24,6 +26,9 @@ from workers.images import CLIP_MEAN, CLIP_STD, MERGE, PATCH
 from workers.mlx import cuda_rotary
 from workers.mlx.cuda_rotary import rotate_qk
 from workers.mlx.run_ahead import RunAhead
+
+if TYPE_CHECKING:
+    from workers.mlx.split import Split
 
 # Exactly transformers' normalisation per channel and byte value: x/255 in float64 -> float32,
 # minus mean, over std in float32 (workers.images.normalize), tabulated once.
@@ -83,6 +88,7 @@ class FastVision:
 
     def __init__(self, tower, eval_every: int = 2):
         self.tower = tower
+        self.split: "Split | None" = None       # attention heads shared with helper processes
         # Cut the graph every few blocks: a whole-tower graph kept every block's temporaries alive
         # until the end (+10-15 GB at 1080p on an H200). Two blocks a chunk, two chunks scheduled
         # (engine.RUN_AHEAD) measured best on an H100 (bench/RESULTS.md, bench.memory_profile).
@@ -95,6 +101,24 @@ class FastVision:
         self.dtype = w.dtype
         # rotary on q and k in one kernel where MLX runs on CUDA (None elsewhere)
         self.rotary = cuda_rotary.load(self.heads, self.head_dim, self.dtype)
+
+    def share_heads(self, split: "Split") -> None:
+        """Compute only this rank's share of every block's attention heads (its rows of the qkv
+        projection); `split.gather` joins the ranks' attention outputs before the output
+        projection, which every rank then runs on the whole width. Called after the subclass has
+        set `blocks`, whose first group ends with the qkv weight and bias."""
+        if self.heads % split.ranks:
+            raise ValueError(f"the vision tower's {self.heads} attention heads do not split over {split.ranks} GPUs")
+        full = self.heads * self.head_dim
+        self.heads //= split.ranks
+        width = self.heads * self.head_dim
+        rows = np.concatenate([np.arange(part * full + split.rank * width, part * full + (split.rank + 1) * width)
+                               for part in range(3)])                  # this rank's q, k and v rows
+        idx = mx.array(rows)
+        self.blocks = [((*pre[:-2], pre[-2][idx], pre[-1][idx]), post) for pre, post in self.blocks]
+        mx.eval(self.blocks)
+        self.rotary = cuda_rotary.load(self.heads, self.head_dim, self.dtype)
+        self.split = split
 
     # ---- what a family defines --------------------------------------------------------------
     def qkv(self, x: mx.array, block: int) -> mx.array:
@@ -151,9 +175,14 @@ class FastVision:
             else:
                 q, k = rotate_qk(qkv.reshape(n, 3, self.heads, self.head_dim), cos, sin)
             v = qkv.reshape(n, 3, self.heads, self.head_dim)[:, 2]
-            x = self.post_attention(x, attend(q, k, v, self.spans(i, grids), self.scale), i)
+            o = attend(q, k, v, self.spans(i, grids), self.scale)
+            if self.split is not None:
+                o = self.split.gather(o)
+            x = self.post_attention(x, o, i)
             if self.eval_every and (i + 1) % self.eval_every == 0:
                 pace(x)
+        if self.split is not None and self.split.rank:
+            return x                          # a helper's part ends with the last block
         out = self.tower.merger(x)
         if order is not None:
             out = out[mx.array(np.argsort(order))]

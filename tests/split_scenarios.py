@@ -1,0 +1,107 @@
+"""The worker's side of tests/test_vision_split.py, one scenario per process (MLX joins one
+distributed group per process): `python -m tests.split_scenarios SCENARIO [ARGS]` prints a JSON line."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+import threading
+
+import numpy as np
+from PIL import Image
+
+from common.config import ModelSpec
+from workers.engine import EngineOptions, GroundingRequest, GroundingResult
+from workers.mlx.engine import MlxEngine
+from workers.mlx.split import Helpers
+
+
+def _png(w: int, h: int, seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _engine(path: str, cache_dir: str, **spec) -> MlxEngine:
+    # the screenshot cache off, so every question runs the whole forward, the vision tower included
+    return MlxEngine(ModelSpec(path=path, max_pixels=150_000, screenshot_cache_mb=0, **spec),
+                     EngineOptions("tiny", cache_dir, 4096 * 4096))
+
+
+def _run(engine: MlxEngine, jobs) -> list[GroundingResult]:
+    out = engine.run([engine.prepare(GroundingRequest(f"j{i}", png, text, return_attention=True))
+                      for i, (png, text) in enumerate(jobs)])
+    assert all(isinstance(r, GroundingResult) for r in out), out
+    return out
+
+
+def compare(backbone: str, cache_dir: str) -> dict:
+    whole = _engine(f"tiny:{backbone}", cache_dir)
+    whole.load()
+    split = _engine(f"tiny:{backbone}", cache_dir, gpus_per_replica=2)
+    split.load()
+    jobs = [(_png(517, 333, 1), "click the search box"), (_png(300, 420, 2), "open the menu")]
+    same = []
+    for batch in ([jobs[0]], jobs):
+        same.append([a.attention == b.attention and a.points == b.points
+                     for a, b in zip(_run(whole, batch), _run(split, batch))])
+    pid = split._helpers.procs[0].pid
+    alive = split._helpers.procs[0].poll() is None
+    before = _run(split, [jobs[1]])[0]
+    split.unload()
+    split.load()
+    after = _run(split, [jobs[1]])[0]
+    result = {"helper_alive": alive, "same": same, "same_helper_after_reload": split._helpers.procs[0].pid == pid,
+              "same_after_reload": after.attention == before.attention}
+    split._helpers.close()
+    return result
+
+
+def forward_fails(cache_dir: str) -> dict:
+    """A forward that fails once the helper is in it: this process must exit (status 70)."""
+    engine = _engine("tiny:qwen2_vl", cache_dir, gpus_per_replica=2)
+    engine.load()
+    print(json.dumps({"helper_pid": engine._helpers.procs[0].pid}), flush=True)
+
+    def broken(*args):
+        raise RuntimeError("out of memory, say")
+    engine._forward_from = broken
+    engine.run([engine.prepare(GroundingRequest("j", _png(300, 200, 4), "click"))])
+    return {"still_running": True}
+
+
+def uneven(cache_dir: str) -> dict:
+    engine = _engine("tiny:qwen2_vl", cache_dir, gpus_per_replica=3)
+    try:
+        engine.load()
+        return {"error": None}
+    except Exception as exc:
+        return {"error": str(exc)}
+    finally:
+        engine._helpers.close()
+
+
+def death() -> dict:
+    died, reasons = threading.Event(), []
+    helpers = Helpers(2, None, on_death=lambda why: (reasons.append(why), died.set()))
+    os.kill(helpers.procs[0].pid, signal.SIGKILL)
+    died.wait(20)
+    helpers.close()
+    return {"reason": reasons[0] if reasons else None}
+
+
+def sigterm() -> dict:
+    died = threading.Event()
+    helpers = Helpers(2, None, on_death=lambda why: died.set())
+    os.kill(helpers.procs[0].pid, signal.SIGTERM)          # as when the worker's process group is signalled
+    alive = not died.wait(1.0)
+    helpers.close()                                         # its stdin closes: it ends
+    return {"alive_after_sigterm": alive, "exit_status": helpers.procs[0].returncode, "reported_dead": died.is_set()}
+
+
+if __name__ == "__main__":
+    scenario, *args = sys.argv[1:]
+    print(json.dumps({"compare": compare, "forward_fails": forward_fails, "uneven": uneven, "death": death, "sigterm": sigterm}[scenario](*args)))

@@ -1,0 +1,115 @@
+"""A vision split (gpus_per_replica, workers/mlx/split.py): the worker and its helper processes
+share every vision block's attention heads. On the CPU the ranks talk over MLX's ring backend on
+loopback, the same code as NCCL between GPUs; real helper processes, tiny generated checkpoints."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common.config import ConfigError, parse_config
+from workers.engine import HELPER_GPUS_ENV
+from workers.supervisor import device_env
+
+pytestmark = pytest.mark.mlx
+pytest.importorskip("mlx.core")
+
+
+def _in_a_fresh_process(scenario: str, *args) -> dict:
+    """MLX joins one distributed group per process, so each scenario's worker side (rank 0) is a
+    process of its own: tests/split_scenarios.py, which prints its findings as JSON."""
+    out = subprocess.run([sys.executable, "-m", "tests.split_scenarios", scenario, *map(str, args)],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backbone", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_split_forward_gives_one_process_results_bit_for_bit(backbone, tmp_path):
+    r = _in_a_fresh_process("compare", backbone, tmp_path)
+    assert r["helper_alive"]
+    # one image, then two sizes in one batch: the same points and attention bytes as one process
+    assert r["same"] == [[True], [True, True]]
+    # unload and load again: the same helper process, the same answer
+    assert r["same_helper_after_reload"] and r["same_after_reload"]
+
+
+def test_a_forward_that_fails_with_the_helper_in_it_ends_the_worker_and_then_the_helper(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tests.split_scenarios", "forward_fails", str(tmp_path)],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 70, out.stderr[-3000:]
+    assert "vision split broken: a forward failed with helpers in it (RuntimeError: out of memory, say)" in out.stderr
+    pid = json.loads(out.stdout.splitlines()[0])["helper_pid"]
+    deadline = time.monotonic() + 20
+    while _running(pid) and time.monotonic() < deadline:      # its stdin closed with the worker
+        time.sleep(0.1)
+    assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_heads_that_do_not_split_evenly_fail_the_load_with_the_reason(tmp_path):
+    r = _in_a_fresh_process("uneven", tmp_path)           # the tiny towers have 2 heads, 3 ranks
+    assert "2 attention heads do not split over 3" in r["error"]
+
+
+def test_a_helper_that_dies_is_reported():
+    assert "exited with status -9" in _in_a_fresh_process("death")["reason"]
+
+
+def test_a_helper_ignores_the_shutdown_signals_and_ends_with_its_worker():
+    r = _in_a_fresh_process("sigterm")
+    assert r == {"alive_after_sigterm": True, "exit_status": 0, "reported_dead": False}
+
+
+def test_config_gives_each_replica_its_gpus_and_the_helpers_theirs():
+    cfg = parse_config({"models": {"g": {"path": "x", "devices": [0, 1, 2, 3], "gpus_per_replica": 2}}})
+    units = cfg.units()
+    assert [(u.id, u.device, u.helpers) for u in units.values()] == [("g@0", 0, (1,)), ("g@2", 2, (3,))]
+    env = device_env(units["g@2"], {"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    assert env == {"CUDA_VISIBLE_DEVICES": "6", HELPER_GPUS_ENV: "7"}
+    with pytest.raises(ConfigError, match="device 3 is not among"):
+        device_env(units["g@2"], {"CUDA_VISIBLE_DEVICES": "4,5,6"})
+
+
+@pytest.mark.parametrize("models, message", [
+    ({"g": {"path": "x", "devices": [0, 1, 2], "gpus_per_replica": 2}}, "whole number of replicas' GPUs"),
+    ({"g": {"path": "x", "gpus_per_replica": 2}}, "needs `devices`"),
+    ({"g": {"path": "x", "devices": [0, 1], "gpus_per_replica": 0}}, "within 1..8"),
+    ({"g": {"path": "x", "devices": [0, 1], "gpus_per_replica": 2}, "h": {"path": "y", "devices": [1]}},
+     "device 1 is a vision split's helper GPU of g@0"),
+    ({"g": {"path": "x", "devices": [1, 0], "gpus_per_replica": 2}, "h": {"path": "y"}},
+     "runs on device 0.*helper GPU of g@1"),
+    ({"g": {"path": "x", "devices": [0, 1], "gpus_per_replica": 2},
+      "h": {"path": "y", "devices": [2, 1], "gpus_per_replica": 2}}, "helper GPU of both g@0 and h@2"),
+])
+def test_config_refuses_splits_that_cannot_work(models, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"models": models})
+
+
+def test_a_model_without_devices_may_share_device_0_with_a_split_that_starts_there():
+    cfg = parse_config({"models": {"g": {"path": "x", "devices": [0, 1], "gpus_per_replica": 2},
+                                   "h": {"path": "y"}}})
+    assert sorted(cfg.units()) == ["g@0", "h"]
+
+
+def test_status_names_every_gpu_of_a_split_replica():
+    from tests.test_broker_core import Harness, of, spec
+    from common import protocol as p
+    h = Harness({"g": spec(devices=[0, 1, 2, 3], gpus_per_replica=2)})
+    h.ready(b"w-0", "g@0", "loaded")
+    h.ready(b"w-2", "g@2")
+    [reply] = of(h.query(p.Q_MODELS, {"model": "g"}), p.QueryReply)
+    status = reply.data["models"][0]
+    assert [(r["device"], r["devices"], r["status"]) for r in status["replicas"]] == \
+        [(0, [0, 1], "loaded"), (2, [2, 3], "unloaded")]

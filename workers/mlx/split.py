@@ -1,0 +1,251 @@
+"""One replica's vision tower over several GPUs: the attention heads shared with helper processes.
+
+Why: on one GPU a 1080p screenshot's forward is ~110 ms, and half of it is the ViT's attention,
+already at cuDNN's speed (bench/RESULTS.md). With `gpus_per_replica: 2` the worker (rank 0) starts
+a helper process (rank 1) on a second GPU, and each rank computes half of every block's heads:
+the 2B shape's tower went from 83 to 59 ms on two H200s (`bench.tp_probe`). Splitting the MLP as
+well (Megatron-style, summing partial products) measured 55 ms, but its sums round differently
+from one GPU's; this split gives one GPU's bits: every rank runs the norms, the output projection
+and the MLP on the whole width from the same inputs, so all keep the same residual stream, and
+each head's attention is the same kernel on the same values. `all_gather` joins the heads.
+
+Control: rank 0 writes one JSON line per step to each helper's stdin (`load`, `forward` with the
+batch's patch grids, `unload`) and reads one line back for `load`. This pipe stays inside the
+worker (a worker and its own helpers), so it is not the broker's wire format. Tensors go over
+MLX's distributed backend: NCCL between CUDA GPUs; the ring backend over loopback on the CPU (the
+tests). A helper exits when its stdin closes (its worker is gone). The worker exits (status 70)
+when a helper dies, or when a forward fails after the helpers were told to run it: the ranks'
+collectives would then be out of step, and the supervisor's restart is the clean way back.
+Helpers hold their own copy of the tower (and load nothing else they keep); the broker budgets
+rank 0's GPU only, so config gives a helper's GPU to its replica alone (common/config.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+log = logging.getLogger(__name__)
+
+FATAL_EXIT = 70            # the worker's status for "broken, restart me" (workers/worker.py)
+START_TIMEOUT_S = 300      # helpers joining the group; a load answering
+PATCH_VALUES = 588         # 14*14*3 values per patch (workers/mlx/vision.normalized_patches)
+
+
+class Split:
+    """One rank's view of the group: its number, the group's size, and the two collectives."""
+
+    def __init__(self, group, rank: int, ranks: int):
+        self.group, self.rank, self.ranks = group, rank, ranks
+
+    def gather(self, o: mx.array) -> mx.array:
+        """Each rank's attention output [N, w] (its heads) -> every rank's [N, ranks*w], heads in order."""
+        n, w = o.shape
+        g = mx.distributed.all_gather(o, group=self.group)                  # [ranks*N, w]
+        return g.reshape(self.ranks, n, w).transpose(1, 0, 2).reshape(n, self.ranks * w)
+
+    def share(self, x: mx.array) -> mx.array:
+        """Rank 0's `x` on every rank (the others pass zeros of its shape; adding zeros is exact)."""
+        return mx.distributed.all_sum(x, group=self.group)
+
+
+def _backend() -> str:
+    return "nccl" if mx.default_device() == mx.gpu else "ring"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, ranks: int) -> Split:
+    group = mx.distributed.init(strict=True, backend=_backend())
+    if (group.rank(), group.size()) != (rank, ranks):
+        raise RuntimeError(f"joined as rank {group.rank()} of {group.size()}, expected {rank} of {ranks}")
+    return Split(group, rank, ranks)
+
+
+def _fatal(why: str) -> None:
+    log.critical("vision split broken: %s; exiting so the supervisor restarts this worker", why)
+    logging.shutdown()
+    os._exit(FATAL_EXIT)
+
+
+class Helpers:
+    """Rank 0's side: starts one helper per extra GPU, joins the group with them, and steps them.
+    `gpus`: the CUDA device ids the helpers see (None on the CPU). `on_death` is called (from a
+    watcher thread) when a helper exits unasked; by default the worker exits."""
+
+    def __init__(self, ranks: int, gpus: list[str] | None, on_death: Callable[[str], None] = _fatal):
+        if ranks < 2:
+            raise ValueError("a split needs at least two ranks")
+        if gpus is not None and len(gpus) != ranks - 1:
+            raise ValueError(f"{ranks} ranks need {ranks - 1} helper GPU(s), got {gpus}")
+        self.ranks = ranks
+        self._closing = False
+        self._loading = False                # a load sent whose answers are not read yet
+        self._on_death = on_death
+        env = {"MLX_WORLD_SIZE": str(ranks), "NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(_free_port())}
+        self._hostfile = None
+        if gpus is None:                                     # the ring backend: one address per rank
+            fd, self._hostfile = tempfile.mkstemp(prefix="vision-split-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump([[f"127.0.0.1:{_free_port()}"] for _ in range(ranks)], f)
+            env["MLX_HOSTFILE"] = self._hostfile
+        self.procs: list[subprocess.Popen] = []
+        for rank in range(1, ranks):
+            child_env = {**os.environ, **env, "MLX_RANK": str(rank)}
+            if gpus is not None:
+                child_env["CUDA_VISIBLE_DEVICES"] = gpus[rank - 1]
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "workers.mlx.split", "--rank", str(rank), "--ranks", str(ranks)],
+                env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1))
+        for p in self.procs:
+            threading.Thread(target=self._watch, args=(p,), name=f"split-helper-{p.pid}", daemon=True).start()
+        os.environ.update(env, MLX_RANK="0")       # MLX reads the group's settings from the environment
+        try:
+            with self._deadline("joining the helpers' group"):
+                self.split = _join(0, ranks)
+        except BaseException:
+            self.close()
+            raise
+
+    def _watch(self, p: subprocess.Popen) -> None:
+        code = p.wait()
+        if not self._closing:
+            self._on_death(f"helper process {p.pid} exited with status {code}")
+
+    @contextmanager
+    def _deadline(self, what: str):
+        """A collective or a helper's answer that never comes would block this thread for ever."""
+        timer = threading.Timer(START_TIMEOUT_S, lambda: self._on_death(f"{what} took over {START_TIMEOUT_S} s"))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _send(self, op: dict) -> None:
+        line = json.dumps(op) + "\n"
+        for p in self.procs:
+            p.stdin.write(line)
+            p.stdin.flush()
+
+    def load(self, path: Path, dtype: str, quantize: int | None) -> None:
+        """Start the helpers' loads (they run beside rank 0's own); `wait_loaded` collects them."""
+        self._send({"op": "load", "path": str(path), "dtype": dtype, "quantize": quantize})
+        self._loading = True
+
+    def wait_loaded(self) -> None:
+        """Raises RuntimeError with a helper's reason if its load failed."""
+        if not self._loading:
+            return
+        with self._deadline("a helper's load"):
+            answers = [json.loads(p.stdout.readline() or '{"error": "exited"}') for p in self.procs]
+        self._loading = False
+        errors = [a["error"] for a in answers if "error" in a]
+        if errors:
+            raise RuntimeError(f"the vision split's helper could not load: {errors[0]}")
+
+    def unload(self) -> None:
+        try:
+            self.wait_loaded()               # rank 0's own load failed first: read what is owed
+        except RuntimeError:
+            pass
+        self._send({"op": "unload"})
+
+    @contextmanager
+    def forward(self, patches: mx.array, grids: list[tuple[int, int]]):
+        """Tell the helpers to run a tower forward over these grids and yield the patches as the
+        group shares them (rank 0 must compute with that array, so the share runs on its side too).
+        Any error from here on leaves the ranks out of step: the worker exits."""
+        self._send({"op": "forward", "grids": [list(g) for g in grids]})
+        try:
+            yield self.split.share(patches)
+        except BaseException as exc:
+            _fatal(f"a forward failed with helpers in it ({type(exc).__name__}: {exc})")
+
+    def close(self) -> None:
+        self._closing = True
+        for p in self.procs:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self._hostfile:
+            Path(self._hostfile).unlink(missing_ok=True)
+
+
+def helper_main(rank: int, ranks: int) -> int:
+    """A helper: join the group, then serve rank 0's steps from stdin until it closes."""
+    from workers.mlx.backbone import load_backbone, resolve_dtype
+    from workers.mlx.checkpoint import read_checkpoint
+    from workers.mlx.engine import RUN_AHEAD
+    from workers.mlx.run_ahead import RunAhead
+    from workers.mlx.vision import FastQwen2Vision
+    from workers.mlx.vision_qwen2_5 import FastQwen25Vision
+
+    # the worker's shutdown signals reach its whole process group; a helper ends when its stdin does
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    split = _join(rank, ranks)
+    out = sys.stdout
+    sys.stdout = sys.stderr                 # stray prints must not corrupt the answers
+    vision = None
+    for line in sys.stdin:
+        op = json.loads(line)
+        if op["op"] == "load":
+            try:
+                ckpt = read_checkpoint(Path(op["path"]))
+                model, _ = load_backbone(ckpt, resolve_dtype(op["dtype"]), op["quantize"])
+                vision = (FastQwen2Vision if ckpt.model_type == "qwen2_vl" else FastQwen25Vision)(model.vision_tower)
+                del model.language_model                          # the tower is all a helper keeps
+                vision.share_heads(split)
+                answer = {"ok": True}
+            except Exception as exc:
+                vision = None
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            out.write(json.dumps(answer) + "\n")
+            out.flush()
+        elif op["op"] == "forward":
+            grids = [tuple(g) for g in op["grids"]]
+            n = sum(gh * gw for gh, gw in grids)
+            patches = split.share(mx.zeros((n, PATCH_VALUES), vision.dtype))
+            mx.eval(vision([patches], grids, RunAhead(RUN_AHEAD)))
+        elif op["op"] == "unload":
+            vision = None
+            mx.clear_cache()
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m workers.mlx.split", description="A vision split's helper rank.")
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--ranks", type=int, required=True)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s vision-split-helper[{a.rank}] %(levelname)s %(message)s")
+    return helper_main(a.rank, a.ranks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
