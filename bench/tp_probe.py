@@ -18,9 +18,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
-import numpy as np
 
 DIM, HEADS, HD, MLP, BLOCKS = 1280, 16, 80, 5120, 32
 
@@ -49,24 +47,12 @@ def launch(ranks: int, size: str, reps: int, blocks: int) -> int:
     return max(p.wait() for p in procs)
 
 
-def timed(fn, reps: int) -> float:
-    import mlx.core as mx
-    for _ in range(2):
-        mx.eval(fn())
-    ts = []
-    for _ in range(reps):
-        mx.synchronize()
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(ts))
-
-
 def rank_run(size: str, reps: int, blocks_n: int) -> None:
     import mlx.core as mx
     from workers.mlx import cuda_rotary
+    from bench.timing import median_ms
     from workers.mlx.run_ahead import RunAhead
+    from workers.mlx.vision import _post_attention, _qkv
     from workers.mlx.cuda_rotary import rotate_qk
     group = mx.distributed.init(strict=os.environ["MLX_WORLD_SIZE"] != "1",
                                 backend="nccl" if mx.default_device() == mx.gpu else "ring")
@@ -106,18 +92,6 @@ def rank_run(size: str, reps: int, blocks_n: int) -> None:
     rot_part = cuda_rotary.load(hl, HD, DT)
 
     @mx.compile
-    def qkv_of(x, lw, lb, w_, b_):
-        return mx.addmm(b_, mx.fast.layer_norm(x, lw, lb, 1e-6), w_.T)
-
-    @mx.compile
-    def post_full(x, o, pw, pb, lw, lb, f1w, f1b, f2w, f2b):
-        x = x + mx.addmm(pb, o, pw.T)
-        y = mx.fast.layer_norm(x, lw, lb, 1e-6)
-        hh = mx.addmm(f1b, y, f1w.T)
-        hh = hh * mx.sigmoid(1.702 * hh)
-        return x + mx.addmm(f2b, hh, f2w.T)
-
-    @mx.compile
     def mlp_part(x, lw, lb, f1w, f1b, f2w):
         y = mx.fast.layer_norm(x, lw, lb, 1e-6)
         hh = mx.addmm(f1b, y, f1w.T)
@@ -135,48 +109,44 @@ def rank_run(size: str, reps: int, blocks_n: int) -> None:
         o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=HD ** -0.5)
         return o.transpose(0, 2, 1, 3).reshape(n, heads * HD)
 
-    def tower_full():
+    def tower(block):
+        """32 blocks, two per chunk as the worker runs them; `block(x, whole weights, this rank's part)`."""
         pace = RunAhead(2)
         x = x0
-        for i, b in enumerate(blocks):
-            o = attention(qkv_of(x, *b["ln1"], b["qkv_w"], b["qkv_b"]), HEADS, rot_full)
-            x = post_full(x, o, b["proj_w"], b["proj_b"], *b["ln2"], b["fc1_w"], b["fc1_b"], b["fc2_w"], b["fc2_b"])
+        for i, (b, p) in enumerate(zip(blocks, part)):
+            x = block(x, b, p)
             if i % 2 == 1:
                 pace(x)
         return x
 
-    def tower_megatron():
-        pace = RunAhead(2)
-        x = x0
-        for i, (b, p) in enumerate(zip(blocks, part)):
-            o = attention(qkv_of(x, *b["ln1"], p["qkv_w"], p["qkv_b"]), hl, rot_part)
-            x = x + mx.distributed.all_sum(o @ p["proj_w"].T, group=group) + b["proj_b"]
-            x = x + mx.distributed.all_sum(mlp_part(x, *b["ln2"], p["fc1_w"], p["fc1_b"], p["fc2_w"]),
-                                           group=group) + b["fc2_b"]
-            if i % 2 == 1:
-                pace(x)
-        return x
+    def block_alone(x, b, p):
+        o = attention(_qkv(x, *b["ln1"], b["qkv_w"], b["qkv_b"]), HEADS, rot_full)
+        return _post_attention(x, o, b["proj_w"], b["proj_b"], *b["ln2"], b["fc1_w"], b["fc1_b"], b["fc2_w"], b["fc2_b"])
 
-    def tower_attention_split():
-        pace = RunAhead(2)
-        x = x0
-        for i, (b, p) in enumerate(zip(blocks, part)):
-            o = attention(qkv_of(x, *b["ln1"], p["qkv_w"], p["qkv_b"]), hl, rot_part)   # [n, hl*HD]
-            o = mx.distributed.all_gather(o, group=group)                                 # [ranks*n, hl*HD]
-            o = o.reshape(ranks, n, hl * HD).transpose(1, 0, 2).reshape(n, DIM)
-            x = post_full(x, o, b["proj_w"], b["proj_b"], *b["ln2"], b["fc1_w"], b["fc1_b"], b["fc2_w"], b["fc2_b"])
-            if i % 2 == 1:
-                pace(x)
-        return x
+    def block_megatron(x, b, p):
+        o = attention(_qkv(x, *b["ln1"], p["qkv_w"], p["qkv_b"]), hl, rot_part)
+        x = x + mx.distributed.all_sum(o @ p["proj_w"].T, group=group) + b["proj_b"]
+        return x + mx.distributed.all_sum(mlp_part(x, *b["ln2"], p["fc1_w"], p["fc1_b"], p["fc2_w"]),
+                                          group=group) + b["fc2_b"]
+
+    def block_heads_split(x, b, p):
+        o = attention(_qkv(x, *b["ln1"], p["qkv_w"], p["qkv_b"]), hl, rot_part)      # [n, hl*HD]
+        o = mx.distributed.all_gather(o, group=group)                                 # [ranks*n, hl*HD]
+        o = o.reshape(ranks, n, hl * HD).transpose(1, 0, 2).reshape(n, DIM)
+        return _post_attention(x, o, b["proj_w"], b["proj_b"], *b["ln2"], b["fc1_w"], b["fc1_b"], b["fc2_w"], b["fc2_b"])
+
+    tower_full = lambda: tower(block_alone)                       # noqa: E731
+    tower_megatron = lambda: tower(block_megatron)                # noqa: E731
+    tower_attention_split = lambda: tower(block_heads_split)      # noqa: E731
 
     act = (mx.random.normal((n, DIM))).astype(DT)
     mx.eval(act)
     res = {"rank": rank, "ranks": ranks, "tokens": n, "device": str(mx.default_device())}
-    res["all_sum_ms"] = timed(lambda: mx.distributed.all_sum(act, group=group), reps * 3)
-    res["all_gather_half_ms"] = timed(lambda: mx.distributed.all_gather(act[:, :DIM // ranks], group=group), reps * 3)
-    res["tower_alone_ms"] = timed(tower_full, reps)
-    res["tower_megatron_ms"] = timed(tower_megatron, reps)
-    res["tower_attention_split_ms"] = timed(tower_attention_split, reps)
+    res["all_sum_ms"] = median_ms(lambda: mx.distributed.all_sum(act, group=group), reps * 3)
+    res["all_gather_half_ms"] = median_ms(lambda: mx.distributed.all_gather(act[:, :DIM // ranks], group=group), reps * 3)
+    res["tower_alone_ms"] = median_ms(tower_full, reps)
+    res["tower_megatron_ms"] = median_ms(tower_megatron, reps)
+    res["tower_attention_split_ms"] = median_ms(tower_attention_split, reps)
     full = tower_full().astype(mx.float32)
     for name, fn in (("megatron", tower_megatron), ("attention_split", tower_attention_split)):
         got = fn().astype(mx.float32)
