@@ -73,6 +73,15 @@ def forward_fails(cache_dir: str) -> dict:
     return {"still_running": True}
 
 
+def orphan(cache_dir: str) -> None:
+    """The worker dies while its helper waits in a collective: told to run a forward, never joining it."""
+    engine = _engine("tiny:qwen2_vl", cache_dir, gpus_per_replica=2)
+    engine.load()
+    engine._helpers._send({"op": "forward", "grids": [[4, 4]]})
+    print(json.dumps({"helper_pid": engine._helpers.procs[0].pid}), flush=True)
+    os._exit(0)
+
+
 def uneven(cache_dir: str) -> dict:
     engine = _engine("tiny:qwen2_vl", cache_dir, gpus_per_replica=3)
     try:
@@ -104,4 +113,4 @@ def sigterm() -> dict:
 
 if __name__ == "__main__":
     scenario, *args = sys.argv[1:]
-    print(json.dumps({"compare": compare, "forward_fails": forward_fails, "uneven": uneven, "death": death, "sigterm": sigterm}[scenario](*args)))
+    print(json.dumps({"compare": compare, "forward_fails": forward_fails, "orphan": orphan, "uneven": uneven, "death": death, "sigterm": sigterm}[scenario](*args)))

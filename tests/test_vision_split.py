@@ -42,9 +42,30 @@ def test_a_forward_that_fails_with_the_helper_in_it_ends_the_worker_and_then_the
                          capture_output=True, text=True, timeout=240)
     assert out.returncode == 70, out.stderr[-3000:]
     assert "vision split broken: a forward failed with helpers in it (RuntimeError: out of memory, say)" in out.stderr
-    pid = json.loads(out.stdout.splitlines()[0])["helper_pid"]
+    _ends_soon(json.loads(out.stdout.splitlines()[0])["helper_pid"])     # its stdin closed with the worker
+
+
+def test_a_helper_inside_a_collective_ends_with_its_worker(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tests.split_scenarios", "orphan", str(tmp_path)],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _ends_soon(json.loads(out.stdout.splitlines()[0])["helper_pid"])
+
+
+def test_a_helper_stuck_anywhere_ends_once_its_worker_is_gone():
+    # Over NCCL a collective whose peer died waits for ever (the ring backend above errors out when
+    # the socket closes); the helper's parent watch ends it wherever its main thread is.
+    stuck = ("import sys, threading, time; from workers.mlx.split import _end_with_parent; "
+             "threading.Thread(target=_end_with_parent, args=(int(sys.argv[1]),), daemon=True).start(); time.sleep(60)")
+    worker = ("import os, subprocess, sys; p = subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())], "
+              "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(p.pid)")
+    out = subprocess.run([sys.executable, "-c", worker, stuck], capture_output=True, text=True, timeout=60)
+    _ends_soon(int(out.stdout))
+
+
+def _ends_soon(pid: int) -> None:
     deadline = time.monotonic() + 20
-    while _running(pid) and time.monotonic() < deadline:      # its stdin closed with the worker
+    while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(pid)
 

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FATAL_EXIT = 70            # the worker's status for "broken, restart me" (workers/worker.py)
 START_TIMEOUT_S = 300      # helpers joining the group; a load answering
+PARENT_POLL_S = 0.5        # how soon an orphaned helper notices
 PATCH_VALUES = 588         # 14*14*3 values per patch (workers/mlx/vision.normalized_patches)
 
 
@@ -111,7 +113,8 @@ class Helpers:
             if gpus is not None:
                 child_env["CUDA_VISIBLE_DEVICES"] = gpus[rank - 1]
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "workers.mlx.split", "--rank", str(rank), "--ranks", str(ranks)],
+                [sys.executable, "-m", "workers.mlx.split", "--rank", str(rank), "--ranks", str(ranks),
+                 "--parent", str(os.getpid())],
                 env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1))
         for p in self.procs:
             threading.Thread(target=self._watch, args=(p,), name=f"split-helper-{p.pid}", daemon=True).start()
@@ -196,7 +199,15 @@ class Helpers:
             Path(self._hostfile).unlink(missing_ok=True)
 
 
-def helper_main(rank: int, ranks: int) -> int:
+def _end_with_parent(parent: int) -> None:
+    """Exit once this process's parent is no longer `parent` (passed in, not read at start: the
+    worker may be gone before the helper has imported MLX)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(0)
+
+
+def helper_main(rank: int, ranks: int, parent: int) -> int:
     """A helper: join the group, then serve rank 0's steps from stdin until it closes."""
     from workers.mlx.backbone import load_backbone, resolve_dtype
     from workers.mlx.checkpoint import read_checkpoint
@@ -205,9 +216,11 @@ def helper_main(rank: int, ranks: int) -> int:
     from workers.mlx.vision import FastQwen2Vision
     from workers.mlx.vision_qwen2_5 import FastQwen25Vision
 
-    # the worker's shutdown signals reach its whole process group; a helper ends when its stdin does
+    # the worker's shutdown signals reach its whole process group; a helper ends when its stdin does,
+    # or, if it is inside a collective that its dead worker will never join, when it is re-parented
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_end_with_parent, args=(parent,), daemon=True).start()
     split = _join(rank, ranks)
     out = sys.stdout
     sys.stdout = sys.stderr                 # stray prints must not corrupt the answers
@@ -242,9 +255,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m workers.mlx.split", description="A vision split's helper rank.")
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--ranks", type=int, required=True)
+    ap.add_argument("--parent", type=int, required=True, help="the worker's pid")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s vision-split-helper[{a.rank}] %(levelname)s %(message)s")
-    return helper_main(a.rank, a.ranks)
+    return helper_main(a.rank, a.ranks, a.parent)
 
 
 if __name__ == "__main__":
