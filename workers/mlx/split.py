@@ -5,9 +5,12 @@ already at cuDNN's speed (bench/RESULTS.md). With `gpus_per_replica: 2` the work
 a helper process (rank 1) on a second GPU, and each rank computes half of every block's heads:
 the 2B shape's tower went from 83 to 59 ms on two H200s (`bench.tp_probe`). Splitting the MLP as
 well (Megatron-style, summing partial products) measured 55 ms, but its sums round differently
-from one GPU's; this split gives one GPU's bits: every rank runs the norms, the output projection
-and the MLP on the whole width from the same inputs, so all keep the same residual stream, and
-each head's attention is the same kernel on the same values. `all_gather` joins the heads.
+from one GPU's; this split keeps one GPU's arithmetic: every rank runs the norms, the output
+projection and the MLP on the whole width from the same inputs, so all keep the same residual
+stream, and each head's attention is the same kernel on the same values. `all_gather` joins the
+heads. Identical bits in tests/test_vision_split.py (CPU) and in bench.tp_probe's tower (1080p
+and 1440p, two H200s); a GPU library could in principle pick another matmul algorithm for a
+rank's narrower qkv projection, which would change low bits only.
 
 Control: rank 0 writes one JSON line per step to each helper's stdin (`load`, `forward` with the
 batch's patch grids, `unload`) and reads one line back for `load`. This pipe stays inside the
