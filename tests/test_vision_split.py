@@ -134,3 +134,24 @@ def test_status_names_every_gpu_of_a_split_replica():
     status = reply.data["models"][0]
     assert [(r["device"], r["devices"], r["status"]) for r in status["replicas"]] == \
         [(0, [0, 1], "loaded"), (2, [2, 3], "unloaded")]
+
+
+def test_a_helper_loads_the_vision_tower_alone_with_the_same_checks(tmp_path):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from safetensors.numpy import load_file
+    from workers.mlx.backbone import load_backbone, load_vision_tower
+    from workers.mlx.checkpoint import CheckpointError, read_checkpoint
+    from workers.tiny_checkpoint import write_safetensors, write_tiny_checkpoint
+    path = write_tiny_checkpoint(tmp_path / "ckpt", "qwen2_vl", seed=1)
+    whole, _ = load_backbone(read_checkpoint(path), mx.float32)
+    tower = load_vision_tower(read_checkpoint(path), mx.float32)
+    want, got = dict(tree_flatten(whole.vision_tower.parameters())), dict(tree_flatten(tower.parameters()))
+    assert want.keys() == got.keys() and all(mx.array_equal(want[k], got[k]).item() for k in want)
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors.pop("model.layers.0.mlp.down_proj.weight")        # the language model's: not the tower's business
+    tensors.pop("visual.blocks.1.attn.proj.weight")
+    write_safetensors(f, tensors)
+    with pytest.raises(CheckpointError, match="missing tensor visual.blocks.1.attn.proj.weight"):
+        load_vision_tower(read_checkpoint(path), mx.float32)

@@ -69,9 +69,9 @@ def _model_config(arch, ckpt: Checkpoint, vocab: int):
     return cfg
 
 
-def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None):
-    """-> (mlx-vlm Model, head tensors {name: array} in float32). Checks every parameter against
-    the checkpoint (missing tensor / wrong shape -> CheckpointError naming tensor and file)."""
+def _build(ckpt: Checkpoint):
+    """mlx-vlm's Model for this checkpoint, parameters not loaded (MLX arrays are lazy: nothing
+    of the random initialisation is computed unless evaluated)."""
     embed = ckpt.tensors.get("model.embed_tokens.weight") or ckpt.tensors.get("model.language_model.embed_tokens.weight")
     if embed is None:
         raise CheckpointError("checkpoint is missing tensor model.embed_tokens.weight")
@@ -82,8 +82,12 @@ def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None
         raise CheckpointError(f"config.json does not describe a valid {ckpt.model_type} model: {exc}") from None
     if "lm_head" in model.language_model:  # grounding never computes vocab logits
         model.language_model.pop("lm_head")
-    expected = dict(tree_flatten(model.parameters()))
+    return model
 
+
+def _checked_weights(ckpt: Checkpoint, expected: dict[str, mx.array], dtype: mx.Dtype):
+    """(the checkpoint's tensors for the `expected` mlx-vlm parameters, in `dtype`, checked by
+    name and shape; the pointer head's tensors {name: array}, as stored)."""
     arrays: dict[str, mx.array] = {}
     for f in ckpt.weight_files:
         try:
@@ -104,6 +108,14 @@ def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None
             raise CheckpointError(f"tensor {src} in {ckpt.tensors[src].file.name} has shape "
                                   f"{list(arrays[src].shape)}, expected {list(param.shape)}")
         weights.append((name, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v))
+    return weights, head
+
+
+def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None):
+    """-> (mlx-vlm Model, head tensors {name: array} in float32). Checks every parameter against
+    the checkpoint (missing tensor / wrong shape -> CheckpointError naming tensor and file)."""
+    model = _build(ckpt)
+    weights, head = _checked_weights(ckpt, dict(tree_flatten(model.parameters())), dtype)
     model.load_weights(weights, strict=True)
     if quantize:
         nn.quantize(model.language_model, group_size=QUANT_GROUP, bits=quantize,
@@ -112,6 +124,18 @@ def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None
     mx.eval(model.parameters())
     model.eval()
     return model, head
+
+
+def load_vision_tower(ckpt: Checkpoint, dtype: mx.Dtype):
+    """-> mlx-vlm's vision tower alone, with `load_backbone`'s checks over its tensors. The rest
+    of the checkpoint is never evaluated, so neither read nor held (a vision split's helper)."""
+    tower = _build(ckpt).vision_tower
+    expected = {f"vision_tower.{k}": v for k, v in tree_flatten(tower.parameters())}
+    weights, _ = _checked_weights(ckpt, expected, dtype)
+    tower.load_weights([(k[len("vision_tower."):], v) for k, v in weights], strict=True)
+    mx.eval(tower.parameters())
+    tower.eval()
+    return tower
 
 
 def encode_image(model, pixel_values: np.ndarray, grid_thw: tuple[int, int, int]) -> mx.array:

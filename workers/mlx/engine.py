@@ -141,7 +141,7 @@ class MlxEngine:
                                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}: a GPU that does not exist?)")
         path = resolve_path(self.spec.path, self.options.cache_dir, self.options.hf_home)
         if self.spec.gpus_per_replica > 1:
-            self._start_helpers().load(path, self.spec.dtype, self.spec.quantize)   # they load beside us
+            self._start_helpers().load(path, self.spec.dtype)   # they load beside us
         try:
             return self._load(path, t0)
         except BaseException:

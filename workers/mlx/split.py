@@ -19,7 +19,7 @@ MLX's distributed backend: NCCL between CUDA GPUs; the ring backend over loopbac
 tests). A helper exits when its stdin closes (its worker is gone). The worker exits (status 70)
 when a helper dies, or when a forward fails after the helpers were told to run it: the ranks'
 collectives would then be out of step, and the supervisor's restart is the clean way back.
-Helpers hold their own copy of the tower (and load nothing else they keep); the broker budgets
+Helpers load and hold only the vision tower (backbone.load_vision_tower); the broker budgets
 rank 0's GPU only, so config gives a helper's GPU to its replica alone (common/config.py).
 """
 from __future__ import annotations
@@ -151,9 +151,9 @@ class Helpers:
             p.stdin.write(line)
             p.stdin.flush()
 
-    def load(self, path: Path, dtype: str, quantize: int | None) -> None:
+    def load(self, path: Path, dtype: str) -> None:
         """Start the helpers' loads (they run beside rank 0's own); `wait_loaded` collects them."""
-        self._send({"op": "load", "path": str(path), "dtype": dtype, "quantize": quantize})
+        self._send({"op": "load", "path": str(path), "dtype": dtype})
         self._loading = True
 
     def wait_loaded(self) -> None:
@@ -212,7 +212,7 @@ def _end_with_parent(parent: int) -> None:
 
 def helper_main(rank: int, ranks: int, parent: int) -> int:
     """A helper: join the group, then serve rank 0's steps from stdin until it closes."""
-    from workers.mlx.backbone import load_backbone, resolve_dtype
+    from workers.mlx.backbone import load_vision_tower, resolve_dtype
     from workers.mlx.checkpoint import read_checkpoint
     from workers.mlx.engine import RUN_AHEAD
     from workers.mlx.run_ahead import RunAhead
@@ -233,9 +233,9 @@ def helper_main(rank: int, ranks: int, parent: int) -> int:
         if op["op"] == "load":
             try:
                 ckpt = read_checkpoint(Path(op["path"]))
-                model, _ = load_backbone(ckpt, resolve_dtype(op["dtype"]), op["quantize"])
-                vision = (FastQwen2Vision if ckpt.model_type == "qwen2_vl" else FastQwen25Vision)(model.vision_tower)
-                del model.language_model                          # the tower is all a helper keeps
+                vision = None                                     # the previous tower's memory goes first
+                tower = load_vision_tower(ckpt, resolve_dtype(op["dtype"]))
+                vision = (FastQwen2Vision if ckpt.model_type == "qwen2_vl" else FastQwen25Vision)(tower)
                 vision.share_heads(split)
                 answer = {"ok": True}
             except Exception as exc:
