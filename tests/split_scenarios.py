@@ -54,7 +54,7 @@ def compare(backbone: str, cache_dir: str) -> dict:
     split.unload()
     split.load()
     after = _run(split, [jobs[1]])[0]
-    result = {"helper_alive": alive, "same": same, "same_helper_after_reload": split._helpers.procs[0].pid == pid,
+    result = {"helper_alive": alive, "same": same, "weights": [whole._weights_bytes, split._weights_bytes], "same_helper_after_reload": split._helpers.procs[0].pid == pid,
               "same_after_reload": after.attention == before.attention}
     split._helpers.close()
     return result

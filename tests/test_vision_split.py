@@ -35,6 +35,9 @@ def test_a_split_forward_gives_one_process_results_bit_for_bit(backbone, tmp_pat
     assert r["same"] == [[True], [True, True]]
     # unload and load again: the same helper process, the same answer
     assert r["same_helper_after_reload"] and r["same_after_reload"]
+    # the worker holds its share of the tower's qkv weights only, and reports that
+    whole, split = r["weights"]
+    assert split < whole
 
 
 def test_a_forward_that_fails_with_the_helper_in_it_ends_the_worker_and_then_the_helper(tmp_path):

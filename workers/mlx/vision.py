@@ -106,7 +106,9 @@ class FastVision:
         """Compute only this rank's share of every block's attention heads (its rows of the qkv
         projection); `split.gather` joins the ranks' attention outputs before the output
         projection, which every rank then runs on the whole width. Called after the subclass has
-        set `blocks`, whose first group ends with the qkv weight and bias."""
+        set `blocks`, whose first group ends with the qkv weight and bias. The tower's own qkv
+        layers get the slices too, so the whole-width weights are freed (and the worker reports
+        what it holds); mlx-vlm's forward of that tower is then no longer valid."""
         if self.heads % split.ranks:
             raise ValueError(f"the vision tower's {self.heads} attention heads do not split over {split.ranks} GPUs")
         full = self.heads * self.head_dim
@@ -117,6 +119,8 @@ class FastVision:
         idx = mx.array(rows)
         self.blocks = [((*pre[:-2], pre[-2][idx], pre[-1][idx]), post) for pre, post in self.blocks]
         mx.eval(self.blocks)
+        for block, (pre, _) in zip(self.tower.blocks, self.blocks):   # the whole-width ones are freed
+            block.attn.qkv.weight, block.attn.qkv.bias = pre[-2], pre[-1]
         self.rotary = cuda_rotary.load(self.heads, self.head_dim, self.dtype)
         self.split = split
 
