@@ -15,27 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 
+from common.zmqutil import free_port
 
 DIM, HEADS, HD, MLP, BLOCKS = 1280, 16, 80, 5120, 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(ranks: int, size: str, reps: int, blocks: int) -> int:
-    port = _free_port()
+    port = free_port()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(i) for i in range(ranks)]
     hostfile = "/tmp/tp_probe_hosts.json"      # the ring backend (CPU check) reads this
     with open(hostfile, "w") as f:
-        json.dump([[f"127.0.0.1:{_free_port()}"] for _ in range(ranks)], f)
+        json.dump([[f"127.0.0.1:{free_port()}"] for _ in range(ranks)], f)
     procs = []
     for r in range(ranks):
         env = dict(os.environ, MLX_RANK=str(r), MLX_WORLD_SIZE=str(ranks), NCCL_HOST_IP="127.0.0.1",

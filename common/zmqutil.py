@@ -45,11 +45,16 @@ def bind(s: zmq.Socket, endpoint: str) -> None:
         os.chmod(endpoint[len("ipc://"):], 0o600)
 
 
-def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
-    """A loopback endpoint with a currently free port (tests, benchmarks)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on `host` (tests, benchmarks, a vision split's rendezvous)."""
     with _socket.socket() as s:
         s.bind((host, 0))
-        return f"tcp://{host}:{s.getsockname()[1]}"
+        return s.getsockname()[1]
+
+
+def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """A loopback endpoint with a currently free port (tests, benchmarks)."""
+    return f"tcp://{host}:{free_port(host)}"
 
 
 def close_quietly(*sockets: Any) -> None:

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
+
+from common.zmqutil import free_port
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,6 @@ def _backend() -> str:
     return "nccl" if mx.default_device() == mx.gpu else "ring"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _join(rank: int, ranks: int) -> Split:
     group = mx.distributed.init(strict=True, backend=_backend())
     if (group.rank(), group.size()) != (rank, ranks):
@@ -103,12 +98,12 @@ class Helpers:
         self._closing = False
         self._loading = False                # a load sent whose answers are not read yet
         self._on_death = on_death
-        env = {"MLX_WORLD_SIZE": str(ranks), "NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(_free_port())}
+        env = {"MLX_WORLD_SIZE": str(ranks), "NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(free_port())}
         self._hostfile = None
         if gpus is None:                                     # the ring backend: one address per rank
             fd, self._hostfile = tempfile.mkstemp(prefix="vision-split-", suffix=".json")
             with os.fdopen(fd, "w") as f:
-                json.dump([[f"127.0.0.1:{_free_port()}"] for _ in range(ranks)], f)
+                json.dump([[f"127.0.0.1:{free_port()}"] for _ in range(ranks)], f)
             env["MLX_HOSTFILE"] = self._hostfile
         self.procs: list[subprocess.Popen] = []
         for rank in range(1, ranks):
