@@ -25,13 +25,7 @@ from pathlib import Path
 
 from bench.e2e import add_stack_args, bench_stack, one, request_body, start_stack
 from bench.screens import png_bytes
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+from tests.rawbroker import pid_alive
 
 
 def helper_of(worker: int) -> int:
@@ -54,7 +48,7 @@ def worker_pid(stack) -> int:
 
 
 def gone_after(pid: int, t0: float, limit: float = 60.0) -> float | None:
-    while alive(pid):
+    while pid_alive(pid):
         if time.perf_counter() - t0 > limit:
             return None
         time.sleep(0.02)

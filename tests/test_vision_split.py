@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from common.config import ConfigError, parse_config
 from workers.engine import HELPER_GPUS_ENV
+from tests.rawbroker import pid_alive
+from tests.test_faults import wait_for
 from workers.supervisor import device_env
 
 pytestmark = pytest.mark.mlx
@@ -67,18 +68,7 @@ def test_a_helper_stuck_anywhere_ends_once_its_worker_is_gone():
 
 
 def _ends_soon(pid: int) -> None:
-    deadline = time.monotonic() + 20
-    while _running(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _running(pid)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    wait_for(lambda: not pid_alive(pid), 20, step=0.1, what=f"process {pid} gone")
 
 
 def test_heads_that_do_not_split_evenly_fail_the_load_with_the_reason(tmp_path):
