@@ -93,6 +93,11 @@ def fast_language_model(text_model) -> FastLanguageModel | None:
     return None
 
 
+def fast_vision(model_type: str, tower) -> FastVision:
+    """Our vision forward over mlx-vlm's tower, for the checkpoint's backbone."""
+    return (FastQwen2Vision if model_type == "qwen2_vl" else FastQwen25Vision)(tower)
+
+
 def _device_memory() -> int:
     """Bytes of memory of the default device (unified/host memory on CPU)."""
     info = mx.device_info() if hasattr(mx, "device_info") else {}
@@ -185,7 +190,7 @@ class MlxEngine:
             raise CheckpointError(str(exc)) from None
         mx.eval(head.parameters())
         self._model, self._head, self._tok, self._family, self._ids = model, head, tok, family, ids
-        self._vision = (FastQwen2Vision if ckpt.model_type == "qwen2_vl" else FastQwen25Vision)(model.vision_tower)
+        self._vision = fast_vision(ckpt.model_type, model.vision_tower)
         if self._helpers is not None:
             try:
                 self._vision.share_heads(self._helpers.split)

@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 FATAL_EXIT = 70            # the worker's status for "broken, restart me" (workers/worker.py)
 START_TIMEOUT_S = 300      # helpers joining the group; a load answering
 PARENT_POLL_S = 0.5        # how soon an orphaned helper notices
-PATCH_VALUES = 588         # 14*14*3 values per patch (workers/mlx/vision.normalized_patches)
 
 
 class Split:
@@ -209,10 +208,9 @@ def helper_main(rank: int, ranks: int, parent: int) -> int:
     """A helper: join the group, then serve rank 0's steps from stdin until it closes."""
     from workers.mlx.backbone import load_vision_tower, resolve_dtype
     from workers.mlx.checkpoint import read_checkpoint
-    from workers.mlx.engine import RUN_AHEAD
+    from workers.mlx.engine import RUN_AHEAD, fast_vision
     from workers.mlx.run_ahead import RunAhead
-    from workers.mlx.vision import FastQwen2Vision
-    from workers.mlx.vision_qwen2_5 import FastQwen25Vision
+    from workers.mlx.vision import PATCH_VALUES
 
     # the worker's shutdown signals reach its whole process group; a helper ends when its stdin does,
     # or, if it is inside a collective that its dead worker will never join, when it is re-parented
@@ -230,7 +228,7 @@ def helper_main(rank: int, ranks: int, parent: int) -> int:
                 ckpt = read_checkpoint(Path(op["path"]))
                 vision = None                                     # the previous tower's memory goes first
                 tower = load_vision_tower(ckpt, resolve_dtype(op["dtype"]))
-                vision = (FastQwen2Vision if ckpt.model_type == "qwen2_vl" else FastQwen25Vision)(tower)
+                vision = fast_vision(ckpt.model_type, tower)
                 vision.share_heads(split)
                 answer = {"ok": True}
             except Exception as exc:

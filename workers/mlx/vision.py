@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 # minus mean, over std in float32 (workers.images.normalize), tabulated once.
 _LUT = ((np.arange(256, dtype=np.float64)[:, None] * (1 / 255)).astype(np.float32) - CLIP_MEAN) / CLIP_STD
 
+PATCH_VALUES = PATCH * PATCH * 3      # values per patch, channel-last (normalized_patches)
 Span = tuple[int, int, int]   # (first token, number of sequences, tokens per sequence)
 
 
@@ -46,7 +47,7 @@ def normalized_patches(rgb: mx.array, dtype: mx.Dtype) -> mx.array:
     gh, gw = h // PATCH, w // PATCH
     x = x.reshape(gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH, 3)
     x = x.transpose(0, 3, 1, 4, 2, 5, 6)                            # (gh/2, gw/2, 2, 2, 14, 14, 3)
-    return x.reshape(gh * gw, PATCH * PATCH * 3).astype(dtype)
+    return x.reshape(gh * gw, PATCH_VALUES).astype(dtype)
 
 
 @mx.compile
