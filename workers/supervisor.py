@@ -32,8 +32,8 @@ from common import wire
 from common.config import AppConfig, Unit, add_config_argument, load_or_exit
 from common.errors import ConfigError
 from common.logs import configure_logging
-from workers.engine import HELPER_GPUS_ENV
 from common.zmqutil import close_quietly, drain, make_socket
+from workers.engine import HELPER_GPUS_ENV
 
 log = logging.getLogger("workers.supervisor")
 

@@ -212,8 +212,9 @@ def helper_main(rank: int, ranks: int, parent: int) -> int:
     from workers.mlx.run_ahead import RunAhead
     from workers.mlx.vision import PATCH_VALUES
 
-    # the worker's shutdown signals reach its whole process group; a helper ends when its stdin does,
-    # or, if it is inside a collective that its dead worker will never join, when it is re-parented
+    # Signals sent to the worker's process group (Ctrl-C where a worker runs in a terminal) must not
+    # end a helper before its worker, which would take that for a failure: a helper ends when its
+    # stdin does, or, inside a collective that its dead worker will never join, once re-parented.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_end_with_parent, args=(parent,), daemon=True).start()
