@@ -30,6 +30,18 @@ def _memory(m: ModelState) -> dict:
             "committed_bytes": m.charge}
 
 
+HELPER_KINDS = ("weights", "active", "peak", "cache")
+
+
+def _helper_memory(m: ModelState) -> list[dict]:
+    """A split replica's helper GPUs, each with its memory as the worker last reported it (zeros
+    before the first report). Outside the broker's budget: config gives these GPUs to the replica alone."""
+    reported = m.mem.get("helpers")
+    reported = [h if isinstance(h, dict) else {} for h in reported] if isinstance(reported, list) else []
+    reported += [{}] * (len(m.helpers) - len(reported))
+    return [{"device": d, **{f"{k}_bytes": _int(h, k) for k in HELPER_KINDS}} for d, h in zip(m.helpers, reported)]
+
+
 def model_status(b: "Broker", m: ModelState) -> dict:
     """One unit's status object: GET /v1/models' object for a model without replicas."""
     w = b.registry.for_model(m.id)
@@ -52,7 +64,8 @@ def group_status(b: "Broker", group: str) -> dict:
     """A model's status object (GET /v1/models/{id}). With replicas (`devices`): the units'
     figures summed, the state of the most available one, and each replica's own under
     `replicas` (its `device`, and under `devices` every GPU it runs on: with gpus_per_replica,
-    its helpers' too; `memory` is its worker's own GPU's)."""
+    its helpers' too; `memory` is its worker's own GPU's, `helper_memory` each helper GPU's).
+    With helpers, `memory` also sums theirs as helper_<kind>_bytes."""
     units = b.groups[group]
     if len(units) == 1 and units[0].device is None:
         return model_status(b, units[0])
@@ -60,10 +73,14 @@ def group_status(b: "Broker", group: str) -> dict:
     best = min(each, key=lambda u: STATE_RANK.index(u["status"]))
     used = [t for t in (m.last_used for m in units) if t is not None]
     loaded = [t for t in (m.loaded_at for m in units) if t is not None]
+    replicas = [{"device": m.device, "devices": [m.device, *m.helpers], **u,
+                 **({"helper_memory": _helper_memory(m)} if m.helpers else {})} for m, u in zip(units, each)]
+    memory = {k: sum(u["memory"][k] for u in each) for k in best["memory"]}
+    helpers = [h for r in replicas for h in r.get("helper_memory", ())]
+    if helpers:
+        memory.update({f"helper_{k}_bytes": sum(h[f"{k}_bytes"] for h in helpers) for k in HELPER_KINDS})
     return {
-        **best, "id": group, "worker": None, "replicas": [{"device": m.device, "devices": [m.device, *m.helpers], **u}
-                                                    for m, u in zip(units, each)],
-        "memory": {k: sum(u["memory"][k] for u in each) for k in best["memory"]},
+        **best, "id": group, "worker": None, "replicas": replicas, "memory": memory,
         "last_used": _unix(b, max(used)) if used else None, "loaded_at": _unix(b, min(loaded)) if loaded else None,
         "failures": sum(u["failures"] for u in each), "inflight": sum(u["inflight"] for u in each),
         "last_error": next((u["last_error"] for u in each if u["last_error"]), None),

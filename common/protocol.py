@@ -156,7 +156,8 @@ class QueryReply(Message):
 class Ready(Message):
     """First message of every worker connection (and after a DISCONNECT): full state, so a
     restarted broker rebuilds placement without reloading. `capabilities` = {max_slots, max_batch,
-    engine}; `mem` = {active, peak, cache, weights, limit} in bytes."""
+    engine}; `mem` = {active, peak, cache, weights, limit, screenshots} in bytes, and under
+    `helpers` a vision split's helper GPUs' {active, peak, cache, weights}, in rank order."""
     worker_uid: str
     pid: int
     host: str

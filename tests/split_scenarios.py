@@ -60,6 +60,23 @@ def compare(backbone: str, cache_dir: str) -> dict:
     return result
 
 
+def memory(cache_dir: str) -> dict:
+    """What the worker reports of its helper's GPU: after the load, after a forward, after unload."""
+    from mlx.utils import tree_flatten
+    engine = _engine("tiny:qwen2_vl", cache_dir, gpus_per_replica=2)
+    engine.load()
+    tower = sum(v.nbytes for _, v in tree_flatten(engine._model.vision_tower.parameters()))
+    loaded = engine.memory().helpers
+    engine.reset_peak()
+    _run(engine, [(_png(517, 333, 1), "click the search box")])
+    ran = engine.memory()
+    engine.unload()
+    unloaded = engine.memory().helpers
+    engine._helpers.close()
+    return {"own_tower": tower, "loaded": loaded, "ran": ran.helpers, "wire": ran.to_wire()["helpers"],
+            "unloaded": unloaded}
+
+
 def forward_fails(cache_dir: str) -> dict:
     """A forward that fails once the helper is in it: this process must exit (status 70)."""
     engine = _engine("tiny:qwen2_vl", cache_dir, gpus_per_replica=2)
@@ -113,4 +130,4 @@ def sigterm() -> dict:
 
 if __name__ == "__main__":
     scenario, *args = sys.argv[1:]
-    print(json.dumps({"compare": compare, "forward_fails": forward_fails, "orphan": orphan, "uneven": uneven, "death": death, "sigterm": sigterm}[scenario](*args)))
+    print(json.dumps({"compare": compare, "memory": memory, "forward_fails": forward_fails, "orphan": orphan, "uneven": uneven, "death": death, "sigterm": sigterm}[scenario](*args)))

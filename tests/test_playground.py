@@ -44,16 +44,17 @@ SHOT_SIZE = (1280, 800)        # pixels of the generated screenshot (under the c
 WAIT_S = 30
 
 
-REPLICATED = "playground-two-gpus"   # listed after MODEL (by id), which stays the default
+REPLICATED = "playground-two-split-replicas"   # listed after MODEL (by id), which stays the default
 
 
 def playground_models() -> dict:
     """The tiny random-weight GUI-Actor checkpoint on real MLX (CPU): real attention maps, so the
     heatmap assertions see what a real model draws. max_pixels matches the page's "fast" profile.
-    And a fake-engine model on two GPUs (named in the stack's CUDA_VISIBLE_DEVICES: none is used),
-    to show its replicas."""
+    And a fake-engine model on four GPUs (named in the stack's CUDA_VISIBLE_DEVICES: none is used),
+    two replicas each split over two, to show its replicas and their helper GPUs."""
     return {MODEL: tiny_model("qwen2_vl", max_pixels=1_048_576),
-            REPLICATED: fake_model(devices=[0, 1], preload=True)}
+            REPLICATED: fake_model(devices=[0, 1, 2, 3], gpus_per_replica=2, preload=True,
+                                   fake={"load_s": 0.05, "weights_bytes": 100_000_000, "helper_weights_bytes": 32 << 20})}
 
 
 # ---------- browser ----------
@@ -114,7 +115,7 @@ def stack(tmp_path_factory):
     config = {"server": {"api_keys": [API_KEY], "max_image_pixels": PIXEL_CAP, "default_model": MODEL},
               "models": playground_models()}
     with Stack(tmp_path_factory.mktemp("playground"), config, api_key=API_KEY,
-               env={"CUDA_VISIBLE_DEVICES": "gpu-a,gpu-b"}) as s:
+               env={"CUDA_VISIBLE_DEVICES": "gpu-a,gpu-b,gpu-c,gpu-d"}) as s:
         s.start(ready_timeout_s=180, loaded=(MODEL, REPLICATED))   # MLX import + checkpoint generation + load
         yield s
 
@@ -232,7 +233,9 @@ def test_a_model_on_several_gpus_shows_its_replicas(driver, page_url):
     open_page(driver, page_url)
     wait(driver, lambda d: attr(d, "model-status", "data-status") == "loaded", "the models to be listed")
     Select(driver.find_element(By.ID, "model")).select_by_value(REPLICATED)
-    wait(driver, lambda d: "2/2 GPUs loaded" in d.find_element(By.ID, "model-memory").text, "the replicas shown")
+    wait(driver, lambda d: "4/4 GPUs loaded" in d.find_element(By.ID, "model-memory").text, "the replicas shown")
+    # two helpers of 32 MiB each (the fake engine's knob)
+    assert "helper GPUs: weights 64 MB" in driver.find_element(By.ID, "model-memory").text
     Select(driver.find_element(By.ID, "model")).select_by_value(MODEL)
     wait(driver, lambda d: "GPUs" not in d.find_element(By.ID, "model-memory").text, "a plain model again")
     assert js_errors(driver) == []

@@ -41,6 +41,17 @@ def test_a_split_forward_gives_one_process_results_bit_for_bit(backbone, tmp_pat
     assert split < whole
 
 
+def test_the_worker_reports_its_helpers_memory_after_every_step(tmp_path):
+    r = _in_a_fresh_process("memory", tmp_path)
+    [loaded], [ran], [unloaded] = r["loaded"], r["ran"], r["unloaded"]
+    # the helper holds the tower alone, with the same share of the qkv weights as the worker
+    assert loaded["weights"] == r["own_tower"] > 0 and loaded["active"] >= loaded["weights"]
+    # a forward's activations show in its peak (reset at every forward, as the worker's per batch)
+    assert ran["weights"] == loaded["weights"] and ran["peak"] > ran["active"]
+    assert r["wire"] == [ran]
+    assert unloaded["weights"] == 0 and unloaded["active"] < loaded["weights"]
+
+
 def test_a_forward_that_fails_with_the_helper_in_it_ends_the_worker_and_then_the_helper(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tests.split_scenarios", "forward_fails", str(tmp_path)],
                          capture_output=True, text=True, timeout=240)
@@ -127,6 +138,44 @@ def test_status_names_every_gpu_of_a_split_replica():
     status = reply.data["models"][0]
     assert [(r["device"], r["devices"], r["status"]) for r in status["replicas"]] == \
         [(0, [0, 1], "loaded"), (2, [2, 3], "unloaded")]
+
+
+def test_status_and_metrics_give_the_helpers_memory_as_their_worker_reports_it():
+    from broker import status
+    from common import protocol as p
+    from frontend.metrics import Metrics
+    from tests.test_broker_core import Harness, spec
+    h = Harness({"g": spec(devices=[0, 1, 2, 3], gpus_per_replica=2)})
+    h.ready(b"w-0", "g@0", "loaded")
+    h.ready(b"w-2", "g@2", "loaded")
+    helper = {"active": 700, "peak": 900, "cache": 50, "weights": 600}
+    h.worker(b"w-0", p.Heartbeat(1, "loaded", 1, [], mem={"active": 2000, "weights": 1500, "helpers": [helper]}))
+    g = status.group_status(h.b, "g")
+    assert [r["helper_memory"] for r in g["replicas"]] == [
+        [{"device": 1, "weights_bytes": 600, "active_bytes": 700, "peak_bytes": 900, "cache_bytes": 50}],
+        [{"device": 3, "weights_bytes": 0, "active_bytes": 0, "peak_bytes": 0, "cache_bytes": 0}]]   # none yet
+    assert g["memory"]["active_bytes"] == 2000       # the workers' own GPUs, as the broker budgets them
+    assert (g["memory"]["helper_weights_bytes"], g["memory"]["helper_active_bytes"]) == (600, 700)
+    text = Metrics().render(status.stats(h.b, h.now)).decode()
+    assert 'grounding_model_memory_bytes{kind="helper_weights",model="g"} 600.0' in text
+
+
+def test_the_api_gives_the_helpers_memory_from_a_running_stack(tmp_path):
+    """Through the real processes and the wire: a split replica's worker (the fake engine, which
+    reports a helper's memory without starting one) -> broker -> HTTP status and /metrics."""
+    from tests.stackutil import Stack, fake_model
+    from tests.test_faults import running
+    cfg = {"models": {"g": fake_model(devices=[0, 1], gpus_per_replica=2,
+                                      fake={"load_s": 0.05, "weights_bytes": 4000, "helper_weights_bytes": 1000})}}
+    st = Stack(tmp_path, cfg, env={"CUDA_VISIBLE_DEVICES": "GPU-test-a,GPU-test-b"})
+    with running(st, 30, ("g",)):
+        code, _, raw = st.http("GET", "/v1/models/g")
+        [replica] = json.loads(raw)["replicas"]
+        assert code == 200 and replica["devices"] == [0, 1]
+        assert replica["helper_memory"] == [{"device": 1, "weights_bytes": 1000, "active_bytes": 1000,
+                                             "peak_bytes": 1000, "cache_bytes": 0}]
+        metrics = st.http("GET", "/metrics")[2].decode()
+        assert 'grounding_model_memory_bytes{kind="helper_weights",model="g"} 1000.0' in metrics
 
 
 def test_a_helper_loads_the_vision_tower_alone_with_the_same_checks(tmp_path):

@@ -127,10 +127,14 @@ class MemoryReport:
     weights: int = 0
     limit: int = 0
     screenshots: int = 0                # held by the screenshot cache (within `active`)
+    helpers: tuple = ()                 # a vision split's helper GPUs, in rank order: {active, peak, cache, weights}
 
     def to_wire(self) -> dict:
-        return {"active": self.active, "peak": self.peak, "cache": self.cache,
+        wire = {"active": self.active, "peak": self.peak, "cache": self.cache,
                 "weights": self.weights, "limit": self.limit, "screenshots": self.screenshots}
+        if self.helpers:
+            wire["helpers"] = [dict(h) for h in self.helpers]
+        return wire
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ It does no ML. It reads the real image header (so size checks and sizes in resul
 sleeps to simulate load and forward latency, answers deterministic points derived from a hash of
 the instruction, and reports synthetic memory. Fault knobs come from two places:
 - the model's `fake:` config (ModelSpec.fake): `load_s`, `weights_bytes`, `job_bytes`,
-  `latency_ms` (per batch), `fail_load` (bool or message), `mem_limit`;
+  `latency_ms` (per batch), `fail_load` (bool or message), `mem_limit`, `helper_weights_bytes`
+  (what each of a vision split's helper GPUs reports holding, with `gpus_per_replica` > 1;
+  no helper process is started);
 - each job's `params.fake` (GroundingRequest.fake): `sleep_ms`, `fail` (an error code),
   `crash` (os._exit(1) mid-run), `hang_s` (the compute thread sleeps; heartbeats keep going).
 """
@@ -63,6 +65,7 @@ class FakeEngine:
         self._latency_s = float(knobs.get("latency_ms", 0)) / 1000.0
         self._fail_load = knobs.get("fail_load", False)
         self._limit = int(knobs.get("mem_limit", 0))
+        self._helper_weights = int(knobs.get("helper_weights_bytes", self._weights // 4))
         self._lock = threading.Lock()  # memory() may be read while run() is active
         self._loaded = False
         self._running_jobs = 0
@@ -91,8 +94,11 @@ class FakeEngine:
         with self._lock:
             weights = self._weights if self._loaded else 0
             active = weights + self._running_jobs * self._job_bytes
+            helper = self._helper_weights if self._loaded else 0
+            helpers = tuple({"active": helper, "peak": helper, "cache": 0, "weights": helper}
+                            for _ in range(self.spec.gpus_per_replica - 1))
             return MemoryReport(active=active, peak=max(self._peak, active), cache=0,
-                                weights=weights, limit=self._limit)
+                                weights=weights, limit=self._limit, helpers=helpers)
 
     def reset_peak(self) -> None:
         with self._lock:

@@ -128,6 +128,9 @@ function renderModelStatus() {
   if (mem.active_bytes) parts.push(`active ${fmtBytes(mem.active_bytes)}`);
   if (mem.peak_bytes) parts.push(`peak ${fmtBytes(mem.peak_bytes)}`);
   if (mem.cache_bytes) parts.push(`cache ${fmtBytes(mem.cache_bytes)}`);
+  if (mem.helper_weights_bytes) {            // a vision split's helper GPUs, beside the workers' own
+    parts.push(`helper GPUs: weights ${fmtBytes(mem.helper_weights_bytes)}, active ${fmtBytes(mem.helper_active_bytes || 0)}`);
+  }
   if (m && m.last_error && status === "failed") parts.push(`error: ${m.last_error}`);
   $("model-memory").textContent = parts.join(" · ");
   $("load-btn").disabled = !m || status === "loaded" || TRANSITIONAL.has(status);

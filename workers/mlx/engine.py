@@ -517,7 +517,8 @@ class MlxEngine:
     def memory(self) -> MemoryReport:
         return MemoryReport(active=mx.get_active_memory(), peak=mx.get_peak_memory(),
                             cache=mx.get_cache_memory(), weights=self._weights_bytes,
-                            limit=_device_memory(), screenshots=self._cache.nbytes)
+                            limit=_device_memory(), screenshots=self._cache.nbytes,
+                            helpers=tuple(self._helpers.memory()) if self._helpers is not None else ())
 
     def reset_peak(self) -> None:
         mx.reset_peak_memory()

@@ -13,7 +13,9 @@ and 1440p, two H200s); a GPU library could in principle pick another matmul algo
 rank's narrower qkv projection, which would change low bits only.
 
 Control: rank 0 writes one JSON line per step to each helper's stdin (`load`, `forward` with the
-batch's patch grids, `unload`) and reads one line back for `load`. This pipe stays inside the
+batch's patch grids, `unload`); a helper answers each step with one line that carries its GPU's
+memory (and, for `load`, whether it loaded), read by a thread per helper so that a forward never
+waits on it. The worker reports those figures beside its own (`Helpers.memory`). This pipe stays inside the
 worker (a worker and its own helpers), so it is not the broker's wire format. Tensors go over
 MLX's distributed backend: NCCL between CUDA GPUs; the ring backend over loopback on the CPU (the
 tests). A helper exits when its stdin closes (its worker is gone). The worker exits (status 70)
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 FATAL_EXIT = 70            # the worker's status for "broken, restart me" (workers/worker.py)
 START_TIMEOUT_S = 300      # helpers joining the group; a load answering
+REPORT_WAIT_S = 1.0        # how long a memory report waits for the helpers' answers to the last step
 PARENT_POLL_S = 0.5        # how soon an orphaned helper notices
 
 
@@ -95,8 +98,16 @@ class Helpers:
             raise ValueError(f"{ranks} ranks need {ranks - 1} helper GPU(s), got {gpus}")
         self.ranks = ranks
         self._closing = False
-        self._loading = False                # a load sent whose answers are not read yet
         self._on_death = on_death
+        # what the reader threads learn, under _answered: each helper's answers counted, its last
+        # memory figures, its last load answer; _sent counts the steps sent, _load_step the pending load's
+        self._answered = threading.Condition()
+        self._answers = [0] * (ranks - 1)
+        self._memory: list[dict] = [{} for _ in range(ranks - 1)]
+        self._load_answers: list[dict] = [{} for _ in range(ranks - 1)]
+        self._exited = [False] * (ranks - 1)
+        self._sent = 0
+        self._load_step: int | None = None
         env = {"MLX_WORLD_SIZE": str(ranks), "NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": str(free_port())}
         self._hostfile = None
         if gpus is None:                                     # the ring backend: one address per rank
@@ -113,8 +124,8 @@ class Helpers:
                 [sys.executable, "-m", "workers.mlx.split", "--rank", str(rank), "--ranks", str(ranks),
                  "--parent", str(os.getpid())],
                 env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1))
-        for p in self.procs:
-            threading.Thread(target=self._watch, args=(p,), name=f"split-helper-{p.pid}", daemon=True).start()
+        for i, p in enumerate(self.procs):
+            threading.Thread(target=self._read, args=(i, p), name=f"split-helper-{p.pid}", daemon=True).start()
         os.environ.update(env, MLX_RANK="0")       # MLX reads the group's settings from the environment
         try:
             with self._deadline("joining the helpers' group"):
@@ -123,10 +134,25 @@ class Helpers:
             self.close()
             raise
 
-    def _watch(self, p: subprocess.Popen) -> None:
+    def _read(self, i: int, p: subprocess.Popen) -> None:
+        """Helper i's answers, until its stdout closes; then its exit is a death unless asked for."""
+        for line in p.stdout:
+            answer = json.loads(line)
+            with self._answered:
+                self._answers[i] += 1
+                self._memory[i] = answer.get("memory", self._memory[i])
+                if "loaded" in answer:
+                    self._load_answers[i] = answer
+                self._answered.notify_all()
         code = p.wait()
+        with self._answered:
+            self._exited[i] = True
+            self._answered.notify_all()
         if not self._closing:
             self._on_death(f"helper process {p.pid} exited with status {code}")
+
+    def _all_answered(self, step: int) -> bool:
+        return all(n >= step or gone for n, gone in zip(self._answers, self._exited))
 
     @contextmanager
     def _deadline(self, what: str):
@@ -141,25 +167,40 @@ class Helpers:
 
     def _send(self, op: dict) -> None:
         line = json.dumps(op) + "\n"
+        with self._answered:
+            self._sent += 1
         for p in self.procs:
             p.stdin.write(line)
             p.stdin.flush()
 
     def load(self, path: Path, dtype: str) -> None:
         """Start the helpers' loads (they run beside rank 0's own); `wait_loaded` collects them."""
+        with self._answered:
+            self._load_answers = [{} for _ in self.procs]
         self._send({"op": "load", "path": str(path), "dtype": dtype})
-        self._loading = True
+        self._load_step = self._sent
 
     def wait_loaded(self) -> None:
         """Raises RuntimeError with a helper's reason if its load failed."""
-        if not self._loading:
+        if self._load_step is None:
             return
-        with self._deadline("a helper's load"):
-            answers = [json.loads(p.stdout.readline() or '{"error": "exited"}') for p in self.procs]
-        self._loading = False
-        errors = [a["error"] for a in answers if "error" in a]
+        step, self._load_step = self._load_step, None
+        with self._answered:
+            if not self._answered.wait_for(lambda: self._all_answered(step), START_TIMEOUT_S):
+                self._on_death(f"a helper's load took over {START_TIMEOUT_S} s")
+            errors = [a.get("error") or ("it exited" if gone else "no answer")
+                      for a, gone in zip(self._load_answers, self._exited) if not a.get("loaded")]
         if errors:
             raise RuntimeError(f"the vision split's helper could not load: {errors[0]}")
+
+    def memory(self) -> list[dict]:
+        """Each helper's GPU memory in bytes ({active, peak, cache, weights}; {} before its first
+        answer), as of its answer to the last step sent, or the one before if that is more than
+        REPORT_WAIT_S late. A helper finishes a forward with rank 0's vision tower, well before the
+        language model does, so after a batch the wait is normally nil."""
+        with self._answered:
+            self._answered.wait_for(lambda: self._all_answered(self._sent), REPORT_WAIT_S)
+            return [dict(m) for m in self._memory]
 
     def unload(self) -> None:
         try:
@@ -211,6 +252,7 @@ def helper_main(rank: int, ranks: int, parent: int) -> int:
     from workers.mlx.engine import RUN_AHEAD, fast_vision
     from workers.mlx.run_ahead import RunAhead
     from workers.mlx.vision import PATCH_VALUES
+    from mlx.utils import tree_flatten
 
     # Signals sent to the worker's process group (Ctrl-C where a worker runs in a terminal) must not
     # end a helper before its worker, which would take that for a failure: a helper ends when its
@@ -221,30 +263,39 @@ def helper_main(rank: int, ranks: int, parent: int) -> int:
     split = _join(rank, ranks)
     out = sys.stdout
     sys.stdout = sys.stderr                 # stray prints must not corrupt the answers
-    vision = None
+    def load(path: str, dtype: str):
+        ckpt = read_checkpoint(Path(path))
+        tower = load_vision_tower(ckpt, resolve_dtype(dtype))
+        vision = fast_vision(ckpt.model_type, tower)
+        vision.share_heads(split)
+        return vision, sum(v.nbytes for _, v in tree_flatten(tower.parameters()))
+
+    def forward(grids: list[tuple[int, int]]) -> None:
+        n = sum(gh * gw for gh, gw in grids)
+        patches = split.share(mx.zeros((n, PATCH_VALUES), vision.dtype))
+        mx.eval(vision([patches], grids, RunAhead(RUN_AHEAD)))
+
+    vision, weights = None, 0
     for line in sys.stdin:
         op = json.loads(line)
+        answer = {}
         if op["op"] == "load":
+            vision, weights = None, 0                    # the previous tower's memory goes first
             try:
-                ckpt = read_checkpoint(Path(op["path"]))
-                vision = None                                     # the previous tower's memory goes first
-                tower = load_vision_tower(ckpt, resolve_dtype(op["dtype"]))
-                vision = fast_vision(ckpt.model_type, tower)
-                vision.share_heads(split)
-                answer = {"ok": True}
+                vision, weights = load(op["path"], op["dtype"])
+                answer = {"loaded": True}
             except Exception as exc:
-                vision = None
-                answer = {"error": f"{type(exc).__name__}: {exc}"}
-            out.write(json.dumps(answer) + "\n")
-            out.flush()
+                answer = {"loaded": False, "error": f"{type(exc).__name__}: {exc}"}
         elif op["op"] == "forward":
-            grids = [tuple(g) for g in op["grids"]]
-            n = sum(gh * gw for gh, gw in grids)
-            patches = split.share(mx.zeros((n, PATCH_VALUES), vision.dtype))
-            mx.eval(vision([patches], grids, RunAhead(RUN_AHEAD)))
+            mx.reset_peak_memory()                   # a forward's peak, as the worker reports its batch's
+            forward([tuple(g) for g in op["grids"]])
         elif op["op"] == "unload":
-            vision = None
+            vision, weights = None, 0
             mx.clear_cache()
+        answer["memory"] = {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(),
+                            "cache": mx.get_cache_memory(), "weights": weights}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
     return 0
 
 
