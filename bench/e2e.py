@@ -13,7 +13,8 @@ worker's preprocessing (decode + resize) and queueing times within it and the ti
 (end to end minus the worker's `total`: HTTP, JSON and base64, the broker's hops, the answer's way
 back), and the device memory peak of
 the level's last batch (the worker resets the peak before each batch: with one client, one request's
-peak; with --devices, the largest replica's), as a markdown table on stdout.
+peak; with --devices, the largest replica's; with --gpus-per-replica, also the largest helper GPU's),
+as a markdown table on stdout.
 
 Every request carries a screenshot no other request of the run has sent, so the worker's
 screenshot cache (workers/screen_cache.py) never answers them; the `cache hits` column shows it.
@@ -218,12 +219,15 @@ def main(argv: list[str] | None = None) -> None:
                         base_col = f"{base:.1f} | {r['p50'] * 1e3 / base:.2f}x" if base and not same else "- | -"
                         time.sleep(1.5)     # the worker's memory reaches the status with its next heartbeat
                         status = {m["id"]: m for m in stack.models()}["bench"]
-                        peak = max(x["memory"].get("peak_bytes", 0) for x in status.get("replicas", [status]))
+                        replicas = status.get("replicas", [status])
+                        peak = max(x["memory"].get("peak_bytes", 0) for x in replicas)
+                        helpers = [h["peak_bytes"] for x in replicas for h in x.get("helper_memory", ())]
+                        peak_col = f"{peak / 1e9:.2f}" + (f" (helper GPU {max(helpers) / 1e9:.2f})" if helpers else "")
                         print(f"| {w}x{h} | {label} | {c}{', same screen' if same else ''} | {total} | {r['hits']} | "
                               f"{r['p50']*1e3:.1f} | {r['p95']*1e3:.1f} | {r['rps']:.2f} | "
                               f"{vs_single} | {r['forward_p50']*1e3:.1f} | {r['overhead_p50']*1e3:.1f} | "
                               f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} | "
-                              f"{r['outside_p50']*1e3:.1f} | {base_col} | {peak / 1e9:.2f} |",
+                              f"{r['outside_p50']*1e3:.1f} | {base_col} | {peak_col} |",
                               flush=True)
 
 if __name__ == "__main__":
