@@ -1,0 +1,119 @@
+"""Does a request's way in and out of the worker cost more when the host's CPUs idle meanwhile?
+
+    python -m bench.idle_hops [--n 40] [--forward-ms 0,100] [--hold-cpu-latency]
+
+Why: the time outside the worker (end to end minus the worker's own `total`: HTTP, JSON and
+base64, the broker's hops, the answer's way back) is ~1.2 ms on the 2-core CI box for a plain 1080p
+PNG but 3.4-4.2 ms on the GPU machines' hosts (bench/RESULTS.md). A request crosses ~14 thread
+wake-ups (client, frontend, broker, the worker's socket, control, prep and compute threads, and
+back), and while a real forward runs (~100 ms) every other thread sleeps, so their CPUs may fall
+into deep sleep states, whose exit costs tens to hundreds of microseconds per wake-up.
+
+Starts the whole stack with the fake engine (it reads the image header only and sleeps
+`--forward-ms` per batch, as a stand-in for the GPU forward during which the host idles) and sends
+--n plain 1080p PNG requests one after another over HTTP and through the Python ZMQ client.
+Prints p50 of the time outside the worker, per forward length. Also a thread wake-up probe: the
+median time from one thread's Event.set() to the waiting thread running, after 0 and 20 ms idle.
+`--hold-cpu-latency` writes 0 to /dev/cpu_dma_latency for the run (the kernel's PM QoS request,
+what tuned's latency-performance profile does: CPUs stay out of deep sleep states while the file
+is open; needs root).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.e2e import request_body
+from bench.screens import encoded
+from common.client import Client
+from tests.stackutil import Stack, fake_model
+
+
+def hold_cpu_latency() -> str:
+    """Keep the PM QoS request open for this process's life; -> what happened, for the log."""
+    try:
+        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+        os.write(fd, struct.pack("i", 0))
+    except OSError as exc:
+        return f"not held ({exc})"
+    return "held at 0 us"
+
+
+def wake_us(idle_s: float, n: int) -> float:
+    """Median microseconds from Event.set() in this thread to the waiter running, after idle_s."""
+    go, ran = threading.Event(), threading.Event()
+    seen: list[float] = []
+
+    def waiter() -> None:
+        for _ in range(n):
+            go.wait()
+            seen.append(time.perf_counter())
+            go.clear()
+            ran.set()
+
+    threading.Thread(target=waiter, daemon=True).start()
+    lags = []
+    for i in range(n):
+        time.sleep(idle_s)
+        t0 = time.perf_counter()
+        go.set()
+        ran.wait()
+        ran.clear()
+        lags.append((seen[i] - t0) * 1e6)
+    return sorted(lags)[len(lags) // 2]
+
+
+def outside_ms(send, n: int) -> float:
+    """p50 of end to end minus the worker's `total`, over n requests after 3 warm-ups."""
+    out = []
+    for i in range(n + 3):
+        t0 = time.perf_counter()
+        total_ms = send()
+        if i >= 3:
+            out.append((time.perf_counter() - t0) * 1e3 - total_ms)
+    return sorted(out)[len(out) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--forward-ms", default="0,100")
+    ap.add_argument("--hold-cpu-latency", action="store_true")
+    a = ap.parse_args()
+    if a.hold_cpu_latency:
+        print(f"/dev/cpu_dma_latency: {hold_cpu_latency()} (the stack's processes are this one's children)")
+    print(f"thread wake-up, median us: after 0 ms idle {wake_us(0, 200):.0f}, after 20 ms idle {wake_us(0.02, 50):.0f}")
+    png = encoded(1920, 1080, 7, "png", False)
+    print("| forward ms (fake) | outside the worker p50 ms, HTTP | outside the worker p50 ms, ZMQ client |")
+    print("|---|---|---|")
+    for forward in (int(f) for f in a.forward_ms.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            model = fake_model(fake={"load_s": 0.05, "weights_bytes": 100_000_000, "latency_ms": forward})
+            stack = Stack(Path(tmp), {"models": {"fake-x": model}})
+            with stack.start(loaded=("fake-x",)):
+                conn = http.client.HTTPConnection("127.0.0.1", stack.config["server"]["port"], timeout=60)
+                body = request_body("fake-x", png, "click Button 1")
+
+                def http_once() -> float:
+                    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                    resp = conn.getresponse()
+                    data = json.loads(resp.read())
+                    assert resp.status == 200, data
+                    return data["timings"]["total"]
+
+                with Client(stack.config["broker"]["client_endpoint"]) as zmq_client:
+                    cols = (outside_ms(http_once, a.n),
+                            outside_ms(lambda: zmq_client.ground("fake-x", png, "click Button 1").timings["total"], a.n))
+                conn.close()
+        print(f"| {forward} | {cols[0]:.2f} | {cols[1]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
