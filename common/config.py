@@ -153,8 +153,9 @@ class ModelSpec:
     devices: list | None = None
     # GPUs per replica: with 2 or more, each replica takes that many of `devices` in order; its
     # worker runs on the first and starts a helper process on each of the others, and they share
-    # every vision block's attention heads (workers/mlx/split.py): lower latency per request, one
-    # GPU's arithmetic. Those other GPUs serve that replica alone.
+    # every vision block's attention heads and, where that pays, the language model's tokens
+    # (workers/mlx/split.py): lower latency per request, one GPU's arithmetic. Those other GPUs
+    # serve that replica alone.
     gpus_per_replica: int = 1
     fake: dict = field(default_factory=dict)  # fake engine knobs (load_s, latency_ms, weights_bytes, ...)
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest, GroundingResult
+from workers.mlx import language
 from workers.mlx.engine import MlxEngine
 from workers.mlx.split import Helpers
 
@@ -26,9 +27,9 @@ def _png(w: int, h: int, seed: int) -> bytes:
 
 
 def _engine(path: str, cache_dir: str, **spec) -> MlxEngine:
-    # the screenshot cache off, so every question runs the whole forward, the vision tower included
-    return MlxEngine(ModelSpec(path=path, max_pixels=150_000, screenshot_cache_mb=0, **spec),
-                     EngineOptions("tiny", cache_dir, 4096 * 4096))
+    # by default the screenshot cache off, so every question runs the whole forward
+    spec = {"screenshot_cache_mb": 0, **spec}
+    return MlxEngine(ModelSpec(path=path, max_pixels=150_000, **spec), EngineOptions("tiny", cache_dir, 4096 * 4096))
 
 
 def _run(engine: MlxEngine, jobs) -> list[GroundingResult]:
@@ -45,19 +46,40 @@ def compare(backbone: str, cache_dir: str) -> dict:
     split.load()
     jobs = [(_png(517, 333, 1), "click the search box"), (_png(300, 420, 2), "open the menu")]
     same = []
-    for batch in ([jobs[0]], jobs):
-        same.append([a.attention == b.attention and a.points == b.points
-                     for a, b in zip(_run(whole, batch), _run(split, batch))])
+    default = language.SPLIT_MIN_SAVED_FLOP
+    for threshold in (0, default):        # the language model split too, then (too small to pay) not
+        language.SPLIT_MIN_SAVED_FLOP = threshold
+        for batch in ([jobs[0]], jobs):
+            same.append([a.attention == b.attention and a.points == b.points
+                         for a, b in zip(_run(whole, batch), _run(split, batch))])
+    language.SPLIT_MIN_SAVED_FLOP = 0
     pid = split._helpers.procs[0].pid
     alive = split._helpers.procs[0].poll() is None
     before = _run(split, [jobs[1]])[0]
     split.unload()
     split.load()
     after = _run(split, [jobs[1]])[0]
-    result = {"helper_alive": alive, "same": same, "weights": [whole._weights_bytes, split._weights_bytes], "same_helper_after_reload": split._helpers.procs[0].pid == pid,
+    result = {"helper_alive": alive, "language_split": split._helpers.language, "same": same, "weights": [whole._weights_bytes, split._weights_bytes], "same_helper_after_reload": split._helpers.procs[0].pid == pid,
               "same_after_reload": after.attention == before.attention}
     split._helpers.close()
     return result
+
+
+def cached(cache_dir: str) -> dict:
+    """The screenshot cache over a split: the first question's split forward keeps the screen's
+    prefix, the next ones run from it on the worker alone; both as in one process."""
+    language.SPLIT_MIN_SAVED_FLOP = 0
+    whole = _engine("tiny:qwen2_vl", cache_dir, screenshot_cache_mb=64)
+    split = _engine("tiny:qwen2_vl", cache_dir, screenshot_cache_mb=64, gpus_per_replica=2)
+    screen = _png(517, 333, 5)
+    questions = [(screen, "click the search box"), (screen, "open the menu"), (screen, "close the dialog")]
+    answers = []
+    for engine in (whole, split):
+        engine.load()
+        answers.append(_run(engine, questions[:1]) + _run(engine, questions[1:]))
+    split._helpers.close()
+    return {"cached_tokens": [[r.cached_tokens for r in a] for a in answers],
+            "same": [a.attention == b.attention and a.points == b.points for a, b in zip(*answers)]}
 
 
 def memory(cache_dir: str) -> dict:
@@ -65,7 +87,10 @@ def memory(cache_dir: str) -> dict:
     from mlx.utils import tree_flatten
     engine = _engine("tiny:qwen2_vl", cache_dir, gpus_per_replica=2)
     engine.load()
-    tower = sum(v.nbytes for _, v in tree_flatten(engine._model.vision_tower.parameters()))
+    model = engine._model
+    unused = [model.language_model.model.embed_tokens.parameters(), model.vision_tower.merger.parameters()]
+    backbone = sum(v.nbytes for _, v in tree_flatten(model.parameters())) - \
+        sum(v.nbytes for p in unused for _, v in tree_flatten(p))
     loaded = engine.memory().helpers
     engine.reset_peak()
     _run(engine, [(_png(517, 333, 1), "click the search box")])
@@ -73,7 +98,7 @@ def memory(cache_dir: str) -> dict:
     engine.unload()
     unloaded = engine.memory().helpers
     engine._helpers.close()
-    return {"own_tower": tower, "loaded": loaded, "ran": ran.helpers, "wire": ran.to_wire()["helpers"],
+    return {"own_backbone": backbone, "loaded": loaded, "ran": ran.helpers, "wire": ran.to_wire()["helpers"],
             "unloaded": unloaded}
 
 
@@ -130,4 +155,4 @@ def sigterm() -> dict:
 
 if __name__ == "__main__":
     scenario, *args = sys.argv[1:]
-    print(json.dumps({"compare": compare, "memory": memory, "forward_fails": forward_fails, "orphan": orphan, "uneven": uneven, "death": death, "sigterm": sigterm}[scenario](*args)))
+    print(json.dumps({"compare": compare, "cached": cached, "memory": memory, "forward_fails": forward_fails, "orphan": orphan, "uneven": uneven, "death": death, "sigterm": sigterm}[scenario](*args)))

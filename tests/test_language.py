@@ -24,6 +24,13 @@ def test_same_pointer_states_as_mlx_vlm_for_a_padded_batch(backbone, tmp_path):
                                 [j.position_ids for j in jobs], [j.pointer_pos for j in jobs])
     assert fast.shape == slow.shape == (2, eng._model.language_model.model.norm.weight.shape[0])
     assert mx.allclose(fast, slow, rtol=1e-5, atol=1e-5)
+    # what the split's cost rule counts: one layer's projection and MLP weights
+    assert eng._lm.layer_params == sum(w.size for w in _layer_weights(eng._model.language_model.model))
+
+
+def _layer_weights(text) -> list[mx.array]:
+    a, m = text.layers[0].self_attn, text.layers[0].mlp
+    return [l.weight for l in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)]
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -47,6 +54,8 @@ def test_quantized_language_models_take_our_forward(bits, tmp_path):
     (_, (qkv, fmt), _), _ = eng._lm.layers[0]
     assert fmt[:2] == (64, bits) and qkv[0].shape[0] == sum(
         text.layers[0].self_attn[p].weight.shape[0] for p in ("q_proj", "k_proj", "v_proj"))
+    # the split's cost rule counts weights, not the packed words that hold them
+    assert eng._lm.layer_params == sum(w.size * 32 // bits for w in _layer_weights(text))
 
 
 def test_the_load_probe_catches_a_forward_that_computes_something_else(tmp_path):

@@ -31,9 +31,10 @@ def _in_a_fresh_process(scenario: str, *args) -> dict:
 @pytest.mark.parametrize("backbone", ["qwen2_vl", "qwen2_5_vl"])
 def test_a_split_forward_gives_one_process_results_bit_for_bit(backbone, tmp_path):
     r = _in_a_fresh_process("compare", backbone, tmp_path)
-    assert r["helper_alive"]
-    # one image, then two sizes in one batch: the same points and attention bytes as one process
-    assert r["same"] == [[True], [True, True]]
+    assert r["helper_alive"] and r["language_split"]     # the language model split too
+    # one image, then two sizes in one batch, with the language model split and not: the same
+    # points and attention bytes as one process
+    assert r["same"] == [[True], [True, True]] * 2
     # unload and load again: the same helper process, the same answer
     assert r["same_helper_after_reload"] and r["same_after_reload"]
     # the worker holds its share of the tower's qkv weights only, and reports that
@@ -41,15 +42,31 @@ def test_a_split_forward_gives_one_process_results_bit_for_bit(backbone, tmp_pat
     assert split < whole
 
 
+def test_a_split_forward_keeps_a_screenshot_for_questions_as_one_process_does(tmp_path):
+    r = _in_a_fresh_process("cached", tmp_path)
+    first, *later = r["cached_tokens"][1]
+    assert first == 0 and all(n > 0 for n in later)        # the later questions ran from the kept state
+    assert r["cached_tokens"][0] == r["cached_tokens"][1] and r["same"] == [True, True, True]
+
+
 def test_the_worker_reports_its_helpers_memory_after_every_step(tmp_path):
     r = _in_a_fresh_process("memory", tmp_path)
     [loaded], [ran], [unloaded] = r["loaded"], r["ran"], r["unloaded"]
-    # the helper holds the tower alone, with the same share of the qkv weights as the worker
-    assert loaded["weights"] == r["own_tower"] > 0 and loaded["active"] >= loaded["weights"]
+    # the helper holds the backbone but for what only the worker uses (token embeddings, merger,
+    # pointer head), with the same share of the vision tower's qkv weights as the worker
+    assert loaded["weights"] == r["own_backbone"] > 0 and loaded["active"] >= loaded["weights"]
     # a forward's activations show in its peak (reset at every forward, as the worker's per batch)
     assert ran["weights"] == loaded["weights"] and ran["peak"] > ran["active"]
     assert r["wire"] == [ran]
     assert unloaded["weights"] == 0 and unloaded["active"] < loaded["weights"]
+
+
+def test_the_language_model_splits_where_the_work_saved_pays_for_the_exchanges():
+    from workers.mlx.language import split_pays
+    layer_2b, layer_7b = 46_792_704, 233_046_016       # q, k, v, o, gate, up, down of one layer
+    assert not split_pays(layer_2b, 2816, 2)             # 1080p: measured no faster split
+    assert split_pays(layer_7b, 2816, 2)                 # measured 25-30 ms faster
+    assert not split_pays(layer_7b, 1024, 2) and split_pays(layer_2b, 16384, 4)
 
 
 def test_a_forward_that_fails_with_the_helper_in_it_ends_the_worker_and_then_the_helper(tmp_path):
@@ -176,24 +193,3 @@ def test_the_api_gives_the_helpers_memory_from_a_running_stack(tmp_path):
                                              "peak_bytes": 1000, "cache_bytes": 0}]
         metrics = st.http("GET", "/metrics")[2].decode()
         assert 'grounding_model_memory_bytes{kind="helper_weights",model="g"} 1000.0' in metrics
-
-
-def test_a_helper_loads_the_vision_tower_alone_with_the_same_checks(tmp_path):
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from safetensors.numpy import load_file
-    from workers.mlx.backbone import load_backbone, load_vision_tower
-    from workers.mlx.checkpoint import CheckpointError, read_checkpoint
-    from workers.tiny_checkpoint import write_safetensors, write_tiny_checkpoint
-    path = write_tiny_checkpoint(tmp_path / "ckpt", "qwen2_vl", seed=1)
-    whole, _ = load_backbone(read_checkpoint(path), mx.float32)
-    tower = load_vision_tower(read_checkpoint(path), mx.float32)
-    want, got = dict(tree_flatten(whole.vision_tower.parameters())), dict(tree_flatten(tower.parameters()))
-    assert want.keys() == got.keys() and all(mx.array_equal(want[k], got[k]).item() for k in want)
-    f = path / "model.safetensors"
-    tensors = load_file(str(f))
-    tensors.pop("model.layers.0.mlp.down_proj.weight")        # the language model's: not the tower's business
-    tensors.pop("visual.blocks.1.attn.proj.weight")
-    write_safetensors(f, tensors)
-    with pytest.raises(CheckpointError, match="missing tensor visual.blocks.1.attn.proj.weight"):
-        load_vision_tower(read_checkpoint(path), mx.float32)

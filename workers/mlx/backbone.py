@@ -6,6 +6,7 @@ and check its tensors ourselves, and run the two pieces GUI-Actor needs (never t
 from __future__ import annotations
 
 import importlib
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -126,18 +127,6 @@ def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None
     return model, head
 
 
-def load_vision_tower(ckpt: Checkpoint, dtype: mx.Dtype):
-    """-> mlx-vlm's vision tower alone, with `load_backbone`'s checks over its tensors. The rest
-    of the checkpoint is never evaluated, so neither read nor held (a vision split's helper)."""
-    tower = _build(ckpt).vision_tower
-    expected = {f"vision_tower.{k}": v for k, v in tree_flatten(tower.parameters())}
-    weights, _ = _checked_weights(ckpt, expected, dtype)
-    tower.load_weights([(k[len("vision_tower."):], v) for k, v in weights], strict=True)
-    mx.eval(tower.parameters())
-    tower.eval()
-    return tower
-
-
 def encode_image(model, pixel_values: np.ndarray, grid_thw: tuple[int, int, int]) -> mx.array:
     """Vision tower + merger: [grid_h*grid_w, 1176] patches -> [n_img, D] encoder vectors."""
     dtype = model.vision_tower.patch_embed.proj.weight.dtype
@@ -162,9 +151,20 @@ def pointer_states(model, input_ids: np.ndarray, image_start: int, image_embeds:
     return out[0, mx.array(positions)]
 
 
+def prompt_multiple(ranks: int = 1) -> int:
+    """What prompt lengths are padded to: PAD_MULTIPLE, and divisible by a split's ranks."""
+    return math.lcm(PAD_MULTIPLE, ranks)
+
+
+def padded_length(lengths: list[int], multiple: int) -> int:
+    """The batch's prompt length: the longest, rounded up to `multiple`."""
+    return -(-max(lengths) // multiple) * multiple
+
+
 def pointer_states_batch(model, input_ids: list[np.ndarray], image_starts: list[int],
                          image_embeds: list[mx.array], position_ids: list[np.ndarray],
-                         pointer_pos: list[int], fast_lm=None, pace=None, keep: list[int] | None = None):
+                         pointer_pos: list[int], fast_lm=None, pace=None, keep: list[int] | None = None,
+                         split=None):
     """`pointer_states` for several prompts in one forward -> [B, D], one pointer per prompt.
 
     Prompts are right-padded to the longest, rounded up to a multiple of `PAD_MULTIPLE`: every
@@ -173,17 +173,18 @@ def pointer_states_batch(model, input_ids: list[np.ndarray], image_starts: list[
     sequence length costs the GPU backend a new attention plan (cuDNN graph) and new compiled
     kernels, and instruction lengths vary with every request. `fast_lm` (a FastLanguageModel over
     the same parameters) runs the language model instead of mlx-vlm's forward, cutting its graph
-    with `pace` (a RunAhead). `keep` (needs `fast_lm`): see FastLanguageModel.pointer_states."""
+    with `pace` (a RunAhead). `keep` and `split` (need `fast_lm`): see FastLanguageModel.pointer_states;
+    with `split`, prompts are padded to `prompt_multiple(split.ranks)`."""
     lm = model.language_model.model
     rows = []
     for ids, start, img in zip(input_ids, image_starts, image_embeds):
         emb = lm.embed_tokens(mx.array(ids.astype(np.int32)))
         rows.append(mx.concatenate([emb[:start], img.astype(emb.dtype), emb[start + img.shape[0]:]], axis=0))
-    h, pos = _right_padded(rows, position_ids, PAD_MULTIPLE)
+    h, pos = _right_padded(rows, position_ids, prompt_multiple(split.ranks if split is not None else 1))
     if fast_lm is not None:     # workers/mlx/language.py: same function, fewer and fused kernels
-        return fast_lm.pointer_states(h, pos, pointer_pos, pace, keep)
-    if keep is not None:
-        raise ValueError("keeping a prompt prefix needs our language-model forward")
+        return fast_lm.pointer_states(h, pos, pointer_pos, pace, keep, split)
+    if keep is not None or split is not None:
+        raise ValueError("keeping a prompt prefix or splitting the language model needs our language-model forward")
     dummy = mx.zeros(h.shape[:2], dtype=mx.int32)   # unused once inputs_embeds is given
     out = lm(dummy, inputs_embeds=h, position_ids=pos)       # [B, L, D], after model.norm
     return out[mx.arange(len(input_ids)), mx.array(pointer_pos)]
@@ -205,7 +206,7 @@ def pointer_state_after(model, fast_lm, kept: list, tail_ids: list[np.ndarray],
 def _right_padded(rows: list[mx.array], positions: list[np.ndarray], multiple: int) -> tuple[mx.array, mx.array]:
     """Rows [L_b, C] and their M-RoPE positions [3, L_b] -> (h [B, L, C], positions [3, B, L]),
     zeros after each row, L the longest rounded up to `multiple`."""
-    length = -(-max(r.shape[0] for r in rows) // multiple) * multiple
+    length = padded_length([r.shape[0] for r in rows], multiple)
     pos = np.zeros((3, len(rows), length), dtype=np.int32)
     padded = []
     for b, (r, p) in enumerate(zip(rows, positions)):

@@ -21,7 +21,8 @@ from common.config import ModelSpec
 from workers.engine import HELPER_GPUS_ENV, EngineOptions, GroundingRequest, GroundingResult, JobError, LoadReport, MemoryReport
 from workers.families import family_for
 from workers.images import PreparedImage, decode_image, plan_resize, preprocess, size_of
-from workers.mlx.backbone import load_backbone, pointer_state_after, pointer_states_batch, resolve_dtype
+from workers.mlx.backbone import (load_backbone, padded_length, pointer_state_after, pointer_states_batch,
+                                   prompt_multiple, resolve_dtype)
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
 from workers.mlx.cuda_rotary import on_cuda
 from workers.mlx.head import float32_matmul_error, head_from_tensors
@@ -146,7 +147,7 @@ class MlxEngine:
                                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}: a GPU that does not exist?)")
         path = resolve_path(self.spec.path, self.options.cache_dir, self.options.hf_home)
         if self.spec.gpus_per_replica > 1:
-            self._start_helpers().load(path, self.spec.dtype)   # they load beside us
+            self._start_helpers().load(path, self.spec.dtype, self.spec.quantize)   # they load beside us
         try:
             return self._load(path, t0)
         except BaseException:
@@ -350,10 +351,15 @@ class MlxEngine:
         grids = [j.image.grid_thw[1:] for j in batch]
         if self._helpers is None:
             return self._forward_from(batch, patches, grids, keep)
-        with self._helpers.forward(mx.concatenate(patches) if len(patches) > 1 else patches[0], grids) as shared:
-            return self._forward_from(batch, [shared], grids, keep)
+        ranks = self._helpers.ranks
+        length = padded_length([len(j.input_ids) for j in batch], prompt_multiple(ranks))
+        split_lm = self._lm is not None and self._helpers.language and self._lm.split_pays(length, ranks)
+        prompts = (len(batch), length) if split_lm else None
+        with self._helpers.forward(mx.concatenate(patches) if len(patches) > 1 else patches[0], grids, prompts) as shared:
+            return self._forward_from(batch, [shared], grids, keep, self._helpers.split if split_lm else None)
 
-    def _forward_from(self, batch: list[PreparedJob], patches: list[mx.array], grids: list, keep: list[int] | None):
+    def _forward_from(self, batch: list[PreparedJob], patches: list[mx.array], grids: list, keep: list[int] | None,
+                      split=None):
         # one RunAhead for the whole pass, so the vision tower's last chunks count in the language model's
         pace = RunAhead(self.run_ahead)
         enc_all = self._vision(patches, grids, pace)
@@ -361,7 +367,7 @@ class MlxEngine:
         encs = mx.split(enc_all, cuts, axis=0) if cuts else [enc_all]
         out = pointer_states_batch(self._model, [j.input_ids for j in batch], [j.image_start for j in batch],
                                    encs, [j.position_ids for j in batch], [j.pointer_pos for j in batch],
-                                   fast_lm=self._lm, pace=pace, keep=keep)
+                                   fast_lm=self._lm, pace=pace, keep=keep, split=split)
         dec, kept = out if keep is not None else (out, None)
         mx.eval(encs, dec, kept)
         return encs, dec, kept

@@ -18,12 +18,17 @@ the weight dequantized just before its matmul: a transient the size of one plain
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_vlm.models.cache import KVCache
 
 from workers.mlx.cuda_rotary import on_cuda, rotate_half
 from workers.mlx.run_ahead import RunAhead
+
+if TYPE_CHECKING:
+    from workers.mlx.split import Split
 
 
 # Where every matmul of a packed weight dequantizes it first (`dequantize_rows` 1): on CUDA and the
@@ -129,6 +134,28 @@ def _reference_forward(lm, h, position_ids, step: int) -> mx.array:
                            for i in range(0, h.shape[1], step)], axis=1)
 
 
+# The language model splits over a vision split's GPUs where that saves at least this many matmul
+# FLOPs per layer on each rank. Measured on two H200s (bench/RESULTS.md, 1080p, 2,816 tokens):
+# the 7B shape saves 656 GFLOP per layer and its forward 25-30 ms; the 2B shape saves 132 GFLOP and
+# gained nothing (at 720p it lost 4 ms): the per-layer exchange of keys and values costs about
+# what 150 GFLOP take. The threshold sits at twice that.
+SPLIT_MIN_SAVED_FLOP = 300e9
+
+
+def split_pays(layer_params: int, tokens: int, ranks: int) -> bool:
+    """Whether splitting a prompt of `tokens` over `ranks` saves each rank enough matmul work per
+    layer (of `layer_params` weights) to pay for the layer's collective."""
+    return 2 * layer_params * tokens * (ranks - 1) / ranks >= SPLIT_MIN_SAVED_FLOP
+
+
+def _shared_inputs(split: "Split", h: mx.array, position_ids: mx.array) -> tuple[mx.array, mx.array]:
+    """Rank 0's embeddings and positions on every rank (the others pass zeros). Collectives must
+    run in one order on every rank: the positions' waits for the embeddings' explicitly, since
+    nothing else orders two independent arrays in MLX's graph."""
+    h = split.share(h)
+    return h, split.share(mx.depends(position_ids, h))
+
+
 class FastLanguageModel:
     """`pointer_states(h, position_ids, pointer_pos)` over mlx-vlm's `Qwen2Model` parameters."""
 
@@ -156,6 +183,9 @@ class FastLanguageModel:
                                 (_weight(a.o_proj), layer.post_attention_layernorm.weight,
                                  gate_up_w, _weight(m.down_proj))))
         mx.clear_cache()
+        c, inter = lm.norm.weight.shape[0], lm.layers[0].mlp.gate_proj.weight.shape[0]   # rows: never packed
+        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.layer_params = c * (2 * q_width + 2 * kv_width) + 3 * c * inter      # q, k, v, o; gate, up, down
         weights = [w for block, rest in self.layers for w in (block[1], rest[0], rest[2], rest[3])]
         self.packed = any(fmt is not None for _, fmt in weights)
         self.eval_every = eval_every if eval_every is not None else 1 if self.packed and dequantize_rows else 4
@@ -207,30 +237,75 @@ class FastLanguageModel:
         return q, k, v
 
     def pointer_states(self, h: mx.array, position_ids: mx.array, pointer_pos: list[int],
-                       pace: RunAhead | None = None, keep: list[int] | None = None):
+                       pace: RunAhead | None = None, keep: list[int] | None = None, split: "Split | None" = None):
         """h [B, L, C] input embeddings (image vectors in place), position_ids [3, B, L] M-RoPE
         positions, pointer_pos[b] the <|pointer_pad|> index of row b -> [B, C] after the final norm.
         Every `eval_every` layers the graph is handed to `pace` (workers/mlx/run_ahead.py).
 
         With `keep` (a prefix length per row, 0 for none) it returns (states, kept): kept[b] holds
         each layer's rotated keys and values over row b's first keep[b] positions, ([1, KV, P, D],
-        [1, KV, P, D]) per layer, copied out of the batch, for `pointer_state_after`."""
+        [1, KV, P, D]) per layer, copied out of the batch, for `pointer_state_after`.
+
+        With `split` (rank 0 of a vision split whose helpers run `helper_layers` in step), every
+        layer but the last runs over 1/ranks of the tokens per rank (`_layers_but_last`)."""
         pace = pace or RunAhead()
         b, length, _ = h.shape
         kept: list[list[tuple[mx.array, mx.array]]] = [[] for _ in range(b)]
+        if split is not None:                       # the helpers take them from here
+            h, position_ids = _shared_inputs(split, h, position_ids)
         cos, sin = self.lm.layers[0].self_attn.rotary_emb(h, position_ids)
-        for i, (block, rest) in enumerate(self.layers[:-1]):
-            q, k, v = self._attention_inputs(h, block, cos, sin)
-            copies = self._keep(kept, k, v, keep)
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
-            h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, length, -1), *rest, self.eps, self.dequantize_rows)
-            if self.eval_every and (i + 1) % self.eval_every == 0:
-                pace([h, *copies])
+        h = self._layers_but_last(h, cos, sin, pace, split, kept, keep)
         block, rest = self.layers[-1]
         q, k, v = self._attention_inputs(h, block, cos, sin)
         self._keep(kept, k, v, keep)
         states = self._at_pointers(h, q, k, v, rest, pointer_pos)
         return (states, kept) if keep is not None else states
+
+    def split_pays(self, tokens: int, ranks: int) -> bool:
+        return split_pays(self.layer_params, tokens, ranks)
+
+    def helper_layers(self, split: "Split", batch: int, length: int, pace: RunAhead) -> None:
+        """A helper's part of `pointer_states` with `split`: rank 0's embeddings and positions
+        ([batch, length, C], [3, batch, length]) come through the group, then its share of the
+        tokens through every layer but the last."""
+        c = self.lm.norm.weight.shape[0]
+        h, position_ids = _shared_inputs(split, mx.zeros((batch, length, c), self.lm.norm.weight.dtype),
+                                         mx.zeros((3, batch, length), mx.int32))
+        cos, sin = self.lm.layers[0].self_attn.rotary_emb(h, position_ids)
+        mx.eval(self._layers_but_last(h, cos, sin, pace, split))
+
+    def _layers_but_last(self, h, cos, sin, pace: RunAhead, split: "Split | None" = None,
+                         kept: list | None = None, keep: list[int] | None = None) -> mx.array:
+        """Every layer but the last over h [B, L, C] -> [B, L, C].
+
+        Split: rank r runs tokens [r*L/R, (r+1)*L/R) through the projections and the MLP, and
+        every rank's keys and values join after each layer's projection (all_gather, exact), so
+        its queries attend over all the tokens before them as in one process: the causal mask
+        aligns its last query with the last key it is given. The rows go through the same
+        matmuls as in one process, only fewer at a time (identical results in
+        tests/test_vision_split.py). The ranks' states join at the end."""
+        b, length, _ = h.shape
+        if split is not None:
+            if length % split.ranks:
+                raise ValueError(f"a split language model needs the prompt length ({length}) in "
+                                 f"multiples of its {split.ranks} ranks")
+            part = length // split.ranks
+            lo, hi = split.rank * part, (split.rank + 1) * part
+            h, cos, sin = h[:, lo:hi], cos[:, lo:hi], sin[:, lo:hi]
+        for i, (block, rest) in enumerate(self.layers[:-1]):
+            q, k, v = self._attention_inputs(h, block, cos, sin)
+            if split is not None:                   # one collective for both, so the ranks' order is one
+                kv = split.gather_along(mx.concatenate([k, v], axis=1), 2)
+                k, v = kv[:, :self.kv_heads], kv[:, self.kv_heads:]
+            copies = self._keep(kept, k, v, keep)
+            if split is not None and hi < length:
+                k, v = k[:, :, :hi], v[:, :, :hi]
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
+            h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, h.shape[1], -1), *rest, self.eps,
+                           self.dequantize_rows)
+            if self.eval_every and (i + 1) % self.eval_every == 0:
+                pace([h, *copies])
+        return split.gather_along(h, 1) if split is not None else h
 
     def pointer_state_after(self, kept: list[tuple[mx.array, mx.array]], h: mx.array,
                             position_ids: mx.array, pointers: list[int]) -> mx.array:

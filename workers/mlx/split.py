@@ -1,28 +1,37 @@
-"""One replica's vision tower over several GPUs: the attention heads shared with helper processes.
+"""One replica's forward over several GPUs: the vision tower's attention heads and the language
+model's tokens shared with helper processes.
 
 Why: on one GPU a 1080p screenshot's forward is ~110 ms, and half of it is the ViT's attention,
 already at cuDNN's speed (bench/RESULTS.md). With `gpus_per_replica: 2` the worker (rank 0) starts
-a helper process (rank 1) on a second GPU, and each rank computes half of every block's heads:
-the 2B shape's tower went from 83 to 59 ms on two H200s (`bench.tp_probe`). Splitting the MLP as
-well (Megatron-style, summing partial products) measured 55 ms, but its sums round differently
-from one GPU's; this split keeps one GPU's arithmetic: every rank runs the norms, the output
-projection and the MLP on the whole width from the same inputs, so all keep the same residual
-stream, and each head's attention is the same kernel on the same values. `all_gather` joins the
-heads. Identical bits in tests/test_vision_split.py (CPU) and in bench.tp_probe's tower (1080p
-and 1440p, two H200s); a GPU library could in principle pick another matmul algorithm for a
-rank's narrower qkv projection, which would change low bits only.
+a helper process (rank 1) on a second GPU.
+- Vision tower: each rank computes half of every block's heads: the 2B shape's tower went from 83
+  to 59 ms on two H200s (`bench.tp_probe`). Splitting the MLP as well (Megatron-style, summing
+  partial products) measured 55 ms, but its sums round differently from one GPU's; this split
+  keeps one GPU's arithmetic: every rank runs the norms, the output projection and the MLP on the
+  whole width from the same inputs, so all keep the same residual stream, and each head's
+  attention is the same kernel on the same values. `all_gather` joins the heads.
+- Language model (where our forward runs it, workers/mlx/language.py): rank 0 shares the prompt's
+  embeddings, each rank runs its share of the tokens through every layer but the last, with the
+  keys and values joined at every layer, and rank 0 runs the last layer at the pointer tokens as
+  before. Each token's row meets the same weights as in one process, only with fewer rows per
+  matmul, so again no sum is regrouped.
+Identical bits in tests/test_vision_split.py (CPU) and in bench.tp_probe's tower (1080p and 1440p,
+two H200s); a GPU library could in principle pick another matmul algorithm for a narrower or
+shorter matmul, which would change low bits only.
 
 Control: rank 0 writes one JSON line per step to each helper's stdin (`load`, `forward` with the
-batch's patch grids, `unload`); a helper answers each step with one line that carries its GPU's
-memory (and, for `load`, whether it loaded), read by a thread per helper so that a forward never
-waits on it. The worker reports those figures beside its own (`Helpers.memory`). This pipe stays inside the
-worker (a worker and its own helpers), so it is not the broker's wire format. Tensors go over
-MLX's distributed backend: NCCL between CUDA GPUs; the ring backend over loopback on the CPU (the
-tests). A helper exits when its stdin closes (its worker is gone). The worker exits (status 70)
-when a helper dies, or when a forward fails after the helpers were told to run it: the ranks'
-collectives would then be out of step, and the supervisor's restart is the clean way back.
-Helpers load and hold only the vision tower (backbone.load_vision_tower); the broker budgets
-rank 0's GPU only, so config gives a helper's GPU to its replica alone (common/config.py).
+batch's patch grids and prompt shape, `unload`); a helper answers each step with one line that
+carries its GPU's memory (and, for `load`, whether it loaded and runs our language-model forward),
+read by a thread per helper so that a forward never waits on it. The worker reports those figures
+beside its own (`Helpers.memory`). This pipe stays inside the worker (a worker and its own
+helpers), so it is not the broker's wire format. Tensors go over MLX's distributed backend: NCCL
+between CUDA GPUs; the ring backend over loopback on the CPU (the tests). Collectives must run in
+the same order on every rank; each depends on the one before it in the graph. A helper exits when
+its stdin closes (its worker is gone). The worker exits (status 70) when a helper dies, or when a
+forward fails after the helpers were told to run it: the ranks' collectives would then be out of
+step, and the supervisor's restart is the clean way back. Helpers hold the backbone without the
+pointer head; the broker budgets rank 0's GPU only, so config gives a helper's GPU to its replica
+alone (common/config.py).
 """
 from __future__ import annotations
 
@@ -63,6 +72,11 @@ class Split:
         n, w = o.shape
         g = mx.distributed.all_gather(o, group=self.group)                  # [ranks*N, w]
         return g.reshape(self.ranks, n, w).transpose(1, 0, 2).reshape(n, self.ranks * w)
+
+    def gather_along(self, x: mx.array, axis: int) -> mx.array:
+        """Each rank's x -> every rank's, joined along `axis` in rank order."""
+        g = mx.distributed.all_gather(mx.moveaxis(x, axis, 0), group=self.group)
+        return mx.moveaxis(g, 0, axis)
 
     def share(self, x: mx.array) -> mx.array:
         """Rank 0's `x` on every rank (the others pass zeros of its shape; adding zeros is exact)."""
@@ -173,12 +187,18 @@ class Helpers:
             p.stdin.write(line)
             p.stdin.flush()
 
-    def load(self, path: Path, dtype: str) -> None:
+    def load(self, path: Path, dtype: str, quantize: int | None) -> None:
         """Start the helpers' loads (they run beside rank 0's own); `wait_loaded` collects them."""
         with self._answered:
             self._load_answers = [{} for _ in self.procs]
-        self._send({"op": "load", "path": str(path), "dtype": dtype})
+        self._send({"op": "load", "path": str(path), "dtype": dtype, "quantize": quantize})
         self._load_step = self._sent
+
+    @property
+    def language(self) -> bool:
+        """Whether every helper loaded our language-model forward (the language model can split)."""
+        with self._answered:
+            return all(a.get("language") for a in self._load_answers)
 
     def wait_loaded(self) -> None:
         """Raises RuntimeError with a helper's reason if its load failed."""
@@ -210,11 +230,12 @@ class Helpers:
         self._send({"op": "unload"})
 
     @contextmanager
-    def forward(self, patches: mx.array, grids: list[tuple[int, int]]):
-        """Tell the helpers to run a tower forward over these grids and yield the patches as the
-        group shares them (rank 0 must compute with that array, so the share runs on its side too).
+    def forward(self, patches: mx.array, grids: list[tuple[int, int]], prompts: tuple[int, int] | None = None):
+        """Tell the helpers to run a tower forward over these grids, and with `prompts` (batch,
+        padded length) their share of the language model's, and yield the patches as the group
+        shares them (rank 0 must compute with that array, so the share runs on its side too).
         Any error from here on leaves the ranks out of step: the worker exits."""
-        self._send({"op": "forward", "grids": [list(g) for g in grids]})
+        self._send({"op": "forward", "grids": [list(g) for g in grids], "prompts": prompts and list(prompts)})
         try:
             yield self.split.share(patches)
         except BaseException as exc:
@@ -247,9 +268,9 @@ def _end_with_parent(parent: int) -> None:
 
 def helper_main(rank: int, ranks: int, parent: int) -> int:
     """A helper: join the group, then serve rank 0's steps from stdin until it closes."""
-    from workers.mlx.backbone import load_vision_tower, resolve_dtype
+    from workers.mlx.backbone import load_backbone, resolve_dtype
     from workers.mlx.checkpoint import read_checkpoint
-    from workers.mlx.engine import RUN_AHEAD, fast_vision
+    from workers.mlx.engine import RUN_AHEAD, fast_language_model, fast_vision
     from workers.mlx.run_ahead import RunAhead
     from workers.mlx.vision import PATCH_VALUES
     from mlx.utils import tree_flatten
@@ -263,34 +284,41 @@ def helper_main(rank: int, ranks: int, parent: int) -> int:
     split = _join(rank, ranks)
     out = sys.stdout
     sys.stdout = sys.stderr                 # stray prints must not corrupt the answers
-    def load(path: str, dtype: str):
+    def load(path: str, dtype: str, quantize: int | None):
         ckpt = read_checkpoint(Path(path))
-        tower = load_vision_tower(ckpt, resolve_dtype(dtype))
-        vision = fast_vision(ckpt.model_type, tower)
+        model, _ = load_backbone(ckpt, resolve_dtype(dtype), quantize)
+        vision = fast_vision(ckpt.model_type, model.vision_tower)
         vision.share_heads(split)
-        return vision, sum(v.nbytes for _, v in tree_flatten(tower.parameters()))
+        lm = fast_language_model(model.language_model.model)     # None: rank 0 runs it alone
+        # what only rank 0 uses: the token embeddings (it shares the prompt's) and the merger
+        model.language_model.model.pop("embed_tokens")
+        model.vision_tower.pop("merger")
+        return vision, lm, sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
-    def forward(grids: list[tuple[int, int]]) -> None:
+    def forward(grids: list[tuple[int, int]], prompts: list[int] | None) -> None:
         n = sum(gh * gw for gh, gw in grids)
         patches = split.share(mx.zeros((n, PATCH_VALUES), vision.dtype))
-        mx.eval(vision([patches], grids, RunAhead(RUN_AHEAD)))
+        pace = RunAhead(RUN_AHEAD)
+        mx.eval(vision([patches], grids, pace))
+        if prompts:
+            lm.helper_layers(split, *prompts, pace)
 
-    vision, weights = None, 0
+    vision, lm, weights = None, None, 0
     for line in sys.stdin:
         op = json.loads(line)
         answer = {}
         if op["op"] == "load":
-            vision, weights = None, 0                    # the previous tower's memory goes first
+            vision, lm, weights = None, None, 0          # the previous model's memory goes first
             try:
-                vision, weights = load(op["path"], op["dtype"])
-                answer = {"loaded": True}
+                vision, lm, weights = load(op["path"], op["dtype"], op["quantize"])
+                answer = {"loaded": True, "language": lm is not None}
             except Exception as exc:
                 answer = {"loaded": False, "error": f"{type(exc).__name__}: {exc}"}
         elif op["op"] == "forward":
             mx.reset_peak_memory()                   # a forward's peak, as the worker reports its batch's
-            forward([tuple(g) for g in op["grids"]])
+            forward([tuple(g) for g in op["grids"]], op["prompts"])
         elif op["op"] == "unload":
-            vision, weights = None, 0
+            vision, lm, weights = None, None, 0
             mx.clear_cache()
         answer["memory"] = {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(),
                             "cache": mx.get_cache_memory(), "weights": weights}
