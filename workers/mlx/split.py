@@ -216,8 +216,9 @@ class Helpers:
     def memory(self) -> list[dict]:
         """Each helper's GPU memory in bytes ({active, peak, cache, weights}; {} before its first
         answer), as of its answer to the last step sent, or the one before if that is more than
-        REPORT_WAIT_S late. A helper finishes a forward with rank 0's vision tower, well before the
-        language model does, so after a batch the wait is normally nil."""
+        REPORT_WAIT_S late. A helper's part of a forward ends before rank 0's (the last
+        language-model layer and the pointer head are rank 0's alone), so after a batch the wait
+        is normally nil."""
         with self._answered:
             self._answered.wait_for(lambda: self._all_answered(self._sent), REPORT_WAIT_S)
             return [dict(m) for m in self._memory]
@@ -268,12 +269,13 @@ def _end_with_parent(parent: int) -> None:
 
 def helper_main(rank: int, ranks: int, parent: int) -> int:
     """A helper: join the group, then serve rank 0's steps from stdin until it closes."""
+    from mlx.utils import tree_flatten
+
     from workers.mlx.backbone import load_backbone, resolve_dtype
     from workers.mlx.checkpoint import read_checkpoint
     from workers.mlx.engine import RUN_AHEAD, fast_language_model, fast_vision
     from workers.mlx.run_ahead import RunAhead
     from workers.mlx.vision import PATCH_VALUES
-    from mlx.utils import tree_flatten
 
     # Signals sent to the worker's process group (Ctrl-C where a worker runs in a terminal) must not
     # end a helper before its worker, which would take that for a failure: a helper ends when its
@@ -284,6 +286,7 @@ def helper_main(rank: int, ranks: int, parent: int) -> int:
     split = _join(rank, ranks)
     out = sys.stdout
     sys.stdout = sys.stderr                 # stray prints must not corrupt the answers
+
     def load(path: str, dtype: str, quantize: int | None):
         ckpt = read_checkpoint(Path(path))
         model, _ = load_backbone(ckpt, resolve_dtype(dtype), quantize)
