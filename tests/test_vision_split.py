@@ -67,6 +67,7 @@ def test_the_language_model_splits_where_the_work_saved_pays_for_the_exchanges()
     assert not split_pays(layer_2b, 2816, 2)             # 1080p: measured no faster split
     assert split_pays(layer_7b, 2816, 2)                 # measured 25-30 ms faster
     assert not split_pays(layer_7b, 1024, 2) and split_pays(layer_2b, 16384, 4)
+    assert split_pays(layer_2b, 3 * 2816, 2)              # a batch of three 1080p screenshots
 
 
 def test_a_forward_that_fails_with_the_helper_in_it_ends_the_worker_and_then_the_helper(tmp_path):

@@ -353,7 +353,7 @@ class MlxEngine:
             return self._forward_from(batch, patches, grids, keep)
         ranks = self._helpers.ranks
         length = padded_length([len(j.input_ids) for j in batch], prompt_multiple(ranks))
-        split_lm = self._lm is not None and self._helpers.language and self._lm.split_pays(length, ranks)
+        split_lm = self._lm is not None and self._helpers.language and self._lm.split_pays(len(batch) * length, ranks)
         prompts = (len(batch), length) if split_lm else None
         with self._helpers.forward(mx.concatenate(patches) if len(patches) > 1 else patches[0], grids, prompts) as shared:
             return self._forward_from(batch, [shared], grids, keep, self._helpers.split if split_lm else None)

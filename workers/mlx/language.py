@@ -143,8 +143,9 @@ SPLIT_MIN_SAVED_FLOP = 300e9
 
 
 def split_pays(layer_params: int, tokens: int, ranks: int) -> bool:
-    """Whether splitting a prompt of `tokens` over `ranks` saves each rank enough matmul work per
-    layer (of `layer_params` weights) to pay for the layer's collective."""
+    """Whether splitting a batch of `tokens` (all its prompts' padded tokens) over `ranks` saves
+    each rank enough matmul work per layer (of `layer_params` weights) to pay for the layer's
+    collective, whose cost is mostly latency."""
     return 2 * layer_params * tokens * (ranks - 1) / ranks >= SPLIT_MIN_SAVED_FLOP
 
 
