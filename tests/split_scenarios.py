@@ -66,11 +66,11 @@ def compare(backbone: str, cache_dir: str) -> dict:
 
 
 def cached(cache_dir: str) -> dict:
-    """The screenshot cache over a split: the first question's split forward keeps the screen's
-    prefix, the next ones run from it on the worker alone; both as in one process."""
+    """The screenshot cache over a split, of a 4-bit model: the first question's split forward
+    keeps the screen's prefix, the next ones run from it on the worker alone; both as in one process."""
     language.SPLIT_MIN_SAVED_FLOP = 0
-    whole = _engine("tiny:qwen2_vl", cache_dir, screenshot_cache_mb=64)
-    split = _engine("tiny:qwen2_vl", cache_dir, screenshot_cache_mb=64, gpus_per_replica=2)
+    whole = _engine("tiny:qwen2_vl", cache_dir, screenshot_cache_mb=64, quantize=4)
+    split = _engine("tiny:qwen2_vl", cache_dir, screenshot_cache_mb=64, quantize=4, gpus_per_replica=2)
     screen = _png(517, 333, 5)
     questions = [(screen, "click the search box"), (screen, "open the menu"), (screen, "close the dialog")]
     answers = []

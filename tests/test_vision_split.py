@@ -42,7 +42,7 @@ def test_a_split_forward_gives_one_process_results_bit_for_bit(backbone, tmp_pat
     assert split < whole
 
 
-def test_a_split_forward_keeps_a_screenshot_for_questions_as_one_process_does(tmp_path):
+def test_a_split_forward_of_a_quantized_model_keeps_a_screenshot_for_questions_as_one_process_does(tmp_path):
     r = _in_a_fresh_process("cached", tmp_path)
     first, *later = r["cached_tokens"][1]
     assert first == 0 and all(n > 0 for n in later)        # the later questions ran from the kept state
