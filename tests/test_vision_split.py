@@ -1,5 +1,5 @@
 """A vision split (gpus_per_replica, workers/mlx/split.py): the worker and its helper processes
-share every vision block's attention heads. On the CPU the ranks talk over MLX's ring backend on
+share every vision block's attention heads and, where it pays, the language model's tokens. On the CPU the ranks talk over MLX's ring backend on
 loopback, the same code as NCCL between GPUs; real helper processes, tiny generated checkpoints."""
 from __future__ import annotations
 
