@@ -94,6 +94,7 @@ def memory(cache_dir: str) -> dict:
     loaded = engine.memory().helpers
     engine.reset_peak()
     _run(engine, [(_png(517, 333, 1), "click the search box")])
+    engine._helpers.memory(wait_s=20)       # the helper's answer to the forward, however loaded this box
     ran = engine.memory()
     engine.unload()
     unloaded = engine.memory().helpers

@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 
 FATAL_EXIT = 70            # the worker's status for "broken, restart me" (workers/worker.py)
 START_TIMEOUT_S = 300      # helpers joining the group; a load answering
-REPORT_WAIT_S = 1.0        # how long a memory report waits for the helpers' answers to the last step
+REPORT_WAIT_S = 0.01       # how long a memory report after a batch waits for the helpers' answers
+UNLOAD_WAIT_S = 10         # ... and one after an unload (the memory just freed is its point)
 PARENT_POLL_S = 0.5        # how soon an orphaned helper notices
 
 
@@ -214,22 +215,26 @@ class Helpers:
         if errors:
             raise RuntimeError(f"the vision split's helper could not load: {errors[0]}")
 
-    def memory(self) -> list[dict]:
+    def memory(self, wait_s: float = REPORT_WAIT_S) -> list[dict]:
         """Each helper's GPU memory in bytes ({active, peak, cache, weights}; {} before its first
         answer), as of its answer to the last step sent, or the one before if that is more than
-        REPORT_WAIT_S late. A helper's part of a forward ends before rank 0's (the last
-        language-model layer and the pointer head are rank 0's alone), so after a batch the wait
-        is normally nil."""
+        `wait_s` late. The worker asks after each batch, before sending the batch's answers, so
+        the wait is short: a helper's part of a forward ends before rank 0's (the last
+        language-model layer and the pointer head are rank 0's alone), so its answer is normally
+        there already, and a late one only leaves the report a batch behind."""
         with self._answered:
-            self._answered.wait_for(lambda: self._all_answered(self._sent), REPORT_WAIT_S)
+            self._answered.wait_for(lambda: self._all_answered(self._sent), wait_s)
             return [dict(m) for m in self._memory]
 
     def unload(self) -> None:
+        """Unload the helpers' models; returns once they answer (or UNLOAD_WAIT_S), so that a
+        memory report after it shows the memory freed."""
         try:
             self.wait_loaded()               # rank 0's own load failed first: read what is owed
         except RuntimeError:
             pass
         self._send({"op": "unload"})
+        self.memory(wait_s=UNLOAD_WAIT_S)
 
     @contextmanager
     def forward(self, patches: mx.array, grids: list[tuple[int, int]], prompts: tuple[int, int] | None = None):
