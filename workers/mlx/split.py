@@ -69,16 +69,14 @@ class Split:
     def __init__(self, group, rank: int, ranks: int):
         self.group, self.rank, self.ranks = group, rank, ranks
 
-    def gather(self, o: mx.array) -> mx.array:
-        """Each rank's attention output [N, w] (its heads) -> every rank's [N, ranks*w], heads in order."""
-        n, w = o.shape
-        g = mx.distributed.all_gather(o, group=self.group)                  # [ranks*N, w]
-        return g.reshape(self.ranks, n, w).transpose(1, 0, 2).reshape(n, self.ranks * w)
-
     def gather_along(self, x: mx.array, axis: int) -> mx.array:
-        """Each rank's x -> every rank's, joined along `axis` in rank order."""
-        g = mx.distributed.all_gather(mx.moveaxis(x, axis, 0), group=self.group)
-        return mx.moveaxis(g, 0, axis)
+        """Each rank's x -> every rank's, joined along `axis` in rank order (the vision tower's
+        attention heads: [N, w] along 1; the language model's tokens). all_gather stacks the
+        ranks' arrays along axis 0 as they are; their blocks then move to `axis` in one copy."""
+        g = mx.distributed.all_gather(x, group=self.group).reshape(self.ranks, *x.shape)
+        shape = list(x.shape)
+        shape[axis] *= self.ranks
+        return mx.moveaxis(g, 0, axis).reshape(shape)
 
     def share(self, x: mx.array) -> mx.array:
         """Rank 0's `x` on every rank (the others pass zeros of its shape; adding zeros is exact)."""

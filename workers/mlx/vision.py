@@ -105,7 +105,7 @@ class FastVision:
 
     def share_heads(self, split: "Split") -> None:
         """Compute only this rank's share of every block's attention heads (its rows of the qkv
-        projection); `split.gather` joins the ranks' attention outputs before the output
+        projection); `split.gather_along` joins the ranks' attention outputs before the output
         projection, which every rank then runs on the whole width. Called after the subclass has
         set `blocks`, whose first group ends with the qkv weight and bias. The tower's own qkv
         layers get the slices too, so the whole-width weights are freed (and the worker reports
@@ -182,7 +182,7 @@ class FastVision:
             v = qkv.reshape(n, 3, self.heads, self.head_dim)[:, 2]
             o = attend(q, k, v, self.spans(i, grids), self.scale)
             if self.split is not None:
-                o = self.split.gather(o)
+                o = self.split.gather_along(o, 1)
             x = self.post_attention(x, o, i)
             if self.eval_every and (i + 1) % self.eval_every == 0:
                 pace(x)
