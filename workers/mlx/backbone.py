@@ -70,9 +70,9 @@ def _model_config(arch, ckpt: Checkpoint, vocab: int):
     return cfg
 
 
-def _build(ckpt: Checkpoint):
-    """mlx-vlm's Model for this checkpoint, parameters not loaded (MLX arrays are lazy: nothing
-    of the random initialisation is computed unless evaluated)."""
+def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None):
+    """-> (mlx-vlm Model, head tensors {name: array} in float32). Checks every parameter against
+    the checkpoint (missing tensor / wrong shape -> CheckpointError naming tensor and file)."""
     embed = ckpt.tensors.get("model.embed_tokens.weight") or ckpt.tensors.get("model.language_model.embed_tokens.weight")
     if embed is None:
         raise CheckpointError("checkpoint is missing tensor model.embed_tokens.weight")
@@ -83,12 +83,8 @@ def _build(ckpt: Checkpoint):
         raise CheckpointError(f"config.json does not describe a valid {ckpt.model_type} model: {exc}") from None
     if "lm_head" in model.language_model:  # grounding never computes vocab logits
         model.language_model.pop("lm_head")
-    return model
+    expected = dict(tree_flatten(model.parameters()))
 
-
-def _checked_weights(ckpt: Checkpoint, expected: dict[str, mx.array], dtype: mx.Dtype):
-    """(the checkpoint's tensors for the `expected` mlx-vlm parameters, in `dtype`, checked by
-    name and shape; the pointer head's tensors {name: array}, as stored)."""
     arrays: dict[str, mx.array] = {}
     for f in ckpt.weight_files:
         try:
@@ -109,14 +105,6 @@ def _checked_weights(ckpt: Checkpoint, expected: dict[str, mx.array], dtype: mx.
             raise CheckpointError(f"tensor {src} in {ckpt.tensors[src].file.name} has shape "
                                   f"{list(arrays[src].shape)}, expected {list(param.shape)}")
         weights.append((name, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v))
-    return weights, head
-
-
-def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None):
-    """-> (mlx-vlm Model, head tensors {name: array} in float32). Checks every parameter against
-    the checkpoint (missing tensor / wrong shape -> CheckpointError naming tensor and file)."""
-    model = _build(ckpt)
-    weights, head = _checked_weights(ckpt, dict(tree_flatten(model.parameters())), dtype)
     model.load_weights(weights, strict=True)
     if quantize:
         nn.quantize(model.language_model, group_size=QUANT_GROUP, bits=quantize,

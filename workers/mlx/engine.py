@@ -26,7 +26,7 @@ from workers.mlx.backbone import (load_backbone, padded_length, pointer_state_af
 from workers.mlx.checkpoint import CheckpointError, read_checkpoint, resolve_path
 from workers.mlx.cuda_rotary import on_cuda
 from workers.mlx.head import float32_matmul_error, head_from_tensors
-from workers.mlx.language import FastLanguageModel, dequantize_rows_here
+from workers.mlx.language import FastLanguageModel, dequantize_rows_here, split_pays
 from workers.mlx.run_ahead import RunAhead
 from workers.mlx.split import Helpers
 from workers.mlx import cpu_blas, resize
@@ -353,7 +353,8 @@ class MlxEngine:
             return self._forward_from(batch, patches, grids, keep)
         ranks = self._helpers.ranks
         length = padded_length([len(j.input_ids) for j in batch], prompt_multiple(ranks))
-        split_lm = self._lm is not None and self._helpers.language and self._lm.split_pays(len(batch) * length, ranks)
+        split_lm = self._lm is not None and self._helpers.language and \
+            split_pays(self._lm.layer_params, len(batch) * length, ranks)
         prompts = (len(batch), length) if split_lm else None
         with self._helpers.forward(mx.concatenate(patches) if len(patches) > 1 else patches[0], grids, prompts) as shared:
             return self._forward_from(batch, [shared], grids, keep, self._helpers.split if split_lm else None)

@@ -262,9 +262,6 @@ class FastLanguageModel:
         states = self._at_pointers(h, q, k, v, rest, pointer_pos)
         return (states, kept) if keep is not None else states
 
-    def split_pays(self, tokens: int, ranks: int) -> bool:
-        return split_pays(self.layer_params, tokens, ranks)
-
     def helper_layers(self, split: "Split", batch: int, length: int, pace: RunAhead) -> None:
         """A helper's part of `pointer_states` with `split`: rank 0's embeddings and positions
         ([batch, length, C], [3, batch, length]) come through the group, then its share of the
