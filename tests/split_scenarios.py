@@ -2,28 +2,18 @@
 distributed group per process): `python -m tests.split_scenarios SCENARIO [ARGS]` prints a JSON line."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import sys
 import threading
 
-import numpy as np
-from PIL import Image
-
+from bench.screens import png_bytes
 from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest, GroundingResult
 from workers.mlx import language
 from workers.mlx.engine import MlxEngine
 from workers.mlx.split import Helpers
-
-
-def _png(w: int, h: int, seed: int) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def _engine(path: str, cache_dir: str, **spec) -> MlxEngine:
@@ -44,7 +34,7 @@ def compare(backbone: str, cache_dir: str) -> dict:
     whole.load()
     split = _engine(f"tiny:{backbone}", cache_dir, gpus_per_replica=2)
     split.load()
-    jobs = [(_png(517, 333, 1), "click the search box"), (_png(300, 420, 2), "open the menu")]
+    jobs = [(png_bytes(517, 333, 1), "click the search box"), (png_bytes(300, 420, 2), "open the menu")]
     same = []
     default = language.SPLIT_MIN_SAVED_FLOP
     for threshold in (0, default):        # the language model split too, then (too small to pay) not
@@ -71,7 +61,7 @@ def cached(cache_dir: str) -> dict:
     language.SPLIT_MIN_SAVED_FLOP = 0
     whole = _engine("tiny:qwen2_vl", cache_dir, screenshot_cache_mb=64, quantize=4)
     split = _engine("tiny:qwen2_vl", cache_dir, screenshot_cache_mb=64, quantize=4, gpus_per_replica=2)
-    screen = _png(517, 333, 5)
+    screen = png_bytes(517, 333, 5)
     questions = [(screen, "click the search box"), (screen, "open the menu"), (screen, "close the dialog")]
     answers = []
     for engine in (whole, split):
@@ -93,7 +83,7 @@ def memory(cache_dir: str) -> dict:
         sum(v.nbytes for p in unused for _, v in tree_flatten(p))
     loaded = engine.memory().helpers
     engine.reset_peak()
-    _run(engine, [(_png(517, 333, 1), "click the search box")])
+    _run(engine, [(png_bytes(517, 333, 1), "click the search box")])
     engine._helpers.memory(wait_s=20)       # the helper's answer to the forward, however loaded this box
     ran = engine.memory()
     engine.unload()
@@ -112,7 +102,7 @@ def forward_fails(cache_dir: str) -> dict:
     def broken(*args):
         raise RuntimeError("out of memory, say")
     engine._forward_from = broken
-    engine.run([engine.prepare(GroundingRequest("j", _png(300, 200, 4), "click"))])
+    engine.run([engine.prepare(GroundingRequest("j", png_bytes(300, 200, 4), "click"))])
     return {"still_running": True}
 
 
