@@ -4,7 +4,7 @@
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall e2ecache tail e2ecache7b
 # agent agent7b pause varlen e2ebusy body quant quant7b e2eq firstload qtail replicas (2 GPUs) replicas4 (4 GPUs) agentreplicas (2 GPUs)
-# split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs) split7b (2 GPUs) splitfaults (2 GPUs) splitcmp (2 GPUs) splitcmp7b (2 GPUs) nccl (2 GPUs) idlehops
+# split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs) split7b (2 GPUs) splitfaults (2 GPUs) splitcmp (2 GPUs) splitcmp7b (2 GPUs) nccl (2 GPUs) rows (2 GPUs) idlehops
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
 # (and pybase64, the frontend's base64 decoder, the same way)
@@ -154,8 +154,19 @@ for s in $steps; do case $s in
   splitcmp7b) [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b   # 2 GPUs
          export MLX_PTX_CACHE_DIR=/tmp/mlx-kernels-split
          run split_compare_7b 400 python3 -m bench.split_compare --model-path /tmp/ga7b --screens 6 ;;
-  nccl)  run nccl_transport 200 bash -c 'NCCL_DEBUG=INFO python3 -m bench.tp_probe --ranks 2 --size 1920x1080 --reps 5 2>&1 \
-             | grep -E " via |NCCL version|P2P|SHM|all_sum|ms" | sort | uniq -c | head -60' ;;   # 2 GPUs: which transport
+  nccl)  export MLX_PTX_CACHE_DIR=/tmp/mlx-kernels-split   # 2 GPUs: links, NCCL's transport, settings, overlap
+         run gpu_links 30 bash -c 'nvidia-smi topo -m; nvidia-smi nvlink --status -i 0 | head -6'
+         run tp_overlap 240 python3 -m bench.tp_probe --ranks 2 --reps 10 --parts alone,heads,heads_local,overlap2,overlap4
+         run nccl_transport 200 bash -c 'NCCL_DEBUG=INFO python3 -m bench.tp_probe --ranks 2 --reps 5 --parts collectives 2>&1 \
+             | sed -E "s/^.*NCCL INFO //; s/Channel [0-9]+/Channel N/g; s/0x[0-9a-f]+/0x./g" | sort | uniq -c | sort -rn | head -50'
+         run torch_collectives 150 python3 -m bench.torch_collectives --ranks 2
+         for cfg in "" NCCL_PROTO=Simple NCCL_PROTO=LL128 NCCL_MIN_NCHANNELS=16 NCCL_MIN_NCHANNELS=32 NCCL_P2P_DISABLE=1; do
+           run "nccl_setting_${cfg:-default}" 150 env $cfg python3 -m bench.tp_probe --ranks 2 --reps 10 --parts collectives,heads,heads_local
+         done ;;
+  rows)  export MLX_PTX_CACHE_DIR=/tmp/mlx-kernels-split   # 2 GPUs: the post-attention half by rows
+         run tp_rows 150 python3 -m bench.tp_probe --ranks 2 --reps 10 --parts alone,heads,rows,megatron
+         run tp_rows_1440 150 python3 -m bench.tp_probe --ranks 2 --reps 5 --size 2560x1440 --parts alone,heads,rows
+         run tp_rows_720 150 python3 -m bench.tp_probe --ranks 2 --reps 10 --size 1280x720 --parts alone,heads,rows ;;
   idlehops) run idle_hops 200 python3 -m bench.idle_hops
          run idle_hops_cpu_latency_held 200 python3 -m bench.idle_hops --hold-cpu-latency ;;
   quant7b) [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b

@@ -7,8 +7,18 @@ wide, 16 heads of 80, MLP 5120):
 - one all_sum of an [N, 1280] bf16 activation between the ranks;
 - the tower split Megatron-style: each rank has H/ranks heads and 5120/ranks MLP columns, and
   the two row-parallel outputs (attention projection, fc2) are summed over the ranks, 64 all_sums;
-- the same split but attention only (each rank its heads, then an all_gather; MLP on every rank).
-It prints medians and the split tower's largest difference from the whole one (rank 0 only).
+- the same split but attention only (each rank its heads, then an all_gather; MLP on every rank),
+  which is what the worker runs (workers/mlx/split.py), and two variants of it:
+  `rows`, the heads split followed by each rank's share of the rows through the projection and MLP
+  and a gather of the rows; `heads_local`, the heads split's ops with the gather replaced by a local stand-in of its shape (so the
+  difference is what the exchange costs inside the forward), and `overlapN`, each block's
+  attention in N query chunks whose gathers run on a second stream while the next chunk's
+  attention and the previous chunk's projection and MLP run (the exchange hidden behind compute);
+- the collectives alone, at the split's shapes: one at a time (launch and host wait included) and
+  32 in a row in one graph (device time per collective).
+It prints medians and each split tower's largest difference from the whole one.
+`--parts` picks what runs (default all); NCCL's settings come from the environment, so a sweep
+runs the probe once per setting (bench/gpu_session.sh, step nccl).
 """
 from __future__ import annotations
 
@@ -23,7 +33,10 @@ from common.zmqutil import free_port
 DIM, HEADS, HD, MLP, BLOCKS = 1280, 16, 80, 5120, 32
 
 
-def launch(ranks: int, size: str, reps: int, blocks: int) -> int:
+PARTS = ("collectives", "alone", "megatron", "heads", "heads_local", "rows", "overlap2", "overlap4")
+
+
+def launch(ranks: int, size: str, reps: int, blocks: int, parts: str) -> int:
     port = free_port()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(i) for i in range(ranks)]
@@ -37,11 +50,11 @@ def launch(ranks: int, size: str, reps: int, blocks: int) -> int:
         if ranks > 1:
             env["MLX_HOSTFILE"] = hostfile
         procs.append(subprocess.Popen([sys.executable, "-m", "bench.tp_probe", "--rank-run", "--size", size,
-                                       "--reps", str(reps), "--blocks", str(blocks)], env=env))
+                                       "--reps", str(reps), "--blocks", str(blocks), "--parts", parts], env=env))
     return max(p.wait() for p in procs)
 
 
-def rank_run(size: str, reps: int, blocks_n: int) -> None:
+def rank_run(size: str, reps: int, blocks_n: int, parts: set[str]) -> None:
     import mlx.core as mx
     from workers.mlx import cuda_rotary
     from bench.timing import median_ms
@@ -92,13 +105,17 @@ def rank_run(size: str, reps: int, blocks_n: int) -> None:
         hh = hh * mx.sigmoid(1.702 * hh)
         return hh @ f2w.T
 
-    def attention(qkv, heads, rot):
+    def rotated(qkv, heads, rot):
+        """q, k (rotated) and v [n, heads, HD] from the qkv projection."""
         if rot is not None:
             qk = rot(qkv, cos, sin)
             q, k = qk[:, 0], qk[:, 1]
         else:
             q, k = rotate_qk(qkv.reshape(n, 3, heads, HD), cos, sin)
-        v = qkv.reshape(n, 3, heads, HD)[:, 2]
+        return q, k, qkv.reshape(n, 3, heads, HD)[:, 2]
+
+    def attention(qkv, heads, rot):
+        q, k, v = rotated(qkv, heads, rot)
         qs, ks, vs = (t.reshape(1, n, heads, HD).transpose(0, 2, 1, 3) for t in (q, k, v))
         o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=HD ** -0.5)
         return o.transpose(0, 2, 1, 3).reshape(n, heads * HD)
@@ -123,29 +140,95 @@ def rank_run(size: str, reps: int, blocks_n: int) -> None:
         return x + mx.distributed.all_sum(mlp_part(x, *b["ln2"], p["fc1_w"], p["fc1_b"], p["fc2_w"]),
                                           group=group) + b["fc2_b"]
 
-    def block_heads_split(x, b, p):
-        o = attention(_qkv(x, *b["ln1"], p["qkv_w"], p["qkv_b"]), hl, rot_part)      # [n, hl*HD]
-        o = mx.distributed.all_gather(o, group=group)                                 # [ranks*n, hl*HD]
-        o = o.reshape(ranks, n, hl * HD).transpose(1, 0, 2).reshape(n, DIM)
-        return _post_attention(x, o, b["proj_w"], b["proj_b"], *b["ln2"], b["fc1_w"], b["fc1_b"], b["fc2_w"], b["fc2_b"])
+    def gathered(o):
+        """[n, hl*HD] per rank -> [n, DIM], heads in rank order, as Split.gather_along(o, 1)."""
+        g = mx.distributed.all_gather(o, group=group)                                 # [ranks*n', hl*HD]
+        return g.reshape(ranks, -1, hl * HD).transpose(1, 0, 2).reshape(-1, DIM)
 
-    tower_full = lambda: tower(block_alone)                       # noqa: E731
-    tower_megatron = lambda: tower(block_megatron)                # noqa: E731
-    tower_attention_split = lambda: tower(block_heads_split)      # noqa: E731
+    def local_stand_in(o):
+        """The same shapes and copies as `gathered`, no exchange (wrong values; timing only)."""
+        g = mx.concatenate([o] * ranks, axis=0)
+        return g.reshape(ranks, -1, hl * HD).transpose(1, 0, 2).reshape(-1, DIM)
 
-    act = (mx.random.normal((n, DIM))).astype(DT)
-    mx.eval(act)
-    res = {"rank": rank, "ranks": ranks, "tokens": n, "device": str(mx.default_device())}
-    res["all_sum_ms"] = median_ms(lambda: mx.distributed.all_sum(act, group=group), reps * 3)
-    res["all_gather_half_ms"] = median_ms(lambda: mx.distributed.all_gather(act[:, :DIM // ranks], group=group), reps * 3)
-    res["tower_alone_ms"] = median_ms(tower_full, reps)
-    res["tower_megatron_ms"] = median_ms(tower_megatron, reps)
-    res["tower_attention_split_ms"] = median_ms(tower_attention_split, reps)
-    full = tower_full().astype(mx.float32)
-    for name, fn in (("megatron", tower_megatron), ("attention_split", tower_attention_split)):
-        got = fn().astype(mx.float32)
-        res[f"{name}_max_abs_diff"] = float(mx.abs(got - full).max())
-        res[f"{name}_rel_diff"] = float(mx.abs(got - full).max() / mx.abs(full).max())
+    def heads_block(join):
+        def block(x, b, p):
+            o = attention(_qkv(x, *b["ln1"], p["qkv_w"], p["qkv_b"]), hl, rot_part)      # [n, hl*HD]
+            return _post_attention(x, join(o), b["proj_w"], b["proj_b"], *b["ln2"], b["fc1_w"], b["fc1_b"],
+                                   b["fc2_w"], b["fc2_b"])
+        return block
+
+    def rows_block(x, b, p):
+        """Heads split for the attention, then each rank its 1/ranks of the rows through the
+        projection and MLP, and the rows gathered (every row's arithmetic as on one GPU)."""
+        o = gathered(attention(_qkv(x, *b["ln1"], p["qkv_w"], p["qkv_b"]), hl, rot_part))
+        lo, hi = rank * n // ranks, (rank + 1) * n // ranks
+        mine = _post_attention(x[lo:hi], o[lo:hi], b["proj_w"], b["proj_b"], *b["ln2"], b["fc1_w"], b["fc1_b"],
+                               b["fc2_w"], b["fc2_b"])
+        return mx.distributed.all_gather(mine, group=group)
+
+    comm = mx.new_stream(mx.default_device())
+
+    def overlap_block(chunks):
+        """Attention by query chunks; chunk c's gather runs on `comm` while chunk c+1's attention
+        runs (each chunk's gather is made to wait for the next chunk's attention in the graph, so
+        MLX encodes that attention first), and the projection and MLP run by the same row chunks."""
+        bounds = [n * c // chunks for c in range(chunks + 1)]
+
+        def block(x, b, p):
+            q, k, v = rotated(_qkv(x, *b["ln1"], p["qkv_w"], p["qkv_b"]), hl, rot_part)
+            ks, vs = (t.reshape(1, n, hl, HD).transpose(0, 2, 1, 3) for t in (k, v))
+            outs = []
+            for lo, hi in zip(bounds, bounds[1:]):
+                qs = q[lo:hi].reshape(1, hi - lo, hl, HD).transpose(0, 2, 1, 3)
+                o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=HD ** -0.5)
+                outs.append(o.transpose(0, 2, 1, 3).reshape(hi - lo, hl * HD))
+            rows = []
+            for c, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+                g = mx.distributed.all_gather(outs[c], group=group, stream=comm)
+                if c + 1 < chunks:
+                    g = mx.depends(g, outs[c + 1])
+                o = g.reshape(ranks, hi - lo, hl * HD).transpose(1, 0, 2).reshape(hi - lo, DIM)
+                rows.append(_post_attention(x[lo:hi], o, b["proj_w"], b["proj_b"], *b["ln2"], b["fc1_w"],
+                                            b["fc1_b"], b["fc2_w"], b["fc2_b"]))
+            return mx.concatenate(rows, axis=0)
+        return block
+
+    towers = {"alone": lambda: tower(block_alone),
+              "megatron": lambda: tower(block_megatron),
+              "heads": lambda: tower(heads_block(gathered)),
+              "heads_local": lambda: tower(heads_block(local_stand_in)),
+              "rows": lambda: tower(rows_block),
+              "overlap2": lambda: tower(overlap_block(2)),
+              "overlap4": lambda: tower(overlap_block(4))}
+
+    res = {"rank": rank, "ranks": ranks, "tokens": n, "device": str(mx.default_device()),
+           "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_") and k not in ("NCCL_HOST_IP", "NCCL_PORT")}}
+    if "collectives" in parts:
+        act = (mx.random.normal((n, DIM))).astype(DT)
+        kv = (mx.random.normal((2816 // ranks, 512))).astype(DT)        # one LM layer's k and v share
+        mx.eval(act, kv)
+
+        def chained(op, x, times=32):
+            for _ in range(times):
+                x = op(x)[:x.shape[0]]
+            return x
+        gather = lambda x: mx.distributed.all_gather(x, group=group)    # noqa: E731
+        total = lambda x: mx.distributed.all_sum(x, group=group)        # noqa: E731
+        half = mx.contiguous(act[:, :DIM // ranks])
+        for name, op, x in (("all_sum", total, act), ("all_gather_heads", gather, half), ("all_gather_kv", gather, kv)):
+            res[f"{name}_mb"] = round(x.nbytes * (ranks if op is gather else 1) / 1e6, 2)
+            res[f"{name}_one_ms"] = median_ms(lambda: op(x), reps * 3)
+            res[f"{name}_in_row_ms"] = median_ms(lambda: chained(op, x), reps) / 32
+    full = None
+    for name, fn in towers.items():
+        if name not in parts:
+            continue
+        res[f"tower_{name}_ms"] = median_ms(fn, reps)
+        if name == "alone":
+            full = fn().astype(mx.float32)
+        elif full is not None and name != "heads_local":
+            got = fn().astype(mx.float32)
+            res[f"{name}_max_abs_diff"] = float(mx.abs(got - full).max())
     res["peak_gb"] = mx.get_peak_memory() / 1e9
     print(json.dumps(res), flush=True)
 
@@ -156,12 +239,15 @@ def main() -> None:
     ap.add_argument("--size", default="1920x1080")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--blocks", type=int, default=BLOCKS)
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     ap.add_argument("--rank-run", action="store_true")
     a = ap.parse_args()
+    if unknown := set(a.parts.split(",")) - set(PARTS):
+        ap.error(f"unknown parts {sorted(unknown)}")
     if a.rank_run:
-        rank_run(a.size, a.reps, a.blocks)
+        rank_run(a.size, a.reps, a.blocks, set(a.parts.split(",")))
     else:
-        sys.exit(launch(a.ranks, a.size, a.reps, a.blocks))
+        sys.exit(launch(a.ranks, a.size, a.reps, a.blocks, a.parts))
 
 
 if __name__ == "__main__":
