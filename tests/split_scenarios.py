@@ -7,6 +7,9 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
+
+import numpy as np
 
 from bench.screens import png_bytes
 from common.config import ModelSpec
@@ -115,6 +118,22 @@ def orphan(cache_dir: str) -> None:
     os._exit(0)
 
 
+def three_ranks(cache_dir: str) -> dict:
+    """A tower of 3 heads over 3 ranks: screenshots whose patch counts 3 does not divide, so the
+    last rank's share of the rows is shorter and padded for the gather; the same bits as one process."""
+    from workers.tiny_checkpoint import Dims, write_tiny_checkpoint
+    path = str(write_tiny_checkpoint(Path(cache_dir) / "tiny-3-heads", "qwen2_vl", dims=Dims(vis_embed=48, vis_heads=3)))
+    whole, split = _engine(path, cache_dir), _engine(path, cache_dir, gpus_per_replica=3)
+    whole.load()
+    split.load()
+    jobs = [(png_bytes(308, 280, 3), "click the search box"), (png_bytes(300, 420, 2), "open the menu")]
+    patches = [int(np.prod(whole.prepare(GroundingRequest("p", png, text)).image.grid_thw)) for png, text in jobs]
+    same = [[a.attention == b.attention and a.points == b.points for a, b in zip(_run(whole, batch), _run(split, batch))]
+            for batch in ([jobs[0]], jobs)]
+    split._helpers.close()
+    return {"patches": patches, "same": same}
+
+
 def uneven(cache_dir: str) -> dict:
     engine = _engine("tiny:qwen2_vl", cache_dir, gpus_per_replica=3)
     try:
@@ -146,4 +165,4 @@ def sigterm() -> dict:
 
 if __name__ == "__main__":
     scenario, *args = sys.argv[1:]
-    print(json.dumps({"compare": compare, "cached": cached, "memory": memory, "forward_fails": forward_fails, "orphan": orphan, "uneven": uneven, "death": death, "sigterm": sigterm}[scenario](*args)))
+    print(json.dumps({"compare": compare, "cached": cached, "memory": memory, "forward_fails": forward_fails, "orphan": orphan, "three_ranks": three_ranks, "uneven": uneven, "death": death, "sigterm": sigterm}[scenario](*args)))

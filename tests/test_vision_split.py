@@ -100,6 +100,13 @@ def _ends_soon(pid: int) -> None:
     wait_for(lambda: not pid_alive(pid), 20, step=0.1, what=f"process {pid} gone")
 
 
+def test_a_split_over_ranks_that_do_not_divide_the_patches_gives_one_process_results(tmp_path):
+    r = _in_a_fresh_process("three_ranks", tmp_path)
+    # one screenshot alone, then with a second; each rank runs a third of the rows through the MLP
+    assert [sum(r["patches"][:k]) % 3 for k in (1, 2)] == [2, 2]       # the last rank's share is short
+    assert r["same"] == [[True], [True, True]]
+
+
 def test_heads_that_do_not_split_evenly_fail_the_load_with_the_reason(tmp_path):
     r = _in_a_fresh_process("uneven", tmp_path)           # the tiny towers have 2 heads, 3 ranks
     assert "2 attention heads do not split over 3" in r["error"]

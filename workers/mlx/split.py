@@ -4,12 +4,14 @@ model's tokens shared with helper processes.
 Why: on one GPU a 1080p screenshot's forward is ~110 ms, and half of it is the ViT's attention,
 already at cuDNN's speed (bench/RESULTS.md). With `gpus_per_replica: 2` the worker (rank 0) starts
 a helper process (rank 1) on a second GPU.
-- Vision tower: each rank computes half of every block's heads: the 2B shape's tower went from 83
-  to 59 ms on two H200s (`bench.tp_probe`). Splitting the MLP as well (Megatron-style, summing
-  partial products) measured 55 ms, but its sums round differently from one GPU's; this split
-  keeps one GPU's arithmetic: every rank runs the norms, the output projection and the MLP on the
-  whole width from the same inputs, so all keep the same residual stream, and each head's
-  attention is the same kernel on the same values. `all_gather` joins the heads.
+- Vision tower: each rank computes its share of every block's heads, and `all_gather` joins them;
+  then each rank runs its share of the tokens (rows) through the output projection and the MLP,
+  on the whole width, and a second `all_gather` joins the rows, so every rank holds the same
+  residual stream for the next block. On two H200s the 2B shape's 1080p tower went from 83 ms to
+  59 ms with the heads split, and to 50 ms with the rows too (`bench.tp_probe`). Splitting the MLP
+  Megatron-style (summing partial products) measured 54 ms, and its sums round differently from
+  one GPU's; this split keeps one GPU's arithmetic: each head's attention is the same kernel on
+  the same values, and each row meets the same weights in the same order, in shorter matmuls.
 - Language model (where our forward runs it and the batch is large enough to pay for the
   exchanges: `language.SPLIT_MIN_SAVED_FLOP`): rank 0 shares the prompts' embeddings, each rank
   runs its share of the tokens through every layer but the last, with the keys and values joined
