@@ -135,7 +135,7 @@ for s in $steps; do case $s in
   split4) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b   # 4 GPUs
          export MLX_PTX_CACHE_DIR=/tmp/mlx-kernels-split
          run e2e_split_four_gpus 300 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
-             --concurrency 1,8 --requests 32 --devices 0,1,2,3 --gpus-per-replica 4
+             --concurrency 1,8 --requests 32 --devices 0,1,2,3 --gpus-per-replica 4 --torch-baseline .gpu/b/prefill_floor.py
          run e2e_two_split_replicas 300 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
              --concurrency 1,8 --requests 32 --devices 0,1,2,3 --gpus-per-replica 2 ;;
   split7b) [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b   # 2 GPUs
