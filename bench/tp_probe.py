@@ -3,19 +3,19 @@
 `python3 -m bench.tp_probe [--ranks 2] [--size 1920x1080]` starts one process per GPU (each sees
 only its own GPU) and, in each, with random bf16 weights of the 2B shape's ViT (32 blocks, 1280
 wide, 16 heads of 80, MLP 5120):
-- the whole tower on this GPU alone (what a single-GPU worker runs);
-- one all_sum of an [N, 1280] bf16 activation between the ranks;
-- the tower split Megatron-style: each rank has H/ranks heads and 5120/ranks MLP columns, and
-  the two row-parallel outputs (attention projection, fc2) are summed over the ranks, 64 all_sums;
-- the same split but attention only (each rank its heads, then an all_gather; MLP on every rank),
-  which is what the worker runs (workers/mlx/split.py), and two variants of it:
-  `rows`, the heads split followed by each rank's share of the rows through the projection and MLP
-  and a gather of the rows; `heads_local`, the heads split's ops with the gather replaced by a local stand-in of its shape (so the
-  difference is what the exchange costs inside the forward), and `overlapN`, each block's
-  attention in N query chunks whose gathers run on a second stream while the next chunk's
-  attention and the previous chunk's projection and MLP run (the exchange hidden behind compute);
-- the collectives alone, at the split's shapes: one at a time (launch and host wait included) and
-  32 in a row in one graph (device time per collective).
+- `alone`: the whole tower on this GPU alone (what a single-GPU worker runs);
+- `megatron`: each rank has H/ranks heads and 5120/ranks MLP columns, and the two row-parallel
+  outputs (attention projection, fc2) are summed over the ranks, 64 all_sums (regroups sums);
+- `heads`: each rank its heads, then an all_gather; projection and MLP on every rank, all rows;
+- `rows` (what the worker runs, workers/mlx/split.py): `heads`, then each rank's share of the rows
+  through the projection and MLP, and a second all_gather joining the rows;
+- `heads_local`: `heads` with the gather replaced by a local stand-in of its shape (so the
+  difference is what the exchange costs inside the forward);
+- `overlapN`: `heads` with each block's attention in N query chunks whose gathers run on a second
+  stream beside the next chunk's attention and the previous chunk's projection and MLP (tried to
+  hide the exchange; slower, bench/RESULTS.md);
+- `collectives`: the collectives alone, at the split's shapes, one at a time (launch and host wait
+  included) and 32 in a row in one graph (device time per collective).
 It prints medians and each split tower's largest difference from the whole one.
 `--parts` picks what runs (default all); NCCL's settings come from the environment, so a sweep
 runs the probe once per setting (bench/gpu_session.sh, step nccl).
