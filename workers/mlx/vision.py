@@ -107,10 +107,10 @@ class FastVision:
         """Compute only this rank's share of every block's attention heads (its rows of the qkv
         projection); `split.gather_along` joins the ranks' attention outputs before the output
         projection, which each rank then runs on the whole width for its share of the tokens
-        (`_post_attention_by_rows`). Called after the subclass has
-        set `blocks`, whose first group ends with the qkv weight and bias. The tower's own qkv
-        layers get the slices too, so the whole-width weights are freed (and the worker reports
-        what it holds); mlx-vlm's forward of that tower is then no longer valid."""
+        (`_post_attention_by_rows`). Called after the subclass has set `blocks`, whose first
+        group ends with the qkv weight and bias. The tower's own qkv layers get the slices too,
+        so the whole-width weights are freed (and the worker reports what it holds); mlx-vlm's
+        forward of that tower is then no longer valid."""
         if self.heads % split.ranks:
             raise ValueError(f"the vision tower's {self.heads} attention heads do not split over {split.ranks} GPUs")
         full = self.heads * self.head_dim
@@ -160,8 +160,10 @@ class FastVision:
         """Split: each rank runs its share of the rows through the output projection and the MLP,
         then the rows join (all_gather). Every op there works row by row, so each row meets the
         same arithmetic as in one process, only in shorter matmuls; on two H200s this took the
-        1080p tower from 58.9 to 49.9 ms, with identical bits (bench.tp_probe, part `rows`). The
-        last rank's share is padded to the others' length, since all_gather joins equal shapes."""
+        1080p tower from 58.9 to 49.9 ms, with identical bits (bench.tp_probe, part `rows`). `o`
+        holds every row's heads, though a rank uses its own rows only: MLX has no all-to-all, and
+        the tower's exchanges cost ~2 ms of device time at 1080p. The last rank's share is padded
+        to the others' length, since all_gather joins equal shapes."""
         n = x.shape[0]
         share = -(-n // self.split.ranks)
         lo, hi = min(n, self.split.rank * share), min(n, (self.split.rank + 1) * share)
