@@ -287,8 +287,7 @@ class FastLanguageModel:
             if length % split.ranks:
                 raise ValueError(f"a split language model needs the prompt length ({length}) in "
                                  f"multiples of its {split.ranks} ranks")
-            part = length // split.ranks
-            lo, hi = split.rank * part, (split.rank + 1) * part
+            lo, hi, _ = split.rows(length)
             h, cos, sin = h[:, lo:hi], cos[:, lo:hi], sin[:, lo:hi]
         for i, (block, rest) in enumerate(self.layers[:-1]):
             q, k, v = self._attention_inputs(h, block, cos, sin)

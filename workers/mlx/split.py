@@ -71,6 +71,12 @@ class Split:
     def __init__(self, group, rank: int, ranks: int):
         self.group, self.rank, self.ranks = group, rank, ranks
 
+    def rows(self, n: int) -> tuple[int, int, int]:
+        """This rank's share of n rows (tokens): (lo, hi, share), `share` = ceil(n / ranks) rows
+        per rank; where the ranks do not divide n, the last shares are shorter (hi - lo < share)."""
+        share = -(-n // self.ranks)
+        return min(n, self.rank * share), min(n, (self.rank + 1) * share), share
+
     def gather_along(self, x: mx.array, axis: int) -> mx.array:
         """Each rank's x -> every rank's, joined along `axis` in rank order (the vision tower's
         attention heads: [N, w] along 1; the language model's tokens). all_gather stacks the

@@ -165,8 +165,7 @@ class FastVision:
         the tower's exchanges cost ~2 ms of device time at 1080p. The last rank's share is padded
         to the others' length, since all_gather joins equal shapes."""
         n = x.shape[0]
-        share = -(-n // self.split.ranks)
-        lo, hi = min(n, self.split.rank * share), min(n, (self.split.rank + 1) * share)
+        lo, hi, share = self.split.rows(n)
         mine = self.post_attention(x[lo:hi], o[lo:hi], block) if hi > lo else x[:0]
         if hi - lo < share:
             mine = mx.concatenate([mine, mx.zeros((share - (hi - lo), x.shape[1]), x.dtype)])
