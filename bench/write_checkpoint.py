@@ -10,9 +10,15 @@ SHAPES = {"2b": ("qwen2_vl", Dims.gui_actor_2b, 4), "7b": ("qwen2_vl", Dims.gui_
           "3b-qwen2.5": ("qwen2_5_vl", Dims.gui_actor_3b_qwen2_5, 4),
           "7b-qwen2.5": ("qwen2_5_vl", Dims.gui_actor_7b_qwen2_5, 8)}
 
-ap = argparse.ArgumentParser()
-ap.add_argument("out")
-ap.add_argument("--shape", choices=tuple(SHAPES), default="2b")
-args = ap.parse_args()
-backbone, dims, shards = SHAPES[args.shape]
-print(write_tiny_checkpoint(args.out, backbone, seed=0, shards=shards, dims=dims(), dtype="BF16"))
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--shape", choices=tuple(SHAPES), default="2b")
+    args = ap.parse_args()
+    backbone, dims, shards = SHAPES[args.shape]
+    print(write_tiny_checkpoint(args.out, backbone, seed=0, shards=shards, dims=dims(), dtype="BF16"))
+
+
+if __name__ == "__main__":
+    main()
