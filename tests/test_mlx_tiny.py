@@ -67,7 +67,8 @@ def test_grounding_end_to_end(engine):
     # matmuls have other shapes: equal up to float rounding, as tests/test_screen_cache.py checks).
     (again,) = engine.run([engine.prepare(GroundingRequest("j2", _png(517, 333), "click the search box"))])
     assert again.cached_tokens > 0 and again.attention is None
-    assert [(p["x"], p["y"]) for p in again.points] == [(p["x"], p["y"]) for p in res.points]
+    assert [c for p in again.points for c in (p["x"], p["y"])] == \
+        pytest.approx([c for p in res.points for c in (p["x"], p["y"])], rel=1e-9)
     assert [p["score"] for p in again.points] == pytest.approx([p["score"] for p in res.points], rel=1e-5)
 
 

@@ -70,7 +70,8 @@ class Dims:
     vis_embed: int = 32
     vis_depth: int = 2
     vis_heads: int = 2
-    vis_intermediate: int = 64             # Qwen2.5-VL SwiGLU width (Qwen2-VL uses 4 * vis_embed)
+    vis_intermediate: int = 76             # Qwen2.5-VL SwiGLU width (Qwen2-VL uses 4 * vis_embed); like
+                                           # the real 3420, not a multiple of 16 (widened at load)
     fullatt_blocks: tuple = (1,)           # Qwen2.5-VL blocks with full (not window) attention
     vocab: int | None = None               # None: len(tokenizer), as the released checkpoints
     tie_embeddings: bool = True

@@ -9,6 +9,9 @@ per window size (at most four per image) and no sync. Attention within a window 
 on where the window sits in the sequence, and full attention does not depend on token order, so
 this ordering computes the reference's function; the merger output is put back in image order.
 RMSNorm and the SwiGLU MLP are compiled around the attention, as for Qwen2-VL.
+
+The MLP's width, 3420 in the released checkpoints, is widened with zeros to a multiple of
+`MLP_ALIGN` at load (`widened_mlp`): see there.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from workers.images import MERGE, PATCH
+from workers.mlx.checkpoint import VISION_MLP_ALIGN
 from workers.mlx.vision import FastVision, Span
 
 
@@ -33,6 +37,27 @@ def _post_attention_swiglu(x, o, proj_w, proj_b, norm_w, gate_w, gate_b, up_w, u
     g = mx.addmm(gate_b, y, gate_w.T)
     h = g * mx.sigmoid(g) * mx.addmm(up_b, y, up_w.T)
     return x + mx.addmm(down_b, h, down_w.T)
+
+
+# cuBLAS ran the projection and SwiGLU MLP of a 1080p screenshot 2.3x slower at Qwen2.5-VL's
+# width 3420 than Qwen2-VL's projection and MLP at 5120, the same arithmetic: 46.3 against 20.2 ms
+# for 32 blocks on an H200 (bench.tower_ops; bench/RESULTS.md). The cause, by all appearances: a
+# row of 3420 bf16 values is not a multiple of 16 bytes, which keeps cuBLAS off its fast kernels
+# for the [N, 3420] operands. Widened to 3424 (rows of 16-byte multiples) the same work took
+# 20.7 ms, to 3456 (a multiple of 64) 20.0 ms; the extra 1 % of arithmetic is lost in that.
+MLP_ALIGN = VISION_MLP_ALIGN      # one rule with the checkpoint's weight estimate
+
+
+def widened_mlp(gate_w, gate_b, up_w, up_b, down_w, align: int = MLP_ALIGN):
+    """The SwiGLU MLP's weights with its width padded to a multiple of `align`: zero rows in gate
+    and up, zero columns in down. A padded unit computes silu(0) * 0 = 0 and meets zero weights,
+    so the MLP's function is unchanged (only a matmul's summation order may differ)."""
+    pad = -gate_w.shape[0] % align
+    if not pad:
+        return gate_w, gate_b, up_w, up_b, down_w
+    rows = lambda t: mx.concatenate([t, mx.zeros((pad, *t.shape[1:]), t.dtype)])
+    return (rows(gate_w), rows(gate_b), rows(up_w), rows(up_b),
+            mx.concatenate([down_w, mx.zeros((down_w.shape[0], pad), down_w.dtype)], axis=1))
 
 
 def window_layout(grid_h: int, grid_w: int, window: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -59,6 +84,12 @@ class FastQwen25Vision(FastVision):
 
     def __init__(self, tower, eval_every: int = 2):
         super().__init__(tower, eval_every)
+        for b in tower.blocks:      # widened in place: no second copy, and mlx-vlm's forward stays valid
+            m = b.mlp
+            (m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias,
+             m.down_proj.weight) = widened_mlp(m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight,
+                                               m.up_proj.bias, m.down_proj.weight)
+            mx.eval(m.parameters())
         self.window = tower.window_size // MERGE // PATCH            # merge groups per window side
         self.full_blocks = set(tower.fullatt_block_indexes)
         self.blocks = [((b.norm1.weight, b.attn.qkv.weight, b.attn.qkv.bias),
