@@ -4,7 +4,7 @@
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall e2ecache tail e2ecache7b
 # agent agent7b pause varlen e2ebusy body quant quant7b e2eq firstload qtail replicas (2 GPUs) replicas4 (4 GPUs) agentreplicas (2 GPUs)
-# split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs) split7b (2 GPUs) splitfaults (2 GPUs) splitcmp (2 GPUs) splitcmp7b (2 GPUs) nccl (2 GPUs) rows (2 GPUs) idlehops
+# towerops split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs) split7b (2 GPUs) splitfaults (2 GPUs) splitcmp (2 GPUs) splitcmp7b (2 GPUs) q25split (2 GPUs) q25split7b (2 GPUs) nccl (2 GPUs) rows (2 GPUs) idlehops
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
 # (and pybase64, the frontend's base64 decoder, the same way)
@@ -28,6 +28,8 @@ for s in $steps; do case $s in
   prep)  run prep 120 python3 -m bench.prep_profile ;;
   env)   run env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total --format=csv; nproc; python3 -c "import PIL, mlx.core as mx; print(PIL.__version__, mx.__version__, mx.default_device())"' ;;
   vit)   run vit_ops 120 python3 -m bench.vit_ops 1920 1080 ;;
+  towerops) run towerops3b25 240 python3 -m bench.tower_ops --shape 3b-qwen2.5
+         run towerops2b 240 python3 -m bench.tower_ops --shape 2b ;;
   lm)    run lm2b 120 python3 -m bench.lm_ops
          run lm7b 180 python3 -m bench.lm_ops --shape 7b ;;
   2b)    [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
@@ -154,6 +156,18 @@ for s in $steps; do case $s in
   splitcmp7b) [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b   # 2 GPUs
          export MLX_PTX_CACHE_DIR=/tmp/mlx-kernels-split
          run split_compare_7b 400 python3 -m bench.split_compare --model-path /tmp/ga7b --screens 6 ;;
+  q25split) [ -d /tmp/ga3b25 ] || run ckpt3b25 300 python3 -m bench.write_checkpoint /tmp/ga3b25 --shape 3b-qwen2.5   # 2 GPUs
+         export MLX_PTX_CACHE_DIR=/tmp/mlx-kernels-split
+         run split_compare_3b25 300 python3 -m bench.split_compare --model-path /tmp/ga3b25 --screens 6
+         run e2e3b25_split_two_gpus 300 python3 -m bench.e2e --model-path /tmp/ga3b25 --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1,8 --requests 24 --no-repeat --devices 0,1 --gpus-per-replica 2 \
+             --torch-baseline bench/torch_forward.py --shape 3b-qwen2.5 ;;
+  q25split7b) [ -d /tmp/ga7b25 ] || run ckpt7b25 300 python3 -m bench.write_checkpoint /tmp/ga7b25 --shape 7b-qwen2.5   # 2 GPUs
+         export MLX_PTX_CACHE_DIR=/tmp/mlx-kernels-split
+         run e2e7b25_one_gpu 300 python3 -m bench.e2e --model-path /tmp/ga7b25 --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1,8 --requests 24 --no-repeat --torch-baseline bench/torch_forward.py --shape 7b-qwen2.5
+         run e2e7b25_split_two_gpus 240 python3 -m bench.e2e --model-path /tmp/ga7b25 --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1,8 --requests 24 --no-repeat --devices 0,1 --gpus-per-replica 2 ;;
   nccl)  export MLX_PTX_CACHE_DIR=/tmp/mlx-kernels-split   # 2 GPUs: links, NCCL's transport, settings, overlap
          run gpu_links 30 bash -c 'nvidia-smi topo -m; nvidia-smi nvlink --status -i 0 | head -6'
          run tp_overlap 240 python3 -m bench.tp_probe --ranks 2 --reps 10 --parts alone,heads,heads_local,overlap2,overlap4
