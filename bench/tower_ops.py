@@ -7,8 +7,9 @@ bf16), loads it through MlxEngine, and times on one screenshot (median of N):
 - the whole tower as the engine runs it (chunks, run-ahead);
 - each part over all the blocks it runs in, at the tower's own shapes: norm + qkv, rotary,
   attention (windowed and full blocks apart), projection + MLP, and the ordering and merger;
-- for Qwen2.5-VL's windowed blocks, variants of their attention: the strided views the tower
-  passes (`attend`), contiguous head-major windows, and matmul + softmax;
+- for Qwen2.5-VL's windowed blocks, variants of their attention: the strided views `attend`
+  takes, contiguous head-major windows, matmul + softmax, and from the qkv projection the rotary
+  kernel + `attend` against a kernel doing both (bench/window_attention_kernel.py, not kept);
 - for Qwen2.5-VL, the projection + MLP at the checkpoint's MLP width and widened with zeros to
   multiples of 16, 64 and 256 (workers/mlx/vision_qwen2_5.py, `widened_mlp`).
 The parts' sum against the whole shows what falls between them; a part far from its share of
@@ -21,7 +22,6 @@ import dataclasses
 import os
 
 import mlx.core as mx
-import numpy as np
 
 from bench.screens import png_bytes
 from bench.timing import median_ms
@@ -35,8 +35,9 @@ from workers.mlx.vision import attend, normalized_patches
 from workers.tiny_checkpoint import Dims, write_tiny_checkpoint
 
 
-def windowed_variants(q, k, v, spans, scale):
-    """Attention of one windowed block, three ways -> {name: fn}."""
+def windowed_variants(q, k, v, spans, scale, qkv, cos, sin, rotated):
+    """Attention of one windowed block, several ways -> {name: fn}; the last two include the
+    rotary, from the qkv projection."""
     n, heads, hd = q.shape
 
     def head_major(t):
@@ -57,9 +58,22 @@ def windowed_variants(q, k, v, spans, scale):
             outs.append((p @ c).transpose(0, 2, 1, 3).reshape(-1, heads * hd))
         return mx.concatenate(outs)
 
-    return {"strided views (the tower's attend)": lambda: attend(q, k, v, spans, scale),
-            "contiguous head-major windows": contiguous,
-            "matmul + float32 softmax": matmul_softmax}
+    def rotary_then_attend():
+        q2, k2 = rotated(qkv)
+        return attend(q2, k2, v, spans, scale)
+
+    variants = {"strided views (the tower's attend)": lambda: attend(q, k, v, spans, scale),
+                "contiguous head-major windows": contiguous,
+                "matmul + float32 softmax": matmul_softmax,
+                "rotary kernel + strided views (from qkv)": rotary_then_attend}
+    try:
+        from bench.window_attention_kernel import CudaWindowAttention, windows
+        kernel, wins = CudaWindowAttention(heads, hd, scale), windows(spans)
+        mx.eval(kernel(qkv, cos, sin, *wins))
+        variants["window attention kernel, rotary inside (from qkv)"] = lambda: kernel(qkv, cos, sin, *wins)
+    except Exception as exc:          # not CUDA, or the kernel failed to build: say why
+        print(f"window attention kernel: {type(exc).__name__}: {exc}")
+    return variants
 
 
 def main() -> None:
@@ -143,7 +157,7 @@ def main() -> None:
     if windowed:
         print(f"\nOne windowed block's attention, {len(windowed)} times in one graph:\n\n| variant | ms | max abs diff |\n|---|---|---|")
         spans = vis.spans(windowed[0], grids)
-        variants = windowed_variants(q, k, v, spans, vis.scale)
+        variants = windowed_variants(q, k, v, spans, vis.scale, qkv, cos, sin, rotated)
         ref = variants["strided views (the tower's attend)"]().astype(mx.float32)
         for name, fn in variants.items():
             diff = mx.abs(fn().astype(mx.float32) - ref).max().item()
@@ -172,7 +186,6 @@ def mlp_widths(vis, x, o, width: int, reps: int) -> None:
         ref = out if ref is None else ref
         ms = median_ms(lambda: [_post_attention_swiglu(x, o, *p) for p in posts], reps)
         print(f"| {posts[0][3].shape[0]} | {ms:.2f} | {mx.abs(out - ref).max().item():.3g} |", flush=True)
-        del posts
 
 
 if __name__ == "__main__":
