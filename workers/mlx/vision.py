@@ -100,8 +100,7 @@ class FastVision:
         w = tower.patch_embed.proj.weight                   # MLX Conv3d layout [out, T, 14, 14, 3]
         self.patch_w = w.sum(axis=1).reshape(w.shape[0], -1).T   # [14*14*3, out], temporal folded
         self.dtype = w.dtype
-        # rotary on q and k in one kernel where MLX runs on CUDA (None elsewhere)
-        self.rotary = cuda_rotary.load(self.heads, self.head_dim, self.dtype)
+        self._load_kernels()
 
     def share_heads(self, split: "Split") -> None:
         """Compute only this rank's share of every block's attention heads (its rows of the qkv
@@ -123,8 +122,13 @@ class FastVision:
         mx.eval(self.blocks)
         for block, (pre, _) in zip(self.tower.blocks, self.blocks):   # the whole-width ones are freed
             block.attn.qkv.weight, block.attn.qkv.bias = pre[-2], pre[-1]
-        self.rotary = cuda_rotary.load(self.heads, self.head_dim, self.dtype)
+        self._load_kernels()
         self.split = split
+
+    def _load_kernels(self) -> None:
+        """The custom kernels for this many heads (again after `share_heads`)."""
+        # rotary on q and k in one kernel where MLX runs on CUDA (None elsewhere)
+        self.rotary = cuda_rotary.load(self.heads, self.head_dim, self.dtype)
 
     # ---- what a family defines --------------------------------------------------------------
     def qkv(self, x: mx.array, block: int) -> mx.array:
@@ -143,6 +147,19 @@ class FastVision:
     def group_order(self, grids: list[tuple[int, int]]) -> np.ndarray | None:
         """A permutation of the 2x2 merge groups that the blocks run in (None: as given)."""
         return None
+
+    def attention(self, qkv: mx.array, cos: mx.array, sin: mx.array, block: int,
+                  grids: list[tuple[int, int]]) -> mx.array:
+        """Block `block`'s attention from its qkv projection [N, 3*C]: rotary on q and k, then
+        attention within the block's spans -> [N, C]."""
+        n = qkv.shape[0]
+        if self.rotary is not None:
+            qk = self.rotary(qkv, cos, sin)                                     # [N, 2, H, D]
+            q, k = qk[:, 0], qk[:, 1]
+        else:
+            q, k = rotate_qk(qkv.reshape(n, 3, self.heads, self.head_dim), cos, sin)
+        v = qkv.reshape(n, 3, self.heads, self.head_dim)[:, 2]
+        return attend(q, k, v, self.spans(block, grids), self.scale)
 
     # ---- the shared forward -----------------------------------------------------------------
     def _rotary(self, grid_h: int, grid_w: int) -> tuple[mx.array, mx.array]:
@@ -187,16 +204,8 @@ class FastVision:
             unit = MERGE * MERGE
             idx = mx.array(order)
             x, cos, sin = (t.reshape(-1, unit, t.shape[-1])[idx].reshape(-1, t.shape[-1]) for t in (x, cos, sin))
-        n = x.shape[0]
         for i in range(len(self.blocks)):
-            qkv = self.qkv(x, i)
-            if self.rotary is not None:
-                qk = self.rotary(qkv, cos, sin)                                     # [N, 2, H, D]
-                q, k = qk[:, 0], qk[:, 1]
-            else:
-                q, k = rotate_qk(qkv.reshape(n, 3, self.heads, self.head_dim), cos, sin)
-            v = qkv.reshape(n, 3, self.heads, self.head_dim)[:, 2]
-            o = attend(q, k, v, self.spans(i, grids), self.scale)
+            o = self.attention(self.qkv(x, i), cos, sin, i, grids)
             if self.split is None:
                 x = self.post_attention(x, o, i)
             else:

@@ -11,7 +11,8 @@ this ordering computes the reference's function; the merger output is put back i
 RMSNorm and the SwiGLU MLP are compiled around the attention, as for Qwen2-VL.
 
 The MLP's width, 3420 in the released checkpoints, is widened with zeros to a multiple of
-`MLP_ALIGN` at load (`widened_mlp`): see there.
+`MLP_ALIGN` at load (`widened_mlp`): see there. On CUDA the windowed blocks' rotary and attention
+run as one kernel (workers/mlx/cuda_window_attention.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from workers.images import MERGE, PATCH
+from workers.mlx import cuda_window_attention
 from workers.mlx.checkpoint import VISION_MLP_ALIGN
 from workers.mlx.vision import FastVision, Span
 
@@ -98,6 +100,23 @@ class FastQwen25Vision(FastVision):
                          b.mlp.up_proj.bias, b.mlp.down_proj.weight, b.mlp.down_proj.bias))
                        for b in tower.blocks]
         self._layouts: dict[tuple[int, int], tuple[np.ndarray, list[tuple[int, int]]]] = {}
+        self._windows: dict[tuple, tuple[mx.array, mx.array]] = {}
+
+    def _load_kernels(self) -> None:
+        super()._load_kernels()
+        # on CUDA, the windowed blocks' rotary and attention in one kernel on tensor cores
+        self.window_attention = cuda_window_attention.load(
+            self.heads, self.head_dim, self.scale, self.dtype, (self.tower.window_size // PATCH) ** 2)
+
+    def attention(self, qkv, cos, sin, block, grids):
+        if self.window_attention is None or block in self.full_blocks:
+            return super().attention(qkv, cos, sin, block, grids)
+        key = tuple(grids)
+        if key not in self._windows:
+            if len(self._windows) > 64:
+                self._windows.clear()
+            self._windows[key] = cuda_window_attention.windows(self.spans(block, grids))
+        return self.window_attention(qkv, cos, sin, *self._windows[key])
 
     def qkv(self, x, block):
         return _qkv_rms(x, *self.blocks[block][0])
