@@ -9,7 +9,9 @@ bf16), loads it through MlxEngine, and times on one screenshot (median of N):
   attention (windowed and full blocks apart), projection + MLP, and the ordering and merger;
 - for Qwen2.5-VL's windowed blocks, variants of their attention: the strided views `attend`
   takes, contiguous head-major windows, matmul + softmax, and from the qkv projection the rotary
-  kernel + `attend` against a kernel doing both (bench/window_attention_kernel.py, not kept);
+  kernel + `attend` against kernels doing both (workers/mlx/cuda_window_attention.py on tensor
+  cores; bench/window_attention_kernel.py on CUDA cores, not kept), and the whole tower with and
+  without the first;
 - for Qwen2.5-VL, the projection + MLP at the checkpoint's MLP width and widened with zeros to
   multiples of 16, 64 and 256 (workers/mlx/vision_qwen2_5.py, `widened_mlp`).
 The parts' sum against the whole shows what falls between them; a part far from its share of
@@ -67,10 +69,13 @@ def windowed_variants(q, k, v, spans, scale, qkv, cos, sin, rotated):
                 "matmul + float32 softmax": matmul_softmax,
                 "rotary kernel + strided views (from qkv)": rotary_then_attend}
     try:
-        from bench.window_attention_kernel import CudaWindowAttention, windows
-        kernel, wins = CudaWindowAttention(heads, hd, scale), windows(spans)
-        mx.eval(kernel(qkv, cos, sin, *wins))
-        variants["window attention kernel, rotary inside (from qkv)"] = lambda: kernel(qkv, cos, sin, *wins)
+        from bench.window_attention_kernel import SimtWindowAttention
+        from workers.mlx.cuda_window_attention import CudaWindowAttention, windows
+        wins = windows(spans)
+        for name, cls in (("on CUDA cores, not kept", SimtWindowAttention), ("on tensor cores, the server's", CudaWindowAttention)):
+            kernel = cls(heads, hd, scale)
+            mx.eval(kernel(qkv, cos, sin, *wins))
+            variants[f"one kernel, rotary inside (from qkv), {name}"] = lambda k=kernel: k(qkv, cos, sin, *wins)
     except Exception as exc:          # not CUDA, or the kernel failed to build: say why
         print(f"window attention kernel: {type(exc).__name__}: {exc}")
     return variants
@@ -102,6 +107,16 @@ def main() -> None:
     depth = len(vis.blocks)
     reps = a.reps
     whole = median_ms(lambda: vis([patches], grids, RunAhead(2)), reps)
+    kernel = getattr(vis, "window_attention", None)
+    if kernel is not None:              # the same tower without the window attention kernel
+        out = vis([patches], grids).astype(mx.float32)
+        vis.window_attention = None
+        without = median_ms(lambda: vis([patches], grids, RunAhead(2)), reps)
+        diff = mx.abs(vis([patches], grids).astype(mx.float32) - out)
+        vis.window_attention = kernel
+        print(f"whole tower without the window attention kernel: {without:.2f} ms, with it {whole:.2f} ms; "
+              f"merger output max abs diff {diff.max().item():.3g}, mean {diff.mean().item():.3g} "
+              f"(largest value {mx.abs(out).max().item():.3g})")
 
     # the tower's own intermediate shapes, as its forward builds them
     x = patches @ vis.patch_w

@@ -1,23 +1,20 @@
-"""Qwen2.5-VL's window attention with the rotary embedding in one CUDA kernel: tried, not kept.
+"""Qwen2.5-VL's windowed rotary + attention in one CUDA kernel on CUDA cores: tried, not kept.
 
-`bench.tower_ops` times it against what the tower runs (the rotary kernel, then cuDNN's attention
-per run of same-size windows). The idea: in the 28 windowed blocks of a Qwen2.5-VL tower at 1080p,
-those two took ~7.3 ms (H200) for little work, ~3.5 GFLOP and ~110 MB of memory traffic per
-block. Here one thread block takes one (window, head): it reads the window's q, k and v from the
-qkv projection, rotates q and k and rounds them to bf16 (workers/mlx/cuda_rotary.py's arithmetic),
-and computes softmax(q k^T * scale) v in float32 from shared memory, two threads per query row.
-Measured on an H200 (bench/RESULTS.md, fifteenth session): 6.88 ms for 28 blocks against 8.10 ms
-for the rotary kernel + cuDNN, bf16-rounding apart (max |diff| 0.0156), but the whole tower was
-not faster with it wired in (40.65 against 38.74 ms). Not worth more device time then; kept here so the
-finding can be rerun.
+    python3 -m bench.window_attention_kernel [--size 1920x1080] [--reps N]
+
+The first version of what workers/mlx/cuda_window_attention.py now does on tensor cores: one thread
+block per (window, head), q and k rotated and rounded to bf16 in shared memory, then
+softmax(q k^T * scale) v in float32 with two threads per query row. On an H200 at 1080p it took
+6.74-6.88 ms for 28 blocks against 6.66-8.10 ms for the rotary kernel + cuDNN (bench/RESULTS.md,
+fifteenth session): no gain on CUDA cores, where each bf16 operand is unpacked before its use. `main`
+times it, the server's tensor-core kernel and the rotary kernel + cuDNN side by side.
 """
 from __future__ import annotations
 
 import mlx.core as mx
 
 from workers.mlx.cuda_rotary import kernel_name
-
-WINDOW_MAX = 64       # tokens per window: 8 x 8 patches (112-pixel windows of 14-pixel patches)
+from workers.mlx.cuda_window_attention import WINDOW_MAX
 
 # Two threads per query row, each owning half of the head's dims (HALF = D / 2), which is also
 # how the rotary pairs them: element d rotates with d + HALF. Shared memory holds the window's
@@ -129,7 +126,7 @@ _SOURCE = """
 """
 
 
-class CudaWindowAttention:
+class SimtWindowAttention:
     """qkv [N, 3*H*D] (the projection's output, tokens in window order), cos/sin [N, D/2] float32,
     window starts and sizes (int32, each window at most WINDOW_MAX tokens) -> attention output
     [N, H*D] in the model dtype, token-major (what the output projection takes)."""
@@ -137,13 +134,12 @@ class CudaWindowAttention:
     def __init__(self, heads: int, head_dim: int, scale: float):
         self.heads, self.half = heads, head_dim // 2
         self.scale = mx.array([scale], dtype=mx.float32)
-        self.kernel = mx.fast.cuda_kernel(name=kernel_name("vit_window_attention", _SOURCE),
+        self.kernel = mx.fast.cuda_kernel(name=kernel_name("vit_window_attention_simt", _SOURCE),
                                           input_names=["qkv", "cos", "sin", "win_start", "win_size", "scale"],
                                           output_names=["out"], source=_SOURCE, header=_HEADER)
 
     def __call__(self, qkv: mx.array, cos: mx.array, sin: mx.array, starts: mx.array, sizes: mx.array) -> mx.array:
-        n = qkv.shape[0]
-        threads = 2 * WINDOW_MAX                                   # two per query row
+        n, threads = qkv.shape[0], 2 * WINDOW_MAX                     # two threads per query row
         (out,) = self.kernel(inputs=[qkv, cos, sin, starts, sizes, self.scale],
                              template=[("T", qkv.dtype), ("HEADS", self.heads), ("HALF", self.half),
                                        ("WMAX", WINDOW_MAX)],
@@ -152,10 +148,58 @@ class CudaWindowAttention:
         return out
 
 
-def windows(spans) -> tuple[mx.array, mx.array]:
-    """Attention spans [(first token, windows, tokens each)] -> each window's first token and size."""
-    starts, sizes = [], []
-    for start, count, size in spans:
-        starts += [start + c * size for c in range(count)]
-        sizes += [size] * count
-    return mx.array(starts, dtype=mx.int32), mx.array(sizes, dtype=mx.int32)
+def main() -> None:
+    """Both kernels (this one and the server's, workers/mlx/cuda_window_attention.py) against the
+    rotary kernel + `attend` at one screenshot's windows, 16 heads of 80: largest and mean
+    difference, and ms for 28 blocks in one graph."""
+    import argparse
+
+    from bench.timing import median_ms
+    from workers.mlx import cuda_rotary
+    from workers.mlx.cuda_window_attention import CudaWindowAttention, windows
+    from workers.mlx.vision import attend
+    from workers.mlx.vision_qwen2_5 import window_layout
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="1920x1080")
+    ap.add_argument("--reps", type=int, default=10)
+    a = ap.parse_args()
+    w, h = (int(v) for v in a.size.split("x"))
+    gh, gw = round(h / 28) * 2, round(w / 28) * 2
+    heads, hd, blocks = 16, 80, 28
+    n, scale = gh * gw, hd ** -0.5
+    spans, start = [], 0
+    for groups, count in window_layout(gh, gw, 4)[1]:
+        spans.append((start, count, groups * 4))
+        start += count * groups * 4
+    qkv = (mx.random.normal((n, 3 * heads * hd), key=mx.random.key(0)) * 2).astype(mx.bfloat16)
+    ang = mx.random.uniform(0, 60, (n, hd // 2), key=mx.random.key(1))
+    cos, sin = mx.cos(ang), mx.sin(ang)
+    rot = cuda_rotary.load(heads, hd, mx.bfloat16)
+
+    def tower_way():
+        if rot is None:                                            # not CUDA: a check of this script
+            q, k = cuda_rotary.rotate_qk(qkv.reshape(n, 3, heads, hd), cos, sin)
+        else:
+            qk = rot(qkv, cos, sin)
+            q, k = qk[:, 0], qk[:, 1]
+        return attend(q, k, qkv.reshape(n, 3, heads, hd)[:, 2], spans, scale)
+
+    ref = tower_way().astype(mx.float32)
+    print(f"{a.size}: {n} patches, windows {spans}; 28 blocks' worth per timing")
+    print(f"rotary kernel + cuDNN (the tower): {median_ms(lambda: [tower_way() for _ in range(blocks)], a.reps):.2f} ms", flush=True)
+    wins = windows(spans)
+    for cls in (SimtWindowAttention, CudaWindowAttention):
+        try:
+            k = cls(heads, hd, scale)
+            got = k(qkv, cos, sin, *wins).astype(mx.float32)
+            diff = mx.abs(got - ref)
+            ms = median_ms(lambda: [k(qkv, cos, sin, *wins) for _ in range(blocks)], a.reps)
+            print(f"{cls.__name__}: {ms:.2f} ms; max |diff| {diff.max().item():.3g}, mean {diff.mean().item():.3g} "
+                  f"(largest value {mx.abs(ref).max().item():.3g})", flush=True)
+        except Exception as exc:
+            print(f"{cls.__name__}: {type(exc).__name__}: {exc}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
