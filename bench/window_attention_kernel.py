@@ -11,28 +11,19 @@ times it, the server's tensor-core kernel and the rotary kernel + cuDNN side by 
 """
 from __future__ import annotations
 
-import mlx.core as mx
-
-from workers.mlx.cuda_rotary import kernel_name
-from workers.mlx.cuda_window_attention import WINDOW_MAX
+from workers.mlx.cuda_window_attention import BF16_HELPERS, WINDOW_MAX, CudaWindowAttention
 
 # Two threads per query row, each owning half of the head's dims (HALF = D / 2), which is also
 # how the rotary pairs them: element d rotates with d + HALF. Shared memory holds the window's
 # rotated q and k and its v as bf16 bits, read 8 at a time, and each row's scores in float32 (rows
 # padded by one against bank conflicts): 3 * 64 * 80 * 2 + 64 * 65 * 4 = 47,360 bytes at D = 80,
 # under the 48 KB of static shared memory. bf16 only (the unpacking below is bf16's layout).
-_HEADER = """
+_HEADER = BF16_HELPERS + """
 __device__ __forceinline__ void unpack8(const uint4 u, float* f) {
     f[0] = __uint_as_float(u.x << 16); f[1] = __uint_as_float(u.x & 0xffff0000u);
     f[2] = __uint_as_float(u.y << 16); f[3] = __uint_as_float(u.y & 0xffff0000u);
     f[4] = __uint_as_float(u.z << 16); f[5] = __uint_as_float(u.z & 0xffff0000u);
     f[6] = __uint_as_float(u.w << 16); f[7] = __uint_as_float(u.w & 0xffff0000u);
-}
-__device__ __forceinline__ unsigned short bf16_bits(float x) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-}
-__device__ __forceinline__ unsigned int pack2(float lo, float hi) {
-    return (unsigned int)bf16_bits(lo) | ((unsigned int)bf16_bits(hi) << 16);
 }
 """
 
@@ -126,26 +117,10 @@ _SOURCE = """
 """
 
 
-class SimtWindowAttention:
-    """qkv [N, 3*H*D] (the projection's output, tokens in window order), cos/sin [N, D/2] float32,
-    window starts and sizes (int32, each window at most WINDOW_MAX tokens) -> attention output
-    [N, H*D] in the model dtype, token-major (what the output projection takes)."""
-
-    def __init__(self, heads: int, head_dim: int, scale: float):
-        self.heads, self.half = heads, head_dim // 2
-        self.scale = mx.array([scale], dtype=mx.float32)
-        self.kernel = mx.fast.cuda_kernel(name=kernel_name("vit_window_attention_simt", _SOURCE),
-                                          input_names=["qkv", "cos", "sin", "win_start", "win_size", "scale"],
-                                          output_names=["out"], source=_SOURCE, header=_HEADER)
-
-    def __call__(self, qkv: mx.array, cos: mx.array, sin: mx.array, starts: mx.array, sizes: mx.array) -> mx.array:
-        n, threads = qkv.shape[0], 2 * WINDOW_MAX                     # two threads per query row
-        (out,) = self.kernel(inputs=[qkv, cos, sin, starts, sizes, self.scale],
-                             template=[("T", qkv.dtype), ("HEADS", self.heads), ("HALF", self.half),
-                                       ("WMAX", WINDOW_MAX)],
-                             grid=(starts.shape[0] * self.heads * threads, 1, 1), threadgroup=(threads, 1, 1),
-                             output_shapes=[(n, 2 * self.heads * self.half)], output_dtypes=[qkv.dtype])
-        return out
+class SimtWindowAttention(CudaWindowAttention):
+    """The server's kernel's interface and launch, this file's CUDA-core source: two threads per
+    query row."""
+    name, source, header, threads = "vit_window_attention_simt", _SOURCE, _HEADER, 2 * WINDOW_MAX
 
 
 def main() -> None:
@@ -154,9 +129,11 @@ def main() -> None:
     difference, and ms for 28 blocks in one graph."""
     import argparse
 
+    import mlx.core as mx
+
     from bench.timing import median_ms
     from workers.mlx import cuda_rotary
-    from workers.mlx.cuda_window_attention import CudaWindowAttention, windows
+    from workers.mlx.cuda_window_attention import windows
     from workers.mlx.vision import attend
     from workers.mlx.vision_qwen2_5 import window_layout
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 WINDOW_MAX = 64       # tokens per window: 8 x 8 patches (112-pixel windows of 14-pixel patches)
 
-_COMMON = """
+BF16_HELPERS = """
 __device__ __forceinline__ unsigned short bf16_bits(float x) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
@@ -43,7 +43,7 @@ __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
 # rows padded (88 and 72 elements) so that each fragment load hits 32 distinct banks; v is stored
 # transposed so its operand pairs are adjacent. Rows and keys past a window's size are zeros in
 # shared memory and masked out of the softmax.
-_HEADER = _COMMON + """
+_HEADER = BF16_HELPERS + """
 __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
@@ -177,15 +177,18 @@ class CudaWindowAttention:
     window starts and sizes (int32, each window at most WINDOW_MAX tokens) -> attention output
     [N, H*D] bf16, token-major (what the output projection takes)."""
 
+    name, source, header = "vit_window_attention", _SOURCE, _HEADER
+    threads = 32 * WINDOW_MAX // 16                             # a warp per 16 query rows
+
     def __init__(self, heads: int, head_dim: int, scale: float):
         self.heads, self.half = heads, head_dim // 2
         self.scale = mx.array([scale], dtype=mx.float32)
-        self.kernel = mx.fast.cuda_kernel(name=kernel_name("vit_window_attention", _SOURCE),
+        self.kernel = mx.fast.cuda_kernel(name=kernel_name(self.name, self.source),
                                           input_names=["qkv", "cos", "sin", "win_start", "win_size", "scale"],
-                                          output_names=["out"], source=_SOURCE, header=_HEADER)
+                                          output_names=["out"], source=self.source, header=self.header)
 
     def __call__(self, qkv: mx.array, cos: mx.array, sin: mx.array, starts: mx.array, sizes: mx.array) -> mx.array:
-        threads = 32 * WINDOW_MAX // 16                         # a warp per 16 query rows
+        threads = self.threads
         (out,) = self.kernel(inputs=[qkv, cos, sin, starts, sizes, self.scale],
                              template=[("T", qkv.dtype), ("HEADS", self.heads), ("HALF", self.half),
                                        ("WMAX", WINDOW_MAX)],
