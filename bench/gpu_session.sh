@@ -4,7 +4,7 @@
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall e2ecache tail e2ecache7b
 # agent agent7b pause varlen e2ebusy body quant quant7b e2eq firstload qtail replicas (2 GPUs) replicas4 (4 GPUs) agentreplicas (2 GPUs)
-# towerops split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs) split7b (2 GPUs) splitfaults (2 GPUs) splitcmp (2 GPUs) splitcmp7b (2 GPUs) q25split (2 GPUs) q25split7b (2 GPUs) nccl (2 GPUs) rows (2 GPUs) idlehops
+# towerops wattn split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs) split7b (2 GPUs) splitfaults (2 GPUs) splitcmp (2 GPUs) splitcmp7b (2 GPUs) q25split (2 GPUs) q25split7b (2 GPUs) nccl (2 GPUs) rows (2 GPUs) idlehops
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
 # (and pybase64, the frontend's base64 decoder, the same way)
@@ -30,6 +30,8 @@ for s in $steps; do case $s in
   vit)   run vit_ops 120 python3 -m bench.vit_ops 1920 1080 ;;
   towerops) run towerops3b25 240 python3 -m bench.tower_ops --shape 3b-qwen2.5
          run towerops2b 240 python3 -m bench.tower_ops --shape 2b ;;
+  wattn) run wattn1080 120 python3 -m bench.window_attention_kernel --size 1920x1080
+         run wattn720 120 python3 -m bench.window_attention_kernel --size 1280x720 ;;
   lm)    run lm2b 120 python3 -m bench.lm_ops
          run lm7b 180 python3 -m bench.lm_ops --shape 7b ;;
   2b)    [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
