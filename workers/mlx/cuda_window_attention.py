@@ -24,6 +24,7 @@ import logging
 import mlx.core as mx
 
 from workers.mlx.cuda_rotary import kernel_name, on_cuda, rotate_qk
+from workers.mlx.vision import attend
 
 log = logging.getLogger(__name__)
 
@@ -207,20 +208,12 @@ def windows(spans) -> tuple[mx.array, mx.array]:
 
 
 def reference(qkv: mx.array, cos: mx.array, sin: mx.array, spans, heads: int, scale: float) -> mx.array:
-    """The same with MLX ops: the rotary (`rotate_qk`) and MLX's attention per run of same-size
-    windows -> [N, H*D]."""
+    """The same with MLX ops, as the tower runs it elsewhere: the rotary (`rotate_qk`), then
+    `attend` over the spans -> [N, H*D]."""
     n = qkv.shape[0]
-    hd = qkv.shape[1] // (3 * heads)
-    q, k = rotate_qk(qkv.reshape(n, 3, heads, hd), cos, sin)
-    v = qkv.reshape(n, 3, heads, hd)[:, 2]
-    outs = []
-    for start, count, size in spans:
-        end = start + count * size
-        qs, ks, vs = (t[start:end].reshape(count, size, heads, hd).transpose(0, 2, 1, 3) for t in (q, k, v))
-        o = mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=scale)
-        outs.append(o.transpose(0, 2, 1, 3).reshape(count * size, heads * hd))
-    return mx.concatenate(outs, axis=0)
-
+    t = qkv.reshape(n, 3, heads, qkv.shape[1] // (3 * heads))
+    q, k = rotate_qk(t, cos, sin)
+    return attend(q, k, t[:, 2], spans, scale)
 
 def load(heads: int, head_dim: int, scale: float, dtype: mx.Dtype, window_tokens: int) -> CudaWindowAttention | None:
     """The kernel if MLX runs on CUDA, the model is bf16, the head and the windows fit it, and it
