@@ -29,7 +29,7 @@ from workers.mlx.head import float32_matmul_error, head_from_tensors
 from workers.mlx.language import FastLanguageModel, dequantize_rows_here, split_pays
 from workers.mlx.run_ahead import RunAhead
 from workers.mlx.split import Helpers
-from workers.mlx import cpu_blas, resize
+from workers.mlx import cpu_blas, cuda_upload, resize
 from workers.mlx.vision import FastQwen2Vision, FastVision, normalized_patches
 from workers.mlx.vision_qwen2_5 import FastQwen25Vision
 from workers.parallel_resize import learn_now
@@ -126,6 +126,7 @@ class MlxEngine:
         self._vision: FastVision | None = None   # our vision forward (both backbones)
         self._helpers: Helpers | None = None       # a vision split's helper processes (gpus_per_replica)
         self._device_resize = False
+        self._upload: cuda_upload.CudaUpload | None = None   # screenshots to a CUDA GPU in one copy
         self._lm: FastLanguageModel | None = None     # our language-model forward; None: mlx-vlm's
         self._cache = ScreenCache(0)                   # the screenshot cache, sized at load
         self._cache_off = "the model is not loaded"    # why the cache is off, for prefill answers
@@ -213,6 +214,7 @@ class MlxEngine:
         self._device_resize = mx.default_device() == mx.gpu and resize.matches_pil_here()
         if mx.default_device() == mx.gpu and not self._device_resize:
             log.warning("this GPU's float32 matmuls do not reproduce PIL's resize; resizing on the CPU")
+        self._upload = cuda_upload.load()
         self._system = self.spec.system_prompt if self.spec.system_prompt is not None \
             else family.SYSTEM_PROMPTS[ckpt.model_type]
         self.dtype, self.path = dtype, path
@@ -279,7 +281,7 @@ class MlxEngine:
         if self._helpers is not None:
             self._helpers.unload()
         self._cache.clear()
-        self._model = self._head = self._tok = self._vision = self._lm = None
+        self._model = self._head = self._tok = self._vision = self._lm = self._upload = None
         self._weights_bytes = 0
         mx.clear_cache()
 
@@ -373,10 +375,9 @@ class MlxEngine:
         mx.eval(encs, dec, kept)
         return encs, dec, kept
 
-    @staticmethod
-    def _resized(image: PreparedImage) -> mx.array:
+    def _resized(self, image: PreparedImage) -> mx.array:
         """The image as the ViT sees it, uint8 [H', W', 3], resized here if preprocessing left it."""
-        rgb = mx.array(image.rgb)
+        rgb = self._upload(image.rgb) if self._upload is not None else mx.array(image.rgb)
         if image.resize_order is None:
             return rgb
         return resize.resize_bicubic(rgb, image.resized[0], image.resized[1], image.resize_order)
