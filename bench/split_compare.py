@@ -46,6 +46,9 @@ def main() -> None:
         alone = engine(a.model_path, a.dtype, tmp)
         split = engine(a.model_path, a.dtype, tmp, devices=[0, 1], gpus_per_replica=2)
         print(f"language model split too: {split._helpers.language}")
+        kernel = [getattr(e._vision, "window_attention", None) is not None for e in (alone, split)]
+        print(f"window attention kernel loaded (Qwen2.5-VL on CUDA): alone {kernel[0]}, split's first rank "
+              f"{kernel[1]} (a helper that declines it logs a warning)")
         print("| size | screens | same points | same attention bytes | largest attention difference | of its largest value |")
         print("|---|---|---|---|---|---|")
         for size in a.sizes.split(","):
