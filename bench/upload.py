@@ -9,8 +9,9 @@ bench/RESULTS.md), all of it inside the forward. A 6 MB copy over PCIe takes ~0.
 
 Variants, each followed by the forward's first real op (PIL's bicubic resize on the device to the
 smart_resize size) and a synchronisation; medians over --reps, ms:
-- `mx.array`: what the engine does now;
-- `copy`: workers.mlx.cuda_upload: one cuMemcpyHtoD into a staging buffer that lives on the device;
+- `mx.array`: what the engine did before workers/mlx/cuda_upload.py;
+- `copy`: cuda_upload: one cuMemcpyHtoD into a device buffer of MLX's, from an ordinary numpy
+  array (JPEG, WebP, CPU-resized images) or from one of its page-locked buffers (PNG decodes);
 - `device-born`: the same op on an array computed on the device (no upload at all: the floor).
 Each variant's resized bytes are compared with the `mx.array` variant's.
 """
@@ -71,12 +72,18 @@ def main() -> None:
             return resize_bicubic(born, rw, rh, "hv"), time.perf_counter()
 
         variants = [("mx.array", plain), ("device-born", device_born)]
-        if up is not None:
+
+        def copying(u, src):
             def copied():
-                x = up(rgb)
+                x = u(src)
                 t = time.perf_counter()
                 return resize_bicubic(x, rw, rh, "hv"), t
-            variants.insert(1, ("copy (cuda_upload)", copied))
+            return copied
+        if up is not None:
+            pinned = up.host_buffer(rgb.shape)
+            pinned[...] = rgb                        # as the PNG decoder writes it
+            variants.insert(-1, ("copy (cuda_upload) from an ordinary array", copying(up, rgb)))
+            variants.insert(-1, ("copy (cuda_upload) from a page-locked buffer (host_buffer)", copying(up, pinned)))
         want = None
         for name, fn in variants:
             host, total, out = timed(fn, a.reps)
@@ -84,6 +91,27 @@ def main() -> None:
             want = got if want is None else want
             print(f"| {size} | {rgb.nbytes / 1e6:.1f} | {name} | {host:.2f} | {total:.2f} | "
                   f"{'yes' if np.array_equal(got, want) else 'NO'} |", flush=True)
+    if up is not None:
+        decode_times(up, a.reps)
+
+
+def decode_times(up, reps: int) -> None:
+    """Does decoding into the page-locked buffers cost the PNG decoder anything? bench.screens
+    screenshots, decoded as the engine does, alternating an ordinary array and the pool's."""
+    from bench.screens import png_bytes
+    from workers.images import decode_image
+    print("\n| image | decode into np.empty ms | decode into host_buffer ms |")
+    print("|---|---|---|")
+    for w, h in ((1280, 720), (1920, 1080), (2560, 1440)):
+        png = png_bytes(w, h)
+        plain, pinned = [], []
+        for _ in range(reps + 2):
+            for alloc, seen in ((None, plain), (up.host_buffer, pinned)):
+                time.sleep(0.02)
+                t = time.perf_counter()
+                decode_image(png, 1 << 26, alloc)
+                seen.append((time.perf_counter() - t) * 1e3)
+        print(f"| {w}x{h} | {statistics.median(plain[2:]):.2f} | {statistics.median(pinned[2:]):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -141,3 +141,20 @@ def test_decodes_at_once_on_many_threads_share_the_pool_and_stay_exact():
         got = list(pool.map(png_inflate.decode, datas))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def test_decodes_into_the_callers_buffers():
+    data = png_bytes(640, 360)
+    given = []
+
+    def alloc(shape):
+        given.append(np.full(shape, 7, np.uint8))
+        return given[-1]
+
+    got = decode_image(data, 10**7, alloc)
+    assert len(given) == 1 and got is given[0]                  # the caller's array, filled in
+    np.testing.assert_array_equal(got, imagecodecs.png_decode(data))
+    # paths other than the common PNG one make their own arrays and still decode
+    jpeg = io.BytesIO()
+    Image.fromarray(got).save(jpeg, "JPEG")
+    assert decode_image(jpeg.getvalue(), 10**7, alloc).shape == (360, 640, 3) and len(given) == 1

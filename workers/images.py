@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from workers import still_decoders
+from workers import png_inflate, still_decoders
 from workers.engine import JobError
 from workers.parallel_resize import order_for, resize_bicubic
 
@@ -55,14 +55,15 @@ class PreparedImage:
         return n_h * n_w
 
 
-def decode_image(data: bytes | memoryview, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes | memoryview, max_pixels: int, alloc: png_inflate.Alloc | None = None) -> np.ndarray:
     """Encoded bytes -> RGB uint8 [H, W, 3]. `max_pixels` caps width*height of the decoded image
     and is checked on the header, before decoding (decompression bombs). Raises JobError
     payload_too_large / invalid_image.
 
     Still 8-bit RGB and RGBA PNGs, WebPs and JPEGs, nearly every screenshot, are decoded by
     imagecodecs (workers/still_decoders.py): the same pixels as Pillow's decoders, 2-5x faster
-    (bench.still_decoders, bench/RESULTS.md). Everything else goes to Pillow."""
+    (bench.still_decoders, bench/RESULTS.md). Everything else goes to Pillow. `alloc`: where the
+    common PNG path decodes to (the GPU engine's page-locked buffers)."""
     raw = bytes(data)
     try:
         img = Image.open(io.BytesIO(raw), formats=FORMATS)
@@ -78,7 +79,7 @@ def decode_image(data: bytes | memoryview, max_pixels: int) -> np.ndarray:
     if w * h > max_pixels:
         raise JobError("payload_too_large", f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
     try:
-        rgb = still_decoders.decode(img, raw)
+        rgb = still_decoders.decode(img, raw, alloc)
     except Exception as exc:
         raise JobError("invalid_image", f"image data is truncated or corrupt: {exc}") from None
     if rgb is not None and rgb.dtype == np.uint8 and rgb.shape == (h, w, len(img.mode)):  # 16-bit: Pillow's way

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import imagecodecs
@@ -45,22 +46,30 @@ def available() -> bool:
     return bool(getattr(getattr(imagecodecs, "ZLIBNG", None), "available", False))
 
 
-def decode(data: bytes, parts: int | None = None) -> np.ndarray | None:
+Alloc = Callable[[tuple[int, ...]], np.ndarray]     # shape -> uninitialised uint8 array
+
+
+def decode(data: bytes, parts: int | None = None, alloc: Alloc | None = None) -> np.ndarray | None:
     """PNG bytes -> uint8 [H, W, 3 or 4], the pixels imagecodecs.png_decode gives, in up to `parts`
     bands at once (default: the pool's threads shared among the decodes in progress, so several
-    requests at once do not queue behind each other's bands); None where this path does not apply."""
+    requests at once do not queue behind each other's bands); None where this path does not apply.
+    `alloc` gives the output array (the GPU engine's page-locked buffers); default np.empty."""
     global _active
     with _active_lock:
         _active += 1
         share = max(1, THREADS // _active)
     try:
-        return _decode(data, parts or share)
+        return _decode(data, parts or share, alloc or _empty)
     finally:
         with _active_lock:
             _active -= 1
 
 
-def _decode(data: bytes, parts: int) -> np.ndarray | None:
+def _empty(shape: tuple[int, ...]) -> np.ndarray:
+    return np.empty(shape, np.uint8)
+
+
+def _decode(data: bytes, parts: int, alloc: Alloc) -> np.ndarray | None:
     found = _image_chunks(data)
     if found is None:
         return None
@@ -76,7 +85,7 @@ def _decode(data: bytes, parts: int) -> np.ndarray | None:
     if len(rows) != size:
         return None
     stride = size // h
-    out = np.empty((h, w, CHANNELS[colour]), np.uint8)
+    out = alloc((h, w, CHANNELS[colour]))
     first, *rest = bands(np.frombuffer(rows, np.uint8)[::stride], parts)
     futures = [_pool.submit(_decode_band, ihdr, rows, a, b, out) for a, b in rest]
     _decode_band(ihdr, rows, *first, out)

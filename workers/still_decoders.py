@@ -43,14 +43,15 @@ def covered(img: Image.Image) -> bool:
     return img.format in SAME_AS_PILLOW
 
 
-def decode(img: Image.Image, data: bytes) -> np.ndarray | None:
+def decode(img: Image.Image, data: bytes, alloc: png_inflate.Alloc | None = None) -> np.ndarray | None:
     """uint8 [H, W, C], Pillow's pixels for `img` = Image.open(`data`), C = 3 or 4 by `img.mode`
     (callers check the shape: 16-bit PNGs come back as uint16); None where not `covered` or (JPEG)
-    the data does not end with the end-of-image marker. Raises on corrupt data."""
+    the data does not end with the end-of-image marker. Raises on corrupt data. `alloc`: where the
+    common PNG path decodes to (png_inflate.decode); the other paths make their own arrays."""
     if not covered(img):
         return None
     if img.format == "PNG":
-        rgb = png_inflate.decode(data) if FAST_INFLATE else None
+        rgb = png_inflate.decode(data, alloc=alloc) if FAST_INFLATE else None
         return imagecodecs.png_decode(data) if rgb is None else rgb
     if img.format == "JPEG" and not data.rstrip(b"\0").endswith(JPEG_END):
         return None

@@ -2,42 +2,41 @@
 
 Why: `mx.array(rgb)` puts the bytes in CUDA managed memory, written page by page by the host, and
 the first kernel that reads them migrates the pages to the device, fault by fault: for a 1080p
-screenshot (6.2 MB) 2.7 ms of host time, and the resized image is on the device 3.7 ms later than
-from an image born there, all inside the forward. One DMA copy takes these to 1.3 and 1.0 ms on an
-H200 (`python3 -m bench.upload`, bench/RESULTS.md).
+screenshot (6.2 MB) 2.7-3.5 ms of host time, and the resized image is on the device ~4 ms later
+than from an image born there, all inside the forward (`python3 -m bench.upload`, bench/RESULTS.md).
 
-How: a staging buffer per byte size, an MLX array whose managed pages are moved to the device
-once and advised to stay there; each upload is one `cuMemcpyHtoD` into it, then one device copy
-into a fresh MLX array, evaluated before the call returns, so the staging buffer is free again for
-the next image (several images of one size in a batch). MLX's Python API has no upload that
-avoids managed memory, so this calls the CUDA driver (libcuda, which MLX itself uses) with ctypes.
-Copying from the numpy array as it is was faster than through a pinned buffer (the extra host
-copy costs more than the faster DMA saves).
+How: MLX allocates a device buffer (`mx.zeros`), a one-thread kernel reads its address (asking MLX
+for it from the host, by the buffer protocol or DLPack, would first move it to managed memory), and
+one `cuMemcpyHtoD` fills it. MLX's Python API has no upload that avoids managed memory, so this
+calls the CUDA driver (libcuda, which MLX itself uses) with ctypes. The copy runs at the bus's
+speed from page-locked host memory, and at about half of it from ordinary memory, which the driver
+first copies into its own page-locked buffers: `host_buffer` hands the PNG decoder page-locked
+buffers to decode into (a pool, each buffer back in it once no array uses it). On an H200, 1080p:
+0.5 ms of host time from such a buffer, 1.2 ms from an ordinary array, 3.4 ms for `mx.array`.
 
 Where the driver or any call is missing or fails, or the probe at load does not get the same bytes
-back, `load` returns None and the engine keeps `mx.array`.
+back, `load` returns None and the engine keeps `mx.array` and ordinary buffers.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import threading
-from collections import OrderedDict
+import weakref
 
 import mlx.core as mx
 import numpy as np
 
-from workers.mlx.cuda_rotary import on_cuda
+from workers.mlx.cuda_rotary import kernel_name, on_cuda
 
 log = logging.getLogger(__name__)
 
-CU_MEM_ADVISE_SET_PREFERRED_LOCATION = 3
-CU_MEM_LOCATION_TYPE_DEVICE = 1
-KEPT_SIZES = 4               # staging buffers kept: one per screen size seen last
+POOL_FREE_BYTES = 256 << 20      # page-locked buffers kept for reuse beyond this are released
 
-
-class _MemLocation(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+_ADDRESS_SOURCE = """
+    if (blockIdx.x == 0 && threadIdx.x == 0) addr[0] = reinterpret_cast<unsigned long long>(buf);
+"""
 
 
 class CudaError(RuntimeError):
@@ -48,15 +47,14 @@ class _Driver:
     """The few libcuda calls used here, each raising CudaError on a non-zero result."""
 
     def __init__(self) -> None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        self._lib = lib
-        u64, size = ctypes.c_uint64, ctypes.c_size_t
-        self._sig("cuCtxGetCurrent", ctypes.POINTER(ctypes.c_void_p))
-        self._sig("cuCtxGetDevice", ctypes.POINTER(ctypes.c_int))
-        self._sig("cuMemcpyHtoD_v2", u64, ctypes.c_void_p, size)
-        self._sig("cuMemAdvise_v2", u64, size, ctypes.c_int, _MemLocation)
-        self._sig("cuMemPrefetchAsync_v2", u64, size, _MemLocation, ctypes.c_uint, ctypes.c_void_p)
-        self._sig("cuStreamSynchronize", ctypes.c_void_p)
+        self._lib = ctypes.CDLL("libcuda.so.1")
+        ptr, size = ctypes.c_void_p, ctypes.c_size_t
+        self._sig("cuCtxGetCurrent", ctypes.POINTER(ptr))
+        self._sig("cuCtxSetCurrent", ptr)
+        self._sig("cuMemHostAlloc", ctypes.POINTER(ptr), size, ctypes.c_uint)
+        self._sig("cuMemFreeHost", ptr)
+        self._sig("cuMemcpyHtoD_v2", ctypes.c_uint64, ptr, size)
+        self._sig("cuStreamSynchronize", ptr)
 
     def _sig(self, name: str, *argtypes) -> None:
         fn = getattr(self._lib, name)
@@ -68,78 +66,110 @@ class _Driver:
                 raise CudaError(f"{name} returned CUDA error {rc}")
         setattr(self, name, call)
 
-    def device(self) -> int:
-        """The device of the calling thread's current context (MLX's; None context is an error)."""
+    def context(self) -> int:
+        """The calling thread's current context (MLX's, on a thread that ran MLX work)."""
         ctx = ctypes.c_void_p()
         self.cuCtxGetCurrent(ctypes.byref(ctx))
         if not ctx.value:
             raise CudaError("no current CUDA context on this thread")
-        dev = ctypes.c_int()
-        self.cuCtxGetDevice(ctypes.byref(dev))
-        return dev.value
+        return ctx.value
 
 
-class _Staging:
-    """One byte size's device-resident MLX array and its address."""
+class _Address:
+    """The device address of an MLX array's buffer, read by a kernel."""
 
-    def __init__(self, driver: _Driver, nbytes: int, device: int):
-        self.array = mx.array(np.zeros(nbytes, np.uint8))
-        mx.eval(self.array)
-        self.ptr = np.asarray(self.array).ctypes.data     # the managed pointer; the host never touches it again
-        here = _MemLocation(CU_MEM_LOCATION_TYPE_DEVICE, device)
-        driver.cuMemAdvise_v2(self.ptr, nbytes, CU_MEM_ADVISE_SET_PREFERRED_LOCATION, here)
-        driver.cuMemPrefetchAsync_v2(self.ptr, nbytes, here, 0, None)
-        driver.cuStreamSynchronize(None)
+    def __init__(self):
+        self.kernel = mx.fast.cuda_kernel(name=kernel_name("buffer_address", _ADDRESS_SOURCE),
+                                          input_names=["buf"], output_names=["addr"], source=_ADDRESS_SOURCE)
+
+    def __call__(self, a: mx.array) -> int:
+        (addr,) = self.kernel(inputs=[a], grid=(1, 1, 1), threadgroup=(1, 1, 1),
+                              output_shapes=[(1,)], output_dtypes=[mx.uint64])
+        return int(np.array(addr)[0])          # waits for the kernel, and so for `a`'s zeros
+
+
+class PinnedPool:
+    """Page-locked host buffers by byte size. A buffer goes back to the pool when the last array
+    viewing it is gone (a weakref finalizer), so a job that fails or is cancelled returns its
+    buffer as any other; free buffers past POOL_FREE_BYTES are released. Any thread may take one:
+    the driver's context is made current there first (it is the process's primary context, which
+    MLX uses too)."""
+
+    def __init__(self, driver: _Driver, context: int):
+        self._driver, self._context = driver, context
+        self._free: dict[int, list[int]] = {}
+        self._free_bytes = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, shape: tuple[int, ...]) -> np.ndarray:
+        """An uninitialised uint8 array of `shape` in page-locked memory."""
+        nbytes = max(1, math.prod(shape))
+        with self._lock:
+            ptrs = self._free.get(nbytes)
+            ptr = ptrs.pop() if ptrs else None
+            if ptr is not None:
+                self._free_bytes -= nbytes
+        if ptr is None:
+            self._driver.cuCtxSetCurrent(self._context)
+            p = ctypes.c_void_p()
+            self._driver.cuMemHostAlloc(ctypes.byref(p), nbytes, 0)
+            ptr = p.value
+        owner = (ctypes.c_uint8 * nbytes).from_address(ptr)
+        weakref.finalize(owner, self._give_back, ptr, nbytes).atexit = False
+        return np.ctypeslib.as_array(owner)[:math.prod(shape)].reshape(shape)
+
+    def _give_back(self, ptr: int, nbytes: int) -> None:
+        with self._lock:
+            if self._free_bytes + nbytes <= POOL_FREE_BYTES:
+                self._free.setdefault(nbytes, []).append(ptr)
+                self._free_bytes += nbytes
+                return
+        try:
+            self._driver.cuCtxSetCurrent(self._context)
+            self._driver.cuMemFreeHost(ptr)
+        except CudaError as exc:
+            log.warning("releasing a page-locked buffer failed: %s", exc)
 
 
 class CudaUpload:
-    """uint8 numpy array -> MLX array with the same shape and bytes, on the device. Call it on the
-    thread that runs MLX (its CUDA context must be current there)."""
+    """uint8 numpy array -> MLX array with the same shape and bytes, on the device, by one DMA
+    copy. Call it on the thread that runs MLX (its CUDA context is current there); `host_buffer`
+    gives arrays from which the copy runs fastest, on any thread."""
 
     def __init__(self, driver: _Driver):
         self._driver = driver
-        self._device = driver.device()
-        self._staging: OrderedDict[int, _Staging] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _buffers(self, nbytes: int) -> _Staging:
-        st = self._staging.get(nbytes)
-        if st is None:
-            st = self._staging[nbytes] = _Staging(self._driver, nbytes, self._device)
-            while len(self._staging) > KEPT_SIZES:
-                self._staging.popitem(last=False)
-        self._staging.move_to_end(nbytes)
-        return st
+        self._address = _Address()
+        self.host_buffer = PinnedPool(driver, driver.context())
 
     def __call__(self, host: np.ndarray) -> mx.array:
         if host.dtype != np.uint8:
             raise TypeError(f"uploads take uint8 arrays, not {host.dtype}")
-        with self._lock:
-            st = self._buffers(host.nbytes)
-            host = np.ascontiguousarray(host)
-            self._driver.cuMemcpyHtoD_v2(st.ptr, host.ctypes.data, host.nbytes)
-            self._driver.cuStreamSynchronize(None)        # the copy has landed before MLX reads it
-            out = mx.add(st.array.reshape(host.shape), 0)  # a fresh array: the staging is free again
-            mx.eval(out)
-            return out
+        host = np.ascontiguousarray(host)
+        buf = mx.zeros((max(1, host.nbytes),), mx.uint8)
+        addr = self._address(buf)
+        self._driver.cuMemcpyHtoD_v2(addr, host.ctypes.data, host.nbytes)
+        self._driver.cuStreamSynchronize(None)        # the copy has landed before MLX reads it
+        return buf[:host.nbytes].reshape(host.shape)
 
 
 def load() -> CudaUpload | None:
-    """The upload if MLX runs on CUDA, the driver calls work and a probe comes back byte for byte;
-    else None (the caller keeps `mx.array`)."""
+    """The upload if MLX runs on CUDA, the driver calls work and a probe comes back byte for byte
+    (from an ordinary and from a page-locked buffer); else None (the caller keeps `mx.array`)."""
     if not on_cuda():
         return None
     try:
         mx.eval(mx.zeros(1) + 1)                   # MLX's context is current on this thread from here
         up = CudaUpload(_Driver())
         probe = np.random.default_rng(0).integers(0, 256, (37, 1001, 3), dtype=np.uint8)
-        for _ in range(2):                         # the second goes through the same staging buffer
-            got = up(probe)
-            if got.dtype != mx.uint8 or tuple(got.shape) != probe.shape or not np.array_equal(np.array(got), probe):
+        pinned = up.host_buffer(probe.shape)
+        pinned[...] = probe[::-1]
+        for host in (probe, pinned):
+            got = up(host)
+            if got.dtype != mx.uint8 or tuple(got.shape) != host.shape or not np.array_equal(np.array(got), host):
+                # (a kernel handed a copy of the buffer, not the buffer itself, would show as zeros)
                 log.warning("CUDA upload probe got other bytes back; using mx.array")
                 return None
-            probe = probe[::-1].copy()
         return up
-    except Exception as exc:       # no libcuda, an old driver without the _v2 calls, ...
+    except Exception as exc:       # no libcuda, no NVRTC, an old driver, ...
         log.warning("CUDA upload unavailable (%s: %s); using mx.array", type(exc).__name__, exc)
         return None

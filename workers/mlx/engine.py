@@ -287,7 +287,8 @@ class MlxEngine:
 
     # ---- jobs ------------------------------------------------------------------------------
     def prepare(self, request: GroundingRequest) -> PreparedJob:
-        """CPU only (thread-safe, no MLX): decode, resize, patchify, tokenize. Raises JobError."""
+        """CPU only (thread-safe, no MLX): decode, resize, patchify, tokenize. Raises JobError.
+        On CUDA the PNG decoder writes into page-locked memory, which the upload copies fastest."""
         if self._tok is None:
             raise JobError("model_unavailable", "model is not loaded")
         t0 = time.perf_counter()
@@ -300,7 +301,9 @@ class MlxEngine:
         if entry is not None:           # the same bytes decoded and resized before: sizes suffice
             image = entry.image
         else:
-            rgb = decode_image(request.image, self.options.max_image_pixels)
+            upload = self._upload
+            rgb = decode_image(request.image, self.options.max_image_pixels,
+                               upload.host_buffer if upload is not None else None)
             image = preprocess(rgb, min_px, max_px, patches=False,
                                device_resize=resize.supported if self._device_resize else None)
         before, after = fam.prompt_parts(system, request.instruction)
