@@ -2,17 +2,17 @@
 
 Why: `mx.array(rgb)` puts the bytes in CUDA managed memory, written page by page by the host, and
 the first kernel that reads them migrates the pages to the device, fault by fault: for a 1080p
-screenshot (6.2 MB) 2.7-3.5 ms of host time, and the resized image is on the device ~4 ms later
+screenshot (6.2 MB) 2.2-3.5 ms of host time, and the resized image is on the device 3-4.6 ms later
 than from an image born there, all inside the forward (`python3 -m bench.upload`, bench/RESULTS.md).
 
-How: MLX allocates a device buffer (`mx.zeros`), a one-thread kernel reads its address (asking MLX
-for it from the host, by the buffer protocol or DLPack, would first move it to managed memory), and
+How: MLX allocates a device buffer (`mx.zeros`), a one-thread kernel reads its address (MLX's
+Python API gives addresses only through the buffer protocol, for memory the host can read), and
 one `cuMemcpyHtoD` fills it. MLX's Python API has no upload that avoids managed memory, so this
 calls the CUDA driver (libcuda, which MLX itself uses) with ctypes. The copy runs at the bus's
-speed from page-locked host memory, and at about half of it from ordinary memory, which the driver
+speed from page-locked host memory, and at about a third of it from ordinary memory, which the driver
 first copies into its own page-locked buffers: `host_buffer` hands the PNG decoder page-locked
-buffers to decode into (a pool, each buffer back in it once no array uses it). On an H200, 1080p:
-0.5 ms of host time from such a buffer, 1.2 ms from an ordinary array, 3.4 ms for `mx.array`.
+buffers to decode into (a pool, each buffer back in it once no array uses it). On H200s, 1080p:
+0.46-0.58 ms of host time from such a buffer, 1.2-1.5 ms from an ordinary array.
 
 Where the driver or any call is missing or fails, or the probe at load does not get the same bytes
 back, `load` returns None and the engine keeps `mx.array` and ordinary buffers.
@@ -76,7 +76,7 @@ class _Driver:
 
 
 class _Address:
-    """The device address of an MLX array's buffer, read by a kernel."""
+    """The device address of an MLX array's buffer, read by a kernel on the device."""
 
     def __init__(self):
         self.kernel = mx.fast.cuda_kernel(name=kernel_name("buffer_address", _ADDRESS_SOURCE),
