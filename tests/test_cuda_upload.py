@@ -33,12 +33,14 @@ class HostMemoryDriver:
     here); counts what the pool asks of the driver."""
 
     def __init__(self):
-        self.buffers, self.allocs, self.frees = {}, 0, 0
+        self.buffers, self.allocs, self.frees, self.limit = {}, 0, 0, 1 << 20
 
     def cuCtxSetCurrent(self, ctx):
         assert ctx == 1234
 
     def cuMemHostAlloc(self, pp, nbytes, flags):
+        if nbytes > self.limit:
+            raise cuda_upload.CudaError("cuMemHostAlloc returned CUDA error 2")
         buf = ctypes.create_string_buffer(nbytes)
         self.buffers[ctypes.addressof(buf)] = buf
         pp._obj.value = ctypes.addressof(buf)
@@ -68,3 +70,6 @@ def test_pinned_buffers_go_back_to_the_pool_when_no_array_uses_them(monkeypatch)
     del big
     assert driver.frees == 1 and len(driver.buffers) == driver.allocs - 1
     assert pool((0, 3)).shape == (0, 3)
+    driver.limit = 10                                             # the driver refuses: ordinary memory
+    refused = pool((4, 5, 7))
+    assert refused.shape == (4, 5, 7) and refused.ctypes.data not in driver.buffers

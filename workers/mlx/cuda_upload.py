@@ -110,10 +110,14 @@ class PinnedPool:
             if ptr is not None:
                 self._free_bytes -= nbytes
         if ptr is None:
-            self._driver.cuCtxSetCurrent(self._context)
-            p = ctypes.c_void_p()
-            self._driver.cuMemHostAlloc(ctypes.byref(p), nbytes, 0)
-            ptr = p.value
+            try:
+                self._driver.cuCtxSetCurrent(self._context)
+                p = ctypes.c_void_p()
+                self._driver.cuMemHostAlloc(ctypes.byref(p), nbytes, 0)
+                ptr = p.value
+            except CudaError as exc:     # out of page-lockable memory, say: an ordinary buffer does too
+                log.warning("no page-locked buffer of %d bytes (%s); decoding into ordinary memory", nbytes, exc)
+                return np.empty(shape, np.uint8)
         owner = (ctypes.c_uint8 * nbytes).from_address(ptr)
         weakref.finalize(owner, self._give_back, ptr, nbytes).atexit = False
         return np.ctypeslib.as_array(owner)[:math.prod(shape)].reshape(shape)
