@@ -219,12 +219,7 @@ class Compute:
             log.exception("engine.run failed for a batch of %d", len(live))
             outs = [JobError("internal", f"{type(exc).__name__}: {exc}")] * len(live)
         end = time.monotonic()
-        try:
-            mem = self.engine.memory()
-            self.w.mem, peak = mem.to_wire(), mem.peak
-        except Exception:
-            log.exception("engine.memory failed")
-            peak = 0
+        mem = None      # the memory report comes after the answers (a split's waits for its helpers)
         for t, out in zip(live, outs):
             t.prepared = None
             if isinstance(out, JobError):
@@ -237,11 +232,25 @@ class Compute:
                 timings.update(queue=_ms((t.prep_start - t.recv_t) + (t.fwd_start - t.prep_end)),
                                preprocess=_ms(t.prep_end - t.prep_start), forward=_ms(end - t.fwd_start),
                                total=_ms(end - t.recv_t), batch=len(live))
+                if not out.peak_mem and mem is None:
+                    mem = self._memory()
                 self._job_msg(t, p.Result(id=t.id, result=result, usage=usage, finish_reason="stop",
-                                          peak_mem_job=int(out.peak_mem or peak), timings=timings), blobs)
+                                          peak_mem_job=int(out.peak_mem or (mem.peak if mem else 0)),
+                                          timings=timings), blobs)
             else:
                 self._job_msg(t, p.WorkerError(id=t.id, code="internal",
                                                message=f"engine returned {type(out).__name__}"))
+        mem = mem or self._memory()
+        if mem is not None:
+            self.w.mem = mem.to_wire()
+
+    def _memory(self):
+        """The engine's memory report, or None (logged) if it fails."""
+        try:
+            return self.engine.memory()
+        except Exception:
+            log.exception("engine.memory failed")
+            return None
 
     def _job_msg(self, t: Ticket, msg: p.Message, blobs: list | tuple = ()) -> None:
         _answer(self.push, t, msg, blobs)

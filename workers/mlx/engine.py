@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -99,8 +100,10 @@ def fast_vision(model_type: str, tower) -> FastVision:
     return (FastQwen2Vision if model_type == "qwen2_vl" else FastQwen25Vision)(tower)
 
 
+@functools.cache
 def _device_memory() -> int:
-    """Bytes of memory of the default device (unified/host memory on CPU)."""
+    """Bytes of memory of the default device (unified/host memory on CPU). Asked once: on CUDA
+    `mx.device_info()` also queries the free memory, after every batch otherwise."""
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     for key in ("memory_size", "total_memory"):
         if isinstance(info.get(key), int) and info[key] > 0:

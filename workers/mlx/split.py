@@ -224,10 +224,10 @@ class Helpers:
     def memory(self, wait_s: float = REPORT_WAIT_S) -> list[dict]:
         """Each helper's GPU memory in bytes ({active, peak, cache, weights}; {} before its first
         answer), as of its answer to the last step sent, or the one before if that is more than
-        `wait_s` late. The worker asks after each batch, before sending the batch's answers, so
-        the wait is short: a helper's part of a forward ends before rank 0's (the last
-        language-model layer and the pointer head are rank 0's alone), so its answer is normally
-        there already, and a late one only leaves the report a batch behind."""
+        `wait_s` late. The worker asks after each batch, once it has sent the batch's answers, so
+        the wait delays no answer and is short: a helper's part of a forward ends before rank 0's
+        (the last language-model layer and the pointer head are rank 0's alone), so its answer is
+        normally there already, and a late one only leaves the report a batch behind."""
         with self._answered:
             self._answered.wait_for(lambda: self._all_answered(self._sent), wait_s)
             return [dict(m) for m in self._memory]
