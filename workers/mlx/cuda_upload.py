@@ -99,7 +99,8 @@ class PinnedPool:
         self._driver, self._context = driver, context
         self._free: dict[int, list[int]] = {}
         self._free_bytes = 0
-        self._lock = threading.Lock()
+        # re-entrant: a garbage collection inside the lock may run a buffer's finalizer right there
+        self._lock = threading.RLock()
 
     def __call__(self, shape: tuple[int, ...]) -> np.ndarray:
         """An uninitialised uint8 array of `shape` in page-locked memory."""
