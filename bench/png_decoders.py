@@ -1,6 +1,8 @@
 """PNG decoders on this host's CPU: Pillow (decode + RGB + numpy) against imagecodecs' libpng and
-libspng builds, and the worker's path (workers/png_inflate.py: zlib-ng inflates, libpng unfilters,
-on one thread and in bands on several), with and without the CPU idle before.
+libspng builds, and the worker's path (workers/png_inflate.py: zlib-ng inflates, then libpng
+unfilters, on one thread and in bands on several, or the C unfilterer does, on one thread and on
+several, as a wavefront or in bands: the worker's choice where it was built), with and without the
+CPU idle before.
 
     python -m bench.png_decoders [--sizes 1280x720,1920x1080,2560x1440] [--reps 15]
 
@@ -19,6 +21,17 @@ from PIL import Image
 from bench.prep_profile import med
 from bench.screens import screenshot
 from workers import png_inflate
+
+
+def _with_libpng(parts: int | None):
+    """png_inflate.decode as it runs where the C unfilterer was not built."""
+    def decode(data: bytes):
+        saved, png_inflate.UNFILTER_IN_C = png_inflate.UNFILTER_IN_C, False
+        try:
+            return png_inflate.decode(data, parts=parts)
+        finally:
+            png_inflate.UNFILTER_IN_C = saved
+    return decode
 
 
 def variants(w: int, h: int) -> dict[str, bytes]:
@@ -43,13 +56,19 @@ def main() -> None:
     ap.add_argument("--sizes", default="1280x720,1920x1080,2560x1440")
     ap.add_argument("--reps", type=int, default=15)
     a = ap.parse_args()
+    inflater = "zlib-ng"
     decoders = {
         "pillow": lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")),
         "imagecodecs png": imagecodecs.png_decode,
         "imagecodecs spng": imagecodecs.spng_decode,
-        "zlib-ng + libpng, 1 band": lambda d: png_inflate.decode(d, parts=1),
-        f"zlib-ng + libpng, up to {png_inflate.THREADS} bands (worker)": png_inflate.decode,
+        f"{inflater} + libpng, 1 band": _with_libpng(1),
+        f"{inflater} + libpng, up to {png_inflate.THREADS} bands": _with_libpng(None),
     }
+    if png_inflate.UNFILTER_IN_C:
+        decoders[f"{inflater} + C, 1 thread"] = lambda d: png_inflate.decode(d, parts=1)
+        decoders[f"{inflater} + C, {png_inflate.THREADS} threads (worker)"] = png_inflate.decode
+    else:
+        print("the C unfilterer is not built here, or failed its check (make install builds it)")
     print(f"imagecodecs {imagecodecs.__version__}, Pillow {Image.__version__}")
     print("| image | PNG KB | CPU idle before | " + " | ".join(f"{n} ms" for n in decoders) + " | same pixels |")
     print("|---|---|---|" + "---|" * len(decoders) + "---|")

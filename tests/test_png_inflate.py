@@ -1,5 +1,5 @@
-"""PNGs inflated by zlib-ng and unfiltered by libpng in bands give libpng's own pixels, and
-anything this path does not handle goes back to the plain decoder."""
+"""PNGs inflated by zlib-ng and unfiltered (the C unfilterer, or libpng in bands) give
+libpng's own pixels, and anything this path does not handle goes back to the plain decoder."""
 from __future__ import annotations
 
 import io
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bench.screens import png_bytes
-from tests.pngs import chunk, png
+from tests.pngs import chunk, filtered_rows, png
 from workers import png_inflate
 from workers.images import decode_image
 from workers.engine import JobError
@@ -20,36 +20,21 @@ from workers.engine import JobError
 pytestmark = pytest.mark.skipif(not png_inflate.available(), reason="imagecodecs built without zlib-ng")
 
 
-def _paeth(a: int, b: int, c: int) -> int:
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    return a if pa <= pb and pa <= pc else b if pb <= pc else c
+@pytest.fixture(params=["C unfilterer", "libpng in bands"])
+def unfilterer(request, monkeypatch):
+    """Each of the two ways the rows are unfiltered (the second where the C library is not built)."""
+    if request.param == "C unfilterer" and not png_inflate.UNFILTER_IN_C:
+        pytest.skip("the C unfilterer was not built")
+    if request.param == "libpng in bands":
+        monkeypatch.setattr(png_inflate, "UNFILTER_IN_C", False)
+    return request.param
 
 
 def _filtered_png(pixels: np.ndarray, filters: list[int], level: int = 6, idat_size: int = 1000) -> bytes:
-    """A PNG of uint8 [H, W, C] (C 3 or 4) with row y filtered by filters[y % len(filters)]
-    (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth, as the PNG spec defines them), the data split into
-    IDAT chunks of `idat_size` bytes."""
+    """A PNG of uint8 [H, W, C] (C 3 or 4) with rows filtered as tests.pngs.filtered_rows does, the
+    data split into IDAT chunks of `idat_size` bytes."""
     h, w, c = pixels.shape
-    x = pixels.reshape(h, w * c).astype(np.int64)
-    out = []
-    for y in range(h):
-        ft = filters[y % len(filters)]
-        row, up = x[y], (x[y - 1] if y else np.zeros_like(x[y]))
-        left = np.concatenate([np.zeros(c, np.int64), row[:-c]])
-        upleft = np.concatenate([np.zeros(c, np.int64), up[:-c]])
-        if ft == 0:
-            f = row
-        elif ft == 1:
-            f = row - left
-        elif ft == 2:
-            f = row - up
-        elif ft == 3:
-            f = row - (left + up) // 2
-        else:
-            f = row - np.array([_paeth(a, b, cc) for a, b, cc in zip(left, up, upleft)])
-        out.append(bytes([ft]) + (f % 256).astype(np.uint8).tobytes())
-    z = zlib.compress(b"".join(out), level)
+    z = zlib.compress(filtered_rows(pixels, filters), level)
     ihdr = struct.pack(">IIBBBBB", w, h, 8, {3: 2, 4: 6}[c], 0, 0, 0)
     return png(ihdr, *(z[i:i + idat_size] for i in range(0, len(z), idat_size)))
 
@@ -64,7 +49,7 @@ def _image(h: int, w: int, c: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("filters", [[0], [1], [2], [3], [4], [4, 4, 4, 1, 2, 3, 0], [2, 2, 2, 2, 2, 2, 2, 2, 2, 1]])
 @pytest.mark.parametrize("channels", [3, 4])
-def test_every_row_filter_gives_the_image_back(filters, channels):
+def test_every_row_filter_gives_the_image_back(filters, channels, unfilterer):
     pixels = _image(300, 77, channels, seed=len(filters) * channels)
     data = _filtered_png(pixels, filters)
     got = png_inflate.decode(data)
@@ -72,21 +57,9 @@ def test_every_row_filter_gives_the_image_back(filters, channels):
     np.testing.assert_array_equal(got, imagecodecs.png_decode(data))
 
 
-def test_bands_start_only_where_a_row_does_not_read_the_row_above():
-    filters = np.array([4] * 100 + [1] + [2] * 99 + [0] + [3] * 199 + [1] + [4] * 99, np.uint8)
-    spans = png_inflate.bands(filters, parts=4)
-    assert spans[0][0] == 0 and spans[-1][1] == len(filters)
-    assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:]))
-    assert [a for a, _ in spans[1:]] == [100, 200, 400]
-    assert png_inflate.bands(np.full(1000, 4, np.uint8), parts=8) == [(0, 1000)]   # nowhere to cut
-    assert png_inflate.bands(np.zeros(100, np.uint8), parts=8) == [(0, 100)]       # too short to split
-    many = png_inflate.bands(np.zeros(4096, np.uint8), parts=8)
-    assert len(many) == 8 and {b - a for a, b in many} == {512}
-
-
 @pytest.mark.parametrize("level", [0, 1, 6, 9])
 @pytest.mark.parametrize("size", [(1920, 1080), (1, 1), (1, 300), (300, 1), (28, 1542)])
-def test_screenshots_decode_to_libpngs_and_pillows_pixels(size, level):
+def test_screenshots_decode_to_libpngs_and_pillows_pixels(size, level, unfilterer):
     # (28, 1542): each row 85 bytes, 65535 = 771 rows, so the data fills exactly two stored blocks
     w, h = size
     buf = io.BytesIO()
@@ -124,7 +97,7 @@ def test_what_this_path_does_not_handle_goes_back_to_the_plain_decoder():
     assert e.value.code == "invalid_image"
 
 
-def test_an_invalid_filter_byte_is_a_clear_error():
+def test_an_invalid_filter_byte_is_a_clear_error(unfilterer):
     pixels = _image(200, 40, 3, seed=6)
     rows = b"".join(bytes([7 if y == 150 else 0]) + pixels[y].tobytes() for y in range(200))
     data = png(struct.pack(">IIBBBBB", 40, 200, 8, 2, 0, 0, 0), zlib.compress(rows))
@@ -133,7 +106,7 @@ def test_an_invalid_filter_byte_is_a_clear_error():
     assert e.value.code == "invalid_image"
 
 
-def test_decodes_at_once_on_many_threads_share_the_pool_and_stay_exact():
+def test_decodes_at_once_on_many_threads_share_the_pool_and_stay_exact(unfilterer):
     from concurrent.futures import ThreadPoolExecutor
     datas = [_filtered_png(_image(400, 90, 3, seed=s), [4, 2, 2, 1]) for s in range(12)]
     want = [imagecodecs.png_decode(d) for d in datas]
@@ -143,7 +116,7 @@ def test_decodes_at_once_on_many_threads_share_the_pool_and_stay_exact():
         np.testing.assert_array_equal(g, w)
 
 
-def test_decodes_into_the_callers_buffers():
+def test_decodes_into_the_callers_buffers(unfilterer):
     data = png_bytes(640, 360)
     given = []
 

@@ -1,19 +1,25 @@
-"""8-bit RGB/RGBA PNGs: zlib-ng inflates the image data, libpng undoes the row filters.
+"""8-bit RGB/RGBA PNGs: zlib-ng inflates the image data, then the row filters are undone on several
+threads at once (workers/png_unfilter.c), or by libpng where that was not built.
 
 Why (bench/RESULTS.md, bench.png_decoders): imagecodecs' libpng inflates with a stock zlib, which
 copies the short-distance matches of flat screenshot areas a byte at a time. On the CI box, 11.5 ms
 of its 12.6 ms for a 1080p screenshot is inflating, which zlib-ng (also in imagecodecs) does in
-0.4 ms. libpng cannot be given another inflater, so the image data is inflated here and handed to
-libpng re-wrapped in stored (uncompressed) deflate blocks, which any zlib copies at memory speed;
-libpng then only undoes the row filters, with its SIMD code. The pixels are libpng's by
-construction. (Tried before with Pillow as the unfilterer, which lost: Pillow's unfiltering alone
-took as long as libpng's whole decode.)
+0.4 ms. libpng cannot be given another inflater, so the image data is inflated here.
 
-Undoing the filters is serial down the image (a row's Up, Average and Paeth filters read the row
-above it, unfiltered), except at rows filtered with None or Sub, which read only themselves. Encoders
-choose a filter per row, and screenshots have such rows every so often. Cut there, the image is a
-stack of independent bands: each goes to libpng as a PNG of its own, on its own thread (libpng runs
-without the GIL), straight into its rows of the output.
+Undoing the filters is serial down the image as libpng does it (a row's Up, Average and Paeth
+filters read the row above it, unfiltered). But a pixel reads only the pixels above, above-left and
+left of it, so the C unfilterer runs rows on several threads as a wavefront, each a segment behind
+the row above, or in bands between rows that read only themselves where the encoder chose such
+rows often enough (workers/png_unfilter.py). On an H200 host's CPU (bench.png_decoders), 8 threads
+unfilter a plain 1080p screenshot in 0.9 ms and a text- and photo-dense one in 1.8 ms (one thread:
+2.3 and 6.1), and the whole decode takes 2.5 and 6.0 ms against 3.1 and 6.8 with libpng in bands.
+
+Without the C library, libpng undoes the filters, handed the inflated rows re-wrapped in stored
+(uncompressed) deflate blocks, which any zlib copies at memory speed: the pixels are libpng's by
+construction. (Tried before with Pillow as the unfilterer, which lost: Pillow's unfiltering alone
+took as long as libpng's whole decode.) Only rows filtered with None or Sub read only themselves,
+so the image is cut there into a stack of independent bands: each goes to libpng as a PNG of its
+own, on its own thread (libpng runs without the GIL), straight into its rows of the output.
 
 Anything unusual (interlaced, another bit depth, a chunk layout or CRC that does not check out, image
 data that does not inflate to exactly its rows) returns None, and the caller decodes the PNG as it
@@ -21,6 +27,7 @@ is, which also reports corrupt data.
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -30,16 +37,18 @@ from concurrent.futures import ThreadPoolExecutor
 import imagecodecs
 import numpy as np
 
+from workers import png_unfilter
+
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STORED_MAX = 65535                     # bytes in one stored deflate block
 IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 CHANNELS = {2: 3, 6: 4}                # PNG colour type -> channels: RGB, RGBA
-MIN_BAND_ROWS = 64                     # below this a thread hand-off costs about what it saves
 THREADS = max(1, min(8, os.cpu_count() or 1))
 _pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="png")
 _scratch = threading.local()           # one re-wrap buffer per thread
 _active = 0                            # decodes in progress, which share the pool's threads
 _active_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def available() -> bool:
@@ -50,9 +59,9 @@ Alloc = Callable[[tuple[int, ...]], np.ndarray]     # shape -> uninitialised uin
 
 
 def decode(data: bytes, parts: int | None = None, alloc: Alloc | None = None) -> np.ndarray | None:
-    """PNG bytes -> uint8 [H, W, 3 or 4], the pixels imagecodecs.png_decode gives, in up to `parts`
-    bands at once (default: the pool's threads shared among the decodes in progress, so several
-    requests at once do not queue behind each other's bands); None where this path does not apply.
+    """PNG bytes -> uint8 [H, W, 3 or 4], the pixels imagecodecs.png_decode gives, on up to `parts`
+    threads at once (default: the pool's threads shared among the decodes in progress, so several
+    requests at once do not queue behind each other's rows); None where this path does not apply.
     `alloc` gives the output array (the GPU engine's page-locked buffers); default np.empty."""
     global _active
     with _active_lock:
@@ -86,29 +95,14 @@ def _decode(data: bytes, parts: int, alloc: Alloc) -> np.ndarray | None:
         return None
     stride = size // h
     out = alloc((h, w, CHANNELS[colour]))
-    first, *rest = bands(np.frombuffer(rows, np.uint8)[::stride], parts)
+    if UNFILTER_IN_C:
+        return out if png_unfilter.unfilter(rows, out, _pool, parts) else None
+    first, *rest = png_unfilter.bands(np.frombuffer(rows, np.uint8)[::stride], parts)
     futures = [_pool.submit(_decode_band, ihdr, rows, a, b, out) for a, b in rest]
     _decode_band(ihdr, rows, *first, out)
     for f in futures:
         f.result()
     return out
-
-
-def bands(filters: np.ndarray, parts: int) -> list[tuple[int, int]]:
-    """Row ranges [a, b) covering the image, at most `parts`, each starting at row 0 or at a row
-    whose filter type (`filters[row]`) is None (0) or Sub (1): the ones nearest to even cuts."""
-    h = len(filters)
-    k = min(parts, h // MIN_BAND_ROWS)
-    starts = np.flatnonzero(filters[1:] <= 1) + 1         # rows that do not read the row above
-    if k <= 1 or not len(starts):
-        return [(0, h)]
-    targets = np.arange(1, k) * h // k
-    after = np.minimum(np.searchsorted(starts, targets), len(starts) - 1)
-    before = np.maximum(after - 1, 0)
-    nearest = np.where(np.abs(starts[before] - targets) <= np.abs(starts[after] - targets), before, after)
-    cuts = sorted({int(starts[i]) for i in nearest})
-    edges = [0, *cuts, h]
-    return list(zip(edges[:-1], edges[1:]))
 
 
 def _decode_band(ihdr: bytes, rows: bytes, a: int, b: int, out: np.ndarray) -> None:
@@ -177,3 +171,25 @@ def _stored_png(ihdr: bytes, rows: bytes | memoryview) -> np.ndarray:
     png[crc_end:crc_end + 4] = np.frombuffer(struct.pack(">I", crc), np.uint8)
     png[crc_end + 4:] = np.frombuffer(IEND, np.uint8)
     return png
+
+
+def _c_unfilters_as_libpng_does() -> bool:
+    """The C unfilterer, two threads at once, gives libpng's pixels for random rows under every
+    filter type, both channel counts, rows of several of its segments: checked once at import,
+    since the build may come from a compiler or platform the tests never ran on."""
+    rng = np.random.default_rng(0)
+    h, w = 40, 300
+    for channels, colour in ((3, 2), (4, 6)):
+        rows = rng.integers(0, 256, (h, 1 + w * channels), dtype=np.uint8)
+        rows[:, 0] = np.arange(h) % 5
+        ihdr = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)
+        want = imagecodecs.png_decode(_stored_png(ihdr, rows.tobytes()).copy())
+        got = np.empty((h, w, channels), np.uint8)
+        if not png_unfilter.unfilter(rows.tobytes(), got, _pool, 2) or not np.array_equal(got, want):
+            return False
+    return True
+
+
+UNFILTER_IN_C = png_unfilter.NATIVE is not None and available() and _c_unfilters_as_libpng_does()
+if png_unfilter.NATIVE is not None and available() and not UNFILTER_IN_C:
+    log.warning("the C PNG unfilterer's pixels differ from libpng's here: libpng unfilters instead")

@@ -1,0 +1,77 @@
+"""The C wavefront unfilterer (workers/png_unfilter.c): PNG rows, as inflated, to pixels, on the
+calling thread and up to `threads - 1` of a pool's at once.
+
+The extension is built by the install (setup.py, optional). Without it (no C compiler at install)
+`NATIVE` is None and workers/png_inflate.py unfilters with libpng as before.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Executor
+
+import numpy as np
+
+try:
+    from workers import _png_unfilter as NATIVE
+except ImportError:
+    NATIVE = None
+
+ROW_BYTES_MAX = 2**31 - 1            # the C side counts a row's finished bytes in an int32
+MIN_BAND_ROWS = 64                   # below this a thread hand-off costs about what it saves
+BALANCED = 2.0                       # bands where the largest is at most this times an even share
+
+
+def unfilter(rows: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool:
+    """`rows`: a non-interlaced 8-bit PNG's image data, inflated (each row its filter type, then
+    its bytes); `out`: C-contiguous uint8 [H, W, 3 or 4] that receives the pixels. Runs on this
+    thread and up to threads - 1 of `pool`'s. False where a row's filter type is not one PNG
+    defines (out is then partly written) or the data does not fit this shape."""
+    if NATIVE is None:
+        raise RuntimeError("the C unfilterer was not built")
+    h, w, bpp = out.shape
+    rowbytes = w * bpp
+    if bpp not in (3, 4) or not out.flags.c_contiguous or out.dtype != np.uint8 \
+            or len(rows) != h * (rowbytes + 1) or not 0 < rowbytes <= ROW_BYTES_MAX:
+        return False
+    ends = units(np.frombuffer(rows, np.uint8)[::rowbytes + 1], threads)
+    done = np.zeros(h, np.int32)                  # per row: bytes finished, read by the row below
+    shared = np.zeros(2, np.int64)                # the next unit to take; whether a thread failed
+    args = (rows, out, h, rowbytes, bpp, ends, done, shared)
+    helpers = [pool.submit(NATIVE.unfilter_rows, *args) for _ in range(max(0, threads - 1))]
+    failed = NATIVE.unfilter_rows(*args) != 0
+    for helper in helpers:
+        # one not started by now would find no rows left; a running one finishes its last row
+        if not helper.cancel():
+            failed |= helper.result() != 0
+    return not failed
+
+
+def units(filters: np.ndarray, threads: int) -> np.ndarray:
+    """The ends of the runs of rows the C unfilterer's threads take one at a time, from the rows'
+    filter types: all rows for one thread; else the bands between rows that read only themselves,
+    which never wait, where they share the rows out evenly enough; else single rows, the wavefront.
+    (On an H200 host's CPU, eight threads on single rows took a screenshot of mostly Up rows no
+    faster than one: those rows go at memory speed, and each hand-over costs as much.)"""
+    h = len(filters)
+    if threads > 1:
+        spans = bands(filters, threads)
+        if len(spans) > 1 and max(b - a for a, b in spans) <= BALANCED * h / threads:
+            return np.array([b for _, b in spans], np.int64)
+        return np.arange(1, h + 1, dtype=np.int64)
+    return np.array([h], np.int64)
+
+
+def bands(filters: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) covering the image, at most `parts`, each starting at row 0 or at a row
+    whose filter type (`filters[row]`) is None (0) or Sub (1): the ones nearest to even cuts."""
+    h = len(filters)
+    k = min(parts, h // MIN_BAND_ROWS)
+    starts = np.flatnonzero(filters[1:] <= 1) + 1         # rows that do not read the row above
+    if k <= 1 or not len(starts):
+        return [(0, h)]
+    targets = np.arange(1, k) * h // k
+    after = np.minimum(np.searchsorted(starts, targets), len(starts) - 1)
+    before = np.maximum(after - 1, 0)
+    nearest = np.where(np.abs(starts[before] - targets) <= np.abs(starts[after] - targets), before, after)
+    cuts = sorted({int(starts[i]) for i in nearest})
+    edges = [0, *cuts, h]
+    return list(zip(edges[:-1], edges[1:]))
