@@ -1,5 +1,5 @@
 """PNG decoders on this host's CPU: Pillow (decode + RGB + numpy) against imagecodecs' libpng and
-libspng builds, and the worker's path (workers/png_inflate.py: zlib-ng inflates, then libpng
+libspng builds, and the worker's path (workers/png_inflate.py: libdeflate inflates, then libpng
 unfilters, on one thread and in bands on several, or the C unfilterer does, on one thread and on
 several, as a wavefront or in bands: the worker's choice where it was built), with and without the
 CPU idle before.
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1280x720,1920x1080,2560x1440")
     ap.add_argument("--reps", type=int, default=15)
     a = ap.parse_args()
-    inflater = "zlib-ng"
+    inflater = "libdeflate" if png_inflate.LIBDEFLATE else "zlib-ng"
     decoders = {
         "pillow": lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")),
         "imagecodecs png": imagecodecs.png_decode,
@@ -81,6 +81,16 @@ def main() -> None:
                 cols = [f"{med(lambda: fn(data), a.reps, gap):.1f}" for fn in decoders.values()]
                 print(f"| {size} {name} | {len(data) // 1024} | {'130 ms' if gap else 'no'} | "
                       + " | ".join(cols) + f" | {'yes' if same else 'NO'} |", flush=True)
+    if png_inflate.LIBDEFLATE:
+        print("\nThe image data alone, inflated (ms):\n\n| image | zlib-ng | libdeflate |\n|---|---|---|")
+        for size in a.sizes.split(","):
+            w, h = map(int, size.split("x"))
+            for name, data in variants(w, h).items():
+                idat = png_inflate._image_chunks(data)[1]
+                n = h * (1 + w * 3)
+                zng, ld = (med(lambda: fn(idat, out=n), a.reps) for fn in (imagecodecs.zlibng_decode,
+                                                                          imagecodecs.deflate_decode))
+                print(f"| {size} {name} | {zng:.2f} | {ld:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

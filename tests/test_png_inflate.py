@@ -1,4 +1,4 @@
-"""PNGs inflated by zlib-ng and unfiltered (the C unfilterer, or libpng in bands) give
+"""PNGs inflated (libdeflate or zlib-ng) and unfiltered (the C unfilterer, or libpng in bands) give
 libpng's own pixels, and anything this path does not handle goes back to the plain decoder."""
 from __future__ import annotations
 
@@ -30,6 +30,15 @@ def unfilterer(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["libdeflate", "zlib-ng"])
+def inflater(request, monkeypatch):
+    """Each of the two inflaters (zlib-ng where imagecodecs was built without libdeflate)."""
+    if request.param == "libdeflate" and not png_inflate.LIBDEFLATE:
+        pytest.skip("imagecodecs built without libdeflate")
+    monkeypatch.setattr(png_inflate, "LIBDEFLATE", request.param == "libdeflate")
+    return request.param
+
+
 def _filtered_png(pixels: np.ndarray, filters: list[int], level: int = 6, idat_size: int = 1000) -> bytes:
     """A PNG of uint8 [H, W, C] (C 3 or 4) with rows filtered as tests.pngs.filtered_rows does, the
     data split into IDAT chunks of `idat_size` bytes."""
@@ -49,7 +58,7 @@ def _image(h: int, w: int, c: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("filters", [[0], [1], [2], [3], [4], [4, 4, 4, 1, 2, 3, 0], [2, 2, 2, 2, 2, 2, 2, 2, 2, 1]])
 @pytest.mark.parametrize("channels", [3, 4])
-def test_every_row_filter_gives_the_image_back(filters, channels, unfilterer):
+def test_every_row_filter_gives_the_image_back(filters, channels, unfilterer, inflater):
     pixels = _image(300, 77, channels, seed=len(filters) * channels)
     data = _filtered_png(pixels, filters)
     got = png_inflate.decode(data)
@@ -59,7 +68,7 @@ def test_every_row_filter_gives_the_image_back(filters, channels, unfilterer):
 
 @pytest.mark.parametrize("level", [0, 1, 6, 9])
 @pytest.mark.parametrize("size", [(1920, 1080), (1, 1), (1, 300), (300, 1), (28, 1542)])
-def test_screenshots_decode_to_libpngs_and_pillows_pixels(size, level, unfilterer):
+def test_screenshots_decode_to_libpngs_and_pillows_pixels(size, level, unfilterer, inflater):
     # (28, 1542): each row 85 bytes, 65535 = 771 rows, so the data fills exactly two stored blocks
     w, h = size
     buf = io.BytesIO()
@@ -70,7 +79,7 @@ def test_screenshots_decode_to_libpngs_and_pillows_pixels(size, level, unfiltere
     np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
-def test_what_this_path_does_not_handle_goes_back_to_the_plain_decoder():
+def test_what_this_path_does_not_handle_goes_back_to_the_plain_decoder(inflater):
     pixels = _image(64, 40, 3, seed=5)
     good = _filtered_png(pixels, [4, 1])
     assert png_inflate.decode(good) is not None
