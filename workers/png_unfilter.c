@@ -1,19 +1,19 @@
-/* Undoes PNG row filters (8-bit RGB or RGBA) on several threads at once, as a wavefront.
+/* Undoes PNG row filters (8-bit RGB or RGBA) on several threads at once: a wavefront, or bands.
  *
  * Why: a row filtered with Up, Average or Paeth reads the row above, unfiltered, so libpng undoes
  * the filters one row after another on one thread, and workers/png_inflate.py could only cut the
  * image where the encoder happened to choose None or Sub. But a pixel reads only the pixels above
  * it, above-left of it and left of it: row r can run as soon as row r-1 is done up to the same
  * column. Here each thread takes the next row, and before each segment of it waits (spinning) until
- * the row above has got that far, so all the threads run down the image a segment apart. Where the
+ * the row above has got that far, so the threads run down the image a segment apart. Where the
  * encoder chose None or Sub often enough, the rows are taken in bands between such rows instead,
  * which never wait: a row filtered with Up is done at memory speed, and handing a segment over
  * between threads costs about as much.
  *
  * Called from Python (workers/png_unfilter.py), without the GIL, by every thread that helps with
- * one image, all with the same arguments. A thread takes rows until none are left, so the call is
- * correct with any number of threads, one included, and a helper that starts late finds nothing
- * left to do; no thread waits on a row that no running thread holds.
+ * one image, all with the same arguments. A thread takes runs of rows, in order, until none are
+ * left, so the call is correct with any number of threads, one included, a helper that starts late
+ * finds nothing left to do, and no thread waits on a row that no running thread holds.
  *
  * Built against Python's stable ABI (setup.py), so one build serves every Python from 3.11 on.
  */

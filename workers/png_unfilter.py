@@ -1,5 +1,5 @@
-"""The C wavefront unfilterer (workers/png_unfilter.c): PNG rows, as inflated, to pixels, on the
-calling thread and up to `threads - 1` of a pool's at once.
+"""The C unfilterer (workers/png_unfilter.c): PNG rows, as inflated, to pixels, on the calling
+thread and up to `threads - 1` of a pool's at once, as a wavefront or in bands (`units`).
 
 The extension is built by the install (setup.py, optional). Without it (no C compiler at install)
 `NATIVE` is None and workers/png_inflate.py unfilters with libpng as before.
