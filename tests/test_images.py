@@ -202,3 +202,33 @@ def test_the_fast_png_path_refuses_corrupt_data_with_a_clear_error():
     with pytest.raises(JobError) as e:
         images.decode_image(bytes(data), 10**6)
     assert e.value.code == "invalid_image"
+
+
+@pytest.mark.parametrize("kind", ["PNG RGB", "PNG RGBA opaque", "JPEG", "WEBP", "WEBP RGBA"])
+def test_still_images_decode_into_the_callers_buffers(kind):
+    # the GPU engine hands page-locked buffers, which the upload copies from fastest
+    from bench.screens import screenshot
+    fmt, _, mode = kind.partition(" ")
+    img = screenshot(320, 200, seed=3)
+    if mode.startswith("RGBA"):
+        arr = np.dstack([np.asarray(img), np.full((200, 320), 255 if mode == "RGBA opaque" else 200, np.uint8)])
+        img = Image.fromarray(arr, "RGBA")
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 85} if fmt != "PNG" else {}))
+    data = buf.getvalue()
+    given = []
+
+    def alloc(shape):
+        given.append(np.full(shape, 7, np.uint8))
+        return given[-1]
+
+    got = images.decode_image(data, 10**7, alloc)
+    np.testing.assert_array_equal(got, images.decode_image(data, 10**7))      # the same pixels
+    if fmt == "PNG" or fmt in still_decoders.SAME_AS_PILLOW:                  # decoded by imagecodecs
+        if mode == "RGBA":                                                    # translucent: composited
+            assert given
+        else:
+            assert given and got is given[-1]
+    with pytest.raises(JobError) as e:                                        # corrupt data still says so
+        images.decode_image(data[:len(data) // 2], 10**7, alloc)
+    assert e.value.code == "invalid_image"

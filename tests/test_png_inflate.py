@@ -136,7 +136,3 @@ def test_decodes_into_the_callers_buffers(unfilterer):
     got = decode_image(data, 10**7, alloc)
     assert len(given) == 1 and got is given[0]                  # the caller's array, filled in
     np.testing.assert_array_equal(got, imagecodecs.png_decode(data))
-    # paths other than the common PNG one make their own arrays and still decode
-    jpeg = io.BytesIO()
-    Image.fromarray(got).save(jpeg, "JPEG")
-    assert decode_image(jpeg.getvalue(), 10**7, alloc).shape == (360, 640, 3) and len(given) == 1

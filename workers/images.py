@@ -62,8 +62,9 @@ def decode_image(data: bytes | memoryview, max_pixels: int, alloc: png_inflate.A
 
     Still 8-bit RGB and RGBA PNGs, WebPs and JPEGs, nearly every screenshot, are decoded by
     imagecodecs (workers/still_decoders.py): the same pixels as Pillow's decoders, 2-5x faster
-    (bench.still_decoders, bench/RESULTS.md). Everything else goes to Pillow. `alloc`: where the
-    common PNG path decodes to (the GPU engine's page-locked buffers)."""
+    (bench.still_decoders, bench/RESULTS.md). Everything else goes to Pillow. `alloc` (shape ->
+    uninitialised uint8 array): where those are decoded to, and an opaque RGBA one's RGB copied to
+    (the GPU engine's page-locked buffers, which the upload copies from fastest)."""
     raw = bytes(data)
     try:
         img = Image.open(io.BytesIO(raw), formats=FORMATS)
@@ -86,7 +87,9 @@ def decode_image(data: bytes | memoryview, max_pixels: int, alloc: png_inflate.A
         if rgb.shape[2] == 3:
             return rgb
         if rgb[..., 3].min() == 255:    # opaque RGBA, as most RGBA screenshots are
-            return np.ascontiguousarray(rgb[..., :3])
+            out = alloc((h, w, 3)) if alloc is not None else np.empty((h, w, 3), np.uint8)
+            np.copyto(out, rgb[..., :3])
+            return out
         return np.asarray(to_rgb(Image.fromarray(rgb, "RGBA")))
     try:
         img.load()

@@ -47,7 +47,8 @@ def decode(img: Image.Image, data: bytes, alloc: png_inflate.Alloc | None = None
     """uint8 [H, W, C], Pillow's pixels for `img` = Image.open(`data`), C = 3 or 4 by `img.mode`
     (callers check the shape: 16-bit PNGs come back as uint16); None where not `covered` or (JPEG)
     the data does not end with the end-of-image marker. Raises on corrupt data. `alloc`: where the
-    common PNG path decodes to (png_inflate.decode); the other paths make their own arrays."""
+    image is decoded to (the GPU engine's page-locked buffers), except where png_inflate's path
+    does not apply to a PNG."""
     if not covered(img):
         return None
     if img.format == "PNG":
@@ -55,7 +56,13 @@ def decode(img: Image.Image, data: bytes, alloc: png_inflate.Alloc | None = None
         return imagecodecs.png_decode(data) if rgb is None else rgb
     if img.format == "JPEG" and not data.rstrip(b"\0").endswith(JPEG_END):
         return None
-    return DECODERS[img.format](data)
+    decoder = DECODERS[img.format]
+    if alloc is not None:
+        try:
+            return decoder(data, out=alloc((img.height, img.width, len(img.mode))))
+        except Exception:
+            pass   # channels other than the header's, or corrupt data, which the plain call reports
+    return decoder(data)
 
 
 def _probe_images() -> dict[str, list[bytes]]:

@@ -291,7 +291,7 @@ class MlxEngine:
     # ---- jobs ------------------------------------------------------------------------------
     def prepare(self, request: GroundingRequest) -> PreparedJob:
         """CPU only (thread-safe, no MLX): decode, resize, patchify, tokenize. Raises JobError.
-        On CUDA the PNG decoder writes into page-locked memory, which the upload copies fastest."""
+        On CUDA the image decoders write into page-locked memory, which the upload copies fastest."""
         if self._tok is None:
             raise JobError("model_unavailable", "model is not loaded")
         t0 = time.perf_counter()
