@@ -13,7 +13,8 @@ smart_resize size) and a synchronisation; medians over --reps, ms:
 - `copy`: cuda_upload: one cuMemcpyHtoD into a device buffer of MLX's, from an ordinary numpy
   array (JPEG, WebP, CPU-resized images) or from one of its page-locked buffers (PNG decodes);
 - `device-born`: the same op on an array computed on the device (no upload at all: the floor).
-Each variant's resized bytes are compared with the `mx.array` variant's.
+Each variant's resized bytes are compared with the `mx.array` variant's. Then PNG, JPEG and WebP
+screenshots decoded into ordinary and page-locked arrays, alone and with the upload.
 """
 from __future__ import annotations
 
@@ -96,22 +97,31 @@ def main() -> None:
 
 
 def decode_times(up, reps: int) -> None:
-    """Does decoding into the page-locked buffers cost the PNG decoder anything? bench.screens
-    screenshots, decoded as the engine does, alternating an ordinary array and the pool's."""
-    from bench.screens import png_bytes
+    """Does decoding into the page-locked buffers cost the decoders anything, and what does it
+    save the upload? bench.screens screenshots as PNG, JPEG and WebP, decoded as the engine does
+    (then, in the last two columns, uploaded too), alternating an ordinary array and the pool's."""
+    from bench.screens import encoded
     from workers.images import decode_image
-    print("\n| image | decode into np.empty ms | decode into host_buffer ms |")
-    print("|---|---|---|")
-    for w, h in ((1280, 720), (1920, 1080), (2560, 1440)):
-        png = png_bytes(w, h)
-        plain, pinned = [], []
-        for _ in range(reps + 2):
-            for alloc, seen in ((None, plain), (up.host_buffer, pinned)):
-                time.sleep(0.02)
-                t = time.perf_counter()
-                decode_image(png, 1 << 26, alloc)
-                seen.append((time.perf_counter() - t) * 1e3)
-        print(f"| {w}x{h} | {statistics.median(plain[2:]):.2f} | {statistics.median(pinned[2:]):.2f} |", flush=True)
+    print("\n| image | decode into np.empty ms | into host_buffer ms | decode + upload, np.empty ms | "
+          "decode + upload, host_buffer ms |")
+    print("|---|---|---|---|---|")
+    for fmt in ("png", "jpeg", "webp"):
+        for w, h in ((1280, 720), (1920, 1080), (2560, 1440)):
+            data = encoded(w, h, fmt=fmt)
+            seen = {k: [] for k in ("plain", "pinned", "plain+up", "pinned+up")}
+            for _ in range(reps + 2):
+                for alloc, key in ((None, "plain"), (up.host_buffer, "pinned")):
+                    for upload in (False, True):
+                        time.sleep(0.02)
+                        mx.synchronize()
+                        t = time.perf_counter()
+                        rgb = decode_image(data, 1 << 26, alloc)
+                        if upload:
+                            up(rgb)
+                        seen[key + ("+up" if upload else "")].append((time.perf_counter() - t) * 1e3)
+                        del rgb     # its buffer back to the pool before the next decode, as a job's is
+            cells = " | ".join(f"{statistics.median(v[2:]):.2f}" for v in seen.values())
+            print(f"| {w}x{h} {fmt} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":
