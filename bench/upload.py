@@ -11,7 +11,7 @@ Variants, each followed by the forward's first real op (PIL's bicubic resize on 
 smart_resize size) and a synchronisation; medians over --reps, ms:
 - `mx.array`: what the engine did before workers/mlx/cuda_upload.py;
 - `copy`: cuda_upload: one cuMemcpyHtoD into a device buffer of MLX's, from an ordinary numpy
-  array (JPEG, WebP, CPU-resized images) or from one of its page-locked buffers (PNG decodes);
+  array (images resized on the CPU) or from one of its page-locked buffers (decoded screenshots);
 - `device-born`: the same op on an array computed on the device (no upload at all: the floor).
 Each variant's resized bytes are compared with the `mx.array` variant's. Then PNG, JPEG and WebP
 screenshots decoded into ordinary and page-locked arrays, alone and with the upload.
@@ -82,7 +82,7 @@ def main() -> None:
             return copied
         if up is not None:
             pinned = up.host_buffer(rgb.shape)
-            pinned[...] = rgb                        # as the PNG decoder writes it
+            pinned[...] = rgb                        # as the decoders write it
             variants.insert(-1, ("copy (cuda_upload) from an ordinary array", copying(up, rgb)))
             variants.insert(-1, ("copy (cuda_upload) from a page-locked buffer (host_buffer)", copying(up, pinned)))
         want = None
