@@ -103,11 +103,10 @@ def _decode(data: bytes, parts: int, alloc: Alloc) -> np.ndarray | None:
         return None
     if len(rows) != size:
         return None
-    stride = size // h
     out = alloc((h, w, CHANNELS[colour]))
     if UNFILTER_IN_C:
         return out if png_unfilter.unfilter(rows, out, _pool, parts) else None
-    first, *rest = png_unfilter.bands(np.frombuffer(rows, np.uint8)[::stride], parts)
+    first, *rest = png_unfilter.bands(np.frombuffer(rows, np.uint8)[::size // h], parts)
     futures = [_pool.submit(_decode_band, ihdr, rows, a, b, out) for a, b in rest]
     _decode_band(ihdr, rows, *first, out)
     for f in futures:
@@ -200,6 +199,8 @@ def _c_unfilters_as_libpng_does() -> bool:
     return True
 
 
-UNFILTER_IN_C = png_unfilter.NATIVE is not None and available() and _c_unfilters_as_libpng_does()
-if png_unfilter.NATIVE is not None and available() and not UNFILTER_IN_C:
-    log.warning("the C PNG unfilterer's pixels differ from libpng's here: libpng unfilters instead")
+UNFILTER_IN_C = False
+if png_unfilter.NATIVE is not None and available():
+    UNFILTER_IN_C = _c_unfilters_as_libpng_does()
+    if not UNFILTER_IN_C:
+        log.warning("the C PNG unfilterer's pixels differ from libpng's here: libpng unfilters instead")
