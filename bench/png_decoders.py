@@ -1,8 +1,9 @@
 """PNG decoders on this host's CPU: Pillow (decode + RGB + numpy) against imagecodecs' libpng and
-libspng builds, and the worker's path (workers/png_inflate.py: libdeflate inflates, then libpng
+libspng builds, and the worker's paths (workers/png_inflate.py): libdeflate inflates, then libpng
 unfilters, on one thread and in bands on several, or the C unfilterer does, on one thread and on
-several, as a wavefront or in bands: the worker's choice where it was built), with and without the
-CPU idle before.
+several, as a wavefront or in bands; or zlib-ng inflates a chunk at a time while the C unfilterer
+follows (the worker's choice where it was built and zlib-ng's inflate was bound). With and without
+the CPU idle before.
 
     python -m bench.png_decoders [--sizes 1280x720,1920x1080,2560x1440] [--reps 15]
 
@@ -23,14 +24,16 @@ from bench.screens import screenshot
 from workers import png_inflate
 
 
-def _with_libpng(parts: int | None):
-    """png_inflate.decode as it runs where the C unfilterer was not built."""
+def _decoder(parts: int | None, in_c: bool = True, alongside: bool = False):
+    """png_inflate.decode on up to `parts` threads, the rows unfiltered by the C unfilterer
+    (`in_c`, while zlib-ng inflates them where `alongside`) or by libpng in bands."""
     def decode(data: bytes):
-        saved, png_inflate.UNFILTER_IN_C = png_inflate.UNFILTER_IN_C, False
+        saved = png_inflate.UNFILTER_IN_C, png_inflate.INFLATE_ALONGSIDE
+        png_inflate.UNFILTER_IN_C, png_inflate.INFLATE_ALONGSIDE = in_c, alongside
         try:
             return png_inflate.decode(data, parts=parts)
         finally:
-            png_inflate.UNFILTER_IN_C = saved
+            png_inflate.UNFILTER_IN_C, png_inflate.INFLATE_ALONGSIDE = saved
     return decode
 
 
@@ -61,14 +64,20 @@ def main() -> None:
         "pillow": lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")),
         "imagecodecs png": imagecodecs.png_decode,
         "imagecodecs spng": imagecodecs.spng_decode,
-        f"{inflater} + libpng, 1 band": _with_libpng(1),
-        f"{inflater} + libpng, up to {png_inflate.THREADS} bands": _with_libpng(None),
+        f"{inflater} + libpng, 1 band": _decoder(1, in_c=False),
+        f"{inflater} + libpng, up to {png_inflate.THREADS} bands": _decoder(None, in_c=False),
     }
+    n = png_inflate.THREADS
     if png_inflate.UNFILTER_IN_C:
-        decoders[f"{inflater} + C, 1 thread"] = lambda d: png_inflate.decode(d, parts=1)
-        decoders[f"{inflater} + C, {png_inflate.THREADS} threads (worker)"] = png_inflate.decode
+        decoders[f"{inflater}, then C, 1 thread"] = _decoder(1)
+        decoders[f"{inflater}, then C, {n} threads"] = _decoder(None)
     else:
         print("the C unfilterer is not built here, or failed its check (make install builds it)")
+    if png_inflate.INFLATE_ALONGSIDE:
+        decoders["zlib-ng chunks, C alongside, 1 thread"] = _decoder(1, alongside=True)
+        decoders[f"zlib-ng chunks, C alongside, {n} threads"] = _decoder(None, alongside=True)
+    worker = "INFLATE_ALONGSIDE" if png_inflate.INFLATE_ALONGSIDE else "UNFILTER_IN_C"
+    print(f"the worker decodes as the last column with {n} threads ({worker})")
     print(f"imagecodecs {imagecodecs.__version__}, Pillow {Image.__version__}")
     print("| image | PNG KB | CPU idle before | " + " | ".join(f"{n} ms" for n in decoders) + " | same pixels |")
     print("|---|---|---|" + "---|" * len(decoders) + "---|")

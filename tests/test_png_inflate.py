@@ -30,11 +30,17 @@ def unfilterer(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["libdeflate", "zlib-ng"])
+@pytest.fixture(params=["zlib-ng alongside the unfiltering", "libdeflate", "zlib-ng"])
 def inflater(request, monkeypatch):
-    """Each of the two inflaters (zlib-ng where imagecodecs was built without libdeflate)."""
+    """Each of the ways the data is inflated: by zlib-ng a chunk at a time while the C unfilterer
+    follows, else in one call before the unfiltering, by libdeflate or (where imagecodecs was built
+    without it) zlib-ng."""
+    alongside = request.param == "zlib-ng alongside the unfiltering"
+    if alongside and not (png_inflate.INFLATE_ALONGSIDE and png_inflate.UNFILTER_IN_C):
+        pytest.skip("zlib-ng's inflate is not bound, or the C unfilterer not in use")
     if request.param == "libdeflate" and not png_inflate.LIBDEFLATE:
         pytest.skip("imagecodecs built without libdeflate")
+    monkeypatch.setattr(png_inflate, "INFLATE_ALONGSIDE", alongside)
     monkeypatch.setattr(png_inflate, "LIBDEFLATE", request.param == "libdeflate")
     return request.param
 

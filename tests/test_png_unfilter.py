@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import sysconfig
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -120,7 +121,7 @@ def test_units_that_start_on_rows_reading_the_row_above_wait_for_it(unit):
     rows = filtered_rows(pixels, [4, 2, 3])
     ends = np.array(list(range(unit, 300, unit)) + [300], np.int64)
     out = np.zeros_like(pixels)
-    done, shared = np.zeros(300, np.int32), np.zeros(2, np.int64)
+    done, shared = np.zeros(300, np.int32), _sealed(len(ends))
     args = (rows, out, 300, 600, 3, ends, done, shared)
     with ThreadPoolExecutor(3) as pool:
         results = [f.result() for f in [pool.submit(png_unfilter.NATIVE.unfilter_rows, *args) for _ in range(3)]]
@@ -135,4 +136,84 @@ def test_units_that_do_not_cover_the_image_are_refused():
     for ends in ([5], [5, 5, 10], [6, 4, 10], []):
         with pytest.raises(ValueError):
             png_unfilter.NATIVE.unfilter_rows(rows, out, 10, 60, 3, np.array(ends, np.int64),
-                                              np.zeros(10, np.int32), np.zeros(2, np.int64))
+                                              np.zeros(10, np.int32), _sealed(len(ends)))
+
+
+def _sealed(units: int) -> np.ndarray:
+    """The threads' shared state where all `units` are known from the start."""
+    return np.array([0, units, 0, 1], np.int64)
+
+
+# -- inflating alongside: the calling thread inflates, the others unfilter the rows as they come --
+
+inflates = pytest.mark.skipif(png_unfilter.ZLIBNG is None, reason="zlib-ng's inflate is not bound")
+
+
+@inflates
+@pytest.mark.parametrize("threads", [1, 2, 8])
+@pytest.mark.parametrize("chunk_bytes", [1, 997, 256 * 1024])
+@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 700), (50, 1), (300, 129), (41, 1921)])
+def test_rows_unfiltered_while_they_inflate_are_the_pixels(pool, monkeypatch, shape, channels, chunk_bytes,
+                                                           threads):
+    # chunks from a byte (a row arrives over many steps) to more than the whole image
+    monkeypatch.setattr(png_unfilter, "CHUNK_BYTES", chunk_bytes)
+    h, w = shape
+    rng = np.random.default_rng(h * 7 + w + channels)
+    pixels = _pixels(h, w, channels, rng)
+    for filters in ([2], [4], list(rng.integers(0, 5, 29)), [1] + [2] * 40, [0] * 3 + [4] * 50):
+        out = np.full_like(pixels, 7)
+        z = zlib.compress(filtered_rows(pixels, filters), 6)
+        assert png_unfilter.inflate_unfilter(z, out, pool, threads)
+        np.testing.assert_array_equal(out, pixels, err_msg=f"filters {filters}")
+
+
+@inflates
+def test_units_close_at_rows_that_read_only_themselves_or_else_go_as_single_rows():
+    h, w = 400, 10
+    filters = np.full(h, 2, np.uint8)
+    filters[[5, 30, 40, 60, 61, 62]] = [1, 0, 1, 1, 0, 1]    # then no None/Sub row below 62
+    pixels = _pixels(h, w, 3, np.random.default_rng(9))
+    z = zlib.compress(filtered_rows(pixels, list(filters)))
+    out, rows = np.empty_like(pixels), np.empty(h * (1 + 3 * w), np.uint8)
+    ends, done, shared = np.zeros(h, np.int64), np.zeros(h, np.int32), np.zeros(png_unfilter.SHARED, np.int64)
+    assert png_unfilter.NATIVE.inflate_unfilter(z, rows, out, h, 3 * w, 3, ends, done, shared, 500, 16, 100) == 0
+    np.testing.assert_array_equal(out, pixels)
+    published, failed, sealed = shared[1:]
+    assert (failed, sealed) == (0, 1)
+    # 5 comes too soon after 0 (under 16 rows), 30 closes a unit, 40 too soon after it, 60 closes
+    # one, 61 and 62 too soon; 100 rows on without one, rows 60..159 went one by one, then 160..259
+    # and 260..359; the last 40 rows are one unit
+    assert ends[:published].tolist() == [30, 60, *range(61, 361), 400]
+
+
+@inflates
+def test_data_that_does_not_inflate_to_the_image_fails_without_leaving_a_thread_waiting(pool):
+    pixels = _pixels(300, 100, 3, np.random.default_rng(4))
+    rows = filtered_rows(pixels, [4, 2])
+    z = zlib.compress(rows)
+    corrupt = bytearray(z)
+    corrupt[len(z) // 2] ^= 0x40
+    bad_check = z[:-1] + bytes([z[-1] ^ 1])                  # the Adler-32 of the inflated rows
+    bad_filter = bytearray(rows)
+    bad_filter[250 * (1 + 300)] = 9                          # row 250's filter type
+    for data in (zlib.compress(rows[:-1]), zlib.compress(rows + b"\0"), z[:len(z) // 2], bytes(corrupt),
+                 bad_check, zlib.compress(bytes(bad_filter)), b"", b"not zlib data"):
+        out = np.empty_like(pixels)
+        assert not png_unfilter.inflate_unfilter(data, out, pool, threads=4)
+    out = np.empty_like(pixels)
+    assert png_unfilter.inflate_unfilter(z + b"after the stream", out, pool, threads=4)   # as libpng
+    np.testing.assert_array_equal(out, pixels)
+
+
+@inflates
+def test_helpers_that_never_start_do_not_hold_the_inflate_up():
+    pixels = _pixels(300, 200, 4, np.random.default_rng(8))
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as busy:
+        blocker = busy.submit(release.wait, 30)
+        out = np.empty_like(pixels)
+        assert png_unfilter.inflate_unfilter(zlib.compress(filtered_rows(pixels, [4, 1])), out, busy, threads=4)
+        np.testing.assert_array_equal(out, pixels)
+        assert blocker.running()
+        release.set()

@@ -1,5 +1,7 @@
-"""8-bit RGB/RGBA PNGs: libdeflate (or zlib-ng) inflates the image data, then the row filters are
-undone on several threads at once (workers/png_unfilter.c), or by libpng where that was not built.
+"""8-bit RGB/RGBA PNGs: zlib-ng inflates the image data a chunk at a time while the row filters
+of the rows inflated so far are undone on other threads (workers/png_unfilter.c); or libdeflate (or
+zlib-ng) inflates it all first, and then the filters are undone, on several threads at once, by the
+same C code, or by libpng where that was not built.
 
 Why (bench/RESULTS.md, bench.png_decoders): imagecodecs' libpng inflates with a stock zlib, which
 copies the short-distance matches of flat screenshot areas a byte at a time. On the CI box, 11.5 ms
@@ -15,6 +17,12 @@ the row above, or in bands between rows that read only themselves where the enco
 rows often enough (workers/png_unfilter.py). On an H200 host's CPU (bench.png_decoders), 8 threads
 unfilter a plain 1080p screenshot in 0.9 ms and a text- and photo-dense one in 1.8 ms (one thread:
 2.3 and 6.1), and the whole decode takes 2.5 and 6.0 ms against 3.1 and 6.8 with libpng in bands.
+
+Inflating and unfiltering one after the other, the threads wait for the inflate, which is serial.
+So where zlib-ng's inflate could be bound from imagecodecs (which exports it; libdeflate has no
+streaming interface), the calling thread inflates a chunk at a time and hands each chunk's rows out
+in units, while the other threads unfilter them; zlib-ng is slower than libdeflate alone, but the
+whole decode is shorter (CI box, 1080p: plain 1.5 -> 1.0 ms, text- and photo-dense 4.7 -> 3.4).
 
 Without the C library, libpng undoes the filters, handed the inflated rows re-wrapped in stored
 (uncompressed) deflate blocks, which any zlib copies at memory speed: the pixels are libpng's by
@@ -96,6 +104,9 @@ def _decode(data: bytes, parts: int, alloc: Alloc) -> np.ndarray | None:
     if depth != 8 or interlace or colour not in CHANNELS or not w or not h:
         return None
     size = h * (1 + w * CHANNELS[colour])             # each row: its filter byte, then the pixels
+    if UNFILTER_IN_C and INFLATE_ALONGSIDE:
+        out = alloc((h, w, CHANNELS[colour]))
+        return out if png_unfilter.inflate_unfilter(idat, out, _pool, parts) else None
     try:
         inflate = imagecodecs.deflate_decode if LIBDEFLATE else imagecodecs.zlibng_decode
         rows = inflate(idat, out=size)                # a stream that inflates to more fails here
@@ -182,10 +193,11 @@ def _stored_png(ihdr: bytes, rows: bytes | memoryview) -> np.ndarray:
     return png
 
 
-def _c_unfilters_as_libpng_does() -> bool:
-    """The C unfilterer, two threads at once, gives libpng's pixels for random rows under every
-    filter type, both channel counts, rows of several of its segments: checked once at import,
-    since the build may come from a compiler or platform the tests never ran on."""
+def _c_unfilters_as_libpng_does(unfilter: Callable[[bytes, np.ndarray], bool]) -> bool:
+    """`unfilter(rows, out)` (the C unfilterer, two threads at once) gives libpng's pixels for
+    random rows under every filter type, both channel counts, rows of several of its segments:
+    checked once at import, since the build may come from a compiler or platform the tests never
+    ran on."""
     rng = np.random.default_rng(0)
     h, w = 40, 300
     for channels, colour in ((3, 2), (4, 6)):
@@ -194,13 +206,19 @@ def _c_unfilters_as_libpng_does() -> bool:
         ihdr = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)
         want = imagecodecs.png_decode(_stored_png(ihdr, rows.tobytes()).copy())
         got = np.empty((h, w, channels), np.uint8)
-        if not png_unfilter.unfilter(rows.tobytes(), got, _pool, 2) or not np.array_equal(got, want):
+        if not unfilter(rows.tobytes(), got) or not np.array_equal(got, want):
             return False
     return True
 
 
-UNFILTER_IN_C = False
+UNFILTER_IN_C = INFLATE_ALONGSIDE = False
 if png_unfilter.NATIVE is not None and available():
-    UNFILTER_IN_C = _c_unfilters_as_libpng_does()
+    UNFILTER_IN_C = _c_unfilters_as_libpng_does(lambda rows, out: png_unfilter.unfilter(rows, out, _pool, 2))
     if not UNFILTER_IN_C:
         log.warning("the C PNG unfilterer's pixels differ from libpng's here: libpng unfilters instead")
+    elif png_unfilter.ZLIBNG is not None:
+        INFLATE_ALONGSIDE = _c_unfilters_as_libpng_does(
+            lambda rows, out: png_unfilter.inflate_unfilter(imagecodecs.zlibng_encode(rows), out, _pool, 2))
+        if not INFLATE_ALONGSIDE:
+            log.warning("zlib-ng's inflate, as bound from imagecodecs, gives other pixels here: "
+                        "the image data is inflated in one call instead")

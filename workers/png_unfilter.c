@@ -15,13 +15,23 @@
  * left, so the call is correct with any number of threads, one included, a helper that starts late
  * finds nothing left to do, and no thread waits on a row that no running thread holds.
  *
+ * The calling thread may also inflate the image data itself (inflate_unfilter), a chunk at a time,
+ * handing the rows out in units as they come: then the threads undo the filters while the data is
+ * still inflating, instead of after it. The inflater is zlib-ng's, as imagecodecs built it (bound
+ * by bind_zlibng from imagecodecs' own extension module, which exports it); libdeflate, faster
+ * alone, inflates only in one call.
+ *
  * Built against Python's stable ABI (setup.py), so one build serves every Python from 3.11 on.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>   /* first, as Python asks */
 #include <sched.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#if !defined(_WIN32)
+#include <dlfcn.h>
+#endif
 
 #define SEGMENT_PIXELS 128   /* per wait: whole pixels, so a segment never ends inside one */
 #define SPINS 256            /* pause instructions before yielding the core while waiting */
@@ -30,6 +40,17 @@
 
 static inline int32_t load_acquire(const int32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void store_release(int32_t *p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline int64_t load_acquire64(const int64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void store_release64(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+/* What the threads of one image share (`shared`, 32 bytes, zeroed by the caller but for
+ * `published` and `sealed` where the units are all known at the start). */
+typedef struct {
+    int64_t next_unit;   /* the next unit a thread takes */
+    int64_t published;   /* units whose rows are inflated and whose end is known */
+    int64_t failed;      /* a row had a bad filter type, or the data did not inflate */
+    int64_t sealed;      /* no more units will be published */
+} shared_state;
 
 static inline void pause_briefly(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -39,19 +60,36 @@ static inline void pause_briefly(void) {
 #endif
 }
 
+static inline void wait_a_little(unsigned *spins) {
+    if (++*spins < SPINS)
+        pause_briefly();
+    else
+        sched_yield();   /* the thread we wait for may have lost its core */
+}
+
 /* Waits until *done >= need, or until another thread has failed; returns *done, or -1. */
-static int32_t wait_for(const int32_t *done, int32_t need, const int32_t *failed) {
+static int32_t wait_for(const int32_t *done, int32_t need, const int64_t *failed) {
     unsigned spins = 0;
     int32_t have;
     while ((have = load_acquire(done)) < need) {
-        if (load_acquire(failed))
+        if (load_acquire64(failed))
             return -1;
-        if (++spins < SPINS)
-            pause_briefly();
-        else
-            sched_yield();   /* the thread we wait for may have lost its core */
+        wait_a_little(&spins);
     }
     return have;
+}
+
+/* Waits until unit u is published: 1; 0 when no unit u will come (all taken), -1 on a failure. */
+static int wait_for_unit(shared_state *st, int64_t u) {
+    unsigned spins = 0;
+    while (u >= load_acquire64(&st->published)) {
+        if (load_acquire64(&st->failed))
+            return -1;
+        if (load_acquire64(&st->sealed) && u >= load_acquire64(&st->published))
+            return 0;
+        wait_a_little(&spins);
+    }
+    return 1;
 }
 
 /* A pixel's channels as 16-bit lanes (the first 3 or 4 of 8), in the compiler's portable vector
@@ -150,22 +188,25 @@ INLINE void unfilter(int type, const uint8_t *f, uint8_t *o, const uint8_t *up,
 
 /* in: h rows of 1 + rowbytes bytes (filter type, filtered pixels), as inflated from the IDAT data;
  * out: h * rowbytes bytes; bpp: 3 or 4. The rows come in units of consecutive rows, ends[u] the row
- * after unit u (ascending, the last h): a thread takes the next unit and does its rows in order, so
+ * after unit u (ascending, the last h), published as they become known (st->published; all at once
+ * where the data was inflated before): a thread takes the next unit and does its rows in order, so
  * only a unit's first row may wait, on the last row of the unit before, another thread's. Units of
  * one row make the wavefront; units cut where a row reads only itself (None, Sub) never wait.
- * done[h] (zeroed), next_unit and failed (zeroed) are shared by the threads of one image. Returns
- * 0, or -1 if a row's filter type is not 0-4 (rows after it are left unfinished) or bpp is not 3 or
- * 4. */
+ * done[h] (zeroed) and st are shared by the threads of one image. Returns 0, or -1 if a row's
+ * filter type is not 0-4 (rows after it are left unfinished), bpp is not 3 or 4, or the data failed
+ * to inflate. */
 static int unfilter_rows(const uint8_t *in, uint8_t *out, int64_t h, int64_t rowbytes, int32_t bpp,
-                         const int64_t *ends, int64_t units, int32_t *done, int64_t *next_unit,
-                         int32_t *failed) {
-    if (bpp != 3 && bpp != 4)
+                         const int64_t *ends, int32_t *done, shared_state *st) {
+    if (bpp != 3 && bpp != 4) {
+        store_release64(&st->failed, 1);
         return -1;
+    }
     const int64_t segment = (int64_t)SEGMENT_PIXELS * bpp;
     for (;;) {
-        int64_t u = __atomic_fetch_add(next_unit, 1, __ATOMIC_RELAXED);
-        if (u >= units)
-            return load_acquire(failed) ? -1 : 0;
+        int64_t u = __atomic_fetch_add(&st->next_unit, 1, __ATOMIC_RELAXED);
+        int ready_unit = wait_for_unit(st, u);
+        if (ready_unit <= 0)
+            return ready_unit < 0 || load_acquire64(&st->failed) ? -1 : 0;
         int64_t first = u ? ends[u - 1] : 0, end = ends[u] < h ? ends[u] : h;
         for (int64_t r = first; r < end; r++) {
             const uint8_t *f = in + r * (rowbytes + 1);
@@ -173,7 +214,7 @@ static int unfilter_rows(const uint8_t *in, uint8_t *out, int64_t h, int64_t row
             uint8_t *o = out + r * rowbytes;
             const uint8_t *up = r ? o - rowbytes : NULL;
             if (type > 4) {
-                store_release(failed, 1);
+                store_release64(&st->failed, 1);
                 return -1;
             }
             /* of the row above: all of it if this thread did it, or if this row does not read it */
@@ -181,7 +222,7 @@ static int unfilter_rows(const uint8_t *in, uint8_t *out, int64_t h, int64_t row
             int publish = r == end - 1;   /* only a unit's last row is read by another thread */
             for (int64_t a = 0; a < rowbytes;) {
                 int64_t b = a + segment < rowbytes ? a + segment : rowbytes;
-                if (ready < b && (ready = wait_for(&done[r - 1], (int32_t)b, failed)) < 0)
+                if (ready < b && (ready = wait_for(&done[r - 1], (int32_t)b, &st->failed)) < 0)
                     return -1;
                 if (bpp == 3)
                     unfilter(type, f, o, up, a, b, 3);
@@ -195,10 +236,106 @@ static int unfilter_rows(const uint8_t *in, uint8_t *out, int64_t h, int64_t row
     }
 }
 
+/* zlib-ng's native API (zlib-ng.h, 2.x): the stream, and the three calls used. */
+typedef struct {
+    const uint8_t *next_in;
+    uint32_t avail_in;
+    size_t total_in;
+    uint8_t *next_out;
+    uint32_t avail_out;
+    size_t total_out;
+    const char *msg;
+    void *state;
+    void *(*zalloc)(void *, unsigned, unsigned);
+    void (*zfree)(void *, void *);
+    void *opaque;
+    int data_type;
+    uint32_t adler;
+    unsigned long reserved;
+} zng_stream;
+enum { Z_OK = 0, Z_STREAM_END = 1, Z_NO_FLUSH = 0 };
+static int32_t (*zng_inflateInit2)(zng_stream *, int32_t);
+static int32_t (*zng_inflate)(zng_stream *, int32_t);
+static int32_t (*zng_inflateEnd)(zng_stream *);
+
+/* Rows [from, to) have just been inflated: cut them into units and publish those. A unit closes at
+ * a row that reads only itself once it has at least umin rows; where umax rows pass without one,
+ * they go out as single rows (a wavefront stretch). *start is the open unit's first row. */
+static void publish_units(const uint8_t *in, int64_t stride, int64_t from, int64_t to, int64_t h,
+                          int64_t umin, int64_t umax, int64_t *start, int64_t *ends, shared_state *st) {
+    int64_t n = st->published;   /* only this thread writes it */
+    for (int64_t r = from > 1 ? from : 1; r < to; r++) {
+        if (in[r * stride] <= 1 && r - *start >= umin) {
+            ends[n++] = r;
+            *start = r;
+        } else if (r - *start >= umax) {
+            for (int64_t k = *start + 1; k <= r; k++)
+                ends[n++] = k;
+            *start = r;
+        }
+    }
+    if (to == h)
+        ends[n++] = h;
+    store_release64(&st->published, n);
+}
+
+/* Inflates the zlib stream `z` into `in` (h rows of stride bytes), chunk bytes at a time, publishing
+ * each chunk's rows in units; the image data must inflate to exactly h rows. 0, or -1 (then
+ * st->failed is set, so no thread waits for more). */
+static int inflate_rows(const uint8_t *z, int64_t zlen, uint8_t *in, int64_t h, int64_t stride,
+                        int64_t chunk, int64_t umin, int64_t umax, int64_t *ends, shared_state *st) {
+    zng_stream s;
+    memset(&s, 0, sizeof s);
+    int ok = zlen <= UINT32_MAX && zng_inflateInit2(&s, 15) == Z_OK;
+    const int64_t size = h * stride;
+    int64_t rows_in = 0, start = 0;
+    s.next_in = z;
+    s.avail_in = (uint32_t)zlen;
+    while (ok) {
+        int64_t have = (int64_t)s.total_out, left = size - have;
+        uint32_t before_in = s.avail_in;
+        s.next_out = in + have;
+        s.avail_out = (uint32_t)(left < chunk ? left : chunk);
+        int32_t rc = zng_inflate(&s, Z_NO_FLUSH);
+        int64_t rows = (int64_t)s.total_out / stride;
+        if (rc == Z_STREAM_END) {
+            ok = (int64_t)s.total_out == size;   /* bytes after the stream are ignored, as libpng does */
+            if (ok)
+                publish_units(in, stride, rows_in, h, h, umin, umax, &start, ends, st);
+            break;
+        }
+        /* Z_BUF_ERROR (no progress: input short, or more data than the image), or corrupt data */
+        ok = rc == Z_OK && ((int64_t)s.total_out > have || s.avail_in < before_in);
+        if (ok && rows > rows_in && rows < h) {
+            publish_units(in, stride, rows_in, rows, h, umin, umax, &start, ends, st);
+            rows_in = rows;
+        }
+    }
+    zng_inflateEnd(&s);
+    if (!ok)
+        store_release64(&st->failed, 1);
+    store_release64(&st->sealed, 1);
+    return ok ? 0 : -1;
+}
+
+/* The buffers' sizes against the image's shape. */
+static int shapes_fit(const Py_buffer *rows, const Py_buffer *out, long long h, long long rowbytes,
+                      const Py_buffer *ends, const Py_buffer *done, const Py_buffer *shared) {
+    return h > 0 && rowbytes > 0 && rowbytes <= INT32_MAX && rows->len == h * (rowbytes + 1) &&
+           out->len == h * rowbytes && ends->len >= (Py_ssize_t)sizeof(int64_t) &&
+           done->len >= h * (Py_ssize_t)sizeof(int32_t) && shared->len >= (Py_ssize_t)sizeof(shared_state);
+}
+
+static PyObject *misfit(void) {
+    PyErr_SetString(PyExc_ValueError, "buffer sizes or row units do not match the image's shape");
+    return NULL;
+}
+
 /* unfilter_rows(rows, out, height, rowbytes, bpp, ends, done, shared) -> 0, or -1 (see above).
- * rows: the inflated image data; out: the pixels (writable); ends: int64 per unit; done: int32 per
- * row, zeroed; shared: 16 bytes, zeroed (the next unit to take as an int64, then whether a thread
- * failed as an int32), the same objects for every thread of one image. */
+ * rows: the inflated image data (or the buffer inflate_unfilter inflates into); out: the pixels
+ * (writable); ends: int64 per unit (capacity h where inflate_unfilter publishes them); done: int32
+ * per row, zeroed; shared: a shared_state, the same objects for every thread of one image. Where it
+ * is sealed at the call, the published units are checked to cover the image. */
 static PyObject *py_unfilter_rows(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer rows, out, ends, done, shared;
@@ -206,18 +343,19 @@ static PyObject *py_unfilter_rows(PyObject *self, PyObject *args) {
     int bpp, rc = -1;
     if (!PyArg_ParseTuple(args, "y*w*LLiy*w*w*", &rows, &out, &h, &rowbytes, &bpp, &ends, &done, &shared))
         return NULL;
-    int64_t units = ends.len / (Py_ssize_t)sizeof(int64_t);
-    int ok = h > 0 && rowbytes > 0 && rowbytes <= INT32_MAX && rows.len == h * (rowbytes + 1) &&
-             out.len == h * rowbytes && units > 0 && ((const int64_t *)ends.buf)[units - 1] == h &&
-             done.len >= h * (Py_ssize_t)sizeof(int32_t) && shared.len >= 16;
-    for (int64_t u = 0; ok && u < units; u++) {   /* ascending, so every row is in one unit */
-        int64_t e = ((const int64_t *)ends.buf)[u];
-        ok = e > (u ? ((const int64_t *)ends.buf)[u - 1] : 0);
+    int ok = shapes_fit(&rows, &out, h, rowbytes, &ends, &done, &shared);
+    shared_state *st = shared.buf;
+    int run = ok && !load_acquire64(&st->failed);   /* else the data failed to inflate already */
+    if (run && load_acquire64(&st->sealed)) {   /* all units known: ascending, covering every row */
+        int64_t units = load_acquire64(&st->published);
+        const int64_t *e = ends.buf;
+        ok = units > 0 && units <= ends.len / (Py_ssize_t)sizeof(int64_t) && e[units - 1] == h;
+        for (int64_t u = 0; ok && u < units; u++)
+            ok = e[u] > (u ? e[u - 1] : 0);
     }
-    if (ok) {
+    if (run && ok) {
         Py_BEGIN_ALLOW_THREADS
-        rc = unfilter_rows(rows.buf, out.buf, h, rowbytes, bpp, ends.buf, units, done.buf,
-                           (int64_t *)shared.buf, (int32_t *)((char *)shared.buf + 8));
+        rc = unfilter_rows(rows.buf, out.buf, h, rowbytes, bpp, ends.buf, done.buf, st);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&rows);
@@ -225,16 +363,84 @@ static PyObject *py_unfilter_rows(PyObject *self, PyObject *args) {
     PyBuffer_Release(&ends);
     PyBuffer_Release(&done);
     PyBuffer_Release(&shared);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "buffer sizes or row units do not match the image's shape");
+    return ok ? PyLong_FromLong(rc) : misfit();
+}
+
+/* inflate_unfilter(z, rows, out, height, rowbytes, bpp, ends, done, shared, chunk, umin, umax)
+ * -> 0, or -1: inflates the zlib stream z into rows, publishing units (ends, capacity h) as it goes,
+ * then helps undo the filters as unfilter_rows does; other threads call unfilter_rows with the same
+ * buffers meanwhile, or not at all. shared: zeroed. */
+static PyObject *py_inflate_unfilter(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer z, rows, out, ends, done, shared;
+    long long h, rowbytes, chunk, umin, umax;
+    int bpp, rc = -1;
+    if (!zng_inflate) {
+        PyErr_SetString(PyExc_RuntimeError, "no inflater bound: call bind_zlibng first");
         return NULL;
     }
-    return PyLong_FromLong(rc);
+    if (!PyArg_ParseTuple(args, "y*w*w*LLiw*w*w*LLL", &z, &rows, &out, &h, &rowbytes, &bpp, &ends,
+                          &done, &shared, &chunk, &umin, &umax))
+        return NULL;
+    int ok = shapes_fit(&rows, &out, h, rowbytes, &ends, &done, &shared) &&
+             ends.len >= h * (Py_ssize_t)sizeof(int64_t) && chunk > 0 && chunk <= UINT32_MAX &&
+             umin >= 1 && umax >= umin;
+    if (ok) {
+        shared_state *st = shared.buf;
+        Py_BEGIN_ALLOW_THREADS
+        rc = inflate_rows(z.buf, z.len, rows.buf, h, rowbytes + 1, chunk, umin, umax, ends.buf, st);
+        int unfiltered = unfilter_rows(rows.buf, out.buf, h, rowbytes, bpp, ends.buf, done.buf, st);
+        rc = rc ? rc : unfiltered;
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&ends);
+    PyBuffer_Release(&done);
+    PyBuffer_Release(&shared);
+    return ok ? PyLong_FromLong(rc) : misfit();
+}
+
+/* bind_zlibng(path) -> zlib-ng's version: finds zlib-ng's inflate in the extension module at path
+ * (imagecodecs._zlibng, already loaded), which exports it. Raises where it does not, or where it is
+ * not zlib-ng 2.x, whose stream layout this file declares. */
+static PyObject *py_bind_zlibng(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s", &path))
+        return NULL;
+#if defined(_WIN32)
+    PyErr_SetString(PyExc_OSError, "zlib-ng is bound only where dlopen is");
+    return NULL;
+#else
+    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    if (!lib) {
+        PyErr_Format(PyExc_OSError, "%s is not loaded", path);
+        return NULL;
+    }
+    const char *(*version)(void) = (const char *(*)(void))dlsym(lib, "zlibng_version");
+    void *init = dlsym(lib, "zng_inflateInit2"), *step = dlsym(lib, "zng_inflate"),
+         *end = dlsym(lib, "zng_inflateEnd");
+    const char *v = version ? version() : NULL;
+    if (!v || !init || !step || !end || strncmp(v, "2.", 2) != 0) {
+        PyErr_Format(PyExc_OSError, "%s exports no zlib-ng 2.x inflate", path);
+        return NULL;
+    }
+    zng_inflateInit2 = (int32_t (*)(zng_stream *, int32_t))init;
+    zng_inflateEnd = (int32_t (*)(zng_stream *))end;
+    zng_inflate = (int32_t (*)(zng_stream *, int32_t))step;   /* the others are set before */
+    return PyUnicode_FromString(v);   /* the handle stays open: the functions stay in use */
+#endif
 }
 
 static PyMethodDef methods[] = {
     {"unfilter_rows", py_unfilter_rows, METH_VARARGS,
      "Undo PNG row filters, as one of the threads working on one image (workers/png_unfilter.py)."},
+    {"inflate_unfilter", py_inflate_unfilter, METH_VARARGS,
+     "Inflate a PNG's image data and undo its row filters, with other threads following the inflate."},
+    {"bind_zlibng", py_bind_zlibng, METH_VARARGS,
+     "Find zlib-ng's inflate in an already loaded library that exports it; its version."},
     {NULL, NULL, 0, NULL},
 };
 

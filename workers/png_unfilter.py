@@ -1,11 +1,14 @@
 """The C unfilterer (workers/png_unfilter.c): PNG rows, as inflated, to pixels, on the calling
-thread and up to `threads - 1` of a pool's at once, as a wavefront or in bands (`units`).
+thread and up to `threads - 1` of a pool's at once, as a wavefront or in bands (`units`); or, with
+`inflate_unfilter`, while the calling thread is still inflating them.
 
 The extension is built by the install (setup.py, optional). Without it (no C compiler at install)
 `NATIVE` is None and workers/png_inflate.py unfilters with libpng as before.
 """
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import numpy as np
@@ -18,6 +21,23 @@ except ImportError:
 ROW_BYTES_MAX = 2**31 - 1            # the C side counts a row's finished bytes in an int32
 MIN_BAND_ROWS = 64                   # below this a thread hand-off costs about what it saves
 BALANCED = 2.0                       # bands where the largest is at most this times an even share
+CHUNK_BYTES = 256 * 1024             # inflated per step, then handed out (smaller steps cost more)
+UNIT_MIN_ROWS = 16                   # while inflating: a unit closes at a None/Sub row after this many
+SHARED = 4                           # int64s the threads of one image share (png_unfilter.c's shared_state)
+
+
+def _bind_zlibng() -> str | None:
+    """zlib-ng's version where the C side found its inflate in imagecodecs' zlib-ng module (which
+    exports it), else None: then the data is inflated in one call before the unfiltering."""
+    if NATIVE is None:
+        return None
+    try:
+        return NATIVE.bind_zlibng(importlib.import_module("imagecodecs._zlibng").__file__)
+    except (ImportError, OSError):
+        return None
+
+
+ZLIBNG = _bind_zlibng()
 
 
 def unfilter(rows: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool:
@@ -33,11 +53,38 @@ def unfilter(rows: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool
             or len(rows) != h * (rowbytes + 1) or not 0 < rowbytes <= ROW_BYTES_MAX:
         return False
     ends = units(np.frombuffer(rows, np.uint8)[::rowbytes + 1], threads)
-    done = np.zeros(h, np.int32)                  # per row: bytes finished, read by the row below
-    shared = np.zeros(2, np.int64)                # the next unit to take; whether a thread failed
+    shared = np.array([0, len(ends), 0, 1], np.int64)     # every unit published; sealed
+    return _on_threads(NATIVE.unfilter_rows, (rows, out, h, rowbytes, bpp, ends, np.zeros(h, np.int32), shared),
+                       pool, threads)
+
+
+def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool:
+    """`z`: a non-interlaced 8-bit PNG's image data (its IDAT chunks' bytes joined); `out` as for
+    `unfilter`. This thread inflates it with zlib-ng (ZLIBNG), a chunk at a time, handing each
+    chunk's rows out in units as it goes, and up to threads - 1 of `pool`'s undo their filters
+    meanwhile; then this thread helps. False where the data does not inflate to exactly this shape,
+    or a row's filter type is not one PNG defines."""
+    if ZLIBNG is None:
+        raise RuntimeError("zlib-ng's inflate is not bound")
+    h, w, bpp = out.shape
+    rowbytes = w * bpp
+    if bpp not in (3, 4) or not out.flags.c_contiguous or out.dtype != np.uint8 \
+            or not 0 < rowbytes <= ROW_BYTES_MAX:
+        return False
+    rows = np.empty(h * (rowbytes + 1), np.uint8)
+    ends, done, shared = np.empty(h, np.int64), np.zeros(h, np.int32), np.zeros(SHARED, np.int64)
     args = (rows, out, h, rowbytes, bpp, ends, done, shared)
-    helpers = [pool.submit(NATIVE.unfilter_rows, *args) for _ in range(max(0, threads - 1))]
-    failed = NATIVE.unfilter_rows(*args) != 0
+    umax = max(2 * UNIT_MIN_ROWS, h // max(1, threads))     # no None/Sub row in an even share: single rows
+    return _on_threads(NATIVE.unfilter_rows, args, pool, threads,
+                       first=lambda: NATIVE.inflate_unfilter(z, *args, CHUNK_BYTES, UNIT_MIN_ROWS, umax))
+
+
+def _on_threads(call: Callable[..., int], args: tuple, pool: Executor, threads: int,
+                first: Callable[[], int] | None = None) -> bool:
+    """`call(*args)` on threads - 1 of pool's threads and this one (here `first()` instead, where
+    given); True if none failed."""
+    helpers = [pool.submit(call, *args) for _ in range(max(0, threads - 1))]
+    failed = (first() if first else call(*args)) != 0
     for helper in helpers:
         # one not started by now would find no rows left; a running one finishes its last row
         if not helper.cancel():
