@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import struct
@@ -86,17 +87,20 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--forward-ms", default="0,100")
     ap.add_argument("--hold-cpu-latency", action="store_true")
+    ap.add_argument("--transports", default="tcp,ipc", help="the broker's endpoints: loopback TCP, Unix sockets")
     a = ap.parse_args()
     if a.hold_cpu_latency:
         print(f"/dev/cpu_dma_latency: {hold_cpu_latency()} (the stack's processes are this one's children)")
     print(f"thread wake-up, median us: after 0 ms idle {wake_us(0, 200):.0f}, after 20 ms idle {wake_us(0.02, 50):.0f}")
     png = encoded(1920, 1080, 7, "png", False)
-    print("| forward ms (fake) | outside the worker p50 ms, HTTP | outside the worker p50 ms, ZMQ client |")
-    print("|---|---|---|")
-    for forward in (int(f) for f in a.forward_ms.split(",")):
+    print("| broker endpoints | forward ms (fake) | outside the worker p50 ms, HTTP | outside the worker p50 ms, ZMQ client |")
+    print("|---|---|---|---|")
+    for transport, forward in itertools.product(a.transports.split(","), (int(f) for f in a.forward_ms.split(","))):
         with tempfile.TemporaryDirectory() as tmp:
             model = fake_model(fake={"load_s": 0.05, "weights_bytes": 100_000_000, "latency_ms": forward})
-            stack = Stack(Path(tmp), {"models": {"fake-x": model}})
+            broker = {} if transport == "tcp" else \
+                {"client_endpoint": f"ipc://{tmp}/clients", "worker_endpoint": f"ipc://{tmp}/workers"}
+            stack = Stack(Path(tmp), {"models": {"fake-x": model}, "broker": broker})
             with stack.start(loaded=("fake-x",)):
                 conn = http.client.HTTPConnection("127.0.0.1", stack.config["server"]["port"], timeout=60)
                 body = request_body("fake-x", png, "click Button 1")
@@ -112,7 +116,7 @@ def main() -> None:
                     cols = (outside_ms(http_once, a.n),
                             outside_ms(lambda: zmq_client.ground("fake-x", png, "click Button 1").timings["total"], a.n))
                 conn.close()
-        print(f"| {forward} | {cols[0]:.2f} | {cols[1]:.2f} |", flush=True)
+        print(f"| {transport} | {forward} | {cols[0]:.2f} | {cols[1]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
