@@ -134,6 +134,8 @@ def add_stack_args(ap: argparse.ArgumentParser) -> None:
                     help="serve the model from one replica per CUDA device (the model's `devices`)")
     ap.add_argument("--gpus-per-replica", type=int, default=1,
                     help="GPUs each replica's vision tower is split over (workers/mlx/split.py)")
+    ap.add_argument("--broker-endpoints", default="tcp", choices=["tcp", "ipc"],
+                    help="the broker's sockets: loopback TCP (the config's default) or Unix sockets")
 
 
 def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
@@ -143,9 +145,11 @@ def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
     if args.devices:
         model["devices"] = [int(d) for d in args.devices.split(",")]
         model["gpus_per_replica"] = args.gpus_per_replica
+    broker = {"queue_size": 256, "load_timeout_s": 600}
+    if args.broker_endpoints == "ipc":
+        broker.update(client_endpoint=f"ipc://{tmp}/clients", worker_endpoint=f"ipc://{tmp}/workers")
     return Stack(Path(tmp), {"server": {"default_model": "bench", "request_timeout_s": 600},
-                             "broker": {"queue_size": 256, "load_timeout_s": 600},
-                             "models": {"bench": model}})
+                             "broker": broker, "models": {"bench": model}})
 
 
 def start_stack(stack: Stack, args: argparse.Namespace):

@@ -41,6 +41,7 @@ def inflater(request, monkeypatch):
     if request.param == "libdeflate" and not png_inflate.LIBDEFLATE:
         pytest.skip("imagecodecs built without libdeflate")
     monkeypatch.setattr(png_inflate, "INFLATE_ALONGSIDE", alongside)
+    monkeypatch.setattr(png_inflate, "ALONGSIDE_MAX_RATIO", 1.0)     # however well the test image compresses
     monkeypatch.setattr(png_inflate, "LIBDEFLATE", request.param == "libdeflate")
     return request.param
 
@@ -142,3 +143,17 @@ def test_decodes_into_the_callers_buffers(unfilterer):
     got = decode_image(data, 10**7, alloc)
     assert len(given) == 1 and got is given[0]                  # the caller's array, filled in
     np.testing.assert_array_equal(got, imagecodecs.png_decode(data))
+
+
+@pytest.mark.skipif(not (png_inflate.INFLATE_ALONGSIDE and png_inflate.UNFILTER_IN_C),
+                    reason="zlib-ng's inflate is not bound, or the C unfilterer not built")
+def test_only_image_data_that_compresses_well_is_inflated_alongside_the_unfiltering(monkeypatch):
+    from workers import png_unfilter
+    calls, real = [], png_unfilter.inflate_unfilter
+    monkeypatch.setattr(png_unfilter, "inflate_unfilter", lambda *a: calls.append(len(a[0])) or real(*a))
+    rng = np.random.default_rng(7)
+    flat = np.repeat(rng.integers(0, 256, (300, 1, 3), dtype=np.uint8), 200, axis=1)   # <1 % of its rows
+    noise = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)                         # all of them
+    for pixels in (flat, noise):
+        np.testing.assert_array_equal(png_inflate.decode(_filtered_png(pixels, [2])), pixels)
+    assert len(calls) == 1 and calls[0] <= png_inflate.ALONGSIDE_MAX_RATIO * 300 * (1 + 600)

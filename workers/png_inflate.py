@@ -21,8 +21,9 @@ unfilter a plain 1080p screenshot in 0.9 ms and a text- and photo-dense one in 1
 Inflating and unfiltering one after the other, the threads wait for the inflate, which is serial.
 So where zlib-ng's inflate could be bound from imagecodecs (which exports it; libdeflate has no
 streaming interface), the calling thread inflates a chunk at a time and hands each chunk's rows out
-in units, while the other threads unfilter them; zlib-ng is slower than libdeflate alone, but the
-whole decode is shorter (CI box, 1080p: plain 1.5 -> 1.0 ms, text- and photo-dense 4.7 -> 3.4).
+in units, while the other threads unfilter them. zlib-ng is slower than libdeflate alone, but for
+screenshots that compress well the whole decode is shorter (H200 host, 1080p plain: 2.8 -> 2.2 ms,
+or 3.9 -> 2.7 with the CPU idle before; CI box 1.5 -> 1.0 ms); ALONGSIDE_MAX_RATIO says where not.
 
 Without the C library, libpng undoes the filters, handed the inflated rows re-wrapped in stored
 (uncompressed) deflate blocks, which any zlib copies at memory speed: the pixels are libpng's by
@@ -72,6 +73,11 @@ def available() -> bool:
     return _has("ZLIBNG")             # its checksums are used either way
 
 
+# zlib-ng inflates more slowly than libdeflate, the more so the more compressed data there is per
+# pixel. On an H200 host's CPU (bench.png_decoders), a plain 1080p screenshot (image data 0.6 % of
+# its rows' size) decodes in 2.2 ms alongside against 2.8 after libdeflate, a text- and photo-dense
+# one (10 %) in 5.5 against 4.6. So alongside only up to this share, between the two.
+ALONGSIDE_MAX_RATIO = 0.05
 Alloc = Callable[[tuple[int, ...]], np.ndarray]     # shape -> uninitialised uint8 array
 
 
@@ -104,7 +110,7 @@ def _decode(data: bytes, parts: int, alloc: Alloc) -> np.ndarray | None:
     if depth != 8 or interlace or colour not in CHANNELS or not w or not h:
         return None
     size = h * (1 + w * CHANNELS[colour])             # each row: its filter byte, then the pixels
-    if UNFILTER_IN_C and INFLATE_ALONGSIDE:
+    if UNFILTER_IN_C and INFLATE_ALONGSIDE and len(idat) <= ALONGSIDE_MAX_RATIO * size:
         out = alloc((h, w, CHANNELS[colour]))
         return out if png_unfilter.inflate_unfilter(idat, out, _pool, parts) else None
     try:
