@@ -76,7 +76,8 @@ def main() -> None:
         print("the C unfilterer is not built here, or failed its check (make install builds it)")
     if png_inflate.INFLATE_ALONGSIDE:
         decoders["zlib-ng chunks, C alongside, 1 thread"] = _decoder(1, alongside=True)
-        decoders[f"zlib-ng chunks, C alongside, {n} threads"] = _decoder(None, alongside=True)
+        decoders[f"zlib-ng chunks, C alongside, {min(n, png_inflate.ALONGSIDE_THREADS)} threads"] = \
+            _decoder(None, alongside=True)
         print(f"the worker decodes as the last column where the image data is at most "
               f"{png_inflate.ALONGSIDE_MAX_RATIO:.0%} of the rows' size, else as the one before the last two")
     print(f"imagecodecs {imagecodecs.__version__}, Pillow {Image.__version__}")

@@ -78,6 +78,11 @@ def available() -> bool:
 # its rows' size) decodes in 2.2 ms alongside against 2.8 after libdeflate, a text- and photo-dense
 # one (10 %) in 5.5 against 4.6. So alongside only up to this share, between the two.
 ALONGSIDE_MAX_RATIO = 0.05
+# Alongside, the threads need only keep up with the inflate, and the pool's threads start one after
+# another (each takes the GIL to begin: after the CPU idled, the seventh began 0.7 ms after the
+# call on an H200 host). There, a plain 1080p screenshot took 2.14-2.15 ms on 3 or 4 threads
+# against 2.41 on 8 (1440p: 3.2-3.3 against 3.7; 720p 1.3-1.4 against 1.5), the CPU idle before.
+ALONGSIDE_THREADS = 4
 Alloc = Callable[[tuple[int, ...]], np.ndarray]     # shape -> uninitialised uint8 array
 
 
@@ -112,7 +117,7 @@ def _decode(data: bytes, parts: int, alloc: Alloc) -> np.ndarray | None:
     size = h * (1 + w * CHANNELS[colour])             # each row: its filter byte, then the pixels
     if UNFILTER_IN_C and INFLATE_ALONGSIDE and len(idat) <= ALONGSIDE_MAX_RATIO * size:
         out = alloc((h, w, CHANNELS[colour]))
-        return out if png_unfilter.inflate_unfilter(idat, out, _pool, parts) else None
+        return out if png_unfilter.inflate_unfilter(idat, out, _pool, min(parts, ALONGSIDE_THREADS)) else None
     try:
         inflate = imagecodecs.deflate_decode if LIBDEFLATE else imagecodecs.zlibng_decode
         rows = inflate(idat, out=size)                # a stream that inflates to more fails here
