@@ -1,5 +1,6 @@
-"""PNGs inflated (libdeflate or zlib-ng) and unfiltered (the C unfilterer, or libpng in bands) give
-libpng's own pixels, and anything this path does not handle goes back to the plain decoder."""
+"""PNGs inflated (zlib-ng alongside the unfiltering, or libdeflate or zlib-ng before it) and
+unfiltered (the C unfilterer, or libpng in bands) give libpng's own pixels, and anything this path
+does not handle goes back to the plain decoder."""
 from __future__ import annotations
 
 import io
@@ -20,29 +21,32 @@ from workers.engine import JobError
 pytestmark = pytest.mark.skipif(not png_inflate.available(), reason="imagecodecs built without zlib-ng")
 
 
-@pytest.fixture(params=["C unfilterer", "libpng in bands"])
-def unfilterer(request, monkeypatch):
-    """Each of the two ways the rows are unfiltered (the second where the C library is not built)."""
-    if request.param == "C unfilterer" and not png_inflate.UNFILTER_IN_C:
+PATHS = {   # name: (unfilter in C, inflate alongside, libdeflate)
+    "zlib-ng chunks, C alongside": (True, True, False),
+    "libdeflate, then C": (True, False, True),
+    "zlib-ng, then C": (True, False, False),
+    "libdeflate, then libpng in bands": (False, False, True),
+    "zlib-ng, then libpng in bands": (False, False, False),
+}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    """Each way this module decodes: zlib-ng inflating a chunk at a time while the C unfilterer
+    follows (however well the image compresses), or libdeflate or zlib-ng (where imagecodecs was
+    built without libdeflate) inflating all first, then the C unfilterer or (where it was not built)
+    libpng in bands."""
+    in_c, alongside, libdeflate = PATHS[request.param]
+    if in_c and not png_inflate.UNFILTER_IN_C:
         pytest.skip("the C unfilterer was not built")
-    if request.param == "libpng in bands":
-        monkeypatch.setattr(png_inflate, "UNFILTER_IN_C", False)
-    return request.param
-
-
-@pytest.fixture(params=["zlib-ng alongside the unfiltering", "libdeflate", "zlib-ng"])
-def inflater(request, monkeypatch):
-    """Each of the ways the data is inflated: by zlib-ng a chunk at a time while the C unfilterer
-    follows, else in one call before the unfiltering, by libdeflate or (where imagecodecs was built
-    without it) zlib-ng."""
-    alongside = request.param == "zlib-ng alongside the unfiltering"
-    if alongside and not (png_inflate.INFLATE_ALONGSIDE and png_inflate.UNFILTER_IN_C):
-        pytest.skip("zlib-ng's inflate is not bound, or the C unfilterer not in use")
-    if request.param == "libdeflate" and not png_inflate.LIBDEFLATE:
+    if alongside and not png_inflate.INFLATE_ALONGSIDE:
+        pytest.skip("zlib-ng's inflate is not bound")
+    if libdeflate and not png_inflate.LIBDEFLATE:
         pytest.skip("imagecodecs built without libdeflate")
+    monkeypatch.setattr(png_inflate, "UNFILTER_IN_C", in_c)
     monkeypatch.setattr(png_inflate, "INFLATE_ALONGSIDE", alongside)
-    monkeypatch.setattr(png_inflate, "ALONGSIDE_MAX_RATIO", 1.0)     # however well the test image compresses
-    monkeypatch.setattr(png_inflate, "LIBDEFLATE", request.param == "libdeflate")
+    monkeypatch.setattr(png_inflate, "ALONGSIDE_MAX_RATIO", 1.0)
+    monkeypatch.setattr(png_inflate, "LIBDEFLATE", libdeflate)
     return request.param
 
 
@@ -65,7 +69,7 @@ def _image(h: int, w: int, c: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("filters", [[0], [1], [2], [3], [4], [4, 4, 4, 1, 2, 3, 0], [2, 2, 2, 2, 2, 2, 2, 2, 2, 1]])
 @pytest.mark.parametrize("channels", [3, 4])
-def test_every_row_filter_gives_the_image_back(filters, channels, unfilterer, inflater):
+def test_every_row_filter_gives_the_image_back(filters, channels, path):
     pixels = _image(300, 77, channels, seed=len(filters) * channels)
     data = _filtered_png(pixels, filters)
     got = png_inflate.decode(data)
@@ -75,7 +79,7 @@ def test_every_row_filter_gives_the_image_back(filters, channels, unfilterer, in
 
 @pytest.mark.parametrize("level", [0, 1, 6, 9])
 @pytest.mark.parametrize("size", [(1920, 1080), (1, 1), (1, 300), (300, 1), (28, 1542)])
-def test_screenshots_decode_to_libpngs_and_pillows_pixels(size, level, unfilterer, inflater):
+def test_screenshots_decode_to_libpngs_and_pillows_pixels(size, level, path):
     # (28, 1542): each row 85 bytes, 65535 = 771 rows, so the data fills exactly two stored blocks
     w, h = size
     buf = io.BytesIO()
@@ -86,7 +90,7 @@ def test_screenshots_decode_to_libpngs_and_pillows_pixels(size, level, unfiltere
     np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
-def test_what_this_path_does_not_handle_goes_back_to_the_plain_decoder(inflater):
+def test_what_this_path_does_not_handle_goes_back_to_the_plain_decoder(path):
     pixels = _image(64, 40, 3, seed=5)
     good = _filtered_png(pixels, [4, 1])
     assert png_inflate.decode(good) is not None
@@ -113,7 +117,7 @@ def test_what_this_path_does_not_handle_goes_back_to_the_plain_decoder(inflater)
     assert e.value.code == "invalid_image"
 
 
-def test_an_invalid_filter_byte_is_a_clear_error(unfilterer):
+def test_an_invalid_filter_byte_is_a_clear_error(path):
     pixels = _image(200, 40, 3, seed=6)
     rows = b"".join(bytes([7 if y == 150 else 0]) + pixels[y].tobytes() for y in range(200))
     data = png(struct.pack(">IIBBBBB", 40, 200, 8, 2, 0, 0, 0), zlib.compress(rows))
@@ -122,7 +126,7 @@ def test_an_invalid_filter_byte_is_a_clear_error(unfilterer):
     assert e.value.code == "invalid_image"
 
 
-def test_decodes_at_once_on_many_threads_share_the_pool_and_stay_exact(unfilterer):
+def test_decodes_at_once_on_many_threads_share_the_pool_and_stay_exact(path):
     from concurrent.futures import ThreadPoolExecutor
     datas = [_filtered_png(_image(400, 90, 3, seed=s), [4, 2, 2, 1]) for s in range(12)]
     want = [imagecodecs.png_decode(d) for d in datas]
@@ -132,7 +136,7 @@ def test_decodes_at_once_on_many_threads_share_the_pool_and_stay_exact(unfiltere
         np.testing.assert_array_equal(g, w)
 
 
-def test_decodes_into_the_callers_buffers(unfilterer):
+def test_decodes_into_the_callers_buffers(path):
     data = png_bytes(640, 360)
     given = []
 
