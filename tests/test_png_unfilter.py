@@ -207,6 +207,18 @@ def test_data_that_does_not_inflate_to_the_image_fails_without_leaving_a_thread_
 
 
 @inflates
+def test_a_call_that_raises_leaves_no_helper_waiting(pool):
+    pixels = _pixels(200, 100, 3, np.random.default_rng(6))
+    helpers = ThreadPoolExecutor(3)
+    try:
+        with pytest.raises(TypeError):                # refused by the C side after the helpers began
+            png_unfilter.inflate_unfilter(12345, np.empty_like(pixels), helpers, threads=4)
+        assert helpers.submit(lambda: "free").result(timeout=10) == "free"
+    finally:
+        helpers.shutdown(wait=False)                  # a failure here is reported, not a hang
+
+
+@inflates
 def test_helpers_that_never_start_do_not_hold_the_inflate_up():
     pixels = _pixels(300, 200, 4, np.random.default_rng(8))
     release = threading.Event()

@@ -75,8 +75,12 @@ def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int) ->
     ends, done, shared = np.empty(h, np.int64), np.zeros(h, np.int32), np.zeros(SHARED, np.int64)
     args = (rows, out, h, rowbytes, bpp, ends, done, shared)
     umax = max(2 * UNIT_MIN_ROWS, h // max(1, threads))     # no None/Sub row in an even share: single rows
-    return _on_threads(NATIVE.unfilter_rows, args, pool, threads,
-                       first=lambda: NATIVE.inflate_unfilter(z, *args, CHUNK_BYTES, UNIT_MIN_ROWS, umax))
+    try:
+        return _on_threads(NATIVE.unfilter_rows, args, pool, threads,
+                           first=lambda: NATIVE.inflate_unfilter(z, *args, CHUNK_BYTES, UNIT_MIN_ROWS, umax))
+    except BaseException:
+        shared[2:] = 1          # failed, sealed: the helpers stop waiting for units that will not come
+        raise
 
 
 def _on_threads(call: Callable[..., int], args: tuple, pool: Executor, threads: int,
