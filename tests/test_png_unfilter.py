@@ -207,7 +207,7 @@ def test_data_that_does_not_inflate_to_the_image_fails_without_leaving_a_thread_
 
 
 @inflates
-def test_a_call_that_raises_leaves_no_helper_waiting(pool):
+def test_a_call_that_raises_leaves_no_helper_waiting():
     pixels = _pixels(200, 100, 3, np.random.default_rng(6))
     helpers = ThreadPoolExecutor(3)
     try:
