@@ -326,9 +326,15 @@ static int shapes_fit(const Py_buffer *rows, const Py_buffer *out, long long h, 
            done->len >= h * (Py_ssize_t)sizeof(int32_t) && shared->len >= (Py_ssize_t)sizeof(shared_state);
 }
 
-static PyObject *misfit(void) {
-    PyErr_SetString(PyExc_ValueError, "buffer sizes or row units do not match the image's shape");
-    return NULL;
+/* Releases a call's n buffers; its answer: rc, or where the buffers did not fit (!ok), the error. */
+static PyObject *release_and_answer(int ok, int rc, Py_buffer *const *views, int n) {
+    for (int i = 0; i < n; i++)
+        PyBuffer_Release(views[i]);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes or row units do not match the image's shape");
+        return NULL;
+    }
+    return PyLong_FromLong(rc);
 }
 
 /* unfilter_rows(rows, out, height, rowbytes, bpp, ends, done, shared) -> 0, or -1 (see above).
@@ -358,12 +364,7 @@ static PyObject *py_unfilter_rows(PyObject *self, PyObject *args) {
         rc = unfilter_rows(rows.buf, out.buf, h, rowbytes, bpp, ends.buf, done.buf, st);
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&ends);
-    PyBuffer_Release(&done);
-    PyBuffer_Release(&shared);
-    return ok ? PyLong_FromLong(rc) : misfit();
+    return release_and_answer(ok, rc, (Py_buffer *const[]){&rows, &out, &ends, &done, &shared}, 5);
 }
 
 /* inflate_unfilter(z, rows, out, height, rowbytes, bpp, ends, done, shared, chunk, umin, umax)
@@ -393,13 +394,7 @@ static PyObject *py_inflate_unfilter(PyObject *self, PyObject *args) {
         rc = rc ? rc : unfiltered;
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&z);
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&ends);
-    PyBuffer_Release(&done);
-    PyBuffer_Release(&shared);
-    return ok ? PyLong_FromLong(rc) : misfit();
+    return release_and_answer(ok, rc, (Py_buffer *const[]){&z, &rows, &out, &ends, &done, &shared}, 6);
 }
 
 /* bind_zlibng(path) -> zlib-ng's version: finds zlib-ng's inflate in the extension module at path
