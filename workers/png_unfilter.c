@@ -119,6 +119,32 @@ INLINE lanes abs_lanes(lanes x) {
     return (x ^ sign) - sign;
 }
 
+/* Average's (3) or Paeth's (4) prediction of a pixel from its left, above and upper-left ones. */
+INLINE lanes predict(int type, lanes left, lanes above, lanes upleft) {
+    if (type == 3)
+        return (left + above) >> 1;
+    lanes pa = above - upleft, pb = left - upleft;
+    lanes pc = abs_lanes(pa + pb);
+    pa = abs_lanes(pa);
+    pb = abs_lanes(pb);
+    lanes not_a = (pa > pb) | (pa > pc);   /* lanes of all ones where true */
+    lanes take_c = pb > pc;
+    lanes b_or_c = (take_c & upleft) | (~take_c & above);
+    return (not_a & b_or_c) | (~not_a & left);
+}
+
+/* Stores pixel x at o; with `wide` as pixel() takes it. */
+INLINE void put(uint8_t *o, lanes x, int bpp, int wide) {
+    bytes8 out = __builtin_convertvector(x, bytes8);
+    if (bpp == 4 || wide) {
+        memcpy(o, &out, 4);   /* a 3-byte pixel's fourth byte is the next one's, written next */
+    } else {
+        o[0] = out[0];
+        o[1] = out[1];
+        o[2] = out[2];
+    }
+}
+
 /* Average (3) or Paeth (4) over bytes [a, b), a >= bpp: all of a pixel's channels at once, as
  * libpng's SIMD code does (a byte at a time, the chain from one pixel to the next is bpp times as
  * long: Paeth 3.5x slower). Sub stays a byte loop, which compilers vectorize well enough. */
@@ -127,30 +153,33 @@ INLINE void pixels_run(int type, const uint8_t *f, uint8_t *o, const uint8_t *up
     lanes left = pixel(o + a - bpp, bpp, 0), upleft = pixel(up + a - bpp, bpp, 0);
     for (int64_t i = a; i < b; i += bpp) {
         int wide = i + bpp < b;   /* not the segment's last pixel */
-        lanes above = pixel(up + i, bpp, wide), pred;
-        if (type == 3) {
-            pred = (left + above) >> 1;
-        } else {
-            lanes pa = above - upleft, pb = left - upleft;
-            lanes pc = abs_lanes(pa + pb);
-            pa = abs_lanes(pa);
-            pb = abs_lanes(pb);
-            lanes not_a = (pa > pb) | (pa > pc);   /* lanes of all ones where true */
-            lanes take_c = pb > pc;
-            lanes b_or_c = (take_c & upleft) | (~take_c & above);
-            pred = (not_a & b_or_c) | (~not_a & left);
-        }
-        lanes x = (pixel(f + i, bpp, wide) + pred) & 0xff;
-        bytes8 out = __builtin_convertvector(x, bytes8);
-        if (bpp == 4 || wide) {
-            memcpy(o + i, &out, 4);   /* a 3-byte pixel's fourth byte is the next one's, written next */
-        } else {
-            o[i] = out[0];
-            o[i + 1] = out[1];
-            o[i + 2] = out[2];
-        }
+        lanes above = pixel(up + i, bpp, wide);
+        lanes x = (pixel(f + i, bpp, wide) + predict(type, left, above, upleft)) & 0xff;
+        put(o + i, x, bpp, wide);
         left = x;
         upleft = above;
+    }
+}
+
+/* Two whole rows filtered alike with Average or Paeth, the second (f1, o1) right below the first
+ * (f0, o0; up: the row above it, done). Each pixel's prediction waits for the pixel to its left,
+ * so one row is a chain of dependent steps; here the second row's pixel follows the first's, its
+ * above and upper-left taken from registers, and the processor overlaps the two chains (on the CI
+ * box: rows of Paeth 1.33x as fast, of Average 1.32x; three or four rows at once, no faster). */
+INLINE void pixels_pair(int type, const uint8_t *f0, uint8_t *o0, const uint8_t *f1, uint8_t *o1,
+                        const uint8_t *up, int64_t rowbytes, int bpp) {
+    lanes zero = {0}, left0 = zero, upleft0 = zero, left1 = zero, upleft1 = zero;
+    for (int64_t i = 0; i < rowbytes; i += bpp) {   /* left of the first pixel: zeros, as PNG says */
+        int wide = i + bpp < rowbytes;
+        lanes above0 = pixel(up + i, bpp, wide);
+        lanes x0 = (pixel(f0 + i, bpp, wide) + predict(type, left0, above0, upleft0)) & 0xff;
+        lanes x1 = (pixel(f1 + i, bpp, wide) + predict(type, left1, x0, upleft1)) & 0xff;
+        put(o0 + i, x0, bpp, wide);
+        put(o1 + i, x1, bpp, wide);
+        left0 = x0;
+        upleft0 = above0;
+        left1 = x1;
+        upleft1 = x0;
     }
 }
 
@@ -216,6 +245,16 @@ static int unfilter_rows(const uint8_t *in, uint8_t *out, int64_t h, int64_t row
             if (type > 4) {
                 store_release64(&st->failed, 1);
                 return -1;
+            }
+            /* this row and the next, both Average or both Paeth, where neither waits for another
+             * thread nor is read by one (the unit's last row publishes its progress) */
+            if (type >= 3 && up && r > first && r + 2 < end && f[rowbytes] == type) {
+                if (bpp == 3)
+                    pixels_pair(type, f, o, f + rowbytes + 1, o + rowbytes, up, rowbytes, 3);
+                else
+                    pixels_pair(type, f, o, f + rowbytes + 1, o + rowbytes, up, rowbytes, 4);
+                r++;
+                continue;
             }
             /* of the row above: all of it if this thread did it, or if this row does not read it */
             int32_t ready = (type <= 1 || !up || r > first) ? (int32_t)rowbytes : 0;
