@@ -1,6 +1,6 @@
 """Does a request's way in and out of the worker cost more when the host's CPUs idle meanwhile?
 
-    python -m bench.idle_hops [--n 40] [--forward-ms 0,100] [--hold-cpu-latency]
+    python -m bench.idle_hops [--n 40] [--forward-ms 0,100] [--transports tcp,ipc] [--hold-cpu-latency]
 
 Why: the time outside the worker (end to end minus the worker's own `total`: HTTP, JSON and
 base64, the broker's hops, the answer's way back) is ~1.2 ms on the 2-core CI box for a plain 1080p
@@ -12,7 +12,7 @@ into deep sleep states, whose exit costs tens to hundreds of microseconds per wa
 Starts the whole stack with the fake engine (it reads the image header only and sleeps
 `--forward-ms` per batch, as a stand-in for the GPU forward during which the host idles) and sends
 --n plain 1080p PNG requests one after another over HTTP and through the Python ZMQ client.
-Prints p50 of the time outside the worker, per forward length. Also a thread wake-up probe: the
+Prints p50 of the time outside the worker, per forward length and broker transport. Also a thread wake-up probe: the
 median time from one thread's Event.set() to the waiting thread running, after 0 and 20 ms idle.
 `--hold-cpu-latency` writes 0 to /dev/cpu_dma_latency for the run (the kernel's PM QoS request,
 what tuned's latency-performance profile does: CPUs stay out of deep sleep states while the file
