@@ -12,8 +12,9 @@ into deep sleep states, whose exit costs tens to hundreds of microseconds per wa
 Starts the whole stack with the fake engine (it reads the image header only and sleeps
 `--forward-ms` per batch, as a stand-in for the GPU forward during which the host idles) and sends
 --n plain 1080p PNG requests one after another over HTTP and through the Python ZMQ client.
-Prints p50 of the time outside the worker, per forward length and broker transport. Also a thread wake-up probe: the
-median time from one thread's Event.set() to the waiting thread running, after 0 and 20 ms idle.
+Prints p50 of the time outside the worker, per forward length and broker transport. Also a thread
+wake-up probe: the median time from one thread's Event.set() to the waiting thread running, after
+0 and 20 ms idle.
 `--hold-cpu-latency` writes 0 to /dev/cpu_dma_latency for the run (the kernel's PM QoS request,
 what tuned's latency-performance profile does: CPUs stay out of deep sleep states while the file
 is open; needs root).
