@@ -71,6 +71,7 @@ def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int) ->
     if bpp not in (3, 4) or not out.flags.c_contiguous or out.dtype != np.uint8 \
             or not 0 < rowbytes <= ROW_BYTES_MAX:
         return False
+    threads = min(threads, max(1, h // UNIT_MIN_ROWS))      # no helper for rows too few to share
     rows = np.empty(h * (rowbytes + 1), np.uint8)
     ends, done, shared = np.empty(h, np.int64), np.zeros(h, np.int32), np.zeros(SHARED, np.int64)
     args = (rows, out, h, rowbytes, bpp, ends, done, shared)
