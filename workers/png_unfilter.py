@@ -47,15 +47,13 @@ def unfilter(rows: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool
     defines (out is then partly written) or the data does not fit this shape."""
     if NATIVE is None:
         raise RuntimeError("the C unfilterer was not built")
-    h, w, bpp = out.shape
-    rowbytes = w * bpp
-    if bpp not in (3, 4) or not out.flags.c_contiguous or out.dtype != np.uint8 \
-            or len(rows) != h * (rowbytes + 1) or not 0 < rowbytes <= ROW_BYTES_MAX:
+    h, rowbytes, bpp = _shape(out)
+    if not rowbytes or len(rows) != h * (rowbytes + 1):
         return False
     ends = units(np.frombuffer(rows, np.uint8)[::rowbytes + 1], threads)
     shared = np.array([0, len(ends), 0, 1], np.int64)     # every unit published; sealed
-    return _on_threads(NATIVE.unfilter_rows, (rows, out, h, rowbytes, bpp, ends, np.zeros(h, np.int32), shared),
-                       pool, threads)
+    args = (rows, out, h, rowbytes, bpp, ends, np.zeros(h, np.int32), shared)
+    return _on_threads(NATIVE.unfilter_rows, args, pool, threads)
 
 
 def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool:
@@ -66,10 +64,8 @@ def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int) ->
     or a row's filter type is not one PNG defines."""
     if ZLIBNG is None:
         raise RuntimeError("zlib-ng's inflate is not bound")
-    h, w, bpp = out.shape
-    rowbytes = w * bpp
-    if bpp not in (3, 4) or not out.flags.c_contiguous or out.dtype != np.uint8 \
-            or not 0 < rowbytes <= ROW_BYTES_MAX:
+    h, rowbytes, bpp = _shape(out)
+    if not rowbytes:
         return False
     threads = min(threads, max(1, h // UNIT_MIN_ROWS))      # no helper for rows too few to share
     rows = np.empty(h * (rowbytes + 1), np.uint8)
@@ -82,6 +78,16 @@ def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int) ->
     except BaseException:
         shared[2:] = 1          # failed, sealed: the helpers stop waiting for units that will not come
         raise
+
+
+def _shape(out: np.ndarray) -> tuple[int, int, int]:
+    """(height, bytes per row, bytes per pixel) of an output array the C side can fill: C-contiguous
+    uint8 [H, W, 3 or 4], rows of at most ROW_BYTES_MAX bytes; bytes per row 0 where it cannot."""
+    h, w, bpp = out.shape
+    rowbytes = w * bpp
+    fits = bpp in (3, 4) and out.flags.c_contiguous and out.dtype == np.uint8 \
+        and 0 < rowbytes <= ROW_BYTES_MAX
+    return h, rowbytes if fits else 0, bpp
 
 
 def _on_threads(call: Callable[..., int], args: tuple, pool: Executor, threads: int,
