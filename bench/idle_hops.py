@@ -1,6 +1,7 @@
 """Does a request's way in and out of the worker cost more when the host's CPUs idle meanwhile?
 
-    python -m bench.idle_hops [--n 40] [--forward-ms 0,100] [--transports tcp,ipc] [--hold-cpu-latency]
+    python -m bench.idle_hops [--n 40] [--forward-ms 0,100] [--transports tcp,ipc] [--content plain,busy]
+                              [--hold-cpu-latency]
 
 Why: the time outside the worker (end to end minus the worker's own `total`: HTTP, JSON and
 base64, the broker's hops, the answer's way back) is ~1.2 ms on the 2-core CI box for a plain 1080p
@@ -11,8 +12,9 @@ into deep sleep states, whose exit costs tens to hundreds of microseconds per wa
 
 Starts the whole stack with the fake engine (it reads the image header only and sleeps
 `--forward-ms` per batch, as a stand-in for the GPU forward during which the host idles) and sends
---n plain 1080p PNG requests one after another over HTTP and through the Python ZMQ client.
-Prints p50 of the time outside the worker, per forward length and broker transport. Also a thread
+--n 1080p PNG requests (bench.screens' plain one, ~38 KB, or its busy one, ~590 KB) one after another
+over HTTP and through the Python ZMQ client. Prints p50 of the time outside the worker, per
+screenshot, forward length and broker transport. Also a thread
 wake-up probe: the median time from one thread's Event.set() to the waiting thread running, after
 0 and 20 ms idle.
 `--hold-cpu-latency` writes 0 to /dev/cpu_dma_latency for the run (the kernel's PM QoS request,
@@ -89,14 +91,17 @@ def main() -> None:
     ap.add_argument("--forward-ms", default="0,100")
     ap.add_argument("--hold-cpu-latency", action="store_true")
     ap.add_argument("--transports", default="tcp,ipc", help="the broker's endpoints: loopback TCP, Unix sockets")
+    ap.add_argument("--content", default="plain", help="plain, busy or both (bench.screens.screenshot's busy)")
     a = ap.parse_args()
     if a.hold_cpu_latency:
         print(f"/dev/cpu_dma_latency: {hold_cpu_latency()} (the stack's processes are this one's children)")
     print(f"thread wake-up, median us: after 0 ms idle {wake_us(0, 200):.0f}, after 20 ms idle {wake_us(0.02, 50):.0f}")
-    png = encoded(1920, 1080, 7, "png", False)
-    print("| broker endpoints | forward ms (fake) | outside the worker p50 ms, HTTP | outside the worker p50 ms, ZMQ client |")
-    print("|---|---|---|---|")
-    for transport, forward in itertools.product(a.transports.split(","), (int(f) for f in a.forward_ms.split(","))):
+    print("| screenshot | broker endpoints | forward ms (fake) | outside the worker p50 ms, HTTP | "
+          "outside the worker p50 ms, ZMQ client |")
+    print("|---|---|---|---|---|")
+    for content, transport, forward in itertools.product(a.content.split(","), a.transports.split(","),
+                                                          (int(f) for f in a.forward_ms.split(","))):
+        png = encoded(1920, 1080, 7, "png", content == "busy")
         with tempfile.TemporaryDirectory() as tmp:
             model = fake_model(fake={"load_s": 0.05, "weights_bytes": 100_000_000, "latency_ms": forward})
             broker = {} if transport == "tcp" else \
@@ -117,7 +122,7 @@ def main() -> None:
                     cols = (outside_ms(http_once, a.n),
                             outside_ms(lambda: zmq_client.ground("fake-x", png, "click Button 1").timings["total"], a.n))
                 conn.close()
-        print(f"| {transport} | {forward} | {cols[0]:.2f} | {cols[1]:.2f} |", flush=True)
+        print(f"| {content} | {transport} | {forward} | {cols[0]:.2f} | {cols[1]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
