@@ -4,8 +4,10 @@ helpers."""
 from __future__ import annotations
 
 import shutil
+import sys
 import sysconfig
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -141,7 +143,34 @@ def test_units_that_do_not_cover_the_image_are_refused():
 
 def _sealed(units: int) -> np.ndarray:
     """The threads' shared state where all `units` are known from the start."""
-    return np.array([0, units, 0, 1], np.int64)
+    shared = np.zeros(png_unfilter.SHARED, np.int64)
+    shared[1], shared[3] = units, 1
+    return shared
+
+
+@built
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sleeps on a futex on Linux only")
+def test_a_thread_waiting_long_sleeps_and_still_sees_units_published_without_a_wake_up():
+    # Python publishes here, which wakes no one: the sleeper looks again within its nap (1 ms).
+    # While it waits it sleeps instead of spinning or yielding (a yield gave the core away for a
+    # tick to any other process there, idle-priority ones included).
+    pixels = _pixels(120, 50, 3, np.random.default_rng(5))
+    ends, shared = np.array([40, 80, 120], np.int64), np.zeros(png_unfilter.SHARED, np.int64)
+    out, done = np.zeros_like(pixels), np.zeros(120, np.int32)
+    with ThreadPoolExecutor(1) as helper:
+        started = threading.Event()
+        waiting = helper.submit(lambda: started.set() or png_unfilter.NATIVE.unfilter_rows(
+            filtered_rows(pixels, [4, 2]), out, 120, 150, 3, ends, done, shared))
+        started.wait(10)
+        cpu, wall = time.process_time(), time.monotonic()
+        time.sleep(0.1)
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        was_waiting = not waiting.done()
+        shared[1], shared[3] = len(ends), 1          # published, sealed
+        assert waiting.result(timeout=10) == 0
+    assert was_waiting
+    assert cpu < 0.4 * wall, f"{cpu * 1e3:.0f} ms of CPU in {wall * 1e3:.0f} ms of waiting"
+    np.testing.assert_array_equal(out, pixels)
 
 
 # -- inflating alongside: the calling thread inflates, the others unfilter the rows as they come --
@@ -179,7 +208,7 @@ def test_units_close_at_rows_that_read_only_themselves_or_else_go_as_single_rows
     ends, done, shared = np.zeros(h, np.int64), np.zeros(h, np.int32), np.zeros(png_unfilter.SHARED, np.int64)
     assert png_unfilter.NATIVE.inflate_unfilter(z, rows, out, h, 3 * w, 3, ends, done, shared, 500, 16, 100) == 0
     np.testing.assert_array_equal(out, pixels)
-    published, failed, sealed = shared[1:]
+    published, failed, sealed = shared[1:4]
     assert (failed, sealed) == (0, 1)
     # 5 comes too soon after 0 (under 16 rows), 30 closes a unit, 40 too soon after it, 60 closes
     # one, 61 and 62 too soon; 100 rows on without one, rows 60..159 went one by one, then 160..259

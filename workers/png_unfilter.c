@@ -21,6 +21,11 @@
  * by bind_zlibng from imagecodecs' own extension module, which exports it); libdeflate, faster
  * alone, inflates only in one call.
  *
+ * A thread that waits for another spins a while, then sleeps until a thread reports progress. It
+ * never calls sched_yield: on Linux's EEVDF scheduler (6.6 on) that hands the core to whatever else
+ * is runnable there, a nice 19 or SCHED_IDLE process included, for a whole tick (4 ms at 250 Hz),
+ * and a 1.5 ms decode took 4.0 ms beside such processes (bench/RESULTS.md, nineteenth session).
+ *
  * Built against Python's stable ABI (setup.py), so one build serves every Python from 3.11 on.
  */
 #define PY_SSIZE_T_CLEAN
@@ -29,28 +34,50 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #if !defined(_WIN32)
 #include <dlfcn.h>
 #endif
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define SEGMENT_PIXELS 128   /* per wait: whole pixels, so a segment never ends inside one */
-#define SPINS 256            /* pause instructions before yielding the core while waiting */
+#define SPIN_NS 50000        /* a wait spins this long before it sleeps (most waits here are shorter,
+                                and a sleeping thread's wake-up costs 10-100 us on a VM's idle core) */
+#define NAP_NS 1000000       /* a sleep's longest: progress reported from Python wakes no one */
 /* bpp a constant in each copy, so that a pixel's loads and stores are single instructions */
 #define INLINE static inline __attribute__((always_inline))
 
-static inline int32_t load_acquire(const int32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-static inline void store_release(int32_t *p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline int64_t load_acquire64(const int64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-static inline void store_release64(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
-/* What the threads of one image share (`shared`, 32 bytes, zeroed by the caller but for
+/* What the threads of one image share (`shared`, 40 bytes, zeroed by the caller but for
  * `published` and `sealed` where the units are all known at the start). */
 typedef struct {
     int64_t next_unit;   /* the next unit a thread takes */
     int64_t published;   /* units whose rows are inflated and whose end is known */
     int64_t failed;      /* a row had a bad filter type, or the data did not inflate */
     int64_t sealed;      /* no more units will be published */
+    int32_t progress;    /* bumped to wake sleeping threads (a futex word) */
+    int32_t sleepers;    /* threads asleep, or about to check once more and sleep */
 } shared_state;
+
+/* Progress that another thread may wait for is stored sequentially consistent, and then the
+ * sleepers are counted: a waiter counts itself in before it checks a last time, so either it sees
+ * the store or the store's thread sees it and wakes it (report_progress, NAP). */
+static inline void store_progress(int32_t *p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+static inline void store_progress64(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+
+static void report_progress(shared_state *st) {
+    if (!__atomic_load_n(&st->sleepers, __ATOMIC_SEQ_CST))
+        return;
+    __atomic_fetch_add(&st->progress, 1, __ATOMIC_SEQ_CST);
+#if defined(__linux__)
+    syscall(SYS_futex, &st->progress, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+#endif
+}
 
 static inline void pause_briefly(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -60,34 +87,79 @@ static inline void pause_briefly(void) {
 #endif
 }
 
-static inline void wait_a_little(unsigned *spins) {
-    if (++*spins < SPINS)
-        pause_briefly();
-    else
-        sched_yield();   /* the thread we wait for may have lost its core */
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* One wait for another thread: `spins` pauses so far, `since` when the clock was first read. */
+typedef struct {
+    unsigned spins;
+    int64_t since;
+} patience;
+
+/* Pauses once and returns 0 while the wait is young; 1 once it has spun SPIN_NS: then sleep. */
+static int spun_out(patience *p) {
+    if (++p->spins % 64 == 0) {   /* the clock every 64 pauses: a pause takes 10-140 cycles */
+        int64_t t = now_ns();
+        if (!p->since)
+            p->since = t;
+        else if (t - p->since >= SPIN_NS)
+            return 1;
+    }
+    pause_briefly();
+    return 0;
+}
+
+/* The sleep of a wait that has spun out: count in, then check `ready` once more; asleep until a
+ * thread reports progress, or NAP_NS. Elsewhere than Linux, a yield of the core instead. */
+#define NAP(st, ready)                                                                       \
+    do {                                                                                      \
+        int32_t seen_ = __atomic_load_n(&(st)->progress, __ATOMIC_SEQ_CST);                   \
+        __atomic_fetch_add(&(st)->sleepers, 1, __ATOMIC_SEQ_CST);                             \
+        if (!(ready))                                                                         \
+            sleep_on(st, seen_);                                                              \
+        __atomic_fetch_sub(&(st)->sleepers, 1, __ATOMIC_SEQ_CST);                             \
+    } while (0)
+
+static void sleep_on(shared_state *st, int32_t seen) {
+#if defined(__linux__)
+    struct timespec most = {0, NAP_NS};
+    syscall(SYS_futex, &st->progress, FUTEX_WAIT_PRIVATE, seen, &most, NULL, 0);
+#else
+    (void)st;
+    (void)seen;
+    sched_yield();
+#endif
 }
 
 /* Waits until *done >= need, or until another thread has failed; returns *done, or -1. */
-static int32_t wait_for(const int32_t *done, int32_t need, const int64_t *failed) {
-    unsigned spins = 0;
+static int32_t wait_for(const int32_t *done, int32_t need, shared_state *st) {
+    patience p = {0, 0};
     int32_t have;
-    while ((have = load_acquire(done)) < need) {
-        if (load_acquire64(failed))
+    while ((have = __atomic_load_n(done, __ATOMIC_SEQ_CST)) < need) {
+        if (load_acquire64(&st->failed))
             return -1;
-        wait_a_little(&spins);
+        if (spun_out(&p))
+            NAP(st, __atomic_load_n(done, __ATOMIC_SEQ_CST) >= need ||
+                    __atomic_load_n(&st->failed, __ATOMIC_SEQ_CST));
     }
     return have;
 }
 
 /* Waits until unit u is published: 1; 0 when no unit u will come (all taken), -1 on a failure. */
 static int wait_for_unit(shared_state *st, int64_t u) {
-    unsigned spins = 0;
-    while (u >= load_acquire64(&st->published)) {
+    patience p = {0, 0};
+    while (u >= __atomic_load_n(&st->published, __ATOMIC_SEQ_CST)) {
         if (load_acquire64(&st->failed))
             return -1;
         if (load_acquire64(&st->sealed) && u >= load_acquire64(&st->published))
             return 0;
-        wait_a_little(&spins);
+        if (spun_out(&p))
+            NAP(st, u < __atomic_load_n(&st->published, __ATOMIC_SEQ_CST) ||
+                    __atomic_load_n(&st->failed, __ATOMIC_SEQ_CST) ||
+                    __atomic_load_n(&st->sealed, __ATOMIC_SEQ_CST));
     }
     return 1;
 }
@@ -227,7 +299,8 @@ INLINE void unfilter(int type, const uint8_t *f, uint8_t *o, const uint8_t *up,
 static int unfilter_rows(const uint8_t *in, uint8_t *out, int64_t h, int64_t rowbytes, int32_t bpp,
                          const int64_t *ends, int32_t *done, shared_state *st) {
     if (bpp != 3 && bpp != 4) {
-        store_release64(&st->failed, 1);
+        store_progress64(&st->failed, 1);
+        report_progress(st);
         return -1;
     }
     const int64_t segment = (int64_t)SEGMENT_PIXELS * bpp;
@@ -243,7 +316,8 @@ static int unfilter_rows(const uint8_t *in, uint8_t *out, int64_t h, int64_t row
             uint8_t *o = out + r * rowbytes;
             const uint8_t *up = r ? o - rowbytes : NULL;
             if (type > 4) {
-                store_release64(&st->failed, 1);
+                store_progress64(&st->failed, 1);
+                report_progress(st);
                 return -1;
             }
             /* this row and the next, both Average or both Paeth, where neither waits for another
@@ -261,15 +335,17 @@ static int unfilter_rows(const uint8_t *in, uint8_t *out, int64_t h, int64_t row
             int publish = r == end - 1;   /* only a unit's last row is read by another thread */
             for (int64_t a = 0; a < rowbytes;) {
                 int64_t b = a + segment < rowbytes ? a + segment : rowbytes;
-                if (ready < b && (ready = wait_for(&done[r - 1], (int32_t)b, &st->failed)) < 0)
+                if (ready < b && (ready = wait_for(&done[r - 1], (int32_t)b, st)) < 0)
                     return -1;
                 if (bpp == 3)
                     unfilter(type, f, o, up, a, b, 3);
                 else
                     unfilter(type, f, o, up, a, b, 4);
                 a = b;
-                if (publish)
-                    store_release(&done[r], (int32_t)a);
+                if (publish) {
+                    store_progress(&done[r], (int32_t)a);
+                    report_progress(st);
+                }
             }
         }
     }
@@ -315,7 +391,8 @@ static void publish_units(const uint8_t *in, int64_t stride, int64_t from, int64
     }
     if (to == h)
         ends[n++] = h;
-    store_release64(&st->published, n);
+    store_progress64(&st->published, n);
+    report_progress(st);
 }
 
 /* Inflates the zlib stream `z` into `in` (h rows of stride bytes), chunk bytes at a time, publishing
@@ -352,8 +429,9 @@ static int inflate_rows(const uint8_t *z, int64_t zlen, uint8_t *in, int64_t h, 
     }
     zng_inflateEnd(&s);
     if (!ok)
-        store_release64(&st->failed, 1);
-    store_release64(&st->sealed, 1);
+        store_progress64(&st->failed, 1);
+    store_progress64(&st->sealed, 1);
+    report_progress(st);
     return ok ? 0 : -1;
 }
 

@@ -23,7 +23,7 @@ MIN_BAND_ROWS = 64                   # below this a thread hand-off costs about 
 BALANCED = 2.0                       # bands where the largest is at most this times an even share
 CHUNK_BYTES = 256 * 1024             # inflated per step, then handed out (smaller steps cost more)
 UNIT_MIN_ROWS = 16                   # while inflating: a unit closes at a None/Sub row after this many
-SHARED = 4                           # int64s the threads of one image share (png_unfilter.c's shared_state)
+SHARED = 5                           # int64s the threads of one image share (png_unfilter.c's shared_state)
 
 
 def _bind_zlibng() -> str | None:
@@ -51,7 +51,8 @@ def unfilter(rows: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool
     if not rowbytes or len(rows) != h * (rowbytes + 1):
         return False
     ends = units(np.frombuffer(rows, np.uint8)[::rowbytes + 1], threads)
-    shared = np.array([0, len(ends), 0, 1], np.int64)     # every unit published; sealed
+    shared = np.zeros(SHARED, np.int64)
+    shared[1], shared[3] = len(ends), 1                    # every unit published; sealed
     args = (rows, out, h, rowbytes, bpp, ends, np.zeros(h, np.int32), shared)
     return _on_threads(NATIVE.unfilter_rows, args, pool, threads)
 
@@ -76,7 +77,7 @@ def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int) ->
         return _on_threads(NATIVE.unfilter_rows, args, pool, threads,
                            first=lambda: NATIVE.inflate_unfilter(z, *args, CHUNK_BYTES, UNIT_MIN_ROWS, umax))
     except BaseException:
-        shared[2:] = 1          # failed, sealed: the helpers stop waiting for units that will not come
+        shared[2:4] = 1         # failed, sealed: the helpers stop waiting (asleep: within 1 ms)
         raise
 
 
