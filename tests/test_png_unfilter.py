@@ -123,7 +123,7 @@ def test_units_that_start_on_rows_reading_the_row_above_wait_for_it(unit):
     rows = filtered_rows(pixels, [4, 2, 3])
     ends = np.array(list(range(unit, 300, unit)) + [300], np.int64)
     out = np.zeros_like(pixels)
-    done, shared = np.zeros(300, np.int32), _sealed(len(ends))
+    done, shared = np.zeros(300, np.int32), png_unfilter.sealed(len(ends))
     args = (rows, out, 300, 600, 3, ends, done, shared)
     with ThreadPoolExecutor(3) as pool:
         results = [f.result() for f in [pool.submit(png_unfilter.NATIVE.unfilter_rows, *args) for _ in range(3)]]
@@ -138,14 +138,7 @@ def test_units_that_do_not_cover_the_image_are_refused():
     for ends in ([5], [5, 5, 10], [6, 4, 10], []):
         with pytest.raises(ValueError):
             png_unfilter.NATIVE.unfilter_rows(rows, out, 10, 60, 3, np.array(ends, np.int64),
-                                              np.zeros(10, np.int32), _sealed(len(ends)))
-
-
-def _sealed(units: int) -> np.ndarray:
-    """The threads' shared state where all `units` are known from the start."""
-    shared = np.zeros(png_unfilter.SHARED, np.int64)
-    shared[1], shared[3] = units, 1
-    return shared
+                                              np.zeros(10, np.int32), png_unfilter.sealed(len(ends)))
 
 
 @built

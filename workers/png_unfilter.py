@@ -51,9 +51,7 @@ def unfilter(rows: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool
     if not rowbytes or len(rows) != h * (rowbytes + 1):
         return False
     ends = units(np.frombuffer(rows, np.uint8)[::rowbytes + 1], threads)
-    shared = np.zeros(SHARED, np.int64)
-    shared[1], shared[3] = len(ends), 1                    # every unit published; sealed
-    args = (rows, out, h, rowbytes, bpp, ends, np.zeros(h, np.int32), shared)
+    args = (rows, out, h, rowbytes, bpp, ends, np.zeros(h, np.int32), sealed(len(ends)))
     return _on_threads(NATIVE.unfilter_rows, args, pool, threads)
 
 
@@ -79,6 +77,14 @@ def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int) ->
     except BaseException:
         shared[2:4] = 1         # failed, sealed: the helpers stop waiting (asleep: within 1 ms)
         raise
+
+
+def sealed(units: int) -> np.ndarray:
+    """The shared state (png_unfilter.c's shared_state) of threads whose `units` are all published
+    from the start."""
+    shared = np.zeros(SHARED, np.int64)
+    shared[1], shared[3] = units, 1                        # published, sealed
+    return shared
 
 
 def _shape(out: np.ndarray) -> tuple[int, int, int]:
