@@ -313,8 +313,9 @@ class MlxEngine:
         pad, ptr = self._ids[fam.IMAGE_PAD], self._ids[fam.POINTER_PAD]
         head_ids = self._tok.encode(before, add_special_tokens=False).ids
         tail_ids = self._tok.encode(after, add_special_tokens=False).ids
-        n = image.n_tokens
-        ids = np.array(head_ids + [pad] * n + tail_ids, dtype=np.int32)
+        n, start = image.n_tokens, len(head_ids)
+        ids = np.empty(start + n + len(tail_ids), np.int32)   # not a list of ~2,700 ints: 2 us, not 50
+        ids[:start], ids[start:start + n], ids[start + n:] = head_ids, pad, tail_ids
         if int((ids == pad).sum()) != n or int((ids == ptr).sum()) != 1:
             raise JobError("bad_request", "the instruction or system prompt contains reserved tokens "
                                           f"({fam.IMAGE_PAD} or {fam.POINTER_PAD})")
@@ -323,8 +324,8 @@ class MlxEngine:
                                           f"model's max_context_length {self.spec.max_context_length}; "
                                           "lower max_pixels or shorten the instruction")
         n_h, n_w = image.token_grid
-        return PreparedJob(job_id=request.job_id, image=image, input_ids=ids, image_start=len(head_ids),
-                           position_ids=fam.mrope_positions(len(ids), len(head_ids), n_h, n_w),
+        return PreparedJob(job_id=request.job_id, image=image, input_ids=ids, image_start=start,
+                           position_ids=fam.mrope_positions(len(ids), start, n_h, n_w),
                            pointer_pos=len(ids) - 1, topk=request.topk or self.spec.topk,
                            return_attention=request.return_attention,
                            preprocess_ms=(time.perf_counter() - t0) * 1e3, cache_key=key, cached=entry,
