@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from workers.images import CLIP_MEAN, CLIP_STD, MERGE, PATCH
-from workers.mlx import cuda_rotary
+from workers.mlx import cuda_flash_attention, cuda_rotary
 from workers.mlx.cuda_rotary import rotate_qk
 from workers.mlx.run_ahead import RunAhead
 
@@ -129,6 +129,8 @@ class FastVision:
         """The custom kernels for this many heads (again after `share_heads`)."""
         # rotary on q and k in one kernel where MLX runs on CUDA (None elsewhere)
         self.rotary = cuda_rotary.load(self.heads, self.head_dim, self.dtype)
+        # on Hopper, the rotary and an image's whole attention on warpgroup tensor cores (else None)
+        self.flash = cuda_flash_attention.load(self.heads, self.head_dim, self.scale, self.dtype)
 
     # ---- what a family defines --------------------------------------------------------------
     def qkv(self, x: mx.array, block: int) -> mx.array:
@@ -153,13 +155,17 @@ class FastVision:
         """Block `block`'s attention from its qkv projection [N, 3*C]: rotary on q and k, then
         attention within the block's spans -> [N, C]."""
         n = qkv.shape[0]
+        spans = self.spans(block, grids)
+        if self.flash is not None and all(count == 1 for _, count, _ in spans):    # whole images
+            outs = [self.flash(qkv[s:s + size], cos[s:s + size], sin[s:s + size]) for s, _, size in spans]
+            return mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
         if self.rotary is not None:
             qk = self.rotary(qkv, cos, sin)                                     # [N, 2, H, D]
             q, k = qk[:, 0], qk[:, 1]
         else:
             q, k = rotate_qk(qkv.reshape(n, 3, self.heads, self.head_dim), cos, sin)
         v = qkv.reshape(n, 3, self.heads, self.head_dim)[:, 2]
-        return attend(q, k, v, self.spans(block, grids), self.scale)
+        return attend(q, k, v, spans, self.scale)
 
     # ---- the shared forward -----------------------------------------------------------------
     def _rotary(self, grid_h: int, grid_w: int) -> tuple[mx.array, mx.array]:

@@ -1,0 +1,117 @@
+"""The ViT's full attention: workers/mlx/cuda_flash_attention.py (wgmma, sm_90a) against cuDNN
+through `mx.fast.scaled_dot_product_attention`, as the tower calls each (GPU, Hopper only).
+
+  python3 -m bench.flash_attention [--sizes 300,1000,10764] [--heads 16] [--head-dim 80] [--reps 10]
+
+For each layout variant of the kernel: NVRTC's register report, agreement with cuDNN on random q, k,
+v (and on q = 0, where attention is the mean of v whatever the scores), then for the variants
+that agree, milliseconds per call at each size (32 calls in one graph, median of `reps`).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import mlx.core as mx
+
+from workers.mlx import cuda_rotary
+from workers.mlx.cuda_flash_attention import CudaFlashAttention
+
+
+def inputs(n: int, heads: int, hd: int, seed: int = 0):
+    qkv = (mx.random.normal((n, 3 * heads * hd), key=mx.random.key(seed)) * 1.5).astype(mx.bfloat16)
+    ang = mx.random.uniform(0, 60, (n, hd // 2), key=mx.random.key(seed + 1))
+    return qkv, mx.cos(ang), mx.sin(ang)
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """cuDNN over one image's token-major [N, H, D] views, as workers/mlx/vision.py `attend` calls it
+    (not imported: that module needs the image decoders, which this bench does not)."""
+    n, heads, hd = q.shape
+    t = lambda x: x.reshape(1, n, heads, hd).transpose(0, 2, 1, 3)
+    o = mx.fast.scaled_dot_product_attention(t(q), t(k), t(v), scale=scale)
+    return o.transpose(0, 2, 1, 3).reshape(n, heads * hd)
+
+
+def cudnn(qkv: mx.array, cos: mx.array, sin: mx.array, heads: int, scale: float, rotary=None) -> mx.array:
+    """What the tower does without the kernel: the rotary (kernel, or MLX ops), then cuDNN over
+    token-major views (workers/mlx/vision.py `attend`)."""
+    n, hd = qkv.shape[0], qkv.shape[1] // (3 * heads)
+    qk = rotary(qkv, cos, sin) if rotary is not None else cuda_rotary.reference(qkv, cos, sin, heads)
+    v = qkv.reshape(n, 3, heads, hd)[:, 2]
+    return attend(qk[:, 0], qk[:, 1], v, scale)
+
+
+def timed(fn, reps: int) -> float:
+    mx.eval(fn())
+    ts = []
+    for _ in range(reps):
+        mx.synchronize()
+        t = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        ts.append((time.perf_counter() - t) / 32)
+    return statistics.median(ts) * 1e3
+
+
+def variant(spec: str) -> dict:
+    """"SYNC=1+PINGPONG=0" -> {"SYNC": 1, "PINGPONG": 0} ("default": {})."""
+    return {} if spec == "default" else {k: int(v) for k, v in (kv.split("=") for kv in spec.split("+"))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="300,1000,10764")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=80)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--variants", default="default", help="compile-time variants of the kernel, e.g. default,PINGPONG=0")
+    a = ap.parse_args()
+    sizes = [int(s) for s in a.sizes.split(",")]
+    heads, scale = a.heads, a.head_dim ** -0.5
+    rot = cuda_rotary.load(heads, a.head_dim, mx.bfloat16)
+    kernels = []
+    for spec in a.variants.split(","):
+        k = CudaFlashAttention(heads, a.head_dim, scale, variant(spec))
+        kernels.append((spec, k))
+        print(spec, " | ".join(l.strip() for l in k.log.splitlines() if "registers" in l or "spill" in l or "C75" in l),
+              flush=True)
+        for n in sizes:
+            qkv, cos, sin = inputs(n, heads, a.head_dim)
+            q0 = mx.concatenate([mx.zeros_like(qkv[:, : heads * a.head_dim]), qkv[:, heads * a.head_dim:]], axis=1)
+            for label, x in (("random", qkv), ("q=0", q0)):
+                got = k(x, cos, sin).astype(mx.float32)
+                want = cudnn(x, cos, sin, heads, scale).astype(mx.float32)
+                d = mx.abs(got - want)
+                print(f"  {spec} n={n} {label}: max diff {d.max().item():.4g} mean {d.mean().item():.3g} "
+                      f"(largest {mx.abs(want).max().item():.3g}) nan={bool(mx.any(mx.isnan(got)).item())}", flush=True)
+    # two images in one tower call: the kernels take each image's rows as a slice of the arrays
+    k = kernels[0][1]
+    qkv, cos, sin = inputs(1300, heads, a.head_dim, seed=7)
+    got = mx.concatenate([k(qkv[:1000], cos[:1000], sin[:1000]), k(qkv[1000:], cos[1000:], sin[1000:])])
+    want = mx.concatenate([cudnn(qkv[:1000], cos[:1000], sin[:1000], heads, scale),
+                           cudnn(qkv[1000:], cos[1000:], sin[1000:], heads, scale)])
+    d = mx.abs(got.astype(mx.float32) - want.astype(mx.float32))
+    print(f"  two images (1000 + 300 tokens) as slices: max diff {d.max().item():.4g} mean {d.mean().item():.3g}",
+          flush=True)
+    for n in sizes:
+        qkv, cos, sin = inputs(n, heads, a.head_dim)
+        flop = 4 * n * n * a.head_dim * heads
+        qk, v = rot(qkv, cos, sin), qkv.reshape(n, 3, heads, -1)[:, 2]
+        tl = kernels[0][1].tiles(qkv, cos, sin)
+        mx.eval(tl, qk)
+        rows = [("rotary kernel + cuDNN (the tower now)", lambda: cudnn(qkv, cos, sin, heads, scale, rot)),
+                ("cuDNN alone", lambda: attend(qk[:, 0], qk[:, 1], v, scale)),
+                ("tiles kernel alone", lambda: kernels[0][1].tiles(qkv, cos, sin)),
+                ("rotary kernel alone", lambda: rot(qkv, cos, sin))]
+        for spec, k in kernels:
+            rows += [(f"{spec}: tiles + wgmma kernel", lambda k=k: k(qkv, cos, sin)),
+                     (f"{spec}: wgmma kernel alone", lambda k=k: k.attend(tl, n))]
+        for label, fn in rows:
+            ms = timed(lambda: [fn() for _ in range(32)], a.reps)
+            print(f"n={n} {label}: {ms:.3f} ms ({flop / ms / 1e9:.0f} TFLOP/s of attention)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
