@@ -1,20 +1,21 @@
 """The ViT's full attention: workers/mlx/cuda_flash_attention.py (wgmma, sm_90a) against cuDNN
 through `mx.fast.scaled_dot_product_attention`, as the tower calls each (GPU, Hopper only).
 
-  python3 -m bench.flash_attention [--sizes 300,1000,10764] [--heads 16] [--head-dim 80] [--reps 10]
+  python3 -m bench.flash_attention [--sizes 300,1000,10764] [--variants default,WGS=2] [--reps 10]
 
-For each layout variant of the kernel: NVRTC's register report, agreement with cuDNN on random q, k,
-v (and on q = 0, where attention is the mean of v whatever the scores), then for the variants
-that agree, milliseconds per call at each size (32 calls in one graph, median of `reps`).
+For each compile-time variant of the kernel (`default`, or switches of its source such as WGS=2):
+ptxas's register report, agreement with the rotary + cuDNN path on random q, k, v (and on q = 0,
+where attention is the mean of v whatever the scores), and for two images as slices of one array;
+then milliseconds per call at each size (32 calls in one graph, median of `reps`): the rotary
+kernel + cuDNN as the tower ran them, each part alone, and each variant.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import mlx.core as mx
 
+from bench.timing import median_ms
 from workers.mlx import cuda_rotary
 from workers.mlx.cuda_flash_attention import CudaFlashAttention
 
@@ -44,15 +45,8 @@ def cudnn(qkv: mx.array, cos: mx.array, sin: mx.array, heads: int, scale: float,
 
 
 def timed(fn, reps: int) -> float:
-    mx.eval(fn())
-    ts = []
-    for _ in range(reps):
-        mx.synchronize()
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append((time.perf_counter() - t) / 32)
-    return statistics.median(ts) * 1e3
+    """ms per call of `fn`, which makes 32 calls in one graph."""
+    return median_ms(fn, reps, warmup=1) / 32
 
 
 def variant(spec: str) -> dict:
