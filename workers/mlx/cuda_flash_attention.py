@@ -340,8 +340,9 @@ _TILES_SOURCE = """
     constexpr int PIECES = ROWS * KC;
     __shared__ uint4 rows[PIECES];
     const int64_t n_tok = cos_shape[0];
-    const int tile = blockIdx.x % NTILES;
-    const int ph = blockIdx.x / NTILES;                   // part * HEADS + head
+    const int ntiles = (n_tok + ROWS - 1) / ROWS;         // not a template argument: no new build per size
+    const int tile = blockIdx.x % ntiles;
+    const int ph = blockIdx.x / ntiles;                   // part * HEADS + head
     const T* src = qkv + ph * (2 * HALF);
     for (int i = threadIdx.x; i < PIECES; i += blockDim.x) {
         const int64_t n = (int64_t)tile * ROWS + i / KC;
@@ -408,8 +409,7 @@ class CudaFlashAttention:
         n, hd = qkv.shape[0], self.head_dim
         t = -(-n // BKV)
         (out,) = self.tiler(inputs=[qkv, cos, sin],
-                            template=[("T", qkv.dtype), ("HEADS", self.heads), ("HALF", hd // 2), ("ROWS", BKV),
-                                      ("NTILES", t)],
+                            template=[("T", qkv.dtype), ("HEADS", self.heads), ("HALF", hd // 2), ("ROWS", BKV)],
                             grid=(3 * self.heads * t * 256, 1, 1), threadgroup=(256, 1, 1),
                             output_shapes=[(3, self.heads, t, BKV * hd)], output_dtypes=[qkv.dtype])
         return out
