@@ -120,7 +120,8 @@ __device__ __forceinline__ void bar_init(u32 bar, u32 count) {
 __device__ __forceinline__ void bar_arrive(u32 bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
 }
-// the two warpgroups take turns at the tensor cores (named barriers 1 and 2, 256 threads each)
+// the warpgroups take turns at the tensor cores, in a ring: warpgroup w waits at named barrier 1 + w
+// for the one before it to pass (256 threads: the 128 waiting and the 128 passing)
 __device__ __forceinline__ void turn_wait(int wg) { asm volatile("bar.sync %0, 256;\n" :: "r"(1 + wg) : "memory"); }
 __device__ __forceinline__ void turn_pass(int wg) { asm volatile("bar.arrive %0, 256;\n" :: "r"(1 + (wg + 1) % WGS) : "memory"); }
 // one tile copied whole by the bulk-copy engine, completing on the stage's barrier
@@ -155,7 +156,7 @@ struct Ctx {
     u32 sq, sk0, bars;
     const bf16_t* kg;      // this head's first k tile
     const bf16_t* vg;      // this head's first v tile
-    int n, tiles;
+    int n;
     float sl2;
 };
 
@@ -254,7 +255,7 @@ KNAME(const bf16_t* tiles, bf16_t* out, int n, int sl2_bits) {
     c.bars = c.sk0 + STAGES * STAGE_BYTES;         // STAGES "full", STAGES "empty", then q's
     c.kg = tiles + (long)(HEADS + h) * ntiles * TILE;
     c.vg = tiles + (long)(2 * HEADS + h) * ntiles * TILE;
-    c.n = n; c.tiles = ntiles; c.sl2 = __int_as_float(sl2_bits);
+    c.n = n; c.sl2 = __int_as_float(sl2_bits);
     const u32 qbar = c.bars + 16 * STAGES, empty = c.bars + 8 * STAGES;
     const int wg = threadIdx.x >> 7;
     if (threadIdx.x == 0) {
