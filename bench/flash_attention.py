@@ -4,8 +4,9 @@ through `mx.fast.scaled_dot_product_attention`, as the tower calls each (GPU, Ho
   python3 -m bench.flash_attention [--sizes 300,1000,10764] [--variants default,WGS=2] [--reps 10]
 
 For each compile-time variant of the kernel (`default`, or switches of its source such as WGS=2):
-ptxas's register report, agreement with the rotary + cuDNN path on random q, k, v (and on q = 0,
-where attention is the mean of v whatever the scores), and for two images as slices of one array;
+ptxas's register report, agreement with the MLX-ops path that the load probe compares against
+(`cuda_flash_attention.reference`) on random q, k, v (and on q = 0, where attention is the mean of
+v whatever the scores), and for two images as slices of one array;
 then milliseconds per call at each size (32 calls in one graph, median of `reps`): the rotary
 kernel + cuDNN as the tower ran them, each part alone, and each variant.
 """
@@ -17,7 +18,8 @@ import mlx.core as mx
 
 from bench.timing import median_ms
 from workers.mlx import cuda_rotary
-from workers.mlx.cuda_flash_attention import CudaFlashAttention
+from workers.mlx.cuda_flash_attention import CudaFlashAttention, reference
+from workers.mlx.vision import attend
 
 
 def inputs(n: int, heads: int, hd: int, seed: int = 0):
@@ -26,22 +28,12 @@ def inputs(n: int, heads: int, hd: int, seed: int = 0):
     return qkv, mx.cos(ang), mx.sin(ang)
 
 
-def attend(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """cuDNN over one image's token-major [N, H, D] views, as workers/mlx/vision.py `attend` calls it
-    (not imported: that module needs the image decoders, which this bench does not)."""
-    n, heads, hd = q.shape
-    t = lambda x: x.reshape(1, n, heads, hd).transpose(0, 2, 1, 3)
-    o = mx.fast.scaled_dot_product_attention(t(q), t(k), t(v), scale=scale)
-    return o.transpose(0, 2, 1, 3).reshape(n, heads * hd)
-
-
-def cudnn(qkv: mx.array, cos: mx.array, sin: mx.array, heads: int, scale: float, rotary=None) -> mx.array:
-    """What the tower does without the kernel: the rotary (kernel, or MLX ops), then cuDNN over
-    token-major views (workers/mlx/vision.py `attend`)."""
+def cudnn(qkv: mx.array, cos: mx.array, sin: mx.array, heads: int, scale: float, rotary) -> mx.array:
+    """What the tower does without the kernels: the rotary kernel, then cuDNN over token-major views
+    (workers/mlx/vision.py `attend`)."""
     n, hd = qkv.shape[0], qkv.shape[1] // (3 * heads)
-    qk = rotary(qkv, cos, sin) if rotary is not None else cuda_rotary.reference(qkv, cos, sin, heads)
-    v = qkv.reshape(n, 3, heads, hd)[:, 2]
-    return attend(qk[:, 0], qk[:, 1], v, scale)
+    qk = rotary(qkv, cos, sin)
+    return attend(qk[:, 0], qk[:, 1], qkv.reshape(n, 3, heads, hd)[:, 2], [(0, 1, n)], scale)
 
 
 def timed(fn, reps: int) -> float:
@@ -76,7 +68,7 @@ def main() -> None:
             q0 = mx.concatenate([mx.zeros_like(qkv[:, : heads * a.head_dim]), qkv[:, heads * a.head_dim:]], axis=1)
             for label, x in (("random", qkv), ("q=0", q0)):
                 got = k(x, cos, sin).astype(mx.float32)
-                want = cudnn(x, cos, sin, heads, scale).astype(mx.float32)
+                want = reference(x, cos, sin, heads, scale).astype(mx.float32)
                 d = mx.abs(got - want)
                 print(f"  {spec} n={n} {label}: max diff {d.max().item():.4g} mean {d.mean().item():.3g} "
                       f"(largest {mx.abs(want).max().item():.3g}) nan={bool(mx.any(mx.isnan(got)).item())}", flush=True)
@@ -84,8 +76,8 @@ def main() -> None:
     k = kernels[0][1]
     qkv, cos, sin = inputs(1300, heads, a.head_dim, seed=7)
     got = mx.concatenate([k(qkv[:1000], cos[:1000], sin[:1000]), k(qkv[1000:], cos[1000:], sin[1000:])])
-    want = mx.concatenate([cudnn(qkv[:1000], cos[:1000], sin[:1000], heads, scale),
-                           cudnn(qkv[1000:], cos[1000:], sin[1000:], heads, scale)])
+    want = mx.concatenate([reference(qkv[:1000], cos[:1000], sin[:1000], heads, scale),
+                           reference(qkv[1000:], cos[1000:], sin[1000:], heads, scale)])
     d = mx.abs(got.astype(mx.float32) - want.astype(mx.float32))
     print(f"  two images (1000 + 300 tokens) as slices: max diff {d.max().item():.4g} mean {d.mean().item():.3g}",
           flush=True)
@@ -96,7 +88,7 @@ def main() -> None:
         tl = kernels[0][1].tiles(qkv, cos, sin)
         mx.eval(tl, qk)
         rows = [("rotary kernel + cuDNN (the tower now)", lambda: cudnn(qkv, cos, sin, heads, scale, rot)),
-                ("cuDNN alone", lambda: attend(qk[:, 0], qk[:, 1], v, scale)),
+                ("cuDNN alone", lambda: attend(qk[:, 0], qk[:, 1], v, [(0, 1, n)], scale)),
                 ("tiles kernel alone", lambda: kernels[0][1].tiles(qkv, cos, sin)),
                 ("rotary kernel alone", lambda: rot(qkv, cos, sin))]
         for spec, k in kernels:
