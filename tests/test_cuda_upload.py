@@ -13,6 +13,7 @@ from common.config import ModelSpec
 from workers.engine import EngineOptions
 from workers.images import PreparedImage
 from workers.mlx import cuda_upload
+from workers.mlx.cuda_driver import CudaError
 from workers.mlx.engine import MlxEngine
 
 
@@ -40,7 +41,7 @@ class HostMemoryDriver:
 
     def cuMemHostAlloc(self, pp, nbytes, flags):
         if nbytes > self.limit:
-            raise cuda_upload.CudaError("cuMemHostAlloc returned CUDA error 2")
+            raise CudaError("cuMemHostAlloc returned CUDA error 2")
         buf = ctypes.create_string_buffer(nbytes)
         self.buffers[ctypes.addressof(buf)] = buf
         pp._obj.value = ctypes.addressof(buf)

@@ -445,9 +445,10 @@ def supported(head_dim: int, dtype: mx.Dtype) -> bool:
         return False
     if not on_cuda() or dtype != mx.bfloat16 or head_dim != 80:
         return False
+    from workers.mlx.cuda_driver import CudaError, Driver
     try:
-        return nvrtc.compute_capability()[0] == 9
-    except (OSError, nvrtc.NvrtcError):
+        return Driver().compute_capability()[0] == 9
+    except (OSError, CudaError):            # no libcuda, or no device it can see
         return False
 
 

@@ -8,11 +8,11 @@ than from an image born there, all inside the forward (`python3 -m bench.upload`
 How: MLX allocates a device buffer (`mx.zeros`), a one-thread kernel reads its address (MLX's
 Python API gives addresses only through the buffer protocol, for memory the host can read), and
 one `cuMemcpyHtoD` fills it. MLX's Python API has no upload that avoids managed memory, so this
-calls the CUDA driver (libcuda, which MLX itself uses) with ctypes. The copy runs at the bus's
-speed from page-locked host memory, and at about a third of it from ordinary memory, which the driver
-first copies into its own page-locked buffers: `host_buffer` hands the image decoders page-locked
-buffers to decode into (a pool, each buffer back in it once no array uses it). On H200s, 1080p:
-0.46-0.58 ms of host time from such a buffer, 1.2-1.5 ms from an ordinary array.
+calls the CUDA driver (libcuda, which MLX itself uses; workers/mlx/cuda_driver.py). The copy runs
+at the bus's speed from page-locked host memory, and at about a third of it from ordinary memory,
+which the driver first copies into its own page-locked buffers: `host_buffer` hands the image
+decoders page-locked buffers to decode into (a pool, each buffer back in it once no array uses it).
+On H200s, 1080p: 0.46-0.58 ms of host time from such a buffer, 1.2-1.5 ms from an ordinary array.
 
 Where the driver or any call is missing or fails, or the probe at load does not get the same bytes
 back, `load` returns None and the engine keeps `mx.array` and ordinary buffers.
@@ -28,6 +28,7 @@ import weakref
 import mlx.core as mx
 import numpy as np
 
+from workers.mlx.cuda_driver import CudaError, Driver
 from workers.mlx.cuda_rotary import kernel_name, on_cuda
 
 log = logging.getLogger(__name__)
@@ -37,42 +38,6 @@ POOL_FREE_BYTES = 256 << 20      # page-locked buffers kept for reuse beyond thi
 _ADDRESS_SOURCE = """
     if (blockIdx.x == 0 && threadIdx.x == 0) addr[0] = reinterpret_cast<unsigned long long>(buf);
 """
-
-
-class CudaError(RuntimeError):
-    pass
-
-
-class _Driver:
-    """The few libcuda calls used here, each raising CudaError on a non-zero result."""
-
-    def __init__(self) -> None:
-        self._lib = ctypes.CDLL("libcuda.so.1")
-        ptr, size = ctypes.c_void_p, ctypes.c_size_t
-        self._sig("cuCtxGetCurrent", ctypes.POINTER(ptr))
-        self._sig("cuCtxSetCurrent", ptr)
-        self._sig("cuMemHostAlloc", ctypes.POINTER(ptr), size, ctypes.c_uint)
-        self._sig("cuMemFreeHost", ptr)
-        self._sig("cuMemcpyHtoD_v2", ctypes.c_uint64, ptr, size)
-        self._sig("cuStreamSynchronize", ptr)
-
-    def _sig(self, name: str, *argtypes) -> None:
-        fn = getattr(self._lib, name)
-        fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
-
-        def call(*args):
-            rc = fn(*args)
-            if rc != 0:
-                raise CudaError(f"{name} returned CUDA error {rc}")
-        setattr(self, name, call)
-
-    def context(self) -> int:
-        """The calling thread's current context (MLX's, on a thread that ran MLX work)."""
-        ctx = ctypes.c_void_p()
-        self.cuCtxGetCurrent(ctypes.byref(ctx))
-        if not ctx.value:
-            raise CudaError("no current CUDA context on this thread")
-        return ctx.value
 
 
 class _Address:
@@ -95,7 +60,7 @@ class PinnedPool:
     the driver's context is made current there first (it is the process's primary context, which
     MLX uses too)."""
 
-    def __init__(self, driver: _Driver, context: int):
+    def __init__(self, driver: Driver, context: int):
         self._driver, self._context = driver, context
         self._free: dict[int, list[int]] = {}
         self._free_bytes = 0
@@ -141,7 +106,7 @@ class CudaUpload:
     copy. Call it on the thread that runs MLX (its CUDA context is current there); `host_buffer`
     gives arrays from which the copy runs fastest, on any thread."""
 
-    def __init__(self, driver: _Driver):
+    def __init__(self, driver: Driver):
         self._driver = driver
         self._address = _Address()
         self.host_buffer = PinnedPool(driver, driver.context())
@@ -164,7 +129,7 @@ def load() -> CudaUpload | None:
         return None
     try:
         mx.eval(mx.zeros(1) + 1)                   # MLX's context is current on this thread from here
-        up = CudaUpload(_Driver())
+        up = CudaUpload(Driver())
         probe = np.random.default_rng(0).integers(0, 256, (37, 1001, 3), dtype=np.uint8)
         pinned = up.host_buffer(probe.shape)
         pinned[...] = probe[::-1]

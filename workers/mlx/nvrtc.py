@@ -39,18 +39,6 @@ def _library() -> ctypes.CDLL:
     raise NvrtcError("libnvrtc not found")
 
 
-def compute_capability(device: int = 0) -> tuple[int, int]:
-    """(major, minor) of CUDA device `device` through the driver API (already initialised by MLX)."""
-    cuda = ctypes.CDLL("libcuda.so.1")
-    cuda.cuInit(0)
-    dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    if cuda.cuDeviceGet(ctypes.byref(dev), device) != 0:
-        raise NvrtcError(f"no CUDA device {device}")
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)     # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)     # ..._MINOR
-    return major.value, minor.value
-
-
 def compile_cubin(source: str, arch: str, options: list[str] = ()) -> tuple[bytes, str]:
     """`source` compiled for `arch` (e.g. "sm_90a") -> (cubin, NVRTC's log); NvrtcError on failure."""
     lib = _library()
