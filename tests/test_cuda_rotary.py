@@ -37,3 +37,18 @@ def test_kernel_names_change_with_the_source():
     name = cuda_rotary.kernel_name("k", "out[0] = 1;")
     assert name == cuda_rotary.kernel_name("k", "out[0] = 1;")
     assert name != cuda_rotary.kernel_name("k", "out[0] = 2;") and name.startswith("k_")
+
+
+def test_kernel_names_change_with_the_header():
+    # a kernel's header (the rotary helpers, say) is compiled into it as much as its source is
+    name = cuda_rotary.kernel_name("k", "out[0] = f();", "float f() { return 1; }")
+    assert name != cuda_rotary.kernel_name("k", "out[0] = f();", "float f() { return 2; }")
+    # a kernel without a header keeps its name
+    assert cuda_rotary.kernel_name("k", "out[0] = 1;", "") == cuda_rotary.kernel_name("k", "out[0] = 1;")
+
+
+def test_every_rotary_kernel_takes_the_one_copy_of_its_arithmetic():
+    from workers.mlx import cuda_flash_attention, cuda_window_attention
+    assert cuda_rotary.ROTARY_HELPERS in cuda_window_attention.CudaWindowAttention.header
+    for source in (cuda_rotary._SOURCE, cuda_window_attention._SOURCE, cuda_flash_attention._TILES_SOURCE):
+        assert "rotary_first(" in source and "rotary_second(" in source and "__fmul_rn" not in source

@@ -372,8 +372,8 @@ _TILES_SOURCE = """
             #pragma unroll
             for (int e = 0; e < 8; ++e) {
                 const float a = static_cast<float>(x[e]), b = static_cast<float>(y[e]);
-                rot[e] = static_cast<T>(first ? __fadd_rn(__fmul_rn(a, cs[e]), -__fmul_rn(b, sn[e]))
-                                              : __fadd_rn(__fmul_rn(a, cs[e]), __fmul_rn(b, sn[e])));
+                // a is the element, b its partner: (x1, x2) = (a, b) in the first half, (b, a) in the second
+                rot[e] = static_cast<T>(first ? rotary_first(a, b, cs[e], sn[e]) : rotary_second(b, a, cs[e], sn[e]));
             }
             w = res;
         }
@@ -401,9 +401,10 @@ class CudaFlashAttention:
         # MLX 0.32.4 turns away float scalars ("Received float but must be one of bool, int or
         # float"): the scale goes as its float32 bits
         self.sl2_bits = struct.unpack("<i", struct.pack("<f", float(scale) * 1.4426950408889634))[0]
-        self.tiler = mx.fast.cuda_kernel(name=kernel_name("vit_flash_tiles", _TILES_SOURCE),
+        from workers.mlx.cuda_rotary import ROTARY_HELPERS
+        self.tiler = mx.fast.cuda_kernel(name=kernel_name("vit_flash_tiles", _TILES_SOURCE, ROTARY_HELPERS),
                                          input_names=["qkv", "cos", "sin"], output_names=["out"],
-                                         source=_TILES_SOURCE)
+                                         source=_TILES_SOURCE, header=ROTARY_HELPERS)
 
     def tiles(self, qkv: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         """[3, H, T, 128*D]: rotated q, rotated k, v, in the attention kernel's tiles."""

@@ -22,6 +22,18 @@ import mlx.core as mx
 
 log = logging.getLogger(__name__)
 
+# The rotary of one pair (x1 at d, x2 at d + HALF) in float32, for every kernel that rotates q or
+# k: x1*c - x2*s and x2*c + x1*s, each product and the sum rounded on its own (`__fmul_rn`,
+# `__fadd_rn`), so that no fused multiply-add changes the low bits.
+ROTARY_HELPERS = """
+__device__ __forceinline__ float rotary_first(float x1, float x2, float c, float s) {
+    return __fadd_rn(__fmul_rn(x1, c), -__fmul_rn(x2, s));
+}
+__device__ __forceinline__ float rotary_second(float x1, float x2, float c, float s) {
+    return __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+}
+"""
+
 _SOURCE = """
     // one thread per (token n, q or k, head h, pair d / d + HALF), in memory order
     const int64_t n_tok = cos_shape[0];
@@ -36,8 +48,8 @@ _SOURCE = """
     const float x2 = static_cast<float>(qkv[src + HALF]);
     const float c = cos[n * HALF + d];
     const float s = sin[n * HALF + d];
-    out[dst] = static_cast<T>(__fadd_rn(__fmul_rn(x1, c), -__fmul_rn(x2, s)));
-    out[dst + HALF] = static_cast<T>(__fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s)));
+    out[dst] = static_cast<T>(rotary_first(x1, x2, c, s));
+    out[dst + HALF] = static_cast<T>(rotary_second(x1, x2, c, s));
 """
 
 
@@ -47,9 +59,9 @@ class CudaRotary:
 
     def __init__(self, heads: int, head_dim: int):
         self.heads, self.half = heads, head_dim // 2
-        self.kernel = mx.fast.cuda_kernel(name=kernel_name("vit_qkv_rotary", _SOURCE),
+        self.kernel = mx.fast.cuda_kernel(name=kernel_name("vit_qkv_rotary", _SOURCE, ROTARY_HELPERS),
                                           input_names=["qkv", "cos", "sin"], output_names=["out"],
-                                          source=_SOURCE)
+                                          source=_SOURCE, header=ROTARY_HELPERS)
 
     def __call__(self, qkv: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         n = qkv.shape[0]
@@ -60,12 +72,13 @@ class CudaRotary:
         return out
 
 
-def kernel_name(name: str, source: str) -> str:
-    """`name` tagged with a digest of the kernel's source. MLX's CUDA backend caches compiled
-    kernels on disk under their name and template arguments (`cu::get_jit_module` asks for the
-    source only on a miss), across processes and versions of this code: an edited kernel under an
-    unchanged name would run its old build."""
-    return f"{name}_{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+def kernel_name(name: str, source: str, header: str = "") -> str:
+    """`name` tagged with a digest of the kernel's source and the header it is given. MLX's CUDA
+    backend caches compiled kernels on disk under their name and template arguments
+    (`cu::get_jit_module` asks for the source only on a miss), across processes and versions of
+    this code: an edited kernel, or one whose header was edited, under an unchanged name would run
+    its old build."""
+    return f"{name}_{hashlib.sha256((header + source).encode()).hexdigest()[:12]}"
 
 
 def rotate_half(x: mx.array) -> mx.array:

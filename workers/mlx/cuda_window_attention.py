@@ -23,7 +23,7 @@ import logging
 
 import mlx.core as mx
 
-from workers.mlx.cuda_rotary import kernel_name, on_cuda, rotate_qk
+from workers.mlx.cuda_rotary import ROTARY_HELPERS, kernel_name, on_cuda, rotate_qk
 from workers.mlx.vision import attend
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
 # rows padded (88 and 72 elements) so that each fragment load hits 32 distinct banks; v is stored
 # transposed so its operand pairs are adjacent. Rows and keys past a window's size are zeros in
 # shared memory and masked out of the softmax.
-_HEADER = BF16_HELPERS + """
+_HEADER = BF16_HELPERS + ROTARY_HELPERS + """
 __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
@@ -78,10 +78,10 @@ _SOURCE = """
             const float q2 = static_cast<float>(qkv[base + HALF]);
             const float k1 = static_cast<float>(qkv[base + HEADS * D]);
             const float k2 = static_cast<float>(qkv[base + HEADS * D + HALF]);
-            q1b = bf16_bits(__fadd_rn(__fmul_rn(q1, c), -__fmul_rn(q2, s)));
-            q2b = bf16_bits(__fadd_rn(__fmul_rn(q2, c), __fmul_rn(q1, s)));
-            k1b = bf16_bits(__fadd_rn(__fmul_rn(k1, c), -__fmul_rn(k2, s)));
-            k2b = bf16_bits(__fadd_rn(__fmul_rn(k2, c), __fmul_rn(k1, s)));
+            q1b = bf16_bits(rotary_first(q1, q2, c, s));
+            q2b = bf16_bits(rotary_second(q1, q2, c, s));
+            k1b = bf16_bits(rotary_first(k1, k2, c, s));
+            k2b = bf16_bits(rotary_second(k1, k2, c, s));
             v1b = __bfloat16_as_ushort(qkv[base + 2 * HEADS * D]);
             v2b = __bfloat16_as_ushort(qkv[base + 2 * HEADS * D + HALF]);
         }
@@ -184,7 +184,7 @@ class CudaWindowAttention:
     def __init__(self, heads: int, head_dim: int, scale: float):
         self.heads, self.half = heads, head_dim // 2
         self.scale = mx.array([scale], dtype=mx.float32)
-        self.kernel = mx.fast.cuda_kernel(name=kernel_name(self.name, self.source),
+        self.kernel = mx.fast.cuda_kernel(name=kernel_name(self.name, self.source, self.header),
                                           input_names=["qkv", "cos", "sin", "win_start", "win_size", "scale"],
                                           output_names=["out"], source=self.source, header=self.header)
 
