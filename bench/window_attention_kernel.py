@@ -11,6 +11,7 @@ times it, the server's tensor-core kernel and the rotary kernel + cuDNN side by 
 """
 from __future__ import annotations
 
+from workers.mlx.cuda_rotary import ROTARY_HELPERS
 from workers.mlx.cuda_window_attention import BF16_HELPERS, WINDOW_MAX, CudaWindowAttention
 
 # Two threads per query row, each owning half of the head's dims (HALF = D / 2), which is also
@@ -18,7 +19,7 @@ from workers.mlx.cuda_window_attention import BF16_HELPERS, WINDOW_MAX, CudaWind
 # rotated q and k and its v as bf16 bits, read 8 at a time, and each row's scores in float32 (rows
 # padded by one against bank conflicts): 3 * 64 * 80 * 2 + 64 * 65 * 4 = 47,360 bytes at D = 80,
 # under the 48 KB of static shared memory. bf16 only (the unpacking below is bf16's layout).
-_HEADER = BF16_HELPERS + """
+_HEADER = BF16_HELPERS + ROTARY_HELPERS + """
 __device__ __forceinline__ void unpack8(const uint4 u, float* f) {
     f[0] = __uint_as_float(u.x << 16); f[1] = __uint_as_float(u.x & 0xffff0000u);
     f[2] = __uint_as_float(u.y << 16); f[3] = __uint_as_float(u.y & 0xffff0000u);
@@ -49,10 +50,10 @@ _SOURCE = """
         const float q2 = static_cast<float>(qkv[base + HALF]);
         const float k1 = static_cast<float>(qkv[base + HEADS * D]);
         const float k2 = static_cast<float>(qkv[base + HEADS * D + HALF]);
-        qs[r * D + d] = bf16_bits(__fadd_rn(__fmul_rn(q1, c), -__fmul_rn(q2, s)));
-        qs[r * D + d + HALF] = bf16_bits(__fadd_rn(__fmul_rn(q2, c), __fmul_rn(q1, s)));
-        ks[r * D + d] = bf16_bits(__fadd_rn(__fmul_rn(k1, c), -__fmul_rn(k2, s)));
-        ks[r * D + d + HALF] = bf16_bits(__fadd_rn(__fmul_rn(k2, c), __fmul_rn(k1, s)));
+        qs[r * D + d] = bf16_bits(rotary_first(q1, q2, c, s));
+        qs[r * D + d + HALF] = bf16_bits(rotary_second(q1, q2, c, s));
+        ks[r * D + d] = bf16_bits(rotary_first(k1, k2, c, s));
+        ks[r * D + d + HALF] = bf16_bits(rotary_second(k1, k2, c, s));
         vs[r * D + d] = __bfloat16_as_ushort(qkv[base + 2 * HEADS * D]);
         vs[r * D + d + HALF] = __bfloat16_as_ushort(qkv[base + 2 * HEADS * D + HALF]);
     }
