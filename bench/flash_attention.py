@@ -6,17 +6,19 @@ through `mx.fast.scaled_dot_product_attention`, as the tower calls each (GPU, Ho
 For each compile-time variant of the kernel (`default`, or switches of its source such as WGS=2):
 ptxas's register report, agreement with the MLX-ops path that the load probe compares against
 (`cuda_flash_attention.reference`) on random q, k, v (and on q = 0, where attention is the mean of
-v whatever the scores), and for two images as slices of one array;
-then milliseconds per call at each size (32 calls in one graph, median of `reps`): the rotary
-kernel + cuDNN as the tower ran them, each part alone, and each variant.
+v whatever the scores), against the first variant's output, and for two images as slices of one
+array;
+then milliseconds per call at each size (32 calls in one graph, median of `reps`, the rows taking
+turns): the rotary kernel + cuDNN as the tower ran them, each part alone, and each variant.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import mlx.core as mx
 
-from bench.timing import median_ms
+from bench.timing import device_times
 from workers.mlx import cuda_rotary
 from workers.mlx.cuda_flash_attention import CudaFlashAttention, reference
 from workers.mlx.vision import attend
@@ -36,11 +38,6 @@ def cudnn(qkv: mx.array, cos: mx.array, sin: mx.array, heads: int, scale: float,
     return attend(qk[:, 0], qk[:, 1], qkv.reshape(n, 3, heads, hd)[:, 2], [(0, 1, n)], scale)
 
 
-def timed(fn, reps: int) -> float:
-    """ms per call of `fn`, which makes 32 calls in one graph."""
-    return median_ms(fn, reps, warmup=1) / 32
-
-
 def variant(spec: str) -> dict:
     """"SYNC=1+PINGPONG=0" -> {"SYNC": 1, "PINGPONG": 0} ("default": {})."""
     return {} if spec == "default" else {k: int(v) for k, v in (kv.split("=") for kv in spec.split("+"))}
@@ -57,7 +54,7 @@ def main() -> None:
     sizes = [int(s) for s in a.sizes.split(",")]
     heads, scale = a.heads, a.head_dim ** -0.5
     rot = cuda_rotary.load(heads, a.head_dim, mx.bfloat16)
-    kernels = []
+    kernels, first = [], {}       # the first variant's outputs, which the others are compared with
     for spec in a.variants.split(","):
         k = CudaFlashAttention(heads, a.head_dim, scale, variant(spec))
         kernels.append((spec, k))
@@ -70,8 +67,11 @@ def main() -> None:
                 got = k(x, cos, sin).astype(mx.float32)
                 want = reference(x, cos, sin, heads, scale).astype(mx.float32)
                 d = mx.abs(got - want)
+                base = first.setdefault((n, label), got)
+                same = "identical" if bool(mx.array_equal(got, base)) else f"max diff {mx.abs(got - base).max().item():.3g}"
                 print(f"  {spec} n={n} {label}: max diff {d.max().item():.4g} mean {d.mean().item():.3g} "
-                      f"(largest {mx.abs(want).max().item():.3g}) nan={bool(mx.any(mx.isnan(got)).item())}", flush=True)
+                      f"(largest {mx.abs(want).max().item():.3g}) nan={bool(mx.any(mx.isnan(got)).item())}; "
+                      f"against {kernels[0][0]}: {same}", flush=True)
     # two images in one tower call: the kernels take each image's rows as a slice of the arrays
     k = kernels[0][1]
     qkv, cos, sin = inputs(1300, heads, a.head_dim, seed=7)
@@ -94,8 +94,15 @@ def main() -> None:
         for spec, k in kernels:
             rows += [(f"{spec}: tiles + wgmma kernel", lambda k=k: k(qkv, cos, sin)),
                      (f"{spec}: wgmma kernel alone", lambda k=k: k.attend(tl, n))]
-        for label, fn in rows:
-            ms = timed(lambda: [fn() for _ in range(32)], a.reps)
+        # the rows take turns, repeat after repeat: the card's clock drifts as it heats, and a row timed
+        # after a long run of others would pay for their heat
+        batches = [lambda fn=fn: [fn() for _ in range(32)] for _, fn in rows]
+        times = [device_times(b, 1, warmup=1) for b in batches]
+        for _ in range(a.reps - 1):
+            for t, b in zip(times, batches):
+                t += device_times(b, 1, warmup=0)
+        for (label, _), t in zip(rows, times):
+            ms = statistics.median(t) * 1e3 / 32
             print(f"n={n} {label}: {ms:.3f} ms ({flop / ms / 1e9:.0f} TFLOP/s of attention)", flush=True)
 
 

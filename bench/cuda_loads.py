@@ -1,0 +1,42 @@
+"""Which of the workers' CUDA kernels load on this machine (GPU only): each module's `load`, which
+builds the kernel and checks it against the MLX-ops path on a probe, at the ViT's shape (16 heads of
+80, bf16), timed. A kernel that declines logs why and prints "declined".
+
+  python3 -m bench.cuda_loads
+
+A quick check after editing any kernel's source: the probes compare every kernel with MLX ops.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import mlx.core as mx
+
+from workers.mlx import cuda_flash_attention, cuda_rotary, cuda_upload, cuda_window_attention
+
+HEADS, HEAD_DIM = 16, 80
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    scale = HEAD_DIM ** -0.5
+    loads = [
+        ("upload", cuda_upload.load),
+        ("rotary", lambda: cuda_rotary.load(HEADS, HEAD_DIM, mx.bfloat16)),
+        ("window attention", lambda: cuda_window_attention.load(HEADS, HEAD_DIM, scale, mx.bfloat16,
+                                                                cuda_window_attention.WINDOW_MAX)),
+        ("flash attention", lambda: cuda_flash_attention.load(HEADS, HEAD_DIM, scale, mx.bfloat16)),
+    ]
+    failed = 0
+    for name, load in loads:
+        t = time.perf_counter()
+        kernel = load()
+        ms = (time.perf_counter() - t) * 1e3
+        print(f"{name}: {'loaded' if kernel is not None else 'declined'} in {ms:.0f} ms", flush=True)
+        failed += kernel is None
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
