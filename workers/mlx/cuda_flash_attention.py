@@ -5,8 +5,8 @@ Why: at one 1080p screenshot, half of the 2B forward was the ViT's attention ove
 faster, and zero-padding to 96 or 128 lost. This computes attention at D=80 as it stands with
 `wgmma`, Hopper's asynchronous warpgroup matrix multiply, which MLX's own kernel compiler cannot
 emit (it builds for sm_90; wgmma needs sm_90a): workers/mlx/nvrtc.py builds the cubin and
-`mx.fast.precompiled_cuda_kernel` runs it. On an H100 at 1080p (`bench.flash_attention`): 1.25 ms
-per block for the rotary and attention, against 1.70 ms for the rotary kernel and cuDNN.
+`mx.fast.precompiled_cuda_kernel` runs it. On an H100 at 1080p (`bench.flash_attention`): 1.24 ms
+per block for the rotary and attention, against 1.70-1.78 ms for the rotary kernel and cuDNN.
 
 Two kernels:
 - `tiles` rotates q and k exactly as workers/mlx/cuda_rotary.py does and writes q, k and v in
@@ -14,11 +14,16 @@ Two kernels:
   core matrices, no swizzle), rows past N zero (a thread block per tile and head, through shared
   memory: whole rows in, one contiguous run out; 0.10 ms at 1080p, the rotary kernel's 0.08);
 - the attention (the flash-attention algorithm): a thread block takes 192 query rows of one head,
-  three warpgroups of 64; one thread copies each k/v tile whole with the bulk-copy engine into one
-  of four stages, each with an mbarrier that says "full" and one that says "empty"; per tile, a
-  warpgroup issues S = Q K^T and the previous tile's O += P V together, runs this tile's online
-  softmax in registers while the second multiplies, and rescales O. The warpgroups take turns
-  issuing (named barriers), so one's exponentials run while another's products do.
+  three warpgroups of 64; one thread (of the warpgroup that is last to finish with each tile) copies
+  each k/v tile whole with the bulk-copy engine into one of four stages, each with an mbarrier that
+  says "full" and one that says "empty"; per tile, a warpgroup issues S = Q K^T and the previous
+  tile's O += P V together, runs this tile's online softmax in registers while the second
+  multiplies, and rescales O. The warpgroups take turns issuing (named barriers), so one's
+  exponentials run while another's products do.
+
+The card's power limit sets its pace: at 1080p an H100 draws its 700 W and lowers its clock to
+~1.6 GHz. Moving a share of the exponentials onto the FMA units (FlashAttention-4's way) or
+skipping O's rescale where no maximum moved saved nothing measurable (bench/RESULTS.md).
 
 The arithmetic is cuDNN's: bf16 operands, float32 scores, softmax and accumulation, probabilities
 rounded to bf16 before they meet v. On random 1080p inputs its output differs from the rotary
@@ -35,7 +40,8 @@ import struct
 import mlx.core as mx
 
 from workers.mlx import nvrtc
-from workers.mlx.cuda_rotary import kernel_name, on_cuda, rotate_qk
+from workers.mlx.cuda_driver import CudaError, Driver
+from workers.mlx.cuda_rotary import ROTARY_HELPERS, kernel_name, on_cuda, rotate_qk
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +102,12 @@ constexpr int BKV = {bkv}, STAGES = {stages}, AHEAD = {ahead};
 _BODY = r"""
 #ifndef WGS
 #define WGS 3                                  // warpgroups (WARPGROUPS)
+#endif
+// The warpgroup whose first thread copies the k and v tiles: the last in the ring of turns. It is
+// the last to be done with any tile, so a stage is empty by the time it refills it; a copier ahead
+// of the others would wait for them there, and hold up its own softmax (1.17 against 1.22 ms at 1080p).
+#ifndef PRODUCER
+#define PRODUCER (WGS - 1)
 #endif
 #define NEG_INF __int_as_float(0xff800000)
 constexpr int BQ = 64 * WGS, NT = 128 * WGS;
@@ -292,7 +304,7 @@ KNAME(const bf16_t* tiles, bf16_t* out, int n, int sl2_bits) {
         issue_s(c, s, j);
         issue_pv(c, o, p, j - 1);
         turn_pass(wg);
-        if (threadIdx.x == 0 && j + AHEAD < ntiles) {   // tile j - 2's stage, once every warpgroup let it go
+        if (threadIdx.x == 128 * PRODUCER && j + AHEAD < ntiles) {   // tile j - 2's stage, once every warpgroup let it go
             const int t = j + AHEAD;
             if (t >= STAGES) bar_wait(empty + 8 * (t % STAGES), ((t / STAGES) & 1) ^ 1);
             load_kv(c, t);
@@ -401,7 +413,6 @@ class CudaFlashAttention:
         # MLX 0.32.4 turns away float scalars ("Received float but must be one of bool, int or
         # float"): the scale goes as its float32 bits
         self.sl2_bits = struct.unpack("<i", struct.pack("<f", float(scale) * 1.4426950408889634))[0]
-        from workers.mlx.cuda_rotary import ROTARY_HELPERS
         self.tiler = mx.fast.cuda_kernel(name=kernel_name("vit_flash_tiles", _TILES_SOURCE, ROTARY_HELPERS),
                                          input_names=["qkv", "cos", "sin"], output_names=["out"],
                                          source=_TILES_SOURCE, header=ROTARY_HELPERS)
@@ -446,7 +457,6 @@ def supported(head_dim: int, dtype: mx.Dtype) -> bool:
         return False
     if not on_cuda() or dtype != mx.bfloat16 or head_dim != 80:
         return False
-    from workers.mlx.cuda_driver import CudaError, Driver
     try:
         return Driver().compute_capability()[0] == 9
     except (OSError, CudaError):            # no libcuda, or no device it can see
