@@ -85,7 +85,7 @@ __device__ __forceinline__ void wgmma_rs_n{n}(float (&d)[{k}], const u32 (&a)[4]
 
 def source(heads: int, head_dim: int) -> str:
     """The attention kernel's CUDA source for `heads` heads of `head_dim` (80: see `supported`)."""
-    prelude = _PRELUDE.format(heads=heads, hd=head_dim, bkv=BKV, stages=STAGES, ahead=AHEAD)
+    prelude = _PRELUDE.format(heads=heads, hd=head_dim, bkv=BKV, stages=STAGES, ahead=AHEAD, wgs=WARPGROUPS)
     return prelude + _wgmma_ss(BKV) + _wgmma_rs(head_dim) + _BODY
 
 
@@ -97,12 +97,12 @@ typedef unsigned long long u64;
 #define HD {hd}
 #define WGMMA_RS wgmma_rs_n{hd}
 constexpr int BKV = {bkv}, STAGES = {stages}, AHEAD = {ahead};
+#ifndef WGS
+#define WGS {wgs}                              // warpgroups: WARPGROUPS, unless a variant defines it
+#endif
 """
 
 _BODY = r"""
-#ifndef WGS
-#define WGS 3                                  // warpgroups (WARPGROUPS)
-#endif
 // The warpgroup whose first thread copies the k and v tiles: the last in the ring of turns. It is
 // the last to be done with any tile, so a stage is empty by the time it refills it; a copier ahead
 // of the others would wait for them there, and hold up its own softmax (1.17 against 1.22 ms at 1080p).
