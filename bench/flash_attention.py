@@ -39,7 +39,7 @@ def cudnn(qkv: mx.array, cos: mx.array, sin: mx.array, heads: int, scale: float,
 
 
 def variant(spec: str) -> dict:
-    """"SYNC=1+PINGPONG=0" -> {"SYNC": 1, "PINGPONG": 0} ("default": {})."""
+    """"WGS=2+PRODUCER=0" -> {"WGS": 2, "PRODUCER": 0} ("default": {})."""
     return {} if spec == "default" else {k: int(v) for k, v in (kv.split("=") for kv in spec.split("+"))}
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=80)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--variants", default="default", help="compile-time variants of the kernel, e.g. default,PINGPONG=0")
+    ap.add_argument("--variants", default="default", help="compile-time variants of the kernel, e.g. default,WGS=2,PRODUCER=0")
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
     heads, scale = a.heads, a.head_dim ** -0.5
