@@ -81,11 +81,11 @@ def main() -> None:
         ops = {
             "vit matmul x @ W (no compile)": lambda: x @ vw[2].T,
             "vit elementwise x * 2 + 1 (no compile)": lambda: x * 2 + 1,
-            "vit _qkv (as the tower runs it)": lambda: _qkv(x, *vw),
+            "vit _qkv (compiled)": lambda: _qkv(x, *vw),
             "vit _qkv (shapeless)": lambda: pre_sl(x, *vw),
             "vit rotary kernel": (lambda: rot(qkv, cos, sin)) if rot else (lambda: x),
             "vit attention (cuDNN)": lambda: attend(qkv4[:, 0], qkv4[:, 1], qkv4[:, 2], [(0, 1, n)], 0.1),
-            "vit _post_attention (as the tower runs it)": lambda: _post_attention(x, o, *pw),
+            "vit _post_attention (compiled)": lambda: _post_attention(x, o, *pw),
             "vit _post_attention (shapeless)": lambda: post_sl(x, o, *pw),
             "lm _qkv (compiled)": lambda: lm_qkv(hl, *lw, 1e-6),
             "lm _rope (compiled)": lambda: _rope(q, k, lc, ls),

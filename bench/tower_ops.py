@@ -4,8 +4,7 @@
 
 Writes a checkpoint with the shape's real vision tower and a one-layer language model (random
 bf16), loads it through MlxEngine, and times on one screenshot (median of N):
-- the whole tower as the engine runs it (chunks, run-ahead), and where the norm kernels loaded
-  (workers/mlx/cuda_norms.py) the same tower with MLX's norms, in turns;
+- the whole tower as the engine runs it (chunks, run-ahead);
 - each part over all the blocks it runs in, at the tower's own shapes: norm + qkv, rotary,
   attention (windowed and full blocks apart), projection + MLP, and the ordering and merger;
 - for Qwen2.5-VL's windowed blocks, variants of their attention: the strided views `attend`
@@ -32,7 +31,6 @@ from bench.write_checkpoint import SHAPES
 from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest
 from workers.images import MERGE
-from workers.mlx.cuda_norms import MLX_NORMS
 from workers.mlx.engine import MlxEngine
 from workers.mlx.run_ahead import RunAhead
 from workers.mlx.vision import attend, normalized_patches
@@ -83,25 +81,6 @@ def windowed_variants(q, k, v, spans, scale, qkv, cos, sin, rotated):
     return variants
 
 
-def norm_kernels(vis, patches, grids, reps: int, rounds: int = 3) -> None:
-    """The whole tower with the norm kernels and with MLX's norms, taking turns (the clock drifts
-    as the card heats), and how far their merger outputs are apart."""
-    kernels = vis.norms
-    times: dict[str, list[float]] = {"kernels": [], "MLX": []}
-    outs = {}
-    for _ in range(rounds):
-        for label, norms in (("kernels", kernels), ("MLX", MLX_NORMS)):
-            vis.norms = norms
-            outs[label] = vis([patches], grids).astype(mx.float32)
-            times[label].append(median_ms(lambda: vis([patches], grids, RunAhead(2)), reps))
-    vis.norms = kernels
-    diff = mx.abs(outs["kernels"] - outs["MLX"])
-    print(f"whole tower, norms by kernel / MLX, {rounds} turns: "
-          f"{' '.join(f'{t:.2f}' for t in times['kernels'])} / {' '.join(f'{t:.2f}' for t in times['MLX'])} ms; "
-          f"merger output max abs diff {diff.max().item():.3g}, mean {diff.mean().item():.3g} "
-          f"(largest value {mx.abs(outs['MLX']).max().item():.3g})", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=tuple(SHAPES), default="3b-qwen2.5")
@@ -128,8 +107,6 @@ def main() -> None:
     depth = len(vis.blocks)
     reps = a.reps
     whole = median_ms(lambda: vis([patches], grids, RunAhead(2)), reps)
-    if vis.norms is not MLX_NORMS:
-        norm_kernels(vis, patches, grids, reps)
     kernel = getattr(vis, "window_attention", None)
     if kernel is not None:              # the same tower without the window attention kernel
         out = vis([patches], grids).astype(mx.float32)

@@ -4,9 +4,8 @@
 
 Each line times one operation 32 times in one graph (a 32-block tower's worth), median of N, and
 prints its achieved TFLOP/s or GB/s, so the ops far from the card's peak stand out. Compared in the
-same call: our pre/post-attention parts as the engine runs them, their pieces alone, and
-variants (bias fused or not, weights pre-transposed, rotary in bf16, the norms as MLX's kernels or
-ours with the residual add folded in).
+same call: our compiled pre/post-attention parts as the engine runs them, their pieces alone, and
+variants (bias fused or not, weights pre-transposed, rotary in bf16).
 """
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ import argparse
 import mlx.core as mx
 
 from bench.timing import median_ms
-from workers.mlx import cuda_norms, cuda_rotary
-from workers.mlx.cuda_norms import MLX_NORMS
+from workers.mlx import cuda_rotary
 from workers.mlx.cuda_rotary import rotate_half as _rotate_half, rotate_qk as _rotate_qk
 from workers.mlx.vision import _post_attention, _qkv
 
@@ -84,35 +82,9 @@ def main() -> None:
         ("sdpa, contiguous [1,H,N,D]", lambda: mx.fast.scaled_dot_product_attention(q4, q4, q4, scale=hd ** -0.5), attn_flop, 0),
         ("sdpa from [N,H,D] views + output reshape", sdpa_strided, attn_flop, 0),
         ("pre-attention, MLX ops (LN + qkv, rotary compiled)", pre, mm(n, C, 3 * C), 0),
-        ("residual + layer norm, MLX ops", lambda: MLX_NORMS.add_layer(x, o, ln_w, ln_b), 0, 4 * act),
-        ("RMS norm, MLX", lambda: MLX_NORMS.rms(x, ln_w), 0, 2 * act),
-        ("residual + RMS norm, MLX ops", lambda: MLX_NORMS.add_rms(x, o, ln_w), 0, 4 * act),
-        ("post-attention, MLX norms (proj, residual + LN, MLP compiled)",
-         lambda: _post_attention(x, o, proj_w, proj_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b),
+        ("post-attention (compiled: proj, LN, MLP)", lambda: _post_attention(x, o, proj_w, proj_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b),
          mm(n, C, C) + 2 * mm(n, C, MLP), 0),
     ]
-    norms = cuda_norms.load(C, bf)
-    if norms is not MLX_NORMS:
-        wr, br = (mx.random.normal((C,)) + 1).astype(bf), mx.random.normal((C,)).astype(bf)
-        xr = (mx.random.normal((n, C)) * 3).astype(bf)
-        for label, got, want in [("layer norm", norms.layer(xr, wr, br), MLX_NORMS.layer(xr, wr, br)),
-                                 ("residual + layer norm", norms.add_layer(xr, o, wr, br)[1], MLX_NORMS.add_layer(xr, o, wr, br)[1]),
-                                 ("RMS norm", norms.rms(xr, wr), MLX_NORMS.rms(xr, wr)),
-                                 ("residual + RMS norm", norms.add_rms(xr, o, wr)[1], MLX_NORMS.add_rms(xr, o, wr)[1])]:
-            d = mx.abs(got.astype(mx.float32) - want.astype(mx.float32))
-            print(f"CUDA {label} kernel vs MLX: {(d > 0).sum().item()} of {d.size} values differ, max |diff| "
-                  f"{d.max().item():.3g}, mean {d.mean().item():.3g}")
-        cases += [
-            ("layer norm, kernel", lambda: norms.layer(x, ln_w, ln_b), 0, 2 * act),
-            ("residual + layer norm, kernel", lambda: norms.add_layer(x, o, ln_w, ln_b), 0, 4 * act),
-            ("RMS norm, kernel", lambda: norms.rms(x, ln_w), 0, 2 * act),
-            ("residual + RMS norm, kernel", lambda: norms.add_rms(x, o, ln_w), 0, 4 * act),
-            ("post-attention, kernel norms",
-             lambda: _post_attention(x, o, proj_w, proj_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, norms=norms),
-             mm(n, C, C) + 2 * mm(n, C, MLP), 0),
-        ]
-    else:
-        print("CUDA norm kernels: not available on this device")
     rot = cuda_rotary.load(HEADS, hd, bf)
     if rot is not None:
         qkv = _qkv(x, ln_w, ln_b, qkv_w, qkv_b)

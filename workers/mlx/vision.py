@@ -23,8 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from workers.images import CLIP_MEAN, CLIP_STD, MERGE, PATCH
-from workers.mlx import cuda_flash_attention, cuda_norms, cuda_rotary
-from workers.mlx.cuda_norms import MLX_NORMS, Norms
+from workers.mlx import cuda_flash_attention, cuda_rotary
 from workers.mlx.cuda_rotary import rotate_qk
 from workers.mlx.run_ahead import RunAhead
 
@@ -51,23 +50,20 @@ def normalized_patches(rgb: mx.array, dtype: mx.Dtype) -> mx.array:
     return x.reshape(gh * gw, PATCH_VALUES).astype(dtype)
 
 
-def _qkv(x, ln_w, ln_b, qkv_w, qkv_b, norms: Norms = MLX_NORMS):
+@mx.compile
+def _qkv(x, ln_w, ln_b, qkv_w, qkv_b):
     """Qwen2-VL: LayerNorm and qkv projection -> [N, 3*C]."""
-    return mx.addmm(qkv_b, norms.layer(x, ln_w, ln_b), qkv_w.T)
+    return mx.addmm(qkv_b, mx.fast.layer_norm(x, ln_w, ln_b, 1e-6), qkv_w.T)
 
 
 @mx.compile
-def _mlp_quick_gelu(x, y, fc1_w, fc1_b, fc2_w, fc2_b):
-    """Qwen2-VL: MLP with quick-GELU on the normalised y, + residual x."""
+def _post_attention(x, o, proj_w, proj_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b):
+    """Qwen2-VL: output projection + residual, LayerNorm, MLP with quick-GELU + residual."""
+    x = x + mx.addmm(proj_b, o, proj_w.T)
+    y = mx.fast.layer_norm(x, ln_w, ln_b, 1e-6)
     h = mx.addmm(fc1_b, y, fc1_w.T)
     h = h * mx.sigmoid(1.702 * h)
     return x + mx.addmm(fc2_b, h, fc2_w.T)
-
-
-def _post_attention(x, o, proj_w, proj_b, ln_w, ln_b, fc1_w, fc1_b, fc2_w, fc2_b, norms: Norms = MLX_NORMS):
-    """Qwen2-VL: output projection + residual, LayerNorm, MLP with quick-GELU + residual."""
-    x, y = norms.add_layer(x, mx.addmm(proj_b, o, proj_w.T), ln_w, ln_b)
-    return _mlp_quick_gelu(x, y, fc1_w, fc1_b, fc2_w, fc2_b)
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, spans: list[Span], scale: float) -> mx.array:
@@ -104,8 +100,6 @@ class FastVision:
         w = tower.patch_embed.proj.weight                   # MLX Conv3d layout [out, T, 14, 14, 3]
         self.patch_w = w.sum(axis=1).reshape(w.shape[0], -1).T   # [14*14*3, out], temporal folded
         self.dtype = w.dtype
-        # the blocks' norms, on CUDA as kernels with the attention's residual add folded in
-        self.norms = cuda_norms.load(w.shape[0], self.dtype)
         self._load_kernels()
 
     def share_heads(self, split: "Split") -> None:
@@ -243,7 +237,7 @@ class FastQwen2Vision(FastVision):
                        for b in tower.blocks]
 
     def qkv(self, x, block):
-        return _qkv(x, *self.blocks[block][0], norms=self.norms)
+        return _qkv(x, *self.blocks[block][0])
 
     def post_attention(self, x, o, block):
-        return _post_attention(x, o, *self.blocks[block][1], norms=self.norms)
+        return _post_attention(x, o, *self.blocks[block][1])

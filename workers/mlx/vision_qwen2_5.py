@@ -22,28 +22,23 @@ import numpy as np
 from workers.images import MERGE, PATCH
 from workers.mlx import cuda_window_attention
 from workers.mlx.checkpoint import VISION_MLP_ALIGN
-from workers.mlx.cuda_norms import MLX_NORMS, Norms
 from workers.mlx.vision import FastVision, Span
 
 
-def _qkv_rms(x, norm_w, qkv_w, qkv_b, norms: Norms = MLX_NORMS):
+@mx.compile
+def _qkv_rms(x, norm_w, qkv_w, qkv_b):
     """RMSNorm and qkv projection -> [N, 3*C]."""
-    return mx.addmm(qkv_b, norms.rms(x, norm_w), qkv_w.T)
+    return mx.addmm(qkv_b, mx.fast.rms_norm(x, norm_w, 1e-6), qkv_w.T)
 
 
 @mx.compile
-def _mlp_swiglu(x, y, gate_w, gate_b, up_w, up_b, down_w, down_b):
-    """SwiGLU MLP on the normalised y, + residual x."""
+def _post_attention_swiglu(x, o, proj_w, proj_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down_b):
+    """Output projection + residual, RMSNorm, SwiGLU MLP + residual."""
+    x = x + mx.addmm(proj_b, o, proj_w.T)
+    y = mx.fast.rms_norm(x, norm_w, 1e-6)
     g = mx.addmm(gate_b, y, gate_w.T)
     h = g * mx.sigmoid(g) * mx.addmm(up_b, y, up_w.T)
     return x + mx.addmm(down_b, h, down_w.T)
-
-
-def _post_attention_swiglu(x, o, proj_w, proj_b, norm_w, gate_w, gate_b, up_w, up_b, down_w, down_b,
-                           norms: Norms = MLX_NORMS):
-    """Output projection + residual, RMSNorm, SwiGLU MLP + residual."""
-    x, y = norms.add_rms(x, mx.addmm(proj_b, o, proj_w.T), norm_w)
-    return _mlp_swiglu(x, y, gate_w, gate_b, up_w, up_b, down_w, down_b)
 
 
 # cuBLAS ran the projection and SwiGLU MLP of a 1080p screenshot 2.3x slower at Qwen2.5-VL's
@@ -124,10 +119,10 @@ class FastQwen25Vision(FastVision):
         return self.window_attention(qkv, cos, sin, *self._windows[key])
 
     def qkv(self, x, block):
-        return _qkv_rms(x, *self.blocks[block][0], norms=self.norms)
+        return _qkv_rms(x, *self.blocks[block][0])
 
     def post_attention(self, x, o, block):
-        return _post_attention_swiglu(x, o, *self.blocks[block][1], norms=self.norms)
+        return _post_attention_swiglu(x, o, *self.blocks[block][1])
 
     def _layout(self, grid: tuple[int, int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
         if grid not in self._layouts:
