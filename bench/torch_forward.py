@@ -1,13 +1,16 @@
 """PyTorch baseline of one GUI-Actor-shaped forward (transformers Qwen2-VL, random weights, bf16).
 
     python -m bench.torch_forward torch W H REPS [sdpa|eager|flash_attention_2]
-                                  [--shape 2b|7b|3b-qwen2.5|7b-qwen2.5]
+                                  [--shape 2b|7b|3b-qwen2.5|7b-qwen2.5] [--energy]
 
 The same measurement as the reference `prefill_floor.py torch ...` (whose command line it accepts,
 so bench.gpu_ground can run either), for the 7B shape and the Qwen2.5-VL backbones as well: the
 reference knows only the 2B.
-Prints one line with the median and min over REPS after 2 warm-ups, and the peak memory.
+Prints one line with the median and min over REPS after 2 warm-ups, and the peak memory; with
+--energy, between them a line with the joules per forward, median power and SM clock over the timed
+forwards (bench/gpu_energy.py; bench.energy reads it).
 """
+import contextlib
 import math
 import statistics
 import sys
@@ -36,6 +39,8 @@ def smart_resize(h, w, factor=28, min_pixels=3136, max_pixels=5720064):
 
 def main(argv):
     shape = "2b"
+    energy = "--energy" in argv
+    argv = [a for a in argv if a != "--energy"]
     if "--shape" in argv:
         i = argv.index("--shape")
         shape = argv[i + 1]
@@ -76,14 +81,25 @@ def main(argv):
     for _ in range(2):
         step()
     times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    meter = None
+    if energy:
+        try:
+            from bench.gpu_energy import EnergyMeter
+        except ImportError:     # run as a script without the project on the path: bench/ is sys.path[0]
+            from gpu_energy import EnergyMeter
+        meter = EnergyMeter()
+    torch.cuda.synchronize()
+    with meter or contextlib.nullcontext():
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
     print(f"torch {shape}: {w}x{h} -> {rw}x{rh}, visual tokens {n_vis}, total {len(ids)}, "
           f"median {statistics.median(times) * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms, reps {reps}", flush=True)
+    if meter:
+        print(f"energy {meter.joules / reps:.1f} J per forward, {meter.watts:.0f} W, {meter.sm_mhz:.0f} MHz", flush=True)
     print("peak GB", torch.cuda.max_memory_allocated() / 1e9)
 
 
