@@ -4,6 +4,7 @@
                         [--requests 20] [--engine mlx|fake] [--dtype bfloat16] [--max-batch 8]
                         [--torch-baseline prefill_floor.py|bench/torch_forward.py [--shape 7b]]
                         [--formats png,jpeg,webp] [--content plain,busy] [--no-repeat] [--devices 0,1 [--gpus-per-replica 2]]
+                        [--cache-dir DIR]
 
 For each screenshot size, format (bench.screens.SAVE), content (`busy`: dense text and a photo,
 PNGs ~15x larger) and client count it reports p50/p95
@@ -27,6 +28,7 @@ import argparse
 import http.client
 import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -136,6 +138,9 @@ def add_stack_args(ap: argparse.ArgumentParser) -> None:
                     help="GPUs each replica's vision tower is split over (workers/mlx/split.py)")
     ap.add_argument("--broker-endpoints", default="tcp", choices=["tcp", "ipc"],
                     help="the broker's sockets: loopback TCP (the config's default) or Unix sockets")
+    ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gui-grounding-bench"),
+                    help="the stack's cache_dir, kept between runs: a second run on a machine finds MLX's "
+                         "GPU kernels compiled (a 2B's load ~75 s -> ~10-20 s); '' for a fresh one per run")
 
 
 def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
@@ -148,8 +153,11 @@ def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
     broker = {"queue_size": 256, "load_timeout_s": 600}
     if args.broker_endpoints == "ipc":
         broker.update(client_endpoint=f"ipc://{tmp}/clients", worker_endpoint=f"ipc://{tmp}/workers")
-    return Stack(Path(tmp), {"server": {"default_model": "bench", "request_timeout_s": 600},
-                             "broker": broker, "models": {"bench": model}})
+    config = {"server": {"default_model": "bench", "request_timeout_s": 600}, "broker": broker,
+              "models": {"bench": model}}
+    if args.cache_dir:
+        config["cache_dir"] = args.cache_dir
+    return Stack(Path(tmp), config)
 
 
 def start_stack(stack: Stack, args: argparse.Namespace):
