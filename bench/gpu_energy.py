@@ -19,7 +19,7 @@ NVML_CLOCK_SM = 1
 
 
 class Nvml:
-    """The three NVML readings used here, for one GPU (index as NVML counts, which ignores
+    """The NVML readings used here, for one GPU (index as NVML counts, which ignores
     CUDA_VISIBLE_DEVICES)."""
 
     def __init__(self, index: int = 0):
@@ -33,31 +33,29 @@ class Nvml:
         if status != 0:
             raise RuntimeError(f"NVML {what} failed with status {status}")
 
+    def _read(self, function: str, value_type=ctypes.c_uint, *args) -> int:
+        """nvmlDevice<function>(handle, *args, &value) -> value."""
+        value = value_type()
+        self._check(getattr(self.lib, f"nvmlDevice{function}")(self.handle, *args, ctypes.byref(value)), function)
+        return value.value
+
     def name(self) -> str:
         buf = ctypes.create_string_buffer(96)
         self._check(self.lib.nvmlDeviceGetName(self.handle, buf, 96), "GetName")
         return buf.value.decode()
 
     def power_limit_mw(self) -> int:
-        v = ctypes.c_uint()
-        self._check(self.lib.nvmlDeviceGetEnforcedPowerLimit(self.handle, ctypes.byref(v)), "GetEnforcedPowerLimit")
-        return v.value
+        return self._read("GetEnforcedPowerLimit")
 
     def energy_mj(self) -> int:
         """Millijoules since the driver loaded."""
-        v = ctypes.c_ulonglong()
-        self._check(self.lib.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(v)), "GetTotalEnergyConsumption")
-        return v.value
+        return self._read("GetTotalEnergyConsumption", ctypes.c_ulonglong)
 
     def power_mw(self) -> int:
-        v = ctypes.c_uint()
-        self._check(self.lib.nvmlDeviceGetPowerUsage(self.handle, ctypes.byref(v)), "GetPowerUsage")
-        return v.value
+        return self._read("GetPowerUsage")
 
     def sm_mhz(self) -> int:
-        v = ctypes.c_uint()
-        self._check(self.lib.nvmlDeviceGetClockInfo(self.handle, NVML_CLOCK_SM, ctypes.byref(v)), "GetClockInfo")
-        return v.value
+        return self._read("GetClockInfo", ctypes.c_uint, NVML_CLOCK_SM)
 
 
 class EnergyMeter:

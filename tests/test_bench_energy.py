@@ -4,6 +4,8 @@ script runs on the CPU with a tiny checkpoint, as it runs on the GPU machine."""
 import itertools
 import time
 
+import pytest
+
 from bench import energy, gpu_energy
 from bench.gpu_energy import EnergyMeter
 from workers.tiny_checkpoint import write_tiny_checkpoint
@@ -51,3 +53,27 @@ def test_bench_energy_runs_on_the_cpu_with_a_tiny_checkpoint(tmp_path, monkeypat
     # at least 3 forwards a row: 3 of 1 image, then 3 of 2 images; 6 J between each row's reads
     assert [r.split("|")[2].strip() for r in rows] == ["1", "2"]
     assert [float(r.split("|")[4]) for r in rows] == [2.0, 1.0]
+
+
+class FakeLibNvml:
+    """NVML's calling convention: a status back, the value through the last (pointer) argument."""
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle, out):
+        out._obj.value = 2 ** 40 + 7            # wider than 32 bits
+        return 0
+
+    def nvmlDeviceGetClockInfo(self, handle, clock, out):
+        out._obj.value = 1755 if clock == gpu_energy.NVML_CLOCK_SM else 0
+        return 0
+
+    def nvmlDeviceGetPowerUsage(self, handle, out):
+        return 3                                # NVML_ERROR_NOT_SUPPORTED
+
+
+def test_nvml_readings_pass_the_handle_and_arguments_and_check_the_status():
+    nvml = object.__new__(gpu_energy.Nvml)      # without a driver to initialise
+    nvml.lib, nvml.handle = FakeLibNvml(), None
+    assert nvml.energy_mj() == 2 ** 40 + 7
+    assert nvml.sm_mhz() == 1755
+    with pytest.raises(RuntimeError, match="GetPowerUsage failed with status 3"):
+        nvml.power_mw()
