@@ -20,26 +20,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 from bench import gpu_energy
 from bench.gpu_energy import EnergyMeter
 from bench.screens import png_bytes
+from bench.timing import device_times
 
 
 def measure(run, images: int, reps: int) -> str:
-    """One table row's numbers for `reps` calls of `run` (each `images` images), after two warm-ups."""
-    import mlx.core as mx
+    """One table row's numbers for `reps` calls of `run` (each `images` images), after two warm-ups
+    outside the meter."""
     for _ in range(2):
         run()
-    mx.synchronize()
-    times = []
     with EnergyMeter() as m:
-        for _ in range(reps):
-            t = time.perf_counter()
-            run()
-            mx.synchronize()
-            times.append(time.perf_counter() - t)
+        times = device_times(run, reps, warmup=0)
     per = images * reps
     return (f"{statistics.median(times) * 1e3 / images:.1f} | {m.joules / per:.1f} | {m.watts:.0f} | "
             f"{m.sm_mhz:.0f}")
