@@ -11,12 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.screens import png_bytes
-from common.config import ModelSpec
-from workers.engine import EngineOptions, GroundingRequest, GroundingResult
-from workers.mlx import language
-from workers.mlx.engine import MlxEngine
-from workers.mlx.split import Helpers
+from workers.torchless import keep_torch_out
+
+keep_torch_out()    # before mlx_vlm comes in below: this process is a worker, as `python -m workers` is
+
+from bench.screens import png_bytes  # noqa: E402
+from common.config import ModelSpec  # noqa: E402
+from workers.engine import EngineOptions, GroundingRequest, GroundingResult  # noqa: E402
+from workers.mlx import language  # noqa: E402
+from workers.mlx.engine import MlxEngine  # noqa: E402
+from workers.mlx.split import Helpers  # noqa: E402
 
 
 def _engine(path: str, cache_dir: str, **spec) -> MlxEngine:

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -300,3 +301,14 @@ def test_models_report_real_memory(client):
         d = m.model_dump()
         assert d["status"] == "loaded" and d["memory"]["weights_bytes"] > 0 and d["engine"] == "mlx"
         assert math.isfinite(d["load_seconds"]) and d["load_seconds"] > 0
+
+
+def test_the_workers_run_without_pytorch_though_this_environment_has_it(stack):
+    # transformers, which mlx-vlm's model packages import, would bring PyTorch in: ~5 s of start-up
+    # and ~350 MB per worker (workers/torchless.py)
+    pytest.importorskip("torch")
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("reads a process's mapped libraries from /proc (Linux)")
+    for model in (V2, V25):
+        maps = Path(f"/proc/{stack.worker_pid(model)}/maps").read_text()
+        assert "libmlx" in maps and "libtorch" not in maps
