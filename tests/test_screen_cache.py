@@ -216,7 +216,7 @@ def test_the_cache_keeps_to_its_budget(tmp_path):
     assert 1 < len(engine._cache) < len(images)
     assert _ask(engine, images[-1], "click Cancel")[1].cached_tokens > 0      # the newest stays
     assert _ask(engine, images[0], "click Cancel")[1].cached_tokens == 0      # the oldest went
-    big = _png(1600, 1000, 30)                                               # its state is over 1 MB
+    big = _png(1260, 770, 30)          # its state is over 1 MB (~1,460 tokens; the smallest such, for time)
     _ask(engine, big, "click OK")
     assert _ask(engine, big, "click Cancel")[1].cached_tokens == 0
     assert engine._cache.nbytes <= 1 << 20
