@@ -281,7 +281,7 @@ def test_a_prefill_says_why_nothing_is_kept(engines, tmp_path):
     assert off.kept_tokens == off.cached_tokens == 0 and off.points == []
     assert "screenshot_cache_mb: 0" in off.not_kept and "forward" not in off.timings
     small = _engine("qwen2_vl", tmp_path, screenshot_cache_mb=1, max_pixels=2_000_000)
-    img = _png(1600, 1000, 43)
+    img = _png(1260, 770, 43)                   # its state is over 1 MB, as in the budget test
     _, big = _prefill(small, img)
     assert big.kept_tokens == 0 and "larger than the screenshot cache (1 MB" in big.not_kept
     assert "forward" not in big.timings and len(small._cache) == 0
