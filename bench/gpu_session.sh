@@ -19,6 +19,12 @@ python3 -c "import imagecodecs, pybase64" 2>/dev/null || python3 -m pip install 
   /root/icw/*.whl 2>&1 | grep -v "^WARNING" || true
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+# The C PNG unfilterer (workers/_png_unfilter.abi3.so) is built by the install and ignored by git, so
+# it travels only when carried: carry [".gpu/b", ".gpu/h", "workers/_png_unfilter.abi3.so"] (one abi3
+# build serves the GPU image's Python 3.12). Without it the worker unfilters PNGs with libpng: a plain
+# 1080p screenshot's preprocessing 5.2-5.8 ms instead of ~2.8 (twenty-third session).
+python3 -c "from workers import _png_unfilter" 2>/dev/null || python3 setup.py -q build_ext --inplace >/dev/null 2>&1 ||
+  echo "WARNING: no C PNG unfilterer (carry workers/_png_unfilter.abi3.so): PNG preprocessing runs slower" | tee -a "$OUT/session.txt"
 steps=${*:-env vit 2b e2e2b 7b e2e7b}
 # Everything goes to one file: the device call brings back only a few files.
 run() { local name=$1 limit=$2; shift 2; echo "== $name: $*" | tee -a "$OUT/session.txt"
