@@ -4,6 +4,7 @@ helpers."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import sysconfig
 import threading
@@ -26,6 +27,19 @@ def test_the_install_built_it_wherever_there_is_a_compiler():
         pytest.skip(f"no C compiler ({compiler}) here")
     assert png_unfilter.NATIVE is not None, "rebuild it: make install (or pip install -e .)"
     assert png_inflate.UNFILTER_IN_C                   # and its check against libpng at import passed
+
+
+def test_a_worker_without_it_says_so_and_still_decodes():
+    # as where the extension was not built (or not carried along to a GPU machine)
+    code = ("import io, logging, sys; logging.basicConfig(); sys.modules['workers._png_unfilter'] = None\n"
+            "import numpy as np; from PIL import Image; from workers import png_inflate\n"
+            "img = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8); buf = io.BytesIO()\n"
+            "Image.fromarray(img).save(buf, 'PNG'); got = png_inflate.decode(buf.getvalue())\n"
+            "print(png_inflate.UNFILTER_IN_C, got is not None and bool(np.array_equal(got, img)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "the C PNG unfilterer (workers/_png_unfilter) is not built here" in out.stderr
+    assert out.stdout.split() == ["False", "True"]             # libpng unfilters, the same pixels
 
 
 def _pixels(h: int, w: int, c: int, rng: np.random.Generator) -> np.ndarray:

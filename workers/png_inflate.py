@@ -223,7 +223,11 @@ def _c_unfilters_as_libpng_does(unfilter: Callable[[bytes, np.ndarray], bool]) -
 
 
 UNFILTER_IN_C = INFLATE_ALONGSIDE = False
-if png_unfilter.NATIVE is not None and available():
+if png_unfilter.NATIVE is None:
+    # silent, this cost a session's GPU runs ~2.5 ms per request before anyone noticed
+    log.warning("the C PNG unfilterer (workers/_png_unfilter) is not built here: libpng unfilters PNGs, "
+                "~2-3 ms more per 1080p screenshot; reinstall with a C compiler (make install) to build it")
+elif available():
     UNFILTER_IN_C = _c_unfilters_as_libpng_does(lambda rows, out: png_unfilter.unfilter(rows, out, _pool, 2))
     if not UNFILTER_IN_C:
         log.warning("the C PNG unfilterer's pixels differ from libpng's here: libpng unfilters instead")
