@@ -4,12 +4,12 @@ at the 2B forward's own GEMM shapes, on one NVIDIA GPU, measured with PyTorch (c
     python3 bench/fp8_energy.py [--size 1920x1080] [--seconds 1.0]
 
 Why: at 1080p our forward runs at the card's 700 W cap, so its time follows its energy (59.6 J per
-screenshot on an H200, bench.energy). Eight clients on one GPU can reach 1.5x one client's throughput
-only at ~44 J per image (twenty-second session). Batching and memory-bound kernels do not get there;
-cheaper arithmetic might. MLX has no FP8 GEMM on Hopper (its block-scaled qqmm needs sm_100), so before
-writing FP8 kernels of our own this asks the card what FP8 saves per GEMM: `torch._scaled_mm` (per-tensor
-scales, bf16 out, fast accumulation) against `torch.mm` in bf16, the energy counter (NVML,
-bench/gpu_energy.py) around repeated calls of each shape.
+screenshot on an H200, bench.energy); cheaper arithmetic would make each request faster. (It would not
+lift eight clients' throughput against one client's, which a single forward at the cap bounds: see the
+twenty-third session in bench/RESULTS.md.) MLX has no FP8 GEMM on Hopper (its block-scaled qqmm needs
+sm_100), so before writing FP8 kernels of our own this asks the card what FP8 saves per GEMM:
+`torch._scaled_mm` (per-tensor scales, bf16 out, fast accumulation) against `torch.mm` in bf16, the
+energy counter (NVML, bench/gpu_energy.py) around repeated calls of each shape.
 
 The shapes are one 1080p forward's: the vision tower's projections and MLP (32 blocks), one head's
 attention products as plain GEMMs (our fused kernel never writes the scores; these rows show the
@@ -27,18 +27,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_energy import EnergyMeter  # noqa: E402  (run as a script: bench/ is not a package there)
+from torch_forward import SHAPES, TEXT, smart_resize  # noqa: E402  (its module level needs no torch)
 
 import torch  # noqa: E402
 
-VIT, HEADS, HEAD_DIM, MLP, BLOCKS = 1280, 16, 80, 5120, 32
-LM, KV, LM_MLP, LAYERS, MERGED_IN = 1536, 256, 8960, 28, 5120
-TEXT = 60
+VIT, HEADS, HEAD_DIM, MLP, BLOCKS = 1280, 16, 80, 5120, 32     # Qwen2-VL's tower, as bench/torch_forward.py builds it
+MERGED_IN = 4 * VIT                                             # the merger's input: 2 x 2 patches
+_LM = SHAPES["2b"]
+LM, LM_MLP, LAYERS = _LM["hidden_size"], _LM["intermediate_size"], _LM["num_hidden_layers"]
+KV = _LM["num_key_value_heads"] * LM // _LM["num_attention_heads"]
 
 
 def tokens(width: int, height: int) -> tuple[int, int]:
-    """Vision tokens and language-model tokens of a screenshot (Qwen2-VL's resize to multiples of 28)."""
-    gh, gw = max(28, round(height / 28) * 28) // 14, max(28, round(width / 28) * 28) // 14
-    return gh * gw, gh * gw // 4 + TEXT
+    """Vision tokens and language-model tokens of a screenshot, as bench/torch_forward.py counts them."""
+    rh, rw = smart_resize(height, width)
+    patches = (rh // 14) * (rw // 14)
+    return patches, patches // 4 + TEXT
 
 
 def shapes(n_vit: int, n_lm: int) -> list[tuple[str, str, int, int, int, int]]:
