@@ -57,6 +57,8 @@ class Backend:
             if job is not None and job.stream:
                 job.streamed = True
                 self.b.emit(e.ToClient(job.client, p.Partial(job.id, msg.seq, msg.delta), ev.blobs))
+        elif isinstance(msg, p.WorkerFinishing):
+            self._on_finishing(w, msg)
         elif isinstance(msg, p.WorkerError):
             self._on_worker_error(w, msg, now)
         elif isinstance(msg, p.Memory):
@@ -107,6 +109,14 @@ class Backend:
         if now - self._told_to_leave.get(ident, -1e9) >= UNKNOWN_PEER_REPEAT_S:
             self._told_to_leave[ident] = now
             self.b.emit(e.ToWorker(ident, p.BrokerDisconnect(reason)))
+
+    def _on_finishing(self, w: Worker, msg: p.WorkerFinishing) -> None:
+        """Advisory: passed on for the jobs `w` holds whose clients asked; anything else (a job
+        answered, cancelled or moved meanwhile, an id that is not a string) is dropped quietly."""
+        for job_id in msg.ids:
+            job = self.b.jobs.get(job_id) if isinstance(job_id, str) else None
+            if job is not None and job.finishing and job.state == DISPATCHED and job.worker == w.identity:
+                self.b.emit(e.ToClient(job.client, p.Finishing(job.id)))
 
     def _assigned(self, w: Worker, job_id: str, final: bool, now: float) -> Job | None:
         """The live job `job_id` if `w` is its assignee; otherwise the answer is late (a job we

@@ -217,7 +217,8 @@ class Broker:
             return self._client_error(client, msg.id, "worker_crash_poison",
                                       "an identical request recently crashed two workers")
         job = Job(id=msg.id, client=client, model=msg.model, params=msg.params, blobs=list(blobs),
-                  blob_meta=msg.blob_meta, stream=msg.stream, accepted_at=now, deadline=now + msg.ttl_ms / 1000)
+                  blob_meta=msg.blob_meta, stream=msg.stream, accepted_at=now, deadline=now + msg.ttl_ms / 1000,
+                  finishing=msg.finishing)
         pos = self.jobs.add(job)
         self.count("jobs_accepted_total")
         self.emit(e.ToClient(client, p.Accepted(msg.id, pos, self.incarnation)))

@@ -35,6 +35,7 @@ class Job:
     stalled_at: float | None = None  # the watchdog sent JobCancel at this time
     kill_sent: bool = False          # ... and then asked the supervisor to kill the worker
     screen_key: int | None = None    # broker.placement's key of its screenshot, once computed
+    finishing: bool = False          # the client asked for FINISHING before the answer
 
     def remaining_ms(self, now: float) -> int:
         return max(1, int((self.deadline - now) * 1000))

@@ -39,9 +39,11 @@ DEADLINE_SLACK_S = 5.0  # the broker answers deadline_exceeded itself; this is t
 
 
 class AsyncClient:
-    def __init__(self, endpoint: str, *, ctx: zmq.asyncio.Context | None = None, default_ttl_s: float = 120.0):
+    def __init__(self, endpoint: str, *, ctx: zmq.asyncio.Context | None = None, default_ttl_s: float = 120.0,
+                 finishing: bool = True):
         self.endpoint = endpoint
         self.default_ttl_s = default_ttl_s
+        self.finishing = finishing   # ask for FINISHING before each answer (protocol.Finishing says why)
         self._ctx = ctx
         self._own_ctx = ctx is None
         self._sock: zmq.asyncio.Socket | None = None
@@ -119,7 +121,7 @@ class AsyncClient:
         blobs = list(blobs)
         meta = [{"mime": sniff_mime(b), "len": memoryview(b).nbytes} for b in blobs]
         msg = p.Submit(id=jid, model=model, params=params, blob_meta=meta, ttl_ms=max(1, int(ttl * 1000)),
-                       stream=stream)
+                       stream=stream, finishing=self.finishing)
         frames = wire.encode(msg, blobs)
         now = time.monotonic()
         job = JobEntry(jid, asyncio.Queue(), frames, now, now + ttl + DEADLINE_SLACK_S)
@@ -259,6 +261,8 @@ class AsyncClient:
             if job is not None:
                 job.accepted_inc, job.frames = msg.broker_incarnation, None
                 job.queue.put_nowait(msg)
+        elif isinstance(msg, p.Finishing):
+            pass    # its work is done: this thread has just run, so the answer finds it awake
         elif isinstance(msg, p.Partial):
             job = self._jobs.get(msg.id)
             if job is not None:
@@ -366,11 +370,11 @@ class SyncJobHandle:
 class Client:
     """Blocking client: an AsyncClient on a private event loop in a daemon thread."""
 
-    def __init__(self, endpoint: str, *, default_ttl_s: float = 120.0):
+    def __init__(self, endpoint: str, *, default_ttl_s: float = 120.0, finishing: bool = True):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vlm-client-loop", daemon=True)
         self._thread.start()
-        self._async = AsyncClient(endpoint, default_ttl_s=default_ttl_s)
+        self._async = AsyncClient(endpoint, default_ttl_s=default_ttl_s, finishing=finishing)
         self._call(self._async.start())
 
     def _call(self, coro: Any) -> Any:

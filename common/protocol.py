@@ -70,6 +70,8 @@ class Submit(Message):
     ttl_ms: int = 120_000
     stream: bool = False
     priority: int = 0
+    # send FINISHING shortly before the answer (see Finishing); older brokers ignore the key
+    finishing: bool = False
 
 
 @_msg(C, 0x02)
@@ -148,6 +150,19 @@ class QueryReply(Message):
     data: dict
 
 
+@_msg(C, 0x17)
+@dataclass(frozen=True)
+class Finishing(Message):
+    """The answer to job `id` is expected within a few milliseconds; sent only where the SUBMIT
+    asked (`finishing`). Nothing to act on: it makes the threads on the answer's way run just
+    before it comes. While a GPU forward runs (~90 ms at 1080p) they all sleep, and on the
+    virtual machines GPUs come in, a thread woken after that long takes ~0.1 ms more to run than
+    one that ran a moment ago; an answer crosses ~8 such wake-ups (bench/RESULTS.md, thirteenth
+    and twenty-fourth sessions). Busy-polling would keep them awake at a core each, and libzmq's
+    own I/O threads cannot poll."""
+    id: str
+
+
 # ---- worker / supervisor -> broker --------------------------------------------------------------
 
 
@@ -188,6 +203,14 @@ class WorkerPartial(Message):
     id: str
     seq: int
     delta: dict
+
+
+@_msg(W, 0x09)
+@dataclass(frozen=True)
+class WorkerFinishing(Message):
+    """These jobs' forward is about to end (the engine's `near_end`, workers/engine.py); the broker
+    passes a FINISHING on to the clients that asked for one, and otherwise drops it."""
+    ids: list
 
 
 @_msg(W, 0x04)
@@ -312,9 +335,9 @@ class Kill(Message):
 
 
 CLIENT_TO_BROKER = (Submit, Cancel, Query, Ping)
-BROKER_TO_CLIENT = (Accepted, Partial, Final, Error, Pong, QueryReply)
-WORKER_TO_BROKER = (Ready, Heartbeat, WorkerPartial, Result, WorkerError, Memory, Loaded, Unloaded,
-                    WorkerDisconnect, Host)
+BROKER_TO_CLIENT = (Accepted, Partial, Final, Error, Pong, QueryReply, Finishing)
+WORKER_TO_BROKER = (Ready, Heartbeat, WorkerPartial, WorkerFinishing, Result, WorkerError, Memory, Loaded,
+                    Unloaded, WorkerDisconnect, Host)
 BROKER_TO_WORKER = (Job, JobCancel, Load, Unload, BrokerHeartbeat, BrokerDisconnect, Kill)
 
 

@@ -55,9 +55,10 @@ class Harness:
     def client(self, msg, blobs=(), ident=C1) -> list:
         return self.handle(e.ClientMessage(ident, msg, list(blobs), self.now))
 
-    def submit(self, jid, model="m", ttl_ms=10_000, ident=C1, blobs=(IMG,), stream=False, params=None) -> list:
+    def submit(self, jid, model="m", ttl_ms=10_000, ident=C1, blobs=(IMG,), stream=False, params=None,
+               finishing=False) -> list:
         return self.client(p.Submit(jid, model, params or {"instruction": jid}, [{"mime": "image/png", "len": 1}] * len(blobs),
-                                    ttl_ms, stream), blobs, ident)
+                                    ttl_ms, stream, finishing=finishing), blobs, ident)
 
     def query(self, service, arg=None, ident=C1, qid="q1") -> list:
         return self.client(p.Query(qid, service, arg or {}), ident=ident)
@@ -288,6 +289,28 @@ def test_partials_of_non_streaming_jobs_are_not_forwarded_and_keep_the_retry():
     assert not of(h.worker(b"w1", p.WorkerPartial("j1", 0, {})), p.Partial)
     h.worker(b"w1", p.WorkerDisconnect("x"))
     assert h.b.jobs.get("j1").attempt == 2
+
+
+def test_finishing_reaches_the_clients_that_asked_and_is_otherwise_dropped_without_consequence():
+    h = Harness({"m": spec(), "m2": spec()})
+    h.loaded_worker(b"w1", slots=3)
+    h.loaded_worker(b"w2", model="m2")
+    h.submit("a", finishing=True)
+    h.submit("b", finishing=True, ident=C2)
+    h.submit("c")                                          # did not ask
+    h.submit("d", finishing=True)                          # queued: w1 has three slots
+    h.submit("x", model="m2", finishing=True)              # on the other worker
+    assert [h.b.jobs.get(j).worker for j in "abcdx"] == [b"w1", b"w1", b"w1", None, b"w2"]
+    cmds = h.worker(b"w1", p.WorkerFinishing(ids=[*"abcdx", "gone", 7]))
+    sent = [(c.identity, c.msg) for c in cmds if isinstance(c, e.ToClient)]
+    assert sent == [(C1, p.Finishing("a")), (C2, p.Finishing("b"))]
+    assert not cmds_to(cmds, p.BrokerDisconnect)           # advisory: no zombie treatment of x
+    assert h.b.registry.get(b"w1") is not None and h.b.jobs.get("x").worker == b"w2"
+    for j in "abc":                                        # the answers still come, one each
+        h.result(b"w1", j)
+        assert [type(m) for m in answers(h.log, j)] == [p.Final]
+    late = h.worker(b"w1", p.WorkerFinishing(ids=["a"]))   # after its answer: dropped
+    assert not [c for c in late if isinstance(c, e.ToClient)]
 
 
 def test_heartbeat_loss_is_detected_after_liveness_window_only():

@@ -165,14 +165,15 @@ def _pong_in_thread(front: RawFrontend) -> None:
     threading.Thread(target=answer, daemon=True).start()
 
 
-def test_async_client_streams_events_on_any_loop():
+@pytest.mark.parametrize("finishing", [True, False])
+def test_async_client_streams_events_on_any_loop_and_drops_finishing(finishing):
     async def main():
         ctx = zmq.asyncio.Context()
         router = make_socket(ctx, zmq.ROUTER)
         endpoint = free_tcp_endpoint()
         router.bind(endpoint)
         try:
-            async with AsyncClient(endpoint, ctx=ctx) as c:
+            async with AsyncClient(endpoint, ctx=ctx, finishing=finishing) as c:
                 h = await c.submit("m", {"instruction": "x"}, [IMG], stream=True)
                 frames = await asyncio.wait_for(router.recv_multipart(), 5)
                 ident = frames[0]
@@ -180,15 +181,17 @@ def test_async_client_streams_events_on_any_loop():
                 if isinstance(sub, p.Ping):
                     frames = await asyncio.wait_for(router.recv_multipart(), 5)
                     sub, _ = wire.decode(frames[1:], wire.FROM_CLIENT)
-                assert sub.stream
+                assert sub.stream and sub.finishing is finishing
                 for msg in (p.Accepted(id=sub.id, queue_pos=2, broker_incarnation="A"),
                             p.Partial(id=sub.id, seq=0, delta={"text": "pya"}),
+                            p.Finishing(id=sub.id),          # advisory: no event
                             p.Final(id=sub.id, result={"ok": True})):
                     await router.send_multipart([ident, *wire.encode(msg)])
                 events = [ev async for ev in h]
                 assert [type(e).__name__ for e in events] == ["Accepted", "Partial", "JobResult"]
                 assert events[0].queue_pos == 2 and events[-1].result == {"ok": True}
                 assert (await h.result()).result == {"ok": True}   # the terminal event is kept
+                assert c.counters == {"decode_errors": 0, "resends": 0, "unknown_job": 0}
         finally:
             router.close(linger=0)
             ctx.term()
