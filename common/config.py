@@ -140,6 +140,9 @@ class ModelSpec:
     topk: int = 3
     max_batch: int = 4                        # jobs batched into one forward pass
     prep_threads: int | None = None           # image decode/resize threads; None: half the cores, <= 4
+    # the worker sends FINISHING a few ms before each forward's answers, so the threads the
+    # answer crosses have just run when it comes (common/protocol.py's Finishing says why)
+    finishing: bool = True
     system_prompt: str | None = None          # None: the authors' prompt for the backbone
     # a screenshot's vision encoding and prompt prefix, kept for the next question about the same
     # image (workers/screen_cache.py); 0 turns it off

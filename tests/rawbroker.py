@@ -106,7 +106,9 @@ def pid_alive(pid: int) -> bool:
 
 class RawBroker:
     """ROUTER on the worker link. `recv` answers worker heartbeats with BrokerHeartbeat (so the
-    worker sees a live broker) unless `auto_heartbeat` is False, and skips heartbeats by default."""
+    worker sees a live broker) unless `auto_heartbeat` is False, and skips heartbeats by default;
+    WorkerFinishing (advisory, as the real broker treats it) is skipped too and kept, in order
+    of arrival among the other messages, in `finishing` as (index of the next message, message)."""
 
     def __init__(self, endpoint: str | None = None, incarnation: str = "inc-1"):
         self.endpoint = endpoint or free_tcp_endpoint()
@@ -116,6 +118,8 @@ class RawBroker:
         self.incarnation = incarnation
         self.auto_heartbeat = True
         self.heartbeats: list[tuple[bytes, p.Heartbeat]] = []
+        self.finishing: list[tuple[int, p.WorkerFinishing]] = []
+        self.received = 0     # messages returned by recv
         self._seq = 0
 
     def send(self, ident: bytes, msg: p.Message, blobs: tuple | list = ()) -> None:
@@ -142,6 +146,10 @@ class RawBroker:
                         pass   # that worker has already gone (EHOSTUNREACH)
                 if skip_heartbeats:
                     continue
+            if isinstance(msg, p.WorkerFinishing):
+                self.finishing.append((self.received, msg))
+                continue
+            self.received += 1
             return frames[0], msg, blobs
 
     def expect(self, cls: type, timeout_s: float = 5.0, ignore: tuple = ()) -> tuple[bytes, Any, list]:

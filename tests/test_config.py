@@ -53,6 +53,7 @@ def test_environment_variable_names_the_file(tmp_path):
     ({"models": {"a": {"path": "x", "warmup": ["10x10"]}}}, "models.a.warmup"),
     ({"models": {"a": {"path": "x", "warmup": "1920x1080"}}}, "models.a.warmup"),
     ({"models": {"a": {"path": "x", "screenshot_cache_mb": -1}}}, "models.a.screenshot_cache_mb"),
+    ({"models": {"a": {"path": "x", "finishing": 1}}}, "models.a.finishing"),
     ({"broker": {"memory_budget": -1}}, "broker.memory_budget"),
     ({"broker": {"client_endpoint": "localhost:5"}}, "broker.client_endpoint"),
     ({"server": {"default_model": "nope"}}, "server.default_model"),

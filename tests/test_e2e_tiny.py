@@ -134,6 +134,11 @@ def test_completion_points_inside_the_image(client, model):
     assert "attention" not in g
     t = d["timings"]   # the worker's milliseconds
     assert t["forward"] > 0 and t["total"] >= t["forward"] and t["preprocess"] > 0 and t["queue"] >= 0
+    # FINISHING went out before the answer (common/protocol.py), except for a question about a
+    # kept screenshot (a few tokens' forward)
+    cached = (d["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    assert ("finishing" in t) == (cached == 0)
+    assert cached or 0 < t["finishing"] <= t["forward"]
     text_tokens(d)
 
 

@@ -191,3 +191,21 @@ def test_padded_batches_give_the_unpadded_pointer_states(engine):
         alone = pointer_states(engine._model, job.input_ids, job.image_start, enc, job.position_ids,
                                [job.pointer_pos])
         np.testing.assert_allclose(np.array(alone)[0], row, atol=2e-5)
+
+
+def test_near_end_is_called_once_per_whole_forward_and_changes_nothing(engine):
+    calls = []
+    imgs = [_png(200, 140, 40), _png(260, 120, 41)]
+
+    def batch(scope):
+        return [engine.prepare(GroundingRequest(f"n{i}", img, "click OK", cache_scope=scope))
+                for i, img in enumerate(imgs)]
+
+    told = engine.run(batch("near-end"), near_end=lambda: calls.append(1))
+    assert calls == [1]
+    plain = engine.run(batch("plain"))              # another scope: the whole forward again
+    assert all(a.cached_tokens == 0 and b.cached_tokens == 0 for a, b in zip(told, plain))
+    assert [pt for r in told for pt in r.points] == [pt for r in plain for pt in r.points]
+    # questions about kept screenshots run a few tokens only: nothing is said before them
+    again = engine.run(batch("near-end"), near_end=lambda: calls.append(2))
+    assert all(r.cached_tokens > 0 for r in again) and calls == [1]

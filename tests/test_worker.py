@@ -312,3 +312,31 @@ def test_mlx_kernel_cache_goes_to_our_cache_folder_unless_chosen(tmp_path, monke
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", "/elsewhere")
     keep_kernel_cache(str(tmp_path))
     assert os.environ["MLX_PTX_CACHE_DIR"] == "/elsewhere"
+
+
+@pytest.mark.parametrize("finishing", [True, False])
+def test_finishing_goes_out_once_per_batch_before_its_answers_unless_turned_off(tmp_path, broker, proc_list, finishing):
+    spec = {**fake_spec(latency_ms=40), "finishing": finishing}
+    proc_list.append(start(tmp_path, broker, spec))
+    ident, _ = loaded(broker)
+    ids = ["f1", "f2", "f3"]
+    for jid in ids:            # in one batch or more, as they reach the compute thread
+        broker.send(ident, *job(jid))
+    results = {}
+    for _ in ids:
+        res, _ = answer(broker)
+        assert isinstance(res, p.Result), res
+        results[res.id] = (broker.received - 1, res)     # its index among the messages received
+    if not finishing:
+        assert broker.finishing == [] and all("finishing" not in r.timings for _, r in results.values())
+        return
+    sent = [jid for _, msg in broker.finishing for jid in msg.ids]
+    assert sorted(sent) == ids                            # each job named once
+    for before, msg in broker.finishing:
+        for jid in msg.ids:
+            index, res = results[jid]
+            assert before <= index                        # ahead of its answer
+            # the fake forward calls near_end 3 ms before it ends (fake_engine.NEAR_END_S)
+            assert 2.9 <= res.timings["finishing"] <= res.timings["forward"]
+    # one message per batch, naming that batch's jobs
+    assert all(results[jid][1].timings["batch"] == len(msg.ids) for _, msg in broker.finishing for jid in msg.ids)

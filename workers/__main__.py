@@ -74,6 +74,7 @@ def worker_settings(cfg: AppConfig, model_id: str, spec: ModelSpec, options: Eng
         est_weights_bytes=estimate_weights_bytes(spec, options, environ),
         parent_pid=int(parent) if parent.isdigit() else None,
         prep_threads=spec.prep_threads or default_prep_threads(),
+        finishing=spec.finishing,
     )
 
 

@@ -208,9 +208,16 @@ class Compute:
                 live.append(t)
         if not live:
             return
+        warned: list[float] = []    # when FINISHING went out
+
+        def near_end() -> None:
+            if not warned:          # once per batch, should an engine call it twice
+                warned.append(time.monotonic())
+                self.push.send_multipart([b"", *wire.encode(p.WorkerFinishing(ids=[t.id for t in live]))])
+
         try:
             self.engine.reset_peak()
-            outs = self.engine.run([t.prepared for t in live])
+            outs = self.engine.run([t.prepared for t in live], near_end if self.w.s.finishing else None)
             if len(outs) != len(live):
                 raise RuntimeError(f"engine returned {len(outs)} results for {len(live)} jobs")
         except JobError as exc:
@@ -232,6 +239,8 @@ class Compute:
                 timings.update(queue=_ms((t.prep_start - t.recv_t) + (t.fwd_start - t.prep_end)),
                                preprocess=_ms(t.prep_end - t.prep_start), forward=_ms(end - t.fwd_start),
                                total=_ms(end - t.recv_t), batch=len(live))
+                if warned:          # how long before the forward's end FINISHING went out
+                    timings["finishing"] = _ms(end - warned[0])
                 if not out.peak_mem and mem is None:
                     mem = self._memory()
                 self._job_msg(t, p.Result(id=t.id, result=result, usage=usage, finish_reason="stop",

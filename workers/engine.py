@@ -4,14 +4,17 @@ A worker owns exactly one engine (one model). The runtime calls, from its thread
 - `load()` / `unload()` / `memory()`         on the compute thread;
 - `prepare(request)`                         on a preprocessing thread (CPU: decode, resize,
                                              tokenize), so it overlaps the previous forward pass;
-- `run(batch)`                               on the compute thread, with up to `max_batch` prepared jobs.
+- `run(batch, near_end)`                     on the compute thread, with up to `max_batch` prepared jobs;
+                                             an engine calls `near_end()` (when given) once the batch's
+                                             work left is about a few milliseconds: the worker then
+                                             sends FINISHING (common/protocol.py says why).
 Engines raise `JobError` for a bad job (the worker answers it and goes on) and let anything else
 escape (the worker reports `internal` for that job, and exits if the engine is broken).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from common.config import ModelSpec
 
@@ -161,7 +164,7 @@ class Engine(Protocol):
 
     def load(self) -> LoadReport: ...
     def prepare(self, request: GroundingRequest) -> Any: ...
-    def run(self, batch: list[Any]) -> list[GroundingResult | JobError]: ...
+    def run(self, batch: list[Any], near_end: Callable[[], None] | None = None) -> list[GroundingResult | JobError]: ...
     def memory(self) -> MemoryReport: ...
     def reset_peak(self) -> None: ...
     def unload(self) -> None: ...

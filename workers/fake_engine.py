@@ -19,6 +19,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -31,6 +32,7 @@ from workers.images import smart_resize
 PATCH = 28  # one visual token covers 28x28 pixels of the resized image (Qwen2-VL merge of 2x2 patches)
 FORMATS = {"PNG", "JPEG", "WEBP"}
 HEADER_PROBE_BYTES = 64 * 1024
+NEAR_END_S = 0.003   # the simulated forward calls run()'s near_end this long before it ends
 
 
 def _header(data: memoryview) -> tuple[int, int, str | None]:
@@ -137,7 +139,7 @@ class FakeEngine:
         return FakePrepared(request, (width, height), (rw, rh), (rh // PATCH, rw // PATCH),
                             (time.perf_counter() - t0) * 1000.0)
 
-    def run(self, batch: list[FakePrepared]) -> list[GroundingResult | JobError]:
+    def run(self, batch: list[FakePrepared], near_end: Callable[[], None] | None = None) -> list[GroundingResult | JobError]:
         if not self._loaded:
             raise RuntimeError("FakeEngine.run before load()")
         with self._lock:
@@ -145,8 +147,13 @@ class FakeEngine:
             self._peak = max(self._peak, self._weights + len(batch) * self._job_bytes)
         try:
             t0 = time.perf_counter()
+            lead = min(NEAR_END_S, self._latency_s / 2)   # as the real engine's, before its last layers
             if self._latency_s:
-                time.sleep(self._latency_s)
+                time.sleep(self._latency_s - lead)
+            if near_end is not None:
+                near_end()
+            if lead:
+                time.sleep(lead)
             out: list[GroundingResult | JobError] = []
             for item in batch:
                 out.append(self._one(item))

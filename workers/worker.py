@@ -52,6 +52,7 @@ class WorkerSettings:
     host: str = field(default_factory=socket.gethostname)
     parent_pid: int | None = None   # exit when re-parented (supervisor gone), portable PDEATHSIG
     prep_threads: int = 1           # preprocessing threads (decode + resize release the GIL)
+    finishing: bool = True          # FINISHING shortly before each batch's answers (ModelSpec.finishing)
 
 
 class Worker:

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -135,6 +136,7 @@ class MlxEngine:
         self._cache_off = "the model is not loaded"    # why the cache is off, for prefill answers
         self.pad_questions = False                     # cached questions in batches of 1, 2, 4, ... (GPU)
         self.run_ahead = RUN_AHEAD                     # chunks of the forward scheduled at once
+        self._near_end: Callable[[], None] | None = None   # run()'s, while it runs
         self.dtype = None
         self.path = None
 
@@ -331,12 +333,14 @@ class MlxEngine:
                            preprocess_ms=(time.perf_counter() - t0) * 1e3, cache_key=key, cached=entry,
                            prefill=request.prefill)
 
-    def run(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
+    def run(self, batch: list[PreparedJob], near_end: Callable[[], None] | None = None) -> list[GroundingResult | JobError]:
         """One forward pass for the whole batch (vision tower over all images, language model
         over right-padded prompts); a JobError per failed job. If the batch as a whole fails
-        (out of memory, say), each job is retried alone so one bad job cannot sink the others."""
+        (out of memory, say), each job is retried alone so one bad job cannot sink the others.
+        `near_end` is called when a whole forward's last language-model layer and the head are left."""
         if self._model is None:
             return [JobError("model_unavailable", "model is not loaded") for _ in batch]
+        self._near_end = near_end
         try:
             return self._run_batch(batch)
         except JobError as exc:
@@ -346,7 +350,9 @@ class MlxEngine:
             if len(batch) == 1:
                 raise
             log.exception("batch of %d failed; running its jobs one by one", len(batch))
-        return [r for job in batch for r in self.run([job])]
+        finally:
+            self._near_end = None
+        return [r for job in batch for r in self.run([job], near_end)]
 
     def forward(self, batch: list[PreparedJob]) -> tuple[list[mx.array], mx.array]:
         """(encoder vectors per job [n_img, D], pointer states [B, D]), evaluated."""
@@ -379,6 +385,15 @@ class MlxEngine:
                                    encs, [j.position_ids for j in batch], [j.pointer_pos for j in batch],
                                    fast_lm=self._lm, pace=pace, keep=keep, split=split)
         dec, kept = out if keep is not None else (out, None)
+        if self._near_end is not None:
+            # the chunks handed to `pace` end one layer before the last (FastLanguageModel), so
+            # what is left is that layer at the pointer, the head, the points and the answer:
+            # 4.0-4.5 ms at 1080p on an H200 (bench/RESULTS.md, twenty-fourth session). With
+            # mlx-vlm's language model (no chunks) all of it is left: FINISHING comes too early
+            # to help, and costs one small message.
+            mx.async_eval(encs, dec, kept)
+            pace.drain()
+            self._near_end()
         mx.eval(encs, dec, kept)
         return encs, dec, kept
 

@@ -29,3 +29,8 @@ class RunAhead:
         self._pending.append(x)
         while len(self._pending) >= self.depth:
             mx.eval(self._pending.popleft())      # already scheduled: waits for it, nothing more
+
+    def drain(self) -> None:
+        """Wait until every chunk handed over so far has run."""
+        while self._pending:
+            mx.eval(self._pending.popleft())
