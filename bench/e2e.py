@@ -73,7 +73,7 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
     forward: list[float] = []
     overhead: list[float] = []
     outside: list[float] = []    # end to end minus the worker's `total` (receipt to answer)
-    parts: dict[str, list[float]] = {"queue": [], "preprocess": []}
+    parts: dict[str, list[float]] = {"queue": [], "preprocess": [], "finishing": []}
     counter = iter(range(total))
     lock = threading.Lock()
     conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(concurrency)]
@@ -120,6 +120,7 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
             "forward_p50": statistics.median(forward) if forward else float("nan"),
             "overhead_p50": statistics.median(overhead) if overhead else float("nan"),
             "outside_p50": statistics.median(outside) if outside else float("nan"),
+            "finishing_sent": len(parts["finishing"]),
             **{f"{k}_p50": statistics.median(v) if v else float("nan") for k, v in parts.items()}}
 
 
@@ -136,6 +137,8 @@ def add_stack_args(ap: argparse.ArgumentParser) -> None:
                     help="serve the model from one replica per CUDA device (the model's `devices`)")
     ap.add_argument("--gpus-per-replica", type=int, default=1,
                     help="GPUs each replica's vision tower is split over (workers/mlx/split.py)")
+    ap.add_argument("--finishing", default=None, choices=["on", "off"],
+                    help="the model's `finishing` (FINISHING before answers; common/protocol.py); default: the config's")
     ap.add_argument("--broker-endpoints", default="tcp", choices=["tcp", "ipc"],
                     help="the broker's sockets: loopback TCP (the config's default) or Unix sockets")
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gui-grounding-bench"),
@@ -150,6 +153,8 @@ def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
     if args.devices:
         model["devices"] = [int(d) for d in args.devices.split(",")]
         model["gpus_per_replica"] = args.gpus_per_replica
+    if args.finishing is not None:
+        model["finishing"] = args.finishing == "on"
     broker = {"queue_size": 256, "load_timeout_s": 600}
     if args.broker_endpoints == "ipc":
         broker.update(client_endpoint=f"ipc://{tmp}/clients", worker_endpoint=f"ipc://{tmp}/workers")
@@ -211,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                   "last batch's peak GB |")
             print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             seeds = itertools.count()       # no screenshot is sent twice, except in the "same screen" rows
+            finishing: list[str] = []       # when FINISHING went out, after the table
             for (w, h), fmt, content in itertools.product(sizes, args.formats.split(","), args.content.split(",")):
                 busy = content == "busy"
                 label = fmt if content == "plain" else f"{fmt}, {content}"
@@ -241,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
                               f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} | "
                               f"{r['outside_p50']*1e3:.1f} | {base_col} | {peak_col} |",
                               flush=True)
+                        finishing.append(f"{w}x{h} {label} {c}{' same' if same else ''}: FINISHING in "
+                                         f"{r['finishing_sent']} of {total}, p50 {r['finishing_p50']*1e3:.2f} ms "
+                                         "before the forward's end")
+            print("\n".join(finishing), flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

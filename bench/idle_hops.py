@@ -92,18 +92,22 @@ def main() -> None:
     ap.add_argument("--hold-cpu-latency", action="store_true")
     ap.add_argument("--transports", default="tcp,ipc", help="the broker's endpoints: loopback TCP, Unix sockets")
     ap.add_argument("--content", default="plain", help="plain, busy or both (bench.screens.screenshot's busy)")
+    ap.add_argument("--finishing", default="off,on",
+                    help="the model's `finishing` settings to compare (FINISHING before answers; common/protocol.py)")
     a = ap.parse_args()
     if a.hold_cpu_latency:
         print(f"/dev/cpu_dma_latency: {hold_cpu_latency()} (the stack's processes are this one's children)")
     print(f"thread wake-up, median us: after 0 ms idle {wake_us(0, 200):.0f}, after 20 ms idle {wake_us(0.02, 50):.0f}")
-    print("| screenshot | broker endpoints | forward ms (fake) | outside the worker p50 ms, HTTP | "
+    print("| screenshot | broker endpoints | forward ms (fake) | finishing | outside the worker p50 ms, HTTP | "
           "outside the worker p50 ms, ZMQ client |")
-    print("|---|---|---|---|---|")
-    for content, transport, forward in itertools.product(a.content.split(","), a.transports.split(","),
-                                                          (int(f) for f in a.forward_ms.split(","))):
+    print("|---|---|---|---|---|---|")
+    for content, transport, forward, finishing in itertools.product(
+            a.content.split(","), a.transports.split(","), (int(f) for f in a.forward_ms.split(",")),
+            a.finishing.split(",")):
         png = encoded(1920, 1080, 7, "png", content == "busy")
         with tempfile.TemporaryDirectory() as tmp:
             model = fake_model(fake={"load_s": 0.05, "weights_bytes": 100_000_000, "latency_ms": forward})
+            model["finishing"] = finishing == "on"
             broker = {} if transport == "tcp" else \
                 {"client_endpoint": f"ipc://{tmp}/clients", "worker_endpoint": f"ipc://{tmp}/workers"}
             stack = Stack(Path(tmp), {"models": {"fake-x": model}, "broker": broker})
@@ -122,7 +126,7 @@ def main() -> None:
                     cols = (outside_ms(http_once, a.n),
                             outside_ms(lambda: zmq_client.ground("fake-x", png, "click Button 1").timings["total"], a.n))
                 conn.close()
-        print(f"| {content} | {transport} | {forward} | {cols[0]:.2f} | {cols[1]:.2f} |", flush=True)
+        print(f"| {content} | {transport} | {forward} | {finishing} | {cols[0]:.2f} | {cols[1]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
