@@ -139,6 +139,7 @@ def test_completion_points_inside_the_image(client, model):
     cached = (d["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     assert ("finishing" in t) == (cached == 0)
     assert cached or 0 < t["finishing"] <= t["forward"]
+    assert all(v == round(v, 3) for v in t.values())     # milliseconds to the microsecond
     text_tokens(d)
 
 

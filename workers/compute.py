@@ -235,7 +235,8 @@ class Compute:
                 self._job_msg(t, p.WorkerError(id=t.id, code="cancelled", message="cancelled while running"))
             elif isinstance(out, GroundingResult):
                 result, usage, blobs = out.to_wire()
-                timings = dict(out.timings)
+                # the engine's own (head, postprocess, ...) to the µs, as ours below
+                timings = {k: round(v, 3) if isinstance(v, float) else v for k, v in out.timings.items()}
                 timings.update(queue=_ms((t.prep_start - t.recv_t) + (t.fwd_start - t.prep_end)),
                                preprocess=_ms(t.prep_end - t.prep_start), forward=_ms(end - t.fwd_start),
                                total=_ms(end - t.recv_t), batch=len(live))
