@@ -4,7 +4,7 @@
                         [--requests 20] [--engine mlx|fake] [--dtype bfloat16] [--max-batch 8]
                         [--torch-baseline prefill_floor.py|bench/torch_forward.py [--shape 7b]]
                         [--formats png,jpeg,webp] [--content plain,busy] [--no-repeat] [--devices 0,1 [--gpus-per-replica 2]]
-                        [--cache-dir DIR]
+                        [--cache-dir DIR] [--finishing on|off]
 
 For each screenshot size, format (bench.screens.SAVE), content (`busy`: dense text and a photo,
 PNGs ~15x larger) and client count it reports p50/p95
@@ -15,7 +15,8 @@ worker's preprocessing (decode + resize) and queueing times within it and the ti
 back), and the device memory peak of
 the level's last batch (the worker resets the peak before each batch: with one client, one request's
 peak; with --devices, the largest replica's; with --gpus-per-replica, also the largest helper GPU's),
-as a markdown table on stdout.
+as a markdown table on stdout; after it, per row, in how many requests the worker sent FINISHING
+and how long before the forward's end (the response's `timings.finishing`; common/protocol.py).
 
 Every request carries a screenshot no other request of the run has sent, so the worker's
 screenshot cache (workers/screen_cache.py) never answers them; the `cache hits` column shows it.

@@ -1,7 +1,7 @@
 """Does a request's way in and out of the worker cost more when the host's CPUs idle meanwhile?
 
     python -m bench.idle_hops [--n 40] [--forward-ms 0,100] [--transports tcp,ipc] [--content plain,busy]
-                              [--hold-cpu-latency]
+                              [--finishing off,on] [--hold-cpu-latency]
 
 Why: the time outside the worker (end to end minus the worker's own `total`: HTTP, JSON and
 base64, the broker's hops, the answer's way back) is ~1.2 ms on the 2-core CI box for a plain 1080p
@@ -14,7 +14,8 @@ Starts the whole stack with the fake engine (it reads the image header only and 
 `--forward-ms` per batch, as a stand-in for the GPU forward during which the host idles) and sends
 --n 1080p PNG requests (bench.screens' plain one, ~38 KB, or its busy one, ~590 KB) one after another
 over HTTP and through the Python ZMQ client. Prints p50 of the time outside the worker, per
-screenshot, forward length and broker transport. Also a thread
+screenshot, forward length, broker transport and the model's `finishing` (FINISHING before each
+answer, on or off; the fake forward says it is near its end 3 ms before it ends). Also a thread
 wake-up probe: the median time from one thread's Event.set() to the waiting thread running, after
 0 and 20 ms idle.
 `--hold-cpu-latency` writes 0 to /dev/cpu_dma_latency for the run (the kernel's PM QoS request,
