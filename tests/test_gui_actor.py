@@ -145,6 +145,43 @@ def test_random_maps_match_reference(seed):
     assert_same_regions(ga.extract_regions(s, n_h, n_w), ref_regions(s, n_h, n_w))
 
 
+def _snake(n_h, n_w):
+    """One region winding through every other row: the longest path the labelling must follow."""
+    g = np.zeros((n_h, n_w), np.float32)
+    g[::2] = 1
+    g[1::4, -1] = 1
+    g[3::4, 0] = 1
+    return g
+
+
+@pytest.mark.parametrize("kind", ["flat", "snake", "checkerboard", "random", "blobs"])
+def test_1080p_grid_shapes_match_reference(kind):
+    # a 1080p screenshot's 39x69 tokens, in shapes that stress the run labelling differently
+    n_h, n_w = 39, 69
+    rng = np.random.default_rng(7)
+    s = {"flat": np.ones((n_h, n_w), np.float32),
+         "snake": _snake(n_h, n_w) + 1e-3 * rng.random((n_h, n_w)),
+         "checkerboard": ((np.arange(n_h)[:, None] + np.arange(n_w)) % 2) + 0.01,
+         "random": rng.random((n_h, n_w)),
+         "blobs": (rng.random((n_h, n_w)) > 0.45) + 0.1 * rng.random((n_h, n_w))}[kind]
+    s = np.asarray(s, np.float32).reshape(-1)
+    regs = ga.extract_regions(s, n_h, n_w)
+    assert_same_regions(regs, ref_regions(s, n_h, n_w))
+    if kind in ("flat", "snake"):
+        assert len(regs) == 1
+    if kind == "checkerboard":
+        assert len(regs) == (n_h * n_w) // 2
+
+
+def test_first_keeps_the_best_regions():
+    rng = np.random.default_rng(3)
+    s = rng.random(39 * 69).astype(np.float32)
+    every = ga.extract_regions(s, 39, 69)
+    assert len(every) > 5
+    assert ga.extract_regions(s, 39, 69, first=3) == every[:3]
+    assert ga.extract_regions(s, 39, 69, first=len(every) + 4) == every
+
+
 def test_to_points_back_projection_and_topk():
     s = np.zeros(12, np.float32)
     s[[0, 5, 11]] = [0.9, 0.5, 0.7]

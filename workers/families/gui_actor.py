@@ -3,7 +3,6 @@ back-projection. Pure Python / NumPy; the spec is docs/gui-actor.md (sections 3,
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,50 +71,76 @@ def mrope_positions(length: int, image_start: int, n_h: int, n_w: int) -> np.nda
 class Region:
     """A 4-connected set of selected visual tokens. `score`: mean attention of its tokens;
     `point`: (x, y) score-weighted mean of token centres, normalised to [0, 1];
-    `indices`: row-major token indices in BFS order."""
+    `indices`: its row-major token indices, ascending."""
     score: float
     point: tuple[float, float]
     indices: tuple[int, ...]
 
 
-def extract_regions(scores, n_h: int, n_w: int, ratio: float = SELECT_RATIO) -> list[Region]:
-    """Regions of the first pointer's attention map `scores` (n_h*n_w, row-major), best first.
+def extract_regions(scores, n_h: int, n_w: int, ratio: float = SELECT_RATIO, first: int | None = None) -> list[Region]:
+    """Regions of the first pointer's attention map `scores` (n_h*n_w, row-major), best first
+    (only the `first` best, where given).
 
-    Tokens with score > ratio*max (strict) are selected; visited in ascending index, each unvisited
-    one seeds a BFS over selected 4-neighbours (up, down, left, right); regions are sorted by mean
-    score, descending and stable. Arithmetic in Python floats, in the reference's order."""
+    Tokens with score > ratio*max (strict) are selected; 4-connected (up, down, left, right)
+    selected tokens form a region; regions are numbered in the order of their first token (the
+    reference's BFS seeds them in ascending index) and sorted by mean score, descending and
+    stable. The same regions as the reference's BFS, in NumPy: that BFS in Python took 3-7 ms on
+    a flat 1080p map (bench/RESULTS.md, twenty-fourth session). Sums are in float64 in ascending
+    token order rather than the BFS's: the last bits of a score can differ, which only matters
+    between regions whose means tie to the last bit."""
     s = np.asarray(scores, dtype=np.float32).reshape(-1)
     if s.size != n_h * n_w:
         raise ValueError(f"scores has {s.size} entries, grid is {n_h}x{n_w}")
     # torch compares a float32 tensor with a Python float in float32: round the threshold alike
     selected = s > np.float32(float(s.max()) * ratio)
-    sel = np.flatnonzero(selected)
-    visited = np.zeros(s.size, dtype=bool)
-    regions: list[Region] = []
-    vals = s.tolist()
-    for seed in sel.tolist():
-        if visited[seed]:
-            continue
-        visited[seed] = True
-        order, queue = [seed], deque([seed])
-        while queue:
-            c = queue.popleft()
-            cy, cx = divmod(c, n_w)
-            for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-                ny, nx = cy + dy, cx + dx
-                if 0 <= ny < n_h and 0 <= nx < n_w:
-                    n = ny * n_w + nx
-                    if selected[n] and not visited[n]:
-                        visited[n] = True
-                        order.append(n)
-                        queue.append(n)
-        weights = [vals[i] for i in order]
-        centres = [((i % n_w + 0.5) / n_w, (i // n_w + 0.5) / n_h) for i in order]
-        total = sum(weights)
-        point = (sum(c[0] * w for c, w in zip(centres, weights)) / total,
-                 sum(c[1] * w for c, w in zip(centres, weights)) / total)
-        regions.append(Region(sum(weights) / len(weights), point, tuple(order)))
-    return sorted(regions, key=lambda r: r.score, reverse=True)  # sorted() is stable
+    rows, starts, lengths = _runs(selected.reshape(n_h, n_w))
+    label = _run_components(rows, starts, lengths, n_w)
+    first_runs = label == np.arange(len(label))        # a region's first run labels it
+    region = np.repeat((np.cumsum(first_runs) - 1)[label], lengths)   # per selected token
+    n = int(first_runs.sum())
+    tokens = np.flatnonzero(selected)                  # row-major, so run by run
+    w = s[tokens].astype(np.float64)
+    total = np.bincount(region, w, n)
+    mean = total / np.bincount(region, minlength=n)
+    cx = np.bincount(region, (tokens % n_w + 0.5) / n_w * w, n) / total
+    cy = np.bincount(region, (tokens // n_w + 0.5) / n_h * w, n) / total
+    best = np.argsort(-mean, kind="stable")[:first]
+    return [Region(float(mean[k]), (float(cx[k]), float(cy[k])), tuple(tokens[region == k].tolist()))
+            for k in best.tolist()]
+
+
+def _runs(selected: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Horizontal runs of selected tokens, row-major: (row, first column, length) per run."""
+    padded = np.zeros((selected.shape[0], selected.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = selected
+    edges = np.diff(padded)
+    rows, starts = np.nonzero(edges == 1)
+    ends = np.nonzero(edges.reshape(-1) == -1)[0] % edges.shape[1]
+    return rows, starts, ends - starts
+
+
+def _run_components(rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray, n_w: int) -> np.ndarray:
+    """For each run, the index of the first run of its 4-connected component. Two runs touch when
+    they sit in adjacent rows and share a column; labels fall to the smallest run index along
+    those edges, each round also jumping to the label's own label, until nothing changes (a few
+    rounds for blob-like regions; a winding one takes more, each round a few NumPy calls)."""
+    stride = n_w + 1                                   # (row, column) as one key, ascending with run order
+    key = rows * stride
+    # for each run, the runs of the row above that overlap it: a contiguous range [lo, hi)
+    lo = np.searchsorted(key + starts + lengths, key - stride + starts, side="right")
+    hi = np.searchsorted(key + starts, key - stride + starts + lengths, side="left")
+    n = np.maximum(hi - lo, 0)
+    below = np.repeat(np.arange(len(rows)), n)
+    above = np.repeat(lo - np.cumsum(n) + n, n) + np.arange(len(below))
+    label = np.arange(len(rows))
+    while True:
+        new = label.copy()
+        np.minimum.at(new, below, label[above])        # above < below: the smaller label flows down...
+        np.minimum.at(new, above, new[below])          # ...and back up
+        new = new[new]
+        if np.array_equal(new, label):
+            return label
+        label = new
 
 
 def to_points(regions: list[Region], topk: int, image_size: tuple[int, int]) -> list[dict]:
