@@ -15,8 +15,10 @@ worker's preprocessing (decode + resize) and queueing times within it and the ti
 back), and the device memory peak of
 the level's last batch (the worker resets the peak before each batch: with one client, one request's
 peak; with --devices, the largest replica's; with --gpus-per-replica, also the largest helper GPU's),
-as a markdown table on stdout; after it, per row, in how many requests the worker sent FINISHING
-and how long before the forward's end (the response's `timings.finishing`; common/protocol.py).
+as a markdown table on stdout; after it, per row, the p50s of the forward's last parts (the
+pointer head and the points, the response's `timings.head` and `.postprocess`), in how many requests
+the worker sent FINISHING and how long before the forward's end (`timings.finishing`;
+common/protocol.py).
 
 Every request carries a screenshot no other request of the run has sent, so the worker's
 screenshot cache (workers/screen_cache.py) never answers them; the `cache hits` column shows it.
@@ -74,7 +76,7 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
     forward: list[float] = []
     overhead: list[float] = []
     outside: list[float] = []    # end to end minus the worker's `total` (receipt to answer)
-    parts: dict[str, list[float]] = {"queue": [], "preprocess": [], "finishing": []}
+    parts: dict[str, list[float]] = {"queue": [], "preprocess": [], "head": [], "postprocess": [], "finishing": []}
     counter = iter(range(total))
     lock = threading.Lock()
     conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(concurrency)]
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                   "last batch's peak GB |")
             print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             seeds = itertools.count()       # no screenshot is sent twice, except in the "same screen" rows
-            finishing: list[str] = []       # when FINISHING went out, after the table
+            tails: list[str] = []           # the forward's head and points, and FINISHING, after the table
             for (w, h), fmt, content in itertools.product(sizes, args.formats.split(","), args.content.split(",")):
                 busy = content == "busy"
                 label = fmt if content == "plain" else f"{fmt}, {content}"
@@ -248,10 +250,11 @@ def main(argv: list[str] | None = None) -> None:
                               f"{r['preprocess_p50']*1e3:.1f} | {r['queue_p50']*1e3:.1f} | "
                               f"{r['outside_p50']*1e3:.1f} | {base_col} | {peak_col} |",
                               flush=True)
-                        finishing.append(f"{w}x{h} {label} {c}{' same' if same else ''}: FINISHING in "
-                                         f"{r['finishing_sent']} of {total}, p50 {r['finishing_p50']*1e3:.2f} ms "
-                                         "before the forward's end")
-            print("\n".join(finishing), flush=True)
+                        tails.append(f"{w}x{h} {label} {c}{' same' if same else ''}: head p50 {r['head_p50']*1e3:.2f} ms, "
+                                     f"points p50 {r['postprocess_p50']*1e3:.2f} ms; FINISHING in "
+                                     f"{r['finishing_sent']} of {total}, p50 {r['finishing_p50']*1e3:.2f} ms "
+                                     "before the forward's end")
+            print("\n".join(tails), flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

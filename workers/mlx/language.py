@@ -300,9 +300,7 @@ class FastLanguageModel:
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
             h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, h.shape[1], -1), *rest, self.eps,
                            self.dequantize_rows)
-            # a chunk ends at the last of these layers too, so the engine can tell when only the
-            # last layer at the pointer and the head are left (MlxEngine's near_end)
-            if self.eval_every and ((i + 1) % self.eval_every == 0 or i == len(self.layers) - 2):
+            if self.eval_every and (i + 1) % self.eval_every == 0:
                 pace([h, *copies])
         return split.gather_along(h, 1) if split is not None else h
 

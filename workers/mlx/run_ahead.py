@@ -27,13 +27,5 @@ class RunAhead:
     def __call__(self, x: mx.array) -> None:
         mx.async_eval(x)
         self._pending.append(x)
-        self._wait(self.depth - 1)
-
-    def drain(self) -> None:
-        """Wait until every chunk handed over so far has run."""
-        self._wait(0)
-
-    def _wait(self, unfinished: int) -> None:
-        """Wait until no more than `unfinished` chunks are pending."""
-        while len(self._pending) > unfinished:
+        while len(self._pending) >= self.depth:
             mx.eval(self._pending.popleft())      # already scheduled: waits for it, nothing more
