@@ -337,7 +337,7 @@ class MlxEngine:
         """One forward pass for the whole batch (vision tower over all images, language model
         over right-padded prompts); a JobError per failed job. If the batch as a whole fails
         (out of memory, say), each job is retried alone so one bad job cannot sink the others.
-        `near_end` is called when a whole forward's last language-model layer and the head are left."""
+        `near_end` is called when a whole forward has only the head, the points and the answer left."""
         if self._model is None:
             return [JobError("model_unavailable", "model is not loaded") for _ in batch]
         self._near_end = near_end
@@ -385,15 +385,6 @@ class MlxEngine:
                                    encs, [j.position_ids for j in batch], [j.pointer_pos for j in batch],
                                    fast_lm=self._lm, pace=pace, keep=keep, split=split)
         dec, kept = out if keep is not None else (out, None)
-        if self._near_end is not None:
-            # the chunks handed to `pace` end one layer before the last (FastLanguageModel), so
-            # what is left is that layer at the pointer, the head, the points and the answer:
-            # 4.0-4.5 ms at 1080p on an H200 (bench/RESULTS.md, twenty-fourth session). With
-            # mlx-vlm's language model (no chunks) all of it is left: FINISHING comes too early
-            # to help, and costs one small message.
-            mx.async_eval(encs, dec, kept)
-            pace.drain()
-            self._near_end()
         mx.eval(encs, dec, kept)
         return encs, dec, kept
 
@@ -471,6 +462,11 @@ class MlxEngine:
         keep = [self._keep_length(j) for j in batch]
         encs, dec, kept = self._forward(batch, keep if any(keep) else None)
         t1 = time.perf_counter()
+        if self._near_end is not None:
+            # what is left, the head's float32 attention and the points, takes ~2 ms at 1080p on
+            # an H200: the lead in which waking the answer's way out paid off (bench/RESULTS.md,
+            # twenty-fourth and twenty-fifth sessions)
+            self._near_end()
         sides = [self._head.encode_image(enc) for enc in encs]
         maps = [self._head.point(side, dec[i:i + 1])[0] for i, side in enumerate(sides)]
         mx.eval(sides, maps)
