@@ -463,9 +463,10 @@ class MlxEngine:
         encs, dec, kept = self._forward(batch, keep if any(keep) else None)
         t1 = time.perf_counter()
         if self._near_end is not None:
-            # what is left, the head's float32 attention and the points, takes ~2 ms at 1080p on
-            # an H200: the lead in which waking the answer's way out paid off (bench/RESULTS.md,
-            # twenty-fourth and twenty-fifth sessions)
+            # what is left, the head's float32 attention and the points, takes ~3 ms at 1080p on
+            # an H200 (head 2.3-2.9 ms, points 0.4-0.7): about the lead in which waking the
+            # answer's way out pays (bench/RESULTS.md, twenty-fourth and twenty-fifth sessions).
+            # Later, after the head's image side (~1.1 ms ahead), gained no more.
             self._near_end()
         sides = [self._head.encode_image(enc) for enc in encs]
         maps = [self._head.point(side, dec[i:i + 1])[0] for i, side in enumerate(sides)]
