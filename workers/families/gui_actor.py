@@ -100,12 +100,15 @@ def extract_regions(scores, n_h: int, n_w: int, ratio: float = SELECT_RATIO, fir
     n = int(first_runs.sum())
     tokens = np.flatnonzero(selected)                  # row-major, so run by run
     w = s[tokens].astype(np.float64)
+    count = np.bincount(region, minlength=n)
     total = np.bincount(region, w, n)
-    mean = total / np.bincount(region, minlength=n)
+    mean = total / count
     cx = np.bincount(region, (tokens % n_w + 0.5) / n_w * w, n) / total
     cy = np.bincount(region, (tokens // n_w + 0.5) / n_h * w, n) / total
+    members = tokens[np.argsort(region, kind="stable")]     # region by region, ascending within
+    ends = np.cumsum(count)
     best = np.argsort(-mean, kind="stable")[:first]
-    return [Region(float(mean[k]), (float(cx[k]), float(cy[k])), tuple(tokens[region == k].tolist()))
+    return [Region(float(mean[k]), (float(cx[k]), float(cy[k])), tuple(members[ends[k] - count[k]:ends[k]].tolist()))
             for k in best.tolist()]
 
 
