@@ -136,7 +136,6 @@ class MlxEngine:
         self._cache_off = "the model is not loaded"    # why the cache is off, for prefill answers
         self.pad_questions = False                     # cached questions in batches of 1, 2, 4, ... (GPU)
         self.run_ahead = RUN_AHEAD                     # chunks of the forward scheduled at once
-        self._near_end: Callable[[], None] | None = None   # run()'s, while it runs
         self.dtype = None
         self.path = None
 
@@ -340,9 +339,8 @@ class MlxEngine:
         `near_end` is called when a whole forward has only the head, the points and the answer left."""
         if self._model is None:
             return [JobError("model_unavailable", "model is not loaded") for _ in batch]
-        self._near_end = near_end
         try:
-            return self._run_batch(batch)
+            return self._run_batch(batch, near_end)
         except JobError as exc:
             if len(batch) == 1:
                 return [exc]
@@ -350,8 +348,6 @@ class MlxEngine:
             if len(batch) == 1:
                 raise
             log.exception("batch of %d failed; running its jobs one by one", len(batch))
-        finally:
-            self._near_end = None
         return [r for job in batch for r in self.run([job], near_end)]
 
     def forward(self, batch: list[PreparedJob]) -> tuple[list[mx.array], mx.array]:
@@ -395,7 +391,8 @@ class MlxEngine:
             return rgb
         return resize.resize_bicubic(rgb, image.resized[0], image.resized[1], image.resize_order)
 
-    def _run_batch(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
+    def _run_batch(self, batch: list[PreparedJob], near_end: Callable[[], None] | None
+                   ) -> list[GroundingResult | JobError]:
         """Jobs whose screenshot is in the cache run from it; the rest run one forward together.
         Several jobs in one batch about the same new screenshot: the first runs the forward, the
         others then take the cache's path. A prefill whose screenshot is kept already, or could not
@@ -421,7 +418,7 @@ class MlxEngine:
                 if job.cache_key is not None:
                     computing.add(job.cache_key)
         if whole:
-            for i, result in zip(whole, self._run_whole([batch[i] for i in whole])):
+            for i, result in zip(whole, self._run_whole([batch[i] for i in whole], near_end)):
                 out[i] = result
         for i in later:
             entry = self._cache.get(batch[i].cache_key)
@@ -430,7 +427,7 @@ class MlxEngine:
             elif entry is not None:
                 hits.append((i, entry))
             else:                       # not stored (over the budget, or that job failed)
-                out[i] = self._run_whole([batch[i]])[0]
+                out[i] = self._run_whole([batch[i]], near_end)[0]
         groups: dict[int, tuple[ScreenEntry, list[int]]] = {}   # one forward per screenshot's questions
         for i, entry in hits:
             groups.setdefault(id(entry), (entry, []))[1].append(i)
@@ -457,17 +454,18 @@ class MlxEngine:
         return (f"this screenshot's state ({self._entry_bytes(job) / 2**20:.0f} MB) is larger than the "
                 f"screenshot cache ({self.spec.screenshot_cache_mb} MB, screenshot_cache_mb)")
 
-    def _run_whole(self, batch: list[PreparedJob]) -> list[GroundingResult | JobError]:
+    def _run_whole(self, batch: list[PreparedJob], near_end: Callable[[], None] | None
+                   ) -> list[GroundingResult | JobError]:
         t0 = time.perf_counter()
         keep = [self._keep_length(j) for j in batch]
         encs, dec, kept = self._forward(batch, keep if any(keep) else None)
         t1 = time.perf_counter()
-        if self._near_end is not None:
+        if near_end is not None:
             # what is left, the head's float32 attention and the points, takes ~3 ms at 1080p on
             # an H200 (head 2.3-2.9 ms, points 0.4-0.7): about the lead in which waking the
             # answer's way out pays (bench/RESULTS.md, twenty-fourth and twenty-fifth sessions).
             # Later, after the head's image side (~1.1 ms ahead), gained no more.
-            self._near_end()
+            near_end()
         sides = [self._head.encode_image(enc) for enc in encs]
         maps = [self._head.point(side, dec[i:i + 1])[0] for i, side in enumerate(sides)]
         mx.eval(sides, maps)
