@@ -147,7 +147,7 @@ class FakeEngine:
             self._peak = max(self._peak, self._weights + len(batch) * self._job_bytes)
         try:
             t0 = time.perf_counter()
-            lead = min(NEAR_END_S, self._latency_s / 2)   # as the real engine's, before its last layers
+            lead = min(NEAR_END_S, self._latency_s / 2)   # as the real engine's, before its pointer head
             if self._latency_s:
                 time.sleep(self._latency_s - lead)
             if near_end is not None:
