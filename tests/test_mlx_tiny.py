@@ -105,6 +105,27 @@ def test_request_options(engine):
     assert len(one.points) == 1
 
 
+def test_prompt_ids_per_system_prompt(engine, monkeypatch):
+    """The tokens before the image are kept per system prompt: mixing prompts, and past the
+    number kept, every job still gets its own prompt's tokens."""
+    from workers.mlx import engine as mlx_engine
+    monkeypatch.setattr(mlx_engine, "HEAD_IDS_KEPT", 2)
+    img = _png(120, 90)
+    pad = engine._ids[ga.IMAGE_PAD]
+
+    def expected(system: str, instruction: str, n: int) -> list[int]:
+        before, after = ga.prompt_parts(system, instruction)
+        encode = lambda text: engine._tok.encode(text, add_special_tokens=False).ids
+        return encode(before) + [pad] * n + encode(after)
+
+    for i, system in enumerate(["Be brief.", "Find it.", None, "Be brief.", "Look closely.", None, "Find it."]):
+        job = engine.prepare(GroundingRequest(f"s{i}", img, f"click item {i}", system=system))
+        want = expected(engine._system if system is None else system, f"click item {i}", job.image.n_tokens)
+        assert job.input_ids.tolist() == want
+        assert job.image_start == want.index(pad)
+    assert len(engine._head_ids) <= 2
+
+
 def test_job_errors(engine):
     with pytest.raises(JobError) as e:
         engine.prepare(GroundingRequest("e", b"\x89PNG garbage", "x"))
