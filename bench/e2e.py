@@ -28,6 +28,7 @@ with a new instruction (an agent asking several things of one screen): rows mark
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import itertools
 import json
@@ -77,6 +78,7 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
     overhead: list[float] = []
     outside: list[float] = []    # end to end minus the worker's `total` (receipt to answer)
     parts: dict[str, list[float]] = {"queue": [], "preprocess": [], "head": [], "postprocess": [], "finishing": []}
+    batches: collections.Counter = collections.Counter()   # batch size -> jobs answered from such batches
     counter = iter(range(total))
     lock = threading.Lock()
     conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(concurrency)]
@@ -109,6 +111,8 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
                 for k in parts:
                     if k in t:
                         parts[k].append(t[k] / 1e3)
+                if "batch" in t:
+                    batches[t["batch"]] += 1
 
     threads = [threading.Thread(target=client, args=(c,)) for c in conns]
     t0 = time.perf_counter()
@@ -123,7 +127,7 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
             "forward_p50": statistics.median(forward) if forward else float("nan"),
             "overhead_p50": statistics.median(overhead) if overhead else float("nan"),
             "outside_p50": statistics.median(outside) if outside else float("nan"),
-            "finishing_sent": len(parts["finishing"]),
+            "finishing_sent": len(parts["finishing"]), "batches": dict(sorted(batches.items(), reverse=True)),
             **{f"{k}_p50": statistics.median(v) if v else float("nan") for k, v in parts.items()}}
 
 
@@ -253,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
                         tails.append(f"{w}x{h} {label} {c}{' same' if same else ''}: head p50 {r['head_p50']*1e3:.2f} ms, "
                                      f"points p50 {r['postprocess_p50']*1e3:.2f} ms; FINISHING in "
                                      f"{r['finishing_sent']} of {total}, p50 {r['finishing_p50']*1e3:.2f} ms "
-                                     "before the forward's end")
+                                     "before the forward's end; jobs by their batch's size "
+                                     + ", ".join(f"{k}: {v}" for k, v in r["batches"].items()))
             print("\n".join(tails), flush=True)
 
 if __name__ == "__main__":
