@@ -18,7 +18,9 @@ peak; with --devices, the largest replica's; with --gpus-per-replica, also the l
 as a markdown table on stdout; after it, per row, the p50s of the forward's last parts (the
 pointer head and the points, the response's `timings.head` and `.postprocess`), in how many requests
 the worker sent FINISHING and how long before the forward's end (`timings.finishing`;
-common/protocol.py).
+common/protocol.py), and how many jobs were answered from batches of each size (`timings.batch`:
+closed-loop clients settle into a repeating mix, such as 7 + 1 or 6 + 2 for eight, and the forward
+p50 and the last batch's peak follow its larger batch).
 
 Every request carries a screenshot no other request of the run has sent, so the worker's
 screenshot cache (workers/screen_cache.py) never answers them; the `cache hits` column shows it.
