@@ -143,6 +143,11 @@ class ModelSpec:
     # the worker sends FINISHING a few ms before each forward's answers, so the threads the
     # answer crosses have just run when it comes (common/protocol.py's Finishing says why)
     finishing: bool = True
+    # > 0: while the worker has jobs, and this many ms after its last answer, idle-priority
+    # spinners keep the CPUs it may run on from idling, so the threads a request crosses wake on
+    # awake cores (workers/keep_awake.py). ~1 ms less per request on the GPU machines' VMs, for
+    # busy CPUs while serving (bench/RESULTS.md, twenty-seventh session). Linux only; 0: off
+    keep_cpus_awake_ms: int = 0
     system_prompt: str | None = None          # None: the authors' prompt for the backbone
     # a screenshot's vision encoding and prompt prefix, kept for the next question about the same
     # image (workers/screen_cache.py); 0 turns it off
@@ -175,6 +180,8 @@ class ModelSpec:
         _check(1 <= self.max_batch <= 64, f"{key}.max_batch", "must be within 1..64")
         _check(self.prep_threads is None or 1 <= self.prep_threads <= 64, f"{key}.prep_threads",
                "must be null or within 1..64")
+        _check(type(self.keep_cpus_awake_ms) is int and 0 <= self.keep_cpus_awake_ms <= 60_000,
+               f"{key}.keep_cpus_awake_ms", "must be an integer within 0..60000 (ms; 0 turns it off)")
         _check(isinstance(self.screenshot_cache_mb, int) and not isinstance(self.screenshot_cache_mb, bool)
                and 0 <= self.screenshot_cache_mb <= 1 << 20, f"{key}.screenshot_cache_mb",
                "must be an integer within 0..1048576 (MB; 0 turns the cache off)")

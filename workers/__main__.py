@@ -75,6 +75,7 @@ def worker_settings(cfg: AppConfig, model_id: str, spec: ModelSpec, options: Eng
         parent_pid=int(parent) if parent.isdigit() else None,
         prep_threads=spec.prep_threads or default_prep_threads(),
         finishing=spec.finishing,
+        keep_cpus_awake_ms=spec.keep_cpus_awake_ms,
     )
 
 

@@ -30,6 +30,7 @@ from common import wire
 from common.zmqutil import close_quietly, drain, make_socket
 from workers.compute import DONE_TAG, EXIT_TAG, Compute, Ticket
 from workers.engine import Engine
+from workers.keep_awake import KeepAwake
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class WorkerSettings:
     parent_pid: int | None = None   # exit when re-parented (supervisor gone), portable PDEATHSIG
     prep_threads: int = 1           # preprocessing threads (decode + resize release the GIL)
     finishing: bool = True          # FINISHING shortly before each batch's answers (ModelSpec.finishing)
+    keep_cpus_awake_ms: int = 0     # spinners while jobs are held, and this long after (ModelSpec's)
 
 
 class Worker:
@@ -77,6 +79,8 @@ class Worker:
         self._work_q: queue.SimpleQueue = queue.SimpleQueue()
         self._prep_q: queue.SimpleQueue = queue.SimpleQueue()
         self._inproc = f"inproc://worker-{uuid.uuid4().hex}"
+        self._awake: KeepAwake | None = None       # the model's keep_cpus_awake_ms; the control thread holds it
+        self._awake_held = False
 
     # ---- entry point (main thread) --------------------------------------------------------------
 
@@ -97,6 +101,7 @@ class Worker:
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         compute = self._compute = Compute(self, push_compute)
+        self._start_keep_awake()
         control = threading.Thread(target=self._control, args=(ctx, pull, wake_r), name="control", daemon=True)
         preps = [threading.Thread(target=compute.prep_loop, args=(self._prep_q, push), name=f"prep-{i}", daemon=True)
                  for i, push in enumerate(push_preps)]
@@ -119,7 +124,31 @@ class Worker:
                 ctx.destroy(linger=0)
             wake_r.close()
             wake_w.close()
+            if self._awake is not None:
+                self._awake.stop()
         return 0
+
+    def _start_keep_awake(self) -> None:
+        if self.s.keep_cpus_awake_ms <= 0:
+            return
+        awake = KeepAwake(self.s.keep_cpus_awake_ms / 1000.0)
+        why = awake.start()
+        if why is not None:
+            log.warning("keep_cpus_awake_ms is set, but the CPUs are not kept awake: %s", why)
+            return
+        log.info("keeping CPUs %s awake while jobs are held, and %d ms after", _cpu_list(awake.cpus),
+                 self.s.keep_cpus_awake_ms)
+        self._awake = awake
+
+    def _follow_jobs(self) -> None:
+        """Control thread, after each round of messages: the spinners run while jobs are held."""
+        held = bool(self._tickets)   # every job prep or compute still holds, an old connection's too
+        if self._awake is not None and held != self._awake_held:
+            self._awake_held = held
+            if held:
+                self._awake.hold()
+            else:
+                self._awake.release()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Runs in the main thread; the control thread is woken through the wakeup fd.
@@ -172,6 +201,7 @@ class Worker:
                         self._stop_requested = True
                 except BlockingIOError:
                     pass
+            self._follow_jobs()
             now = time.monotonic()
             if now >= next_hb:
                 next_hb = now + interval
@@ -366,4 +396,15 @@ class Worker:
             if self.state == "loaded":
                 self.state = "unloading"
             self._work_q.put(("unload", msg))   # after a pending load: the queue keeps the order
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5', as taskset writes them."""
+    runs: list[list[int]] = []
+    for c in cpus:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
