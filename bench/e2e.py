@@ -4,7 +4,7 @@
                         [--requests 20] [--engine mlx|fake] [--dtype bfloat16] [--max-batch 8]
                         [--torch-baseline prefill_floor.py|bench/torch_forward.py [--shape 7b]]
                         [--formats png,jpeg,webp] [--content plain,busy] [--no-repeat] [--devices 0,1 [--gpus-per-replica 2]]
-                        [--cache-dir DIR] [--finishing on|off]
+                        [--cache-dir DIR] [--finishing on|off] [--keep-cpus-awake-ms MS]
 
 For each screenshot size, format (bench.screens.SAVE), content (`busy`: dense text and a photo,
 PNGs ~15x larger) and client count it reports p50/p95
@@ -148,6 +148,8 @@ def add_stack_args(ap: argparse.ArgumentParser) -> None:
                     help="GPUs each replica's vision tower is split over (workers/mlx/split.py)")
     ap.add_argument("--finishing", default=None, choices=["on", "off"],
                     help="the model's `finishing` (FINISHING before answers; common/protocol.py); default: the config's")
+    ap.add_argument("--keep-cpus-awake-ms", type=int, default=None,
+                    help="the model's `keep_cpus_awake_ms` (workers/keep_awake.py); default: the config's")
     ap.add_argument("--broker-endpoints", default="tcp", choices=["tcp", "ipc"],
                     help="the broker's sockets: loopback TCP (the config's default) or Unix sockets")
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gui-grounding-bench"),
@@ -164,6 +166,8 @@ def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
         model["gpus_per_replica"] = args.gpus_per_replica
     if args.finishing is not None:
         model["finishing"] = args.finishing == "on"
+    if args.keep_cpus_awake_ms is not None:
+        model["keep_cpus_awake_ms"] = args.keep_cpus_awake_ms
     broker = {"queue_size": 256, "load_timeout_s": 600}
     if args.broker_endpoints == "ipc":
         broker.update(client_endpoint=f"ipc://{tmp}/clients", worker_endpoint=f"ipc://{tmp}/workers")

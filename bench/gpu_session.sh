@@ -4,7 +4,7 @@
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall e2ecache tail e2ecache7b
 # agent agent7b pause varlen e2ebusy body quant quant7b e2eq firstload qtail replicas (2 GPUs) replicas4 (4 GPUs) agentreplicas (2 GPUs)
-# towerops wattn split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs) split7b (2 GPUs) splitfaults (2 GPUs) splitcmp (2 GPUs) splitcmp7b (2 GPUs) q25split (2 GPUs) q25split7b (2 GPUs) nccl (2 GPUs) rows (2 GPUs) idlehops energy fp8 finishing finishing8
+# towerops wattn split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs) split7b (2 GPUs) splitfaults (2 GPUs) splitcmp (2 GPUs) splitcmp7b (2 GPUs) q25split (2 GPUs) q25split7b (2 GPUs) nccl (2 GPUs) rows (2 GPUs) idlehops energy fp8 finishing finishing8 awake
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
 # (and pybase64, the frontend's base64 decoder, the same way)
@@ -19,12 +19,13 @@ python3 -c "import imagecodecs, pybase64" 2>/dev/null || python3 -m pip install 
   /root/icw/*.whl 2>&1 | grep -v "^WARNING" || true
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-# The C PNG unfilterer (workers/_png_unfilter.abi3.so) is built by the install and ignored by git, so
-# it travels only when carried: carry [".gpu/b", ".gpu/h", "workers/_png_unfilter.abi3.so"] (one abi3
-# build serves the GPU image's Python 3.12). Without it the worker unfilters PNGs with libpng: a plain
+# The C PNG unfilterer (workers/_png_unfilter.abi3.so) and spinner (workers/_keep_awake.abi3.so) are
+# built by the install and ignored by git, so they travel only when carried: carry [".gpu/b", ".gpu/h",
+# "workers/_png_unfilter.abi3.so", "workers/_keep_awake.abi3.so"] (one abi3 build serves the GPU
+# image's Python 3.12). Without the first the worker unfilters PNGs with libpng: a plain
 # 1080p screenshot's preprocessing 5.2-5.8 ms instead of ~2.8 (twenty-third session).
-python3 -c "from workers import _png_unfilter" 2>/dev/null || python3 setup.py -q build_ext --inplace >/dev/null 2>&1 ||
-  echo "WARNING: no C PNG unfilterer (carry workers/_png_unfilter.abi3.so): PNG preprocessing runs slower" | tee -a "$OUT/session.txt"
+python3 -c "from workers import _png_unfilter, _keep_awake" 2>/dev/null || python3 setup.py -q build_ext --inplace >/dev/null 2>&1 ||
+  echo "WARNING: C extensions missing (carry workers/_png_unfilter.abi3.so, workers/_keep_awake.abi3.so)" | tee -a "$OUT/session.txt"
 steps=${*:-env vit 2b e2e2b 7b e2e7b}
 # Everything goes to one file: the device call brings back only a few files.
 run() { local name=$1 limit=$2; shift 2; echo "== $name: $*" | tee -a "$OUT/session.txt"
@@ -204,6 +205,15 @@ for s in $steps; do case $s in
          for f in ${FINISHING8:-on off on off}; do   # does FINISHING cost anything under load?
            run "e2e8_finishing_$f" 200 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
              --concurrency 8 --requests 64 --no-repeat --finishing $f
+         done ;;
+  awake) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
+         half="$(( $(nproc) / 2 ))-$(( $(nproc) - 1 ))"   # the stack pinned to the upper half of the CPUs
+         for r in ${AWAKE_ROUNDS:-1 2 3}; do   # keep_cpus_awake_ms off and on, alternating
+           for a in "off 0" "on 100" "on_pinned 100 taskset -c $half"; do
+             set -- $a
+             run "e2e_awake_$1_$r" 200 ${@:3} python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 \
+               --sizes 1920x1080 --concurrency 1 --requests 40 --no-repeat --keep-cpus-awake-ms $2
+           done
          done ;;
   idlehops) run idle_hops 200 python3 -m bench.idle_hops
          run idle_hops_cpu_latency_held 200 python3 -m bench.idle_hops --hold-cpu-latency ;;
