@@ -145,8 +145,8 @@ class ModelSpec:
     finishing: bool = True
     # > 0: while the worker has jobs, and this many ms after its last answer, idle-priority
     # spinners keep the CPUs it may run on from idling, so the threads a request crosses wake on
-    # awake cores (workers/keep_awake.py). ~1 ms less per request on the GPU machines' VMs, for
-    # busy CPUs while serving (bench/RESULTS.md, twenty-seventh session). Linux only; 0: off
+    # awake cores (workers/keep_awake.py). 0.5-1.1 ms less per request on an H200 VM, for busy
+    # CPUs while serving (README, "CPUs kept awake"). Linux only; 0: off
     keep_cpus_awake_ms: int = 0
     system_prompt: str | None = None          # None: the authors' prompt for the backbone
     # a screenshot's vision encoding and prompt prefix, kept for the next question about the same
