@@ -15,7 +15,7 @@ LINUX = sys.platform.startswith("linux")
 
 def extension(name: str, source: str, **kw) -> Extension:
     return Extension(name, [source], define_macros=[("Py_LIMITED_API", "0x030B0000")], py_limited_api=True,
-                     extra_compile_args=["-O3", "-std=gnu11"], optional=True, **kw)
+                     extra_compile_args=["-O3", "-std=gnu11"], depends=["workers/spin_wait.h"], optional=True, **kw)
 
 
 setup(ext_modules=[

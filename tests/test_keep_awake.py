@@ -97,8 +97,8 @@ def test_held_spinners_leave_the_cpus_to_other_threads(spinners):
     th = threading.Thread(target=busy)
     th.start()
     th.join()
-    # with the spinner taking an equal share it would be ~0.25 s (one CPU's worth, halved)
-    assert used[0] > 0.4
+    # with the spinner taking an equal share it would be ~0.25 s (one CPU's worth, halved); alone, 0.5
+    assert used[0] > 0.375
 
 
 def test_stop_ends_every_spinner_and_new_ones_can_start():

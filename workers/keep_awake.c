@@ -16,28 +16,14 @@
 #include <Python.h>   /* first, as Python asks */
 #include <limits.h>
 #include <stdint.h>
-#include <time.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include "spin_wait.h"
 
 static int64_t deadline_ns;   /* spin while CLOCK_MONOTONIC is before this */
-static int32_t generation;    /* bumped at every change of the two: the futex word sleepers wait on */
+static int32_t generation;    /* bumped at every change of either: the futex word sleepers wait on */
 static int32_t quitting;      /* serve() returns */
-
-static int64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);   /* Python's time.monotonic_ns() reads the same clock */
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-static inline void pause_briefly(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 /* A change is stored, then the generation bumped, then the sleepers woken: a spinner that read
  * the old generation either sees the change or finds the futex word moved and does not sleep. */

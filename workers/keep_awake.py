@@ -9,7 +9,6 @@ Linux only.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
@@ -21,17 +20,18 @@ try:
 except ImportError:
     NATIVE = None
 
-log = logging.getLogger(__name__)
-
 FOREVER_NS = 2**63 - 1
 START_WAIT_S = 5.0
 
 
 class KeepAwake:
+    """One at a time per process: the C side's deadline is the module's."""
+
     def __init__(self, linger_s: float, cpus: Iterable[int] | None = None):
         self.linger_ns = int(linger_s * 1e9)
-        self.cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0)) \
-            if hasattr(os, "sched_getaffinity") else []
+        if cpus is None:
+            cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()
+        self.cpus = sorted(cpus)
         self.threads: list[threading.Thread] = []
         self.native_ids: list[int] = []   # the spinners' thread ids, for /proc and tests
         self._failed: list[str] = []

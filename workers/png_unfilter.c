@@ -43,6 +43,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
+#include "spin_wait.h"
 
 #define SEGMENT_PIXELS 128   /* per wait: whole pixels, so a segment never ends inside one */
 #define SPIN_NS 50000        /* a wait spins this long before it sleeps (most waits here are shorter,
@@ -77,20 +78,6 @@ static void report_progress(shared_state *st) {
 #if defined(__linux__)
     syscall(SYS_futex, &st->progress, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
 #endif
-}
-
-static inline void pause_briefly(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-static int64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
 /* One wait for another thread: `spins` pauses so far, `since` when the clock was first read. */
