@@ -174,7 +174,9 @@ def create_app(cfg: AppConfig, name: str = "grounding_frontend") -> GroundingApp
     async def _after(request: Request, response: HTTPResponse) -> None:
         # streams pass here when their headers go out: their latency is the time to first byte
         response.headers.update(_cors_headers(request, s.cors_origins))
-        record_request(request, response.status)
+        # once the response is written (this task writes it before it next yields), so that the
+        # latency runs to the last byte and the metrics' cost is off the answer's way
+        asyncio.get_running_loop().call_soon(record_request, request, response.status)
 
     app.error_handler.add(Exception, error_response)
     routes.register(app)

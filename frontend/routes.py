@@ -234,12 +234,20 @@ def _finish(result) -> str:
 
 
 def _count(app: Sanic, model: str, outcome: str, t0: float | None, usage: dict | None = None) -> None:
-    app.ctx.metrics.jobs.labels(model, outcome).inc()
+    """Count a job's outcome once its answer is on its way: the handler writes its response before
+    it next yields to the event loop, and after a forward's idle these updates cost several times
+    their usual few µs (bench/RESULTS.md, twenty-seventh session)."""
+    elapsed = time.perf_counter() - t0 if t0 is not None and outcome == "stop" else None
+    asyncio.get_running_loop().call_soon(_record_job, app.ctx.metrics, model, outcome, elapsed, usage)
+
+
+def _record_job(metrics, model: str, outcome: str, elapsed: float | None, usage: dict | None) -> None:
+    metrics.jobs.labels(model, outcome).inc()
     cached = (usage or {}).get("cached_tokens")
     if isinstance(cached, int) and cached > 0:
-        app.ctx.metrics.screenshot_cache_hits.labels(model).inc()
-    if t0 is not None and outcome == "stop":
-        app.ctx.metrics.job_latency.labels(model).observe(time.perf_counter() - t0)
+        metrics.screenshot_cache_hits.labels(model).inc()
+    if elapsed is not None:
+        metrics.job_latency.labels(model).observe(elapsed)
 
 
 async def _cancel_quietly(handle, reason: str) -> None:
