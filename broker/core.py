@@ -203,6 +203,10 @@ class Broker:
             return self._client_error(client, msg.id, "unknown_model", f"model {msg.model!r} {why}")
         if msg.ttl_ms <= 0:
             return self._client_error(client, msg.id, "bad_request", "ttl_ms must be > 0")
+        if msg.answer_to is not None and not (p.direct_endpoint_ok(msg.answer_to) and msg.answer_host
+                                              and len(msg.answer_host) <= p.MAX_DIRECT_ENDPOINT):
+            return self._client_error(client, msg.id, "bad_request",
+                                      "answer_to must be a loopback tcp:// or an ipc:// endpoint, with answer_host")
         if msg.blob_meta and len(msg.blob_meta) != len(blobs):
             return self._client_error(client, msg.id, "bad_request",
                                       f"blob_meta describes {len(msg.blob_meta)} blobs, {len(blobs)} were sent")
@@ -218,7 +222,7 @@ class Broker:
                                       "an identical request recently crashed two workers")
         job = Job(id=msg.id, client=client, model=msg.model, params=msg.params, blobs=list(blobs),
                   blob_meta=msg.blob_meta, stream=msg.stream, accepted_at=now, deadline=now + msg.ttl_ms / 1000,
-                  finishing=msg.finishing)
+                  finishing=msg.finishing, answer_to=msg.answer_to, answer_host=msg.answer_host)
         pos = self.jobs.add(job)
         self.count("jobs_accepted_total")
         self.emit(e.ToClient(client, p.Accepted(msg.id, pos, self.incarnation)))
@@ -329,4 +333,4 @@ class Broker:
             w.live[job.id] = None
             m.last_used = now
             self.emit(e.ToWorker(w.identity, p.Job(job.id, job.params, job.remaining_ms(now), job.attempt,
-                                                   job.blob_meta), job.blobs))
+                                                   job.blob_meta, job.answer_to, job.answer_host), job.blobs))

@@ -36,6 +36,8 @@ class Job:
     kill_sent: bool = False          # ... and then asked the supervisor to kill the worker
     screen_key: int | None = None    # broker.placement's key of its screenshot, once computed
     finishing: bool = False          # the client asked for FINISHING before the answer
+    answer_to: str | None = None     # the client's endpoint for direct answers (protocol.Final)
+    answer_host: str | None = None
 
     def remaining_ms(self, now: float) -> int:
         return max(1, int((self.deadline - now) * 1000))

@@ -72,6 +72,10 @@ class Submit(Message):
     priority: int = 0
     # send FINISHING shortly before the answer (see Finishing); older brokers ignore the key
     finishing: bool = False
+    # a PULL endpoint of this client's where a worker on host `answer_host` also sends the FINAL
+    # straight, ahead of the broker's copy (see Final); None: the broker's alone
+    answer_to: str | None = None
+    answer_host: str | None = None
 
 
 @_msg(C, 0x02)
@@ -117,7 +121,14 @@ class Partial(Message):
 @_msg(C, 0x13)
 @dataclass(frozen=True)
 class Final(Message):
-    """The job's result; blobs that came with the worker's RESULT follow as frames."""
+    """The job's result; blobs that came with the worker's RESULT follow as frames.
+
+    Direct answers: where the SUBMIT gave `answer_to` and the worker runs on `answer_host`, the
+    worker also sends the FINAL itself, on this link's framing, to that PULL endpoint of the
+    client's. The broker still sends its own FINAL (or an ERROR) for the job; that one is the
+    guarantee, and the client keeps whichever comes first and drops the other. The direct copy
+    skips three hops of the answer's way out (the worker's control thread, the broker, its send),
+    each a thread that slept through the forward (bench/RESULTS.md, twenty-eighth session)."""
     id: str
     result: dict
     usage: dict = field(default_factory=dict)
@@ -284,11 +295,14 @@ class Host(Message):
 @_msg(W, 0x11)
 @dataclass(frozen=True)
 class Job(Message):
+    """`answer_to` / `answer_host`: the SUBMIT's, passed on (see Final)."""
     id: str
     params: dict
     ttl_ms: int
     attempt: int = 1
     blob_meta: list = field(default_factory=list)
+    answer_to: str | None = None
+    answer_host: str | None = None
 
 
 @_msg(W, 0x12)
@@ -334,8 +348,19 @@ class Kill(Message):
     reason: str = ""
 
 
+# Where direct answers may go: endpoints on the worker's own host only (the worker also checks
+# `answer_host`), so a SUBMIT cannot make a worker connect anywhere else.
+DIRECT_ENDPOINT_PREFIXES = ("tcp://127.0.0.1:", "tcp://[::1]:", "ipc://")
+MAX_DIRECT_ENDPOINT = 255
+
+
+def direct_endpoint_ok(endpoint: str) -> bool:
+    return 0 < len(endpoint) <= MAX_DIRECT_ENDPOINT and endpoint.startswith(DIRECT_ENDPOINT_PREFIXES)
+
+
 CLIENT_TO_BROKER = (Submit, Cancel, Query, Ping)
 BROKER_TO_CLIENT = (Accepted, Partial, Final, Error, Pong, QueryReply, Finishing)
+WORKER_TO_CLIENT = (Final,)   # direct answers (see Final)
 WORKER_TO_BROKER = (Ready, Heartbeat, WorkerPartial, WorkerFinishing, Result, WorkerError, Memory, Loaded,
                     Unloaded, WorkerDisconnect, Host)
 BROKER_TO_WORKER = (Job, JobCancel, Load, Unload, BrokerHeartbeat, BrokerDisconnect, Kill)

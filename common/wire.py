@@ -37,6 +37,7 @@ class ProtocolError(Exception):
 
 FROM_CLIENT = p.registry(*p.CLIENT_TO_BROKER)
 TO_CLIENT = p.registry(*p.BROKER_TO_CLIENT)
+DIRECT_TO_CLIENT = p.registry(*p.WORKER_TO_CLIENT)
 FROM_WORKER = p.registry(*p.WORKER_TO_BROKER)
 TO_WORKER = p.registry(*p.BROKER_TO_WORKER)
 

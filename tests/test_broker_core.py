@@ -313,6 +313,26 @@ def test_finishing_reaches_the_clients_that_asked_and_is_otherwise_dropped_witho
     assert not [c for c in late if isinstance(c, e.ToClient)]
 
 
+def test_direct_answer_endpoints_reach_the_worker_and_others_are_refused():
+    h = Harness()
+    h.loaded_worker(b"w1", slots=4)
+    ok = ["tcp://127.0.0.1:5999", "tcp://[::1]:5999", "ipc:///tmp/x.sock"]
+    for i, endpoint in enumerate(ok):
+        h.client(p.Submit(f"ok{i}", "m", {"instruction": "x"}, [{"mime": "image/png", "len": 1}],
+                          answer_to=endpoint, answer_host="h1"), [IMG])
+    jobs = [m for m in of(h.log, p.Job, b"w1")]
+    assert [(j.answer_to, j.answer_host) for j in jobs] == [(ep, "h1") for ep in ok]
+    h.submit("plain")
+    assert of(h.log, p.Job, b"w1")[-1].answer_to is None
+    bad = [("tcp://10.0.0.7:5999", "h1"), ("tcp://localhost:5999", "h1"), ("inproc://x", "h1"),
+           ("tcp://127.0.0.1:" + "9" * 300, "h1"), ("tcp://127.0.0.1:5999", None), ("tcp://127.0.0.1:5999", "")]
+    for i, (endpoint, host) in enumerate(bad):
+        h.client(p.Submit(f"bad{i}", "m", {"instruction": "x"}, answer_to=endpoint, answer_host=host))
+        [err] = answers(h.log, f"bad{i}")
+        assert err.code == "bad_request" and "answer_to" in err.message
+    assert len(of(h.log, p.Job, b"w1")) == 4 and len(h.b.jobs) == 4
+
+
 def test_heartbeat_loss_is_detected_after_liveness_window_only():
     h = Harness()
     h.loaded_worker(b"w1")
