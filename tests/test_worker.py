@@ -1,15 +1,21 @@
 """The worker process (`python -m workers`) against a raw ROUTER speaking common.wire."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import socket
 import struct
 import time
 
 import pytest
+import zmq
 
 from common import protocol as p
+from common import wire
+from common.zmqutil import free_tcp_endpoint, make_socket
 from tests.rawbroker import RawBroker, fake_spec, png, spawn, stop, write_config
+from workers.direct_answers import SEND_HWM
 
 IMG = png(640, 480)
 
@@ -340,3 +346,50 @@ def test_finishing_goes_out_once_per_batch_before_its_answers_unless_turned_off(
             assert 2.9 <= res.timings["finishing"] <= res.timings["forward"]
     # one message per batch, naming that batch's jobs
     assert all(results[jid][1].timings["batch"] == len(msg.ids) for _, msg in broker.finishing for jid in msg.ids)
+
+
+def test_direct_answers_go_straight_to_a_client_on_this_host_only(tmp_path, broker, proc_list):
+    proc_list.append(start(tmp_path, broker, spec=fake_spec(max_batch=1)))
+    ident, _ = loaded(broker)
+    ctx = zmq.Context()
+    pull = make_socket(ctx, zmq.PULL)
+    pull.bind("tcp://127.0.0.1:*")
+    here, host = pull.getsockopt_string(zmq.LAST_ENDPOINT), socket.gethostname()
+
+    def send(jid, to, on, **params):
+        msg, blobs = job(jid, **params)
+        broker.send(ident, dataclasses.replace(msg, answer_to=to, answer_host=on), blobs)
+
+    def direct_copy(timeout_s=3.0):
+        assert pull.poll(int(timeout_s * 1000)), "no direct answer"
+        return wire.decode(pull.recv_multipart(), wire.DIRECT_TO_CLIENT)
+
+    try:
+        send("d1", here, host, return_attention=True)
+        res, out = answer(broker)
+        got, blobs = direct_copy()
+        assert isinstance(got, p.Final) and got.id == "d1" and isinstance(res, p.Result)
+        assert (got.result, got.usage, got.timings, got.finish_reason) == (res.result, res.usage, res.timings, "stop")
+        assert blobs == out and len(out) == 1 and got.result["attention_blob"] == 0
+        # another host's client, a job that asked for nothing, an error, a job cancelled while it
+        # runs: the broker's answer alone
+        send("d2", here, "another-host")
+        send("d3", None, None)
+        send("d4", here, host, fake={"fail": "internal"})
+        send("d5", here, host, fake={"hang_s": 0.6})
+        time.sleep(0.2)
+        broker.send(ident, p.JobCancel(id="d5"))
+        got = {r.id: r for r in (answer(broker)[0] for _ in range(4))}
+        assert [type(got[j]).__name__ for j in ("d2", "d3", "d4", "d5")] == ["Result", "Result", "WorkerError", "WorkerError"]
+        assert got["d5"].code == "cancelled" and not pull.poll(300)
+        # a client that is gone: its answers queue up to the HWM, then are dropped; never a block
+        gone = free_tcp_endpoint()
+        for i in range(SEND_HWM + 16):
+            send(f"x{i}", gone, host)
+            res, _ = answer(broker)
+            assert isinstance(res, p.Result) and res.id == f"x{i}"
+        send("d6", here, host)
+        assert answer(broker)[0].id == "d6" and direct_copy()[0].id == "d6"
+    finally:
+        pull.close(linger=0)
+        ctx.term()

@@ -21,6 +21,7 @@ import zmq
 
 from common import protocol as p
 from common import wire
+from workers.direct_answers import DirectAnswers
 from workers.engine import GroundingRequest, GroundingResult, JobError
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class Ticket:
     prep_end: float = 0.0
     fwd_start: float = 0.0
     prepared: Any = None
+    answer_to: str | None = None   # the client's endpoint for a direct FINAL (workers/direct_answers.py)
 
 
 def _ms(seconds: float) -> float:
@@ -59,10 +61,11 @@ def _ms(seconds: float) -> float:
 
 
 class Compute:
-    def __init__(self, worker: "Worker", push: zmq.Socket):
+    def __init__(self, worker: "Worker", push: zmq.Socket, direct: DirectAnswers):
         self.w = worker
         self.engine = worker.engine
         self.push = push   # compute thread's own socket; prep_loop gets its own
+        self.direct = direct   # compute thread's own sockets to clients
         self.loaded = False   # compute's own truth (w.state also moves on the control thread)
         self.idle = False     # blocked waiting for work (read by the control thread)
         self.prep_busy: set[str] = set()   # names of preprocessing threads at work (set ops are atomic)
@@ -242,6 +245,9 @@ class Compute:
                                total=_ms(end - t.recv_t), batch=len(live))
                 if warned:          # how long before the forward's end FINISHING went out
                     timings["finishing"] = _ms(end - warned[0])
+                if t.answer_to:     # first, straight to the client; then the broker's copy
+                    self.direct.send(t.answer_to, p.Final(id=t.id, result=result, usage=usage, timings=timings),
+                                     blobs)
                 if not out.peak_mem and mem is None:
                     mem = self._memory()
                 self._job_msg(t, p.Result(id=t.id, result=result, usage=usage, finish_reason="stop",

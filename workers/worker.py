@@ -6,7 +6,8 @@
 - preprocessing thread: GroundingRequest.from_job + engine.prepare (CPU work overlapping the
   previous forward pass). When both threads are idle there is nothing to overlap, so the job goes
   straight to the compute thread, which prepares it itself (one thread hop less: ~0.2 ms).
-- compute thread (the main thread): LOAD / UNLOAD and engine.run on batches.
+- compute thread (the main thread): LOAD / UNLOAD and engine.run on batches; it also sends a
+  job's FINAL straight to a client on this host that asked (workers/direct_answers.py).
 A long forward pass cannot starve heartbeats: they come from the control thread, and the per-job
 `last_progress_ms_ago` lets the broker's watchdog see a stuck computation.
 """
@@ -29,6 +30,7 @@ from common import protocol as p
 from common import wire
 from common.zmqutil import close_quietly, drain, make_socket
 from workers.compute import DONE_TAG, EXIT_TAG, Compute, Ticket
+from workers.direct_answers import DirectAnswers
 from workers.engine import Engine
 from workers.keep_awake import KeepAwake
 
@@ -100,7 +102,8 @@ class Worker:
         wake_w.setblocking(False)
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        compute = self._compute = Compute(self, push_compute)
+        direct = DirectAnswers(ctx)
+        compute = self._compute = Compute(self, push_compute, direct)
         self._start_keep_awake()
         control = threading.Thread(target=self._control, args=(ctx, pull, wake_r), name="control", daemon=True)
         preps = [threading.Thread(target=compute.prep_loop, args=(self._prep_q, push), name=f"prep-{i}", daemon=True)
@@ -111,6 +114,7 @@ class Worker:
         try:
             compute.loop(self._work_q)
         finally:
+            direct.close()
             control.join(timeout=self.s.shutdown_grace_s + 5)
             for prep in preps:
                 self._prep_q.put(None)
@@ -364,8 +368,11 @@ class Worker:
         now = time.monotonic()
         self.counters["jobs"] += 1
         self._seq += 1
+        # a direct answer only to a client on this host (the broker checked the endpoint's form)
+        direct = msg.answer_host == self.s.host and msg.answer_to and p.direct_endpoint_ok(msg.answer_to)
         ticket = Ticket(id=msg.id, params=msg.params, blobs=blobs, gen=self._gen, recv_t=now,
-                        deadline=now + max(0, msg.ttl_ms) / 1000.0, seq=self._seq, progress_t=now)
+                        deadline=now + max(0, msg.ttl_ms) / 1000.0, seq=self._seq, progress_t=now,
+                        answer_to=msg.answer_to if direct else None)
         self._inflight[msg.id] = ticket
         self._tickets[ticket.seq] = ticket
         if self._compute.idle and self._compute.prep_idle and self._prep_q.empty():
