@@ -8,11 +8,16 @@ in-flight jobs when the broker restarts (`broker_restarted`) or stays silent for
 (`broker_unavailable`, retryable). Nothing happens at import or construction: sockets are made
 in `start()`, on whichever event loop is running (the Sanic frontend calls it from
 `before_server_start`).
+
+`direct_answers=True`: the client also binds a loopback PULL socket and asks workers on this host
+to send each (non-streamed) job's FINAL there straight, ahead of the broker's copy
+(common/protocol.py's Final); the first of the two is kept, the other dropped.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -36,14 +41,21 @@ TICK_S = 0.1
 CONNECT_WAIT_S = 1.0    # how long a send waits for the connection to come up
 SEND_RETRY_S = 0.05     # retry period of a send while not connected
 DEADLINE_SLACK_S = 5.0  # the broker answers deadline_exceeded itself; this is the last resort
+ANSWERED_KEEP_S = 60.0  # a finished job's second answer (direct answers) is expected within this
+DIRECT_BIND = "tcp://127.0.0.1:*"   # the direct answers' PULL socket: loopback, any free port
 
 
 class AsyncClient:
     def __init__(self, endpoint: str, *, ctx: zmq.asyncio.Context | None = None, default_ttl_s: float = 120.0,
-                 finishing: bool = True):
+                 finishing: bool = True, direct_answers: bool = False):
         self.endpoint = endpoint
         self.default_ttl_s = default_ttl_s
         self.finishing = finishing   # ask for FINISHING before each answer (protocol.Finishing says why)
+        self.direct_answers = direct_answers
+        self.answer_to: str | None = None    # the direct answers' endpoint, once started
+        self._host: str | None = None
+        self._direct: zmq.asyncio.Socket | None = None
+        self._answered: dict[str, float] = {}   # job id -> when, for jobs whose second answer may come
         self._ctx = ctx
         self._own_ctx = ctx is None
         self._sock: zmq.asyncio.Socket | None = None
@@ -57,7 +69,7 @@ class AsyncClient:
         self._heard_t: float | None = None    # last message from the broker
         self._started_t = 0.0
         self._ping_t = 0.0
-        self.counters = {"decode_errors": 0, "resends": 0, "unknown_job": 0}
+        self.counters = {"decode_errors": 0, "resends": 0, "unknown_job": 0, "direct_answers": 0}
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -73,6 +85,12 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._reader(), name="vlm-client-reader"),
                        loop.create_task(self._ticker(), name="vlm-client-ticker")]
+        if self.direct_answers:
+            direct = self._direct = make_socket(self._ctx, zmq.PULL)
+            direct.bind(DIRECT_BIND)
+            self.answer_to = direct.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._host = socket.gethostname()
+            self._tasks.append(loop.create_task(self._direct_reader(direct), name="vlm-client-direct"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -87,6 +105,9 @@ class AsyncClient:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        if self._direct is not None:
+            self._direct.close(linger=0)
+            self._direct = self.answer_to = None
         if self._own_ctx and self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -120,11 +141,15 @@ class AsyncClient:
         ttl = self.default_ttl_s if ttl_s is None else ttl_s
         blobs = list(blobs)
         meta = [{"mime": sniff_mime(b), "len": memoryview(b).nbytes} for b in blobs]
+        # streamed jobs' answers stay on the broker's way (a direct FINAL could pass their
+        # PARTIALs), and so do those of an id answered lately (its other copy may still come)
+        direct = self.answer_to is not None and not stream and jid not in self._answered
         msg = p.Submit(id=jid, model=model, params=params, blob_meta=meta, ttl_ms=max(1, int(ttl * 1000)),
-                       stream=stream, finishing=self.finishing)
+                       stream=stream, finishing=self.finishing, answer_to=self.answer_to if direct else None,
+                       answer_host=self._host if direct else None)
         frames = wire.encode(msg, blobs)
         now = time.monotonic()
-        job = JobEntry(jid, asyncio.Queue(), frames, now, now + ttl + DEADLINE_SLACK_S)
+        job = JobEntry(jid, asyncio.Queue(), frames, now, now + ttl + DEADLINE_SLACK_S, direct=direct)
         self._jobs[jid] = job
         try:
             await self._send(frames, CONNECT_WAIT_S)
@@ -163,6 +188,9 @@ class AsyncClient:
             del self._jobs[job.id]
             job.frames = None
             job.queue.put_nowait(event)
+            if job.direct:
+                self._answered.pop(job.id, None)   # kept in the order answered
+                self._answered[job.id] = time.monotonic()
 
     # ---- queries --------------------------------------------------------------------------------
 
@@ -272,8 +300,7 @@ class AsyncClient:
             if job is None:
                 self._unknown(msg.id)
                 return
-            self._finish(job, JobResult(msg.id, msg.result, msg.usage, msg.timings, msg.finish_reason,
-                                        [f.bytes if hasattr(f, "bytes") else bytes(f) for f in blobs]))
+            self._finish(job, _job_result(msg, blobs))
         elif isinstance(msg, p.Error):
             err = ServerError(msg.code, msg.message, retryable=msg.retryable, retry_after_ms=msg.retry_after_ms,
                               job_id=msg.id)
@@ -296,8 +323,35 @@ class AsyncClient:
             if fut is not None and not fut.done():
                 fut.set_result(msg.data)
 
+    async def _direct_reader(self, sock: zmq.asyncio.Socket) -> None:
+        """FINALs sent straight by workers; the broker's copy of each comes later (or came first)."""
+        while True:
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                if sock.closed:
+                    return
+                log.warning("direct receive failed: %s", exc)
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                msg, blobs = wire.decode(frames, wire.DIRECT_TO_CLIENT)
+            except wire.ProtocolError as exc:
+                self.counters["decode_errors"] += 1
+                log.warning("dropped a bad direct answer (%s)", exc)
+                continue
+            job = self._jobs.get(msg.id)
+            if job is None or not job.direct:
+                self._unknown(msg.id)
+            else:
+                self.counters["direct_answers"] += 1
+                self._finish(job, _job_result(msg, blobs))
+
     def _unknown(self, job_id: str) -> None:
-        """An answer for a job we no longer track: expected once after our own CANCEL."""
+        """An answer for a job we no longer track: expected once after our own CANCEL, and the
+        second copy of a job answered directly."""
+        if job_id in self._answered:
+            return
         if self._cancelled.pop(job_id, None) is None:
             self.counters["unknown_job"] += 1
             log.warning("answer for unknown job %s dropped", job_id)
@@ -317,6 +371,9 @@ class AsyncClient:
             now = time.monotonic()
             for jid in [j for j, t in self._cancelled.items() if now - t > 60.0]:
                 del self._cancelled[jid]
+            answered = self._answered   # in the order they were answered: the oldest first
+            while answered and now - next(iter(answered.values())) > ANSWERED_KEEP_S:
+                del answered[next(iter(answered))]
             heard = self._heard_t if self._heard_t is not None else self._started_t
             for job in list(self._jobs.values()):
                 if now >= job.deadline:
@@ -342,6 +399,11 @@ class AsyncClient:
             await self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
             pass   # not connected: the silence rule will tell
+
+
+def _job_result(msg: p.Final, blobs: list) -> JobResult:
+    return JobResult(msg.id, msg.result, msg.usage, msg.timings, msg.finish_reason,
+                     [f.bytes if hasattr(f, "bytes") else bytes(f) for f in blobs])
 
 
 class SyncJobHandle:
@@ -370,11 +432,13 @@ class SyncJobHandle:
 class Client:
     """Blocking client: an AsyncClient on a private event loop in a daemon thread."""
 
-    def __init__(self, endpoint: str, *, default_ttl_s: float = 120.0, finishing: bool = True):
+    def __init__(self, endpoint: str, *, default_ttl_s: float = 120.0, finishing: bool = True,
+                 direct_answers: bool = False):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vlm-client-loop", daemon=True)
         self._thread.start()
-        self._async = AsyncClient(endpoint, default_ttl_s=default_ttl_s, finishing=finishing)
+        self._async = AsyncClient(endpoint, default_ttl_s=default_ttl_s, finishing=finishing,
+                                  direct_answers=direct_answers)
         self._call(self._async.start())
 
     def _call(self, coro: Any) -> Any:

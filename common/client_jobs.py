@@ -37,6 +37,7 @@ class JobEntry:
     deadline: float         # client-side last resort, monotonic
     accepted_inc: str | None = None
     resent: bool = False
+    direct: bool = False    # asked for a direct answer: a second copy will come (protocol.Final)
 
 
 def sniff_mime(blob: Any) -> str:

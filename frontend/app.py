@@ -142,7 +142,8 @@ def create_app(cfg: AppConfig, name: str = "grounding_frontend") -> GroundingApp
 
     @app.before_server_start
     async def _open_client(app: GroundingApp) -> None:
-        app.ctx.client = AsyncClient(cfg.broker.client_endpoint, default_ttl_s=s.request_timeout_s)
+        app.ctx.client = AsyncClient(cfg.broker.client_endpoint, default_ttl_s=s.request_timeout_s,
+                                     direct_answers=s.direct_answers)
         await app.ctx.client.start()
         app.ctx.client_started = time.monotonic()
 

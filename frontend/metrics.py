@@ -48,11 +48,27 @@ class Metrics:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method).observe(seconds)
 
-    def render(self, stats: Mapping[str, Any] | None) -> bytes:
-        """Exposition text: this process's metrics, then the broker's (absent when unreachable)."""
+    def render(self, stats: Mapping[str, Any] | None, client_counters: Mapping[str, int] | None = None) -> bytes:
+        """Exposition text: this process's metrics and its broker client's counters
+        (common/client.py), then the broker's (absent when unreachable)."""
         broker = CollectorRegistry(auto_describe=False)
         broker.register(_BrokerCollector(stats))
-        return generate_latest(self.registry) + generate_latest(broker)
+        client = CollectorRegistry(auto_describe=False)
+        client.register(_ClientCollector(client_counters or {}))
+        return generate_latest(self.registry) + generate_latest(client) + generate_latest(broker)
+
+
+class _ClientCollector:
+    """This process's broker client: answers that came straight from a worker, dropped messages."""
+
+    def __init__(self, counters: Mapping[str, int]):
+        self.counters = counters
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily("grounding_client_events", "Broker client counters by name", labels=["name"])
+        for name, n in sorted(self.counters.items()):
+            family.add_metric([_NAME_OK.sub("_", str(name))], float(n))
+        yield family
 
 
 class _BrokerCollector:

@@ -265,7 +265,9 @@ async def metrics(request: Request) -> HTTPResponse:
         stats = await (await ready_client(request.app, wait_s=0)).stats()
     except ServerError:
         stats = None
-    return raw(request.app.ctx.metrics.render(stats), content_type=METRICS_CONTENT_TYPE)
+    client = request.app.ctx.client
+    return raw(request.app.ctx.metrics.render(stats, client.counters if client is not None else None),
+               content_type=METRICS_CONTENT_TYPE)
 
 
 async def index(request: Request) -> HTTPResponse:

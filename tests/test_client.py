@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -191,8 +192,69 @@ def test_async_client_streams_events_on_any_loop_and_drops_finishing(finishing):
                 assert [type(e).__name__ for e in events] == ["Accepted", "Partial", "JobResult"]
                 assert events[0].queue_pos == 2 and events[-1].result == {"ok": True}
                 assert (await h.result()).result == {"ok": True}   # the terminal event is kept
-                assert c.counters == {"decode_errors": 0, "resends": 0, "unknown_job": 0}
+                assert c.counters == {"decode_errors": 0, "resends": 0, "unknown_job": 0, "direct_answers": 0}
         finally:
+            router.close(linger=0)
+            ctx.term()
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_direct_answers_first_copy_wins_either_way_and_streams_stay_on_the_broker():
+    async def main():
+        ctx = zmq.asyncio.Context()
+        router = make_socket(ctx, zmq.ROUTER)
+        endpoint = free_tcp_endpoint()
+        router.bind(endpoint)
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+
+        async def next_submit():
+            while True:
+                frames = await asyncio.wait_for(router.recv_multipart(), 5)
+                msg, _ = wire.decode(frames[1:], wire.FROM_CLIENT)
+                if isinstance(msg, p.Submit):
+                    return frames[0], msg
+
+        async def via_broker(ident, msg):
+            await router.send_multipart([ident, *wire.encode(msg)])
+
+        try:
+            async with AsyncClient(endpoint, ctx=ctx, direct_answers=True) as c:
+                assert c.answer_to.startswith("tcp://127.0.0.1:")
+                push.connect(c.answer_to)
+                for first in ("direct", "broker"):
+                    h = await c.submit("m", {"instruction": first}, [IMG])
+                    ident, sub = await next_submit()
+                    assert (sub.answer_to, sub.answer_host) == (c.answer_to, socket.gethostname())
+                    await via_broker(ident, p.Accepted(id=sub.id, queue_pos=0, broker_incarnation="A"))
+                    copies = [p.Final(id=sub.id, result={"from": "direct"}), p.Final(id=sub.id, result={"from": "broker"})]
+                    if first == "direct":
+                        await push.send_multipart(wire.encode(copies[0], [b"blob"]))
+                        assert (await h.result()).blobs == [b"blob"]
+                        await via_broker(ident, copies[1])
+                    else:
+                        await via_broker(ident, copies[1])
+                        await h.result()
+                        await push.send_multipart(wire.encode(copies[0]))
+                    assert (await h.result()).result == {"from": first}
+                    answered = sub.id
+                # a streamed job, and a job id answered moments ago, ask for none
+                h = await c.submit("m", {"instruction": "s"}, [IMG], stream=True)
+                ident, sub = await next_submit()
+                assert sub.answer_to is None and sub.answer_host is None
+                await via_broker(ident, p.Final(id=sub.id, result={"ok": 1}))
+                await h.result()
+                reused = await c.submit("m", {"instruction": "again"}, [IMG], job_id=answered)
+                ident, sub = await next_submit()
+                assert sub.answer_to is None
+                await push.send_multipart(wire.encode(p.Final(id=answered, result={"stale": 1})))  # a late copy
+                await asyncio.sleep(0.2)
+                await via_broker(ident, p.Final(id=answered, result={"fresh": 1}))
+                assert (await reused.result()).result == {"fresh": 1}
+                await asyncio.sleep(0.2)
+                assert c.counters == {"decode_errors": 0, "resends": 0, "unknown_job": 0, "direct_answers": 1}
+        finally:
+            push.close(linger=0)
             router.close(linger=0)
             ctx.term()
     asyncio.run(asyncio.wait_for(main(), 20))
@@ -345,6 +407,28 @@ def test_e2e_kill9_worker_mid_job(stack, e2e):
     assert e2e.ground("m1", IMG, "after restart").result["points"]
     time.sleep(0.3)
     assert e2e._async.counters["unknown_job"] == 0   # exactly one answer reached the client
+
+
+def test_e2e_direct_answers_match_the_brokers_and_each_job_ends_once(stack, e2e):
+    with Client(stack.client_endpoint, default_ttl_s=30, direct_answers=True) as d:
+        want = e2e.ground("m1", IMG, "click the blue button", return_attention=True)
+        got = d.ground("m1", IMG, "click the blue button", return_attention=True)
+        assert (got.result, got.usage, got.blobs) == (want.result, want.usage, want.blobs)
+        handles = [d.submit("m1", {"instruction": f"button {i}"}, [IMG]) for i in range(12)]   # batched
+        assert all(h.result().result["points"] for h in handles)
+        stream = [type(ev).__name__ for ev in d.submit("m1", {"instruction": "s"}, [IMG], stream=True)]
+        assert stream[-1] == "JobResult"
+        slow = d.submit("m1", {"instruction": "slow", "fake": {"sleep_ms": 600}}, [IMG])
+        time.sleep(0.2)
+        slow.cancel()
+        with pytest.raises(ServerError) as ei:
+            d.ground("m1", IMG, "late", ttl_s=0.3, fake={"sleep_ms": 800})
+        assert ei.value.code == "deadline_exceeded"
+        assert d.ground("m1", IMG, "after").result["points"]
+        time.sleep(1.0)   # the late copies of all of them have come by now
+        counters = d._async.counters
+        # which copy comes first is the machine's scheduling (10-14 of these 14 on a 2-core box)
+        assert counters["direct_answers"] >= 1 and counters["unknown_job"] == 0, counters
 
 
 def test_e2e_poison_job_kills_two_workers_then_fails(stack, e2e):

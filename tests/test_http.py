@@ -352,6 +352,10 @@ def test_metrics(stack):
     assert re.search(r'^grounding_model_state\{model="fake-a",state="loaded"\} 1\.0$', text, re.M)
     assert re.search(r'^grounding_model_memory_bytes\{kind="weights",model="fake-a"\} [1-9]', text, re.M)
     assert "grounding_broker_up 1.0" in text
+    # answers came straight from the worker (server.direct_answers), and every second copy was
+    # recognised, after the hang-ups, deadlines and crashes above too
+    assert re.search(r'^grounding_client_events_total\{name="direct_answers"\} [1-9]', text, re.M), text
+    assert re.search(r'^grounding_client_events_total\{name="unknown_job"\} 0\.0$', text, re.M)
 
 
 def test_cors(stack):
