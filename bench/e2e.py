@@ -5,6 +5,7 @@
                         [--torch-baseline prefill_floor.py|bench/torch_forward.py [--shape 7b]]
                         [--formats png,jpeg,webp] [--content plain,busy] [--no-repeat] [--devices 0,1 [--gpus-per-replica 2]]
                         [--cache-dir DIR] [--finishing on|off] [--keep-cpus-awake-ms MS]
+                        [--direct-answers on|off]
 
 For each screenshot size, format (bench.screens.SAVE), content (`busy`: dense text and a photo,
 PNGs ~15x larger) and client count it reports p50/p95
@@ -150,6 +151,9 @@ def add_stack_args(ap: argparse.ArgumentParser) -> None:
                     help="the model's `finishing` (FINISHING before answers; common/protocol.py); default: the config's")
     ap.add_argument("--keep-cpus-awake-ms", type=int, default=None,
                     help="the model's `keep_cpus_awake_ms` (workers/keep_awake.py); default: the config's")
+    ap.add_argument("--direct-answers", default=None, choices=["on", "off"],
+                    help="the frontend's `direct_answers` (workers answer it straight, ahead of the broker's "
+                         "copy; common/protocol.py's Final); default: the config's")
     ap.add_argument("--broker-endpoints", default="tcp", choices=["tcp", "ipc"],
                     help="the broker's sockets: loopback TCP (the config's default) or Unix sockets")
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gui-grounding-bench"),
@@ -173,6 +177,8 @@ def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
         broker.update(client_endpoint=f"ipc://{tmp}/clients", worker_endpoint=f"ipc://{tmp}/workers")
     config = {"server": {"default_model": "bench", "request_timeout_s": 600}, "broker": broker,
               "models": {"bench": model}}
+    if args.direct_answers is not None:
+        config["server"]["direct_answers"] = args.direct_answers == "on"
     if args.cache_dir:
         config["cache_dir"] = args.cache_dir
     return Stack(Path(tmp), config)

@@ -4,7 +4,7 @@
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall e2ecache tail e2ecache7b
 # agent agent7b pause varlen e2ebusy body quant quant7b e2eq firstload qtail replicas (2 GPUs) replicas4 (4 GPUs) agentreplicas (2 GPUs)
-# towerops wattn split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs) split7b (2 GPUs) splitfaults (2 GPUs) splitcmp (2 GPUs) splitcmp7b (2 GPUs) q25split (2 GPUs) q25split7b (2 GPUs) nccl (2 GPUs) rows (2 GPUs) idlehops energy fp8 finishing finishing8 awake
+# towerops wattn split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs) split7b (2 GPUs) splitfaults (2 GPUs) splitcmp (2 GPUs) splitcmp7b (2 GPUs) q25split (2 GPUs) q25split7b (2 GPUs) nccl (2 GPUs) rows (2 GPUs) idlehops energy fp8 finishing finishing8 awake direct
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
 # (and pybase64, the frontend's base64 decoder, the same way)
@@ -214,6 +214,13 @@ for s in $steps; do case $s in
              run "e2e_awake_$1_$r" 200 ${@:3} python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 \
                --sizes 1920x1080 --concurrency 1 --requests 40 --no-repeat --keep-cpus-awake-ms $2
            done
+         done ;;
+  direct) [ "${DIRECT_HOPS:-on}" = off ] || run idle_hops_direct 200 python3 -m bench.idle_hops --n 60 --transports tcp \
+           --forward-ms 90 --finishing on --direct-answers off,on,off,on,off,on
+         [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
+         for d in ${DIRECT:-off on off on off on}; do   # the frontend's direct_answers, alternating
+           run "e2e_direct_$d" 200 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
+             --concurrency 1 --requests 40 --no-repeat --direct-answers $d ${DIRECT_EXTRA:-}
          done ;;
   idlehops) run idle_hops 200 python3 -m bench.idle_hops
          run idle_hops_cpu_latency_held 200 python3 -m bench.idle_hops --hold-cpu-latency ;;

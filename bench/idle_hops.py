@@ -1,7 +1,7 @@
 """Does a request's way in and out of the worker cost more when the host's CPUs idle meanwhile?
 
     python -m bench.idle_hops [--n 40] [--forward-ms 0,100] [--transports tcp,ipc] [--content plain,busy]
-                              [--finishing off,on] [--hold-cpu-latency]
+                              [--finishing off,on] [--direct-answers off,on] [--hold-cpu-latency]
 
 Why: the time outside the worker (end to end minus the worker's own `total`: HTTP, JSON and
 base64, the broker's hops, the answer's way back) is ~1.2 ms on the 2-core CI box for a plain 1080p
@@ -15,7 +15,9 @@ Starts the whole stack with the fake engine (it reads the image header only and 
 --n 1080p PNG requests (bench.screens' plain one, ~38 KB, or its busy one, ~590 KB) one after another
 over HTTP and through the Python ZMQ client. Prints p50 of the time outside the worker, per
 screenshot, forward length, broker transport and the model's `finishing` (FINISHING before each
-answer, on or off; the fake forward says it is near its end 3 ms before it ends). Also a thread
+answer, on or off; the fake forward says it is near its end 3 ms before it ends) and direct answers
+(the frontend's `direct_answers` and the ZMQ client's, on or off: the worker sends each answer
+straight to the client ahead of the broker's copy; common/protocol.py's Final). Also a thread
 wake-up probe: the median time from one thread's Event.set() to the waiting thread running, after
 0 and 20 ms idle.
 `--hold-cpu-latency` writes 0 to /dev/cpu_dma_latency for the run (the kernel's PM QoS request,
@@ -95,23 +97,26 @@ def main() -> None:
     ap.add_argument("--content", default="plain", help="plain, busy or both (bench.screens.screenshot's busy)")
     ap.add_argument("--finishing", default="off,on",
                     help="the model's `finishing` settings to compare (FINISHING before answers; common/protocol.py)")
+    ap.add_argument("--direct-answers", default="off",
+                    help="direct answers (server.direct_answers and the ZMQ client's) to compare: off, on or off,on")
     a = ap.parse_args()
     if a.hold_cpu_latency:
         print(f"/dev/cpu_dma_latency: {hold_cpu_latency()} (the stack's processes are this one's children)")
     print(f"thread wake-up, median us: after 0 ms idle {wake_us(0, 200):.0f}, after 20 ms idle {wake_us(0.02, 50):.0f}")
-    print("| screenshot | broker endpoints | forward ms (fake) | finishing | outside the worker p50 ms, HTTP | "
-          "outside the worker p50 ms, ZMQ client |")
-    print("|---|---|---|---|---|---|")
-    for content, transport, forward, finishing in itertools.product(
+    print("| screenshot | broker endpoints | forward ms (fake) | finishing | direct answers | "
+          "outside the worker p50 ms, HTTP | outside the worker p50 ms, ZMQ client |")
+    print("|---|---|---|---|---|---|---|")
+    for content, transport, forward, finishing, direct in itertools.product(
             a.content.split(","), a.transports.split(","), (int(f) for f in a.forward_ms.split(",")),
-            a.finishing.split(",")):
+            a.finishing.split(","), a.direct_answers.split(",")):
         png = encoded(1920, 1080, 7, "png", content == "busy")
         with tempfile.TemporaryDirectory() as tmp:
             model = fake_model(fake={"load_s": 0.05, "weights_bytes": 100_000_000, "latency_ms": forward})
             model["finishing"] = finishing == "on"
             broker = {} if transport == "tcp" else \
                 {"client_endpoint": f"ipc://{tmp}/clients", "worker_endpoint": f"ipc://{tmp}/workers"}
-            stack = Stack(Path(tmp), {"models": {"fake-x": model}, "broker": broker})
+            stack = Stack(Path(tmp), {"models": {"fake-x": model}, "broker": broker,
+                                      "server": {"direct_answers": direct == "on"}})
             with stack.start(loaded=("fake-x",)):
                 conn = http.client.HTTPConnection("127.0.0.1", stack.config["server"]["port"], timeout=60)
                 body = request_body("fake-x", png, "click Button 1")
@@ -123,11 +128,12 @@ def main() -> None:
                     assert resp.status == 200, data
                     return data["timings"]["total"]
 
-                with Client(stack.config["broker"]["client_endpoint"]) as zmq_client:
+                with Client(stack.config["broker"]["client_endpoint"], direct_answers=direct == "on") as zmq_client:
                     cols = (outside_ms(http_once, a.n),
                             outside_ms(lambda: zmq_client.ground("fake-x", png, "click Button 1").timings["total"], a.n))
                 conn.close()
-        print(f"| {content} | {transport} | {forward} | {finishing} | {cols[0]:.2f} | {cols[1]:.2f} |", flush=True)
+        print(f"| {content} | {transport} | {forward} | {finishing} | {direct} | {cols[0]:.2f} | {cols[1]:.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
