@@ -182,7 +182,7 @@ def test_async_client_streams_events_on_any_loop_and_drops_finishing(finishing):
                 if isinstance(sub, p.Ping):
                     frames = await asyncio.wait_for(router.recv_multipart(), 5)
                     sub, _ = wire.decode(frames[1:], wire.FROM_CLIENT)
-                assert sub.stream and sub.finishing is finishing
+                assert sub.stream and sub.finishing is finishing and sub.answer_to is None   # no direct answers asked
                 for msg in (p.Accepted(id=sub.id, queue_pos=2, broker_incarnation="A"),
                             p.Partial(id=sub.id, seq=0, delta={"text": "pya"}),
                             p.Finishing(id=sub.id),          # advisory: no event
