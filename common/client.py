@@ -90,7 +90,8 @@ class AsyncClient:
             direct.bind(DIRECT_BIND)
             self.answer_to = direct.getsockopt_string(zmq.LAST_ENDPOINT)
             self._host = socket.gethostname()
-            self._tasks.append(loop.create_task(self._direct_reader(direct), name="vlm-client-direct"))
+            self._tasks.append(loop.create_task(self._read(direct, wire.DIRECT_TO_CLIENT, "a worker",
+                                                           self._direct_final), name="vlm-client-direct"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -259,26 +260,32 @@ class AsyncClient:
                           retryable=True, retry_after_ms=1000)
 
     async def _reader(self) -> None:
-        sock = self._sock
-        assert sock is not None
+        assert self._sock is not None
+        await self._read(self._sock, wire.TO_CLIENT, "the broker", self._dispatch, heard=True)
+
+    async def _read(self, sock: zmq.asyncio.Socket, table: dict, source: str, handle: Any,
+                    heard: bool = False) -> None:
+        """Receive from `sock` until it is closed, each message decoded with `table` and given to
+        `handle`; `heard`: every message, even a bad one, shows the broker alive."""
         while True:
             try:
                 frames = await sock.recv_multipart(copy=False)
             except zmq.ZMQError as exc:
                 if sock.closed:
                     return
-                log.warning("receive failed: %s", exc)
+                log.warning("receive from %s failed: %s", source, exc)
                 await asyncio.sleep(0.01)
                 continue
-            self._heard_t = time.monotonic()
+            if heard:
+                self._heard_t = time.monotonic()
             try:
-                msg, blobs = wire.decode(frames, wire.TO_CLIENT)
+                msg, blobs = wire.decode(frames, table)
             except wire.ProtocolError as exc:
                 self.counters["decode_errors"] += 1
-                log.warning("dropped a bad message from the broker (%s)", exc)
+                log.warning("dropped a bad message from %s (%s)", source, exc)
                 continue
             try:
-                self._dispatch(msg, blobs)
+                handle(msg, blobs)
             except Exception:   # a bug here must not kill the reader (every job would hang)
                 log.exception("client dispatch failed for %r", msg)
 
@@ -323,29 +330,14 @@ class AsyncClient:
             if fut is not None and not fut.done():
                 fut.set_result(msg.data)
 
-    async def _direct_reader(self, sock: zmq.asyncio.Socket) -> None:
-        """FINALs sent straight by workers; the broker's copy of each comes later (or came first)."""
-        while True:
-            try:
-                frames = await sock.recv_multipart(copy=False)
-            except zmq.ZMQError as exc:
-                if sock.closed:
-                    return
-                log.warning("direct receive failed: %s", exc)
-                await asyncio.sleep(0.01)
-                continue
-            try:
-                msg, blobs = wire.decode(frames, wire.DIRECT_TO_CLIENT)
-            except wire.ProtocolError as exc:
-                self.counters["decode_errors"] += 1
-                log.warning("dropped a bad direct answer (%s)", exc)
-                continue
-            job = self._jobs.get(msg.id)
-            if job is None or not job.direct:
-                self._unknown(msg.id)
-            else:
-                self.counters["direct_answers"] += 1
-                self._finish(job, _job_result(msg, blobs))
+    def _direct_final(self, msg: p.Final, blobs: list) -> None:
+        """A FINAL sent straight by a worker; the broker's copy comes later (or came first)."""
+        job = self._jobs.get(msg.id)
+        if job is None or not job.direct:
+            self._unknown(msg.id)
+        else:
+            self.counters["direct_answers"] += 1
+            self._finish(job, _job_result(msg, blobs))
 
     def _unknown(self, job_id: str) -> None:
         """An answer for a job we no longer track: expected once after our own CANCEL, and the
