@@ -9,6 +9,7 @@ Images and other bulk bytes never go into a message: they travel as raw blob fra
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, ClassVar
@@ -349,13 +350,14 @@ class Kill(Message):
 
 
 # Where direct answers may go: endpoints on the worker's own host only (the worker also checks
-# `answer_host`), so a SUBMIT cannot make a worker connect anywhere else.
-DIRECT_ENDPOINT_PREFIXES = ("tcp://127.0.0.1:", "tcp://[::1]:", "ipc://")
+# `answer_host`), so a SUBMIT cannot make a worker connect anywhere else. A loopback address and
+# a port and nothing more: libzmq reads "tcp://A;B" as "from source A to B".
+DIRECT_ENDPOINT = re.compile(r"tcp://(127\.0\.0\.1|\[::1\]):[0-9]{1,5}|ipc://[^;]+")
 MAX_DIRECT_ENDPOINT = 255
 
 
 def direct_endpoint_ok(endpoint: str) -> bool:
-    return 0 < len(endpoint) <= MAX_DIRECT_ENDPOINT and endpoint.startswith(DIRECT_ENDPOINT_PREFIXES)
+    return len(endpoint) <= MAX_DIRECT_ENDPOINT and DIRECT_ENDPOINT.fullmatch(endpoint) is not None
 
 
 CLIENT_TO_BROKER = (Submit, Cancel, Query, Ping)

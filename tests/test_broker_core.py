@@ -325,6 +325,8 @@ def test_direct_answer_endpoints_reach_the_worker_and_others_are_refused():
     h.submit("plain")
     assert of(h.log, p.Job, b"w1")[-1].answer_to is None
     bad = [("tcp://10.0.0.7:5999", "h1"), ("tcp://localhost:5999", "h1"), ("inproc://x", "h1"),
+           ("tcp://127.0.0.1:5999;10.0.0.7:5999", "h1"), ("tcp://127.0.0.1:0;10.0.0.7:5999", "h1"),
+           ("tcp://127.0.0.1:", "h1"), ("ipc://", "h1"), ("tcp://127.0.0.1:5999 ", "h1"),
            ("tcp://127.0.0.1:" + "9" * 300, "h1"), ("tcp://127.0.0.1:5999", None), ("tcp://127.0.0.1:5999", "")]
     for i, (endpoint, host) in enumerate(bad):
         h.client(p.Submit(f"bad{i}", "m", {"instruction": "x"}, answer_to=endpoint, answer_host=host))
