@@ -9,9 +9,10 @@ in-flight jobs when the broker restarts (`broker_restarted`) or stays silent for
 in `start()`, on whichever event loop is running (the Sanic frontend calls it from
 `before_server_start`).
 
-`direct_answers=True`: the client also binds a loopback PULL socket and asks workers on this host
-to send each (non-streamed) job's FINAL there straight, ahead of the broker's copy
-(common/protocol.py's Final); the first of the two is kept, the other dropped.
+Direct answers (unless `direct_answers=False`): the client also binds a loopback PULL socket and
+asks workers on this host to send each (non-streamed) job's FINAL there straight, ahead of the
+broker's copy (common/protocol.py's Final); the first of the two is kept, the other dropped. A
+client on another host than the workers gets the broker's copy alone.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ DIRECT_BIND = "tcp://127.0.0.1:*"   # the direct answers' PULL socket: loopback,
 
 class AsyncClient:
     def __init__(self, endpoint: str, *, ctx: zmq.asyncio.Context | None = None, default_ttl_s: float = 120.0,
-                 finishing: bool = True, direct_answers: bool = False):
+                 finishing: bool = True, direct_answers: bool = True):
         self.endpoint = endpoint
         self.default_ttl_s = default_ttl_s
         self.finishing = finishing   # ask for FINISHING before each answer (protocol.Finishing says why)
@@ -425,7 +426,7 @@ class Client:
     """Blocking client: an AsyncClient on a private event loop in a daemon thread."""
 
     def __init__(self, endpoint: str, *, default_ttl_s: float = 120.0, finishing: bool = True,
-                 direct_answers: bool = False):
+                 direct_answers: bool = True):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vlm-client-loop", daemon=True)
         self._thread.start()

@@ -182,7 +182,7 @@ def test_async_client_streams_events_on_any_loop_and_drops_finishing(finishing):
                 if isinstance(sub, p.Ping):
                     frames = await asyncio.wait_for(router.recv_multipart(), 5)
                     sub, _ = wire.decode(frames[1:], wire.FROM_CLIENT)
-                assert sub.stream and sub.finishing is finishing and sub.answer_to is None   # no direct answers asked
+                assert sub.stream and sub.finishing is finishing and sub.answer_to is None   # streams ask for none
                 for msg in (p.Accepted(id=sub.id, queue_pos=2, broker_incarnation="A"),
                             p.Partial(id=sub.id, seq=0, delta={"text": "pya"}),
                             p.Finishing(id=sub.id),          # advisory: no event
@@ -253,6 +253,10 @@ def test_direct_answers_first_copy_wins_either_way_and_streams_stay_on_the_broke
                 assert (await reused.result()).result == {"fresh": 1}
                 await asyncio.sleep(0.2)
                 assert c.counters == {"decode_errors": 0, "resends": 0, "unknown_job": 0, "direct_answers": 1}
+            async with AsyncClient(endpoint, ctx=ctx, direct_answers=False) as plain:
+                await plain.submit("m", {"instruction": "plain"}, [IMG])
+                _, sub = await next_submit()
+                assert plain.answer_to is None and sub.answer_to is None and sub.answer_host is None
         finally:
             push.close(linger=0)
             router.close(linger=0)
@@ -409,9 +413,10 @@ def test_e2e_kill9_worker_mid_job(stack, e2e):
     assert e2e._async.counters["unknown_job"] == 0   # exactly one answer reached the client
 
 
-def test_e2e_direct_answers_match_the_brokers_and_each_job_ends_once(stack, e2e):
-    with Client(stack.client_endpoint, default_ttl_s=30, direct_answers=True) as d:
-        want = e2e.ground("m1", IMG, "click the blue button", return_attention=True)
+def test_e2e_direct_answers_match_the_brokers_and_each_job_ends_once(stack):
+    with Client(stack.client_endpoint, default_ttl_s=30) as d, \
+            Client(stack.client_endpoint, default_ttl_s=30, direct_answers=False) as plain:
+        want = plain.ground("m1", IMG, "click the blue button", return_attention=True)
         got = d.ground("m1", IMG, "click the blue button", return_attention=True)
         assert (got.result, got.usage, got.blobs) == (want.result, want.usage, want.blobs)
         handles = [d.submit("m1", {"instruction": f"button {i}"}, [IMG]) for i in range(12)]   # batched
@@ -429,6 +434,7 @@ def test_e2e_direct_answers_match_the_brokers_and_each_job_ends_once(stack, e2e)
         counters = d._async.counters
         # which copy comes first is the machine's scheduling (10-14 of these 14 on a 2-core box)
         assert counters["direct_answers"] >= 1 and counters["unknown_job"] == 0, counters
+        assert plain._async.counters["direct_answers"] == 0
 
 
 def test_e2e_poison_job_kills_two_workers_then_fails(stack, e2e):
