@@ -42,7 +42,8 @@ TICK_S = 0.1
 CONNECT_WAIT_S = 1.0    # how long a send waits for the connection to come up
 SEND_RETRY_S = 0.05     # retry period of a send while not connected
 DEADLINE_SLACK_S = 5.0  # the broker answers deadline_exceeded itself; this is the last resort
-ANSWERED_KEEP_S = 60.0  # a finished job's second answer (direct answers) is expected within this
+LATE_KEEP_S = 60.0      # a late answer (the broker's echo of our CANCEL, a direct answer's second
+                        # copy) is expected within this
 DIRECT_BIND = "tcp://127.0.0.1:*"   # the direct answers' PULL socket: loopback, any free port
 
 
@@ -178,7 +179,7 @@ class AsyncClient:
         if self._jobs.get(job.id) is not job:
             return
         self._finish(job, ServerError("cancelled", f"cancelled by the client ({reason})", job_id=job.id))
-        self._cancelled[job.id] = time.monotonic()
+        _remember(self._cancelled, job.id)
         try:
             await self._send(wire.encode(p.Cancel(id=job.id, reason=reason)), 0)
         except ServerError:
@@ -191,8 +192,7 @@ class AsyncClient:
             job.frames = None
             job.queue.put_nowait(event)
             if job.direct:
-                self._answered.pop(job.id, None)   # kept in the order answered
-                self._answered[job.id] = time.monotonic()
+                _remember(self._answered, job.id)
 
     # ---- queries --------------------------------------------------------------------------------
 
@@ -362,11 +362,8 @@ class AsyncClient:
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
-            for jid in [j for j, t in self._cancelled.items() if now - t > 60.0]:
-                del self._cancelled[jid]
-            answered = self._answered   # in the order they were answered: the oldest first
-            while answered and now - next(iter(answered.values())) > ANSWERED_KEEP_S:
-                del answered[next(iter(answered))]
+            _forget_before(self._cancelled, now - LATE_KEEP_S)
+            _forget_before(self._answered, now - LATE_KEEP_S)
             heard = self._heard_t if self._heard_t is not None else self._started_t
             for job in list(self._jobs.values()):
                 if now >= job.deadline:
@@ -392,6 +389,18 @@ class AsyncClient:
             await self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
             pass   # not connected: the silence rule will tell
+
+
+def _remember(ids: dict[str, float], job_id: str) -> None:
+    """Note when `job_id` ended, keeping `ids` in that order (oldest first) for _forget_before."""
+    ids.pop(job_id, None)
+    ids[job_id] = time.monotonic()
+
+
+def _forget_before(ids: dict[str, float], cutoff: float) -> None:
+    """Drop the ids noted before `cutoff` (the oldest come first: _remember)."""
+    while ids and next(iter(ids.values())) < cutoff:
+        del ids[next(iter(ids))]
 
 
 def _job_result(msg: p.Final, blobs: list) -> JobResult:
