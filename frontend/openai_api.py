@@ -20,6 +20,7 @@ import pybase64
 from common.config import AppConfig
 from common.errors import ServerError
 from frontend.images import ImageInfo, sniff
+from frontend.json_body import DataURL
 
 MAX_JSON_DEPTH = 32           # OpenAI bodies nest about 6 deep; deeper is hostile or broken
 MAX_MESSAGES = 256
@@ -115,14 +116,16 @@ def decode_data_url(url: str, *, max_bytes: int, param: str) -> bytes:
     m = DATA_URL.match(url)
     if m is None or ";base64" not in m.group("params").lower():
         raise bad("image data URLs must look like data:image/png;base64,<data>", param, "invalid_image")
-    payload = url[m.end():]
-    if len(payload) // 4 * 3 > max_bytes + 3:
+    if (len(url) - m.end()) // 4 * 3 > max_bytes + 3:
         raise bad(f"the image is larger than {max_bytes} bytes (server.max_image_bytes)", param,
                   "payload_too_large")
-    try:
-        data = _b64decode(payload)
-    except (binascii.Error, ValueError) as exc:
-        raise bad(f"the image data URL is not valid base64: {exc}", param, "invalid_image") from None
+    if isinstance(url, DataURL) and url.payload_at == m.end():
+        data = url.data                 # decoded while the body was parsed (frontend/json_body.py)
+    else:
+        try:
+            data = _b64decode(url[m.end():])
+        except (binascii.Error, ValueError) as exc:
+            raise bad(f"the image data URL is not valid base64: {exc}", param, "invalid_image") from None
     if len(data) > max_bytes:
         raise bad(f"the image is {len(data)} bytes; the limit is {max_bytes} (server.max_image_bytes)",
                   param, "payload_too_large")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from sanic.response import json as json_response
 
 from common.errors import ServerError
 from common.protocol import Q_MODELS, Accepted, Partial
+from frontend import json_body
 from frontend import openai_api as api
 from frontend import sse
 from frontend.app import bg, ready_client, tracked
@@ -34,7 +34,7 @@ def parse_json(body: bytes) -> Any:
     if not body:
         raise ServerError("bad_request", "the request body is empty; send a JSON object")
     try:
-        value = json.loads(body)
+        value = json_body.loads(body)
     except (ValueError, RecursionError) as exc:
         raise ServerError("bad_request", f"invalid JSON body: {str(exc)[:200]}") from None
     api.check_depth(value)
