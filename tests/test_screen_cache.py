@@ -58,6 +58,45 @@ def test_keys_follow_the_bytes_and_the_context_and_a_zero_budget_turns_it_off():
     assert not off.enabled and off.key(a, 1) is None and off.get(None) is None and not off.put("k", 1, 1)
 
 
+def test_lookup_finds_what_was_stored_and_hashes_a_new_large_screenshot_beside(monkeypatch):
+    from workers import screen_cache
+    c = ScreenCache(100)
+    big, other, small = _png(300, 200, 0, level=0), _png(300, 200, 1, level=0), _png(20, 10, 2)
+    assert len(big) >= screen_cache.BESIDE_BYTES > len(small)
+    beside = []
+    real_submit = screen_cache._hasher.submit
+    monkeypatch.setattr(screen_cache._hasher, "submit", lambda *a: beside.append(a) or real_submit(*a))
+    entry, key = c.lookup(big, 1, "sys")             # nothing stored: ruled out by its CRC
+    assert entry is None and key.result() == c.key(big, 1, "sys") and len(beside) == 1
+    c.put(key.result(), "BIG", 10)
+    entry, key = c.lookup(big, 1, "sys")             # stored: hashed here, found
+    assert entry == "BIG" and key.done() and key.result() == c.key(big, 1, "sys") and len(beside) == 1
+    for image, context in ((other, (1, "sys")), (big, (2, "sys")), (big, (1, "other"))):
+        entry, key = c.lookup(image, *context)
+        assert entry is None and key.result() == c.key(image, *context)
+    assert len(beside) == 4
+    entry, key = c.lookup(small, 1, "sys")           # small: hashed here even when new
+    assert entry is None and key.done() and len(beside) == 4
+    c.put(key.result(), "SMALL", 95)                 # evicts BIG: its CRC no longer counts
+    assert c.lookup(big, 1, "sys")[0] is None and len(beside) == 5
+    assert c.lookup(small, 1, "sys")[0] == "SMALL"
+    c.clear()
+    assert c.lookup(big, 1, "sys")[0] is None and len(beside) == 6
+    off = ScreenCache(0)
+    entry, key = off.lookup(big, 1)
+    assert entry is None and key.result() is None
+
+
+def test_lookup_trusts_the_sha256_not_the_crc(monkeypatch):
+    from workers import screen_cache
+    monkeypatch.setattr(screen_cache, "crc32", lambda data: 7)     # every screenshot's CRC alike
+    c = ScreenCache(100)
+    a, b = _png(300, 200, 0, level=0), _png(300, 200, 1, level=0)
+    assert len(a) == len(b)
+    c.put(c.key(a, 1), "A", 10)
+    assert c.lookup(b, 1)[0] is None and c.lookup(a, 1)[0] == "A"
+
+
 def test_a_jobs_cache_scope_is_checked():
     from workers.engine import GroundingRequest, JobError
     ok = GroundingRequest.from_job("j", {"instruction": "click OK", "cache_scope": "k1"}, [b"png"])

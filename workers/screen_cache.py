@@ -13,19 +13,36 @@ Bytes are bounded: least recently used entries go first, and an entry larger tha
 is never stored. Entries are opaque here (the engine's device arrays); a job that holds one keeps
 it alive even if it is evicted meanwhile. Thread-safe: preprocessing threads look up, the compute
 thread stores.
+
+A key is the bytes' SHA-256, which a text- and photo-dense 1080p PNG (~600 KB) takes 0.6 ms to
+compute on an H200 host's CPU, before its decode could start (bench/RESULTS.md, twenty-ninth
+session). Most screenshots are new, though, and a CRC-32 of the bytes (~0.01 ms) rules an entry out
+just as surely: `lookup` hashes a large screenshot on a helper thread, beside its decode, where no
+stored entry has its CRC, length and context.
 """
 from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
+import zlib
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Hashable
+
+try:
+    from imagecodecs import zlibng_crc32 as crc32   # ~60 GB/s here; the system zlib's ~5
+except ImportError:
+    crc32 = zlib.crc32
+
+BESIDE_BYTES = 128 * 1024     # smaller screenshots hash in ~0.1 ms, about what waking a helper costs
+_hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="screen-key")
 
 
 class ScreenCache:
     def __init__(self, budget_bytes: int):
         self.budget = max(0, int(budget_bytes))
         self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._quick: Counter[tuple] = Counter()     # the stored keys' (length, CRC-32, *context)
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -42,11 +59,27 @@ class ScreenCache:
 
     def key(self, image: bytes | memoryview, *context: Hashable) -> tuple | None:
         """The key for these image bytes under `context` (whatever else the stored state depends
-        on), or None when the cache is off. SHA-256: ~0.5 ms per MB here, and one user's
-        screenshot cannot be made to collide with another's."""
+        on), or None when the cache is off. SHA-256, so that one user's screenshot cannot be made
+        to collide with another's; then what `lookup` checks first."""
         if not self.enabled:
             return None
-        return (hashlib.sha256(image).digest(), *context)
+        return (hashlib.sha256(image).digest(), *_quick(image, context))
+
+    def lookup(self, image: bytes | memoryview, *context: Hashable) -> tuple[Any | None, Future]:
+        """(the entry stored for these bytes under `context`, or None; their key, as a Future, done
+        unless the key is being computed on a helper thread: call its `result()` when the key is
+        needed, after the decode). A miss may be stored before the key is done: look again then."""
+        key: Future = Future()
+        if not self.enabled:
+            key.set_result(None)
+            return None, key
+        if len(image) >= BESIDE_BYTES:
+            with self._lock:
+                ruled_out = _quick(image, context) not in self._quick
+            if ruled_out:
+                return None, _hasher.submit(self.key, image, *context)
+        key.set_result(self.key(image, *context))
+        return self.get(key.result()), key
 
     def get(self, key: Hashable | None) -> Any | None:
         """The entry stored under `key` (now the most recently used), or None."""
@@ -71,15 +104,35 @@ class ScreenCache:
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= old[1]
+                self._forget(key, old[1])
             while self._entries and self._bytes + nbytes > self.budget:
-                _, (_, size) = self._entries.popitem(last=False)
-                self._bytes -= size
+                gone, (_, size) = self._entries.popitem(last=False)
+                self._forget(gone, size)
             self._entries[key] = (entry, nbytes)
             self._bytes += nbytes
+            self._quick[_quick_part(key)] += 1
         return True
+
+    def _forget(self, key: Hashable, nbytes: int) -> None:
+        """Account for an entry taken out (the lock held)."""
+        self._bytes -= nbytes
+        quick = _quick_part(key)
+        self._quick[quick] -= 1
+        if self._quick[quick] <= 0:
+            del self._quick[quick]
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._quick.clear()
             self._bytes = 0
+
+
+def _quick(image: bytes | memoryview, context: tuple) -> tuple:
+    return (len(image), crc32(image), *context)
+
+
+def _quick_part(key: Hashable) -> Hashable:
+    """What `_quick` gave for a key's bytes and context; a key of another form (tests store
+    strings) stands for itself."""
+    return key[1:] if isinstance(key, tuple) else key
