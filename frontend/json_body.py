@@ -51,7 +51,7 @@ def loads(body: bytes) -> Any:
     """`json.loads(body)`, with long base64 payloads decoded outside the JSON scanner and returned
     as `DataURL`s."""
     parts: list[bytes] = []
-    payloads: dict[str, tuple[memoryview, bytes]] = {}
+    payloads: dict[str, tuple[int, int, bytes]] = {}
     view, start = memoryview(body), 0
     at = body.find(MARKER)
     while at >= 0:
@@ -63,7 +63,7 @@ def loads(body: bytes) -> Any:
         if data is not None:
             token = f"{_TOKEN}{len(payloads)}"
             parts += [body[start:begin], token.encode()]
-            payloads[token] = (view[begin:end], data)
+            payloads[token] = (begin, end, data)
             start = end
         at = body.find(MARKER, end)
     if not payloads:
@@ -75,7 +75,7 @@ def loads(body: bytes) -> Any:
         return json.loads(body)          # the same error, at its real position
     restored: list[str] = []
     try:
-        value = _restore(value, payloads, restored, MAX_DEPTH)
+        value = _restore(value, view, payloads, restored, MAX_DEPTH)
     except _TooDeep:
         return json.loads(body)
     return value if sorted(restored) == sorted(payloads) else json.loads(body)
@@ -92,7 +92,17 @@ def _strict_base64(span: memoryview) -> bytes | None:
         return None
 
 
-def _restore(value: Any, payloads: dict[str, tuple[memoryview, bytes]], restored: list[str], depth: int) -> Any:
+def _joined(head: str, body: memoryview, begin: int, end: int) -> str:
+    """head + the body's payload bytes [begin, end) as text: in one copy where the body holds head
+    just before the payload as it is (no escapes: the usual "data:image/png;base64,"), else two."""
+    raw = head.encode("utf-8", "surrogatepass")
+    if begin >= len(raw) and body[begin - len(raw):begin] == raw:
+        return str(body[begin - len(raw):end], "utf-8", "surrogatepass")   # as json.loads decodes
+    return head + str(body[begin:end], "ascii")
+
+
+def _restore(value: Any, body: memoryview, payloads: dict[str, tuple[int, int, bytes]], restored: list[str],
+             depth: int) -> Any:
     """`value` with each string that ends in a token given its payload back (its token appended
     to `restored`)."""
     if isinstance(value, str):
@@ -101,12 +111,12 @@ def _restore(value: Any, payloads: dict[str, tuple[memoryview, bytes]], restored
         if found is None:
             return value
         restored.append(value[cut:])
-        text, data = found
-        return DataURL(value[:cut] + str(text, "ascii"), cut, data)
+        begin, end, data = found
+        return DataURL(_joined(value[:cut], body, begin, end), cut, data)
     if depth <= 0 and isinstance(value, (list, dict)):
         raise _TooDeep
     if isinstance(value, list):
-        return [_restore(v, payloads, restored, depth - 1) for v in value]
+        return [_restore(v, body, payloads, restored, depth - 1) for v in value]
     if isinstance(value, dict):
-        return {k: _restore(v, payloads, restored, depth - 1) for k, v in value.items()}
+        return {k: _restore(v, body, payloads, restored, depth - 1) for k, v in value.items()}
     return value

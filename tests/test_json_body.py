@@ -130,3 +130,13 @@ def test_a_lifted_data_url_decodes_as_its_string_does(url):
     for max_bytes in (1 << 20, 8000):       # within the limit, and over it (413)
         assert _decoded(lifted, max_bytes) == _decoded(str(url), max_bytes)
     assert _decoded(lifted)[0] == ("error" if "," in url.split(";base64,")[0] or '"' in url else "bytes")
+
+
+@pytest.mark.parametrize("head", ['data:image\\/png;base64,', 'data:image/png;name=\\u00e9;base64,',
+                                  'data:image/png;name=é;base64,', 'x\\"data:;base64,', 'data:image/png;base64,'])
+def test_a_payload_after_a_head_with_escapes_or_other_characters_comes_back_whole(head):
+    payload = base64.b64encode(random.Random(5).randbytes(9000)).decode()
+    body = ('{"u": "' + head + payload + '"}').encode()
+    value = json_body.loads(body)
+    assert value == json.loads(body) and isinstance(value["u"], json_body.DataURL)
+    assert value["u"].data == base64.b64decode(payload) and value["u"][value["u"].payload_at:] == payload
