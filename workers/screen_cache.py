@@ -74,8 +74,9 @@ class ScreenCache:
             key.set_result(None)
             return None, key
         if len(image) >= BESIDE_BYTES:
+            quick = _quick(image, context)
             with self._lock:
-                ruled_out = _quick(image, context) not in self._quick
+                ruled_out = quick not in self._quick
             if ruled_out:
                 return None, _hasher.submit(self.key, image, *context)
         key.set_result(self.key(image, *context))
