@@ -10,6 +10,7 @@ import zmq
 
 from common.config import add_config_argument, load_or_exit
 from common.logs import configure_logging
+from common.malloc import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_or_exit(args.config)
     configure_logging("broker", cfg.log_level)
+    keep_freed_memory()
     from broker.server import run   # after the config is known good: keeps `--help` light
     try:
         return run(cfg, grace_s=args.grace)

@@ -27,6 +27,7 @@ from common.client import AsyncClient
 from common.config import AppConfig
 from common.errors import ServerError
 from common.logs import configure_logging
+from common.malloc import keep_freed_memory
 from frontend.metrics import Metrics
 
 log = logging.getLogger("frontend")
@@ -185,9 +186,10 @@ def create_app(cfg: AppConfig, name: str = "grounding_frontend") -> GroundingApp
 
 
 def process_app(cfg: AppConfig) -> GroundingApp:
-    """Factory for `python -m frontend`: also configures logging, since Sanic may call it in a
-    freshly spawned worker process."""
+    """Factory for `python -m frontend`: also configures logging and malloc, since Sanic may call it
+    in a freshly spawned worker process."""
     configure_logging("frontend", cfg.log_level)
+    keep_freed_memory()
     return create_app(cfg)
 
 
