@@ -175,3 +175,24 @@ class RawBroker:
     def close(self) -> None:
         self.sock.close(linger=0)
         self.ctx.term()
+
+
+def our_pids(config_path: Path, module: str | None = None) -> list[int]:
+    """Live processes of one stack: $GROUNDING_CONFIG or the config path names it. `module`:
+    only those started as `python -m <module>`."""
+    needle = str(config_path).encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as fh:
+                cmd = fh.read()
+            with open(f"/proc/{d}/environ", "rb") as fh:
+                env = fh.read()
+        except OSError:
+            continue
+        if (b"GROUNDING_CONFIG=" + needle + b"\0" in env or needle in cmd) and pid_alive(int(d)):
+            if module is None or b"\0-m\0" + module.encode() + b"\0" in cmd:
+                out.append(int(d))
+    return out

@@ -21,7 +21,6 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import zmq
@@ -33,7 +32,7 @@ from common.client import AsyncClient, Client
 from common.errors import ServerError
 from common.zmqutil import free_tcp_endpoint, make_socket
 from broker import events as e
-from tests.rawbroker import ROOT, pid_alive, png, rss_bytes, terminate
+from tests.rawbroker import ROOT, our_pids, pid_alive, png, rss_bytes, terminate
 from tests.stackutil import Stack, fake_model
 from tests.test_broker_core import SUP, Harness, answers, of
 
@@ -251,28 +250,6 @@ def test_worker_reruns_a_job_sent_again_on_its_new_connection(tmp_path):
 
 
 # ---- helpers for real processes ----------------------------------------------------------------------
-
-
-def our_pids(config_path: Path, module: str | None = None) -> list[int]:
-    """Live processes of one stack: $GROUNDING_CONFIG or the config path names it. `module`:
-    only those started as `python -m <module>`."""
-    needle = str(config_path).encode()
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as fh:
-                cmd = fh.read()
-            with open(f"/proc/{d}/environ", "rb") as fh:
-                env = fh.read()
-        except OSError:
-            continue
-        if (b"GROUNDING_CONFIG=" + needle + b"\0" in env or needle in cmd) and pid_alive(int(d)):
-            if module is None or b"\0-m\0" + module.encode() + b"\0" in cmd:
-                out.append(int(d))
-    return out
-
 
 
 def chat_body(model: str, image: bytes = IMG, **extra) -> bytes:

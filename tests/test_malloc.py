@@ -6,7 +6,6 @@ import base64
 import http.client
 import io
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -16,39 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.rawbroker import our_pids
 from tests.stackutil import Stack, fake_model
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                                 reason="glibc's malloc on Linux only")
 
 
-def _stat(pid: int) -> list[str]:
-    """/proc/pid/stat's fields after the command name (index 0 is the state)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def _stack_process(stack: Stack, module: str) -> int:
-    """The pid of the stack's `python -m module` (a descendant of its honcho)."""
-    parents, cmds = {}, {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmds[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                parents[int(entry)] = int(_stat(int(entry))[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, todo = [], [stack.proc.pid]
-    while todo:
-        pid = todo.pop()
-        kids = [k for k, parent in parents.items() if parent == pid]
-        found += [k for k in kids if any(a == b"-m" and b == module.encode() for a, b in zip(cmds[k], cmds[k][1:]))]
-        todo += kids
-    assert len(found) == 1, f"{module}: {found}"
-    return found[0]
-
-
 def _minor_faults(pid: int) -> int:
-    return int(_stat(pid)[7])
+    """/proc/pid/stat's minflt (the 10th field; the command name may hold spaces)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
 def test_glibc_takes_the_thresholds():
@@ -74,7 +50,9 @@ def test_a_large_request_costs_the_frontend_and_broker_no_page_faults(tmp_path):
 
     with Stack(tmp_path, {"models": {"fake-x": fake_model()}}) as stack:
         stack.start(loaded=("fake-x",))
-        pids = {m: _stack_process(stack, m) for m in ("frontend", "broker")}
+        pids: dict[str, int] = {}
+        for module in ("frontend", "broker"):
+            [pids[module]] = our_pids(stack.config_path, module)
         conn = http.client.HTTPConnection("127.0.0.1", stack.config["server"]["port"], timeout=30)  # kept alive
         for _ in range(5):                        # warm-up: the heaps grow to their working size
             post(conn)
