@@ -63,7 +63,7 @@ class ScreenCache:
         to collide with another's; then what `lookup` checks first."""
         if not self.enabled:
             return None
-        return (hashlib.sha256(image).digest(), *_quick(image, context))
+        return _keyed(image, _quick(image, context))
 
     def lookup(self, image: bytes | memoryview, *context: Hashable) -> tuple[Any | None, Future]:
         """(the entry stored for these bytes under `context`, or None; their key, as a Future, done
@@ -73,13 +73,13 @@ class ScreenCache:
         if not self.enabled:
             key.set_result(None)
             return None, key
+        quick = _quick(image, context)
         if len(image) >= BESIDE_BYTES:
-            quick = _quick(image, context)
             with self._lock:
                 ruled_out = quick not in self._quick
             if ruled_out:
-                return None, _hasher.submit(self.key, image, *context)
-        key.set_result(self.key(image, *context))
+                return None, _hasher.submit(_keyed, image, quick)
+        key.set_result(_keyed(image, quick))
         return self.get(key.result()), key
 
     def get(self, key: Hashable | None) -> Any | None:
@@ -131,6 +131,11 @@ class ScreenCache:
 
 def _quick(image: bytes | memoryview, context: tuple) -> tuple:
     return (len(image), crc32(image), *context)
+
+
+def _keyed(image: bytes | memoryview, quick: tuple) -> tuple:
+    """A key: the bytes' SHA-256, then what `_quick` gave for them."""
+    return (hashlib.sha256(image).digest(), *quick)
 
 
 def _quick_part(key: Hashable) -> Hashable:
