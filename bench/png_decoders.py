@@ -9,7 +9,8 @@ compresses well). With and without the CPU idle before.
 
 Screenshots: bench.screens' GUI-like window, and the same with a photo-like noisy panel (harder to
 compress, as real screenshots with images are), each saved by Pillow at its default and at
-compress_level 1. Every decoder's pixels are checked against Pillow's.
+compress_level 1; and bench.screens' text- and photo-dense one ("busy"), likewise. Every
+decoder's pixels are checked against Pillow's.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def variants(w: int, h: int) -> dict[str, bytes]:
     base = np.linspace(40, 200, pw, dtype=np.float32)[None, :, None] + rng.normal(0, 18, (ph, pw, 3))
     photo.paste(Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)), (w // 2, h // 2))
     out = {}
-    for name, img in (("gui", gui), ("gui+photo", photo)):
+    for name, img in (("gui", gui), ("gui+photo", photo), ("busy", screenshot(w, h, 0, busy=True))):
         for level in (6, 1):
             buf = io.BytesIO()
             img.save(buf, "PNG", compress_level=level)
