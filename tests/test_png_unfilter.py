@@ -180,6 +180,98 @@ def test_a_thread_waiting_long_sleeps_and_still_sees_units_published_without_a_w
     np.testing.assert_array_equal(out, pixels)
 
 
+# -- unfilter_after: the helpers start first and wait while the calling thread inflates --
+
+@built
+@pytest.mark.parametrize("threads", [1, 2, 8])
+@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("shape", [(1, 1), (50, 1), (300, 129), (41, 1921)])
+def test_rows_inflated_after_the_helpers_began_are_the_pixels(pool, shape, channels, threads):
+    h, w = shape
+    rng = np.random.default_rng(h * 5 + w + channels)
+    pixels = _pixels(h, w, channels, rng)
+    for filters in ([4], list(rng.integers(0, 5, 29)), [1] + [2] * 40):
+        data = filtered_rows(pixels, filters)
+        out = np.full_like(pixels, 7)
+
+        def inflate(rows: np.ndarray) -> bool:
+            time.sleep(0.01)                          # the helpers are waiting by now
+            rows[:] = np.frombuffer(data, np.uint8)
+            return True
+        assert png_unfilter.unfilter_after(inflate, out, pool, threads)
+        np.testing.assert_array_equal(out, pixels, err_msg=f"filters {filters}")
+
+
+def _within(seconds: float, call):
+    """call()'s value, or what it raised, where it returns within `seconds`; else the test fails
+    (a helper left waiting would hold the call up for ever)."""
+    done: list = []
+
+    def run() -> None:
+        try:
+            done.append((True, call()))
+        except BaseException as exc:                  # noqa: BLE001 (handed back to the test)
+            done.append((False, exc))
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert done, f"still waiting after {seconds} s"
+    ok, value = done[0]
+    if not ok:
+        raise value
+    return value
+
+
+@built
+def test_rows_that_fail_to_inflate_leave_no_helper_waiting():
+    pixels = _pixels(200, 100, 3, np.random.default_rng(10))
+    helpers = ThreadPoolExecutor(3)
+    try:
+        def refuse(rows: np.ndarray) -> bool:
+            time.sleep(0.01)
+            return False
+
+        def crash(rows: np.ndarray) -> bool:
+            raise ValueError("corrupt")
+        assert _within(10, lambda: png_unfilter.unfilter_after(refuse, np.empty_like(pixels), helpers, threads=4)) \
+            is False
+        with pytest.raises(ValueError):
+            _within(10, lambda: png_unfilter.unfilter_after(crash, np.empty_like(pixels), helpers, threads=4))
+        bad = np.frombuffer(filtered_rows(pixels, [4]), np.uint8).copy()
+        bad[100 * (1 + 300)] = 7                      # row 100's filter type
+
+        def bad_rows(rows: np.ndarray) -> bool:
+            rows[:] = bad
+            return True
+        assert _within(10, lambda: png_unfilter.unfilter_after(bad_rows, np.empty_like(pixels), helpers, threads=4)) \
+            is False
+        # all three helpers are free again, none left waiting for rows
+        assert [f.result(timeout=10) for f in [helpers.submit(lambda: "free") for _ in range(3)]] == ["free"] * 3
+    finally:
+        helpers.shutdown(wait=False)                  # a failure here is reported, not a hang
+
+
+@built
+def test_seal_reaches_helpers_asleep_on_the_rows():
+    # helpers that waited long enough to sleep: one learns of the units, one of a failure
+    pixels = _pixels(64, 50, 3, np.random.default_rng(11))
+    rows = filtered_rows(pixels, [2])
+    with ThreadPoolExecutor(2) as helpers:
+        calls = []
+        for _ in range(2):
+            out, shared = np.zeros_like(pixels), np.zeros(png_unfilter.SHARED, np.int64)
+            calls.append((out, shared, helpers.submit(png_unfilter.NATIVE.unfilter_rows, rows, out, 64, 150, 3,
+                                                      np.array([64], np.int64), np.zeros(64, np.int32), shared)))
+        time.sleep(0.05)                              # spun out (50 us): asleep
+        (out, shared, ok), (_, failed, refused) = calls
+        png_unfilter.NATIVE.seal(shared, 1)
+        png_unfilter.NATIVE.seal(failed, -1)
+        assert (ok.result(timeout=10), refused.result(timeout=10)) == (0, -1)
+    np.testing.assert_array_equal(out, pixels)
+    with pytest.raises(ValueError):
+        png_unfilter.NATIVE.seal(np.zeros(2, np.int64), 1)
+
+
 # -- inflating alongside: the calling thread inflates, the others unfilter the rows as they come --
 
 inflates = pytest.mark.skipif(png_unfilter.ZLIBNG is None, reason="zlib-ng's inflate is not bound")

@@ -118,16 +118,24 @@ def _decode(data: bytes, parts: int, alloc: Alloc) -> np.ndarray | None:
     if UNFILTER_IN_C and INFLATE_ALONGSIDE and len(idat) <= ALONGSIDE_MAX_RATIO * size:
         out = alloc((h, w, CHANNELS[colour]))
         return out if png_unfilter.inflate_unfilter(idat, out, _pool, min(parts, ALONGSIDE_THREADS)) else None
+    inflate = imagecodecs.deflate_decode if LIBDEFLATE else imagecodecs.zlibng_decode
+    if UNFILTER_IN_C:
+        out = alloc((h, w, CHANNELS[colour]))
+
+        def fill(rows: np.ndarray) -> bool:
+            try:                                      # a stream that inflates to more fails here
+                return len(inflate(idat, out=rows)) == size
+            except Exception:
+                return False
+        # the helpers begin while this thread inflates
+        return out if png_unfilter.unfilter_after(fill, out, _pool, parts) else None
     try:
-        inflate = imagecodecs.deflate_decode if LIBDEFLATE else imagecodecs.zlibng_decode
-        rows = inflate(idat, out=size)                # a stream that inflates to more fails here
+        rows = inflate(idat, out=size)
     except Exception:
         return None
     if len(rows) != size:
         return None
     out = alloc((h, w, CHANNELS[colour]))
-    if UNFILTER_IN_C:
-        return out if png_unfilter.unfilter(rows, out, _pool, parts) else None
     first, *rest = png_unfilter.bands(np.frombuffer(rows, np.uint8)[::size // h], parts)
     futures = [_pool.submit(_decode_band, ihdr, rows, a, b, out) for a, b in rest]
     _decode_band(ihdr, rows, *first, out)

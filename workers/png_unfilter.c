@@ -501,6 +501,34 @@ static PyObject *py_inflate_unfilter(PyObject *self, PyObject *args) {
     return release_and_answer(ok, rc, (Py_buffer *const[]){&z, &rows, &out, &ends, &done, &shared}, 6);
 }
 
+/* seal(shared, units) -> None: the threads of one image that started before its rows were
+ * inflated (unfilter_rows, waiting on shared) learn that `units` units are published, all there will
+ * be, or with units < 0 that the rows failed to inflate; the sleeping ones are woken now (a wait
+ * that sleeps on its own wakes within NAP_NS). */
+static PyObject *py_seal(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer shared;
+    long long units;
+    if (!PyArg_ParseTuple(args, "w*L", &shared, &units))
+        return NULL;
+    int ok = shared.len >= (Py_ssize_t)sizeof(shared_state);
+    if (ok) {
+        shared_state *st = shared.buf;
+        if (units < 0)
+            store_progress64(&st->failed, 1);
+        else
+            store_progress64(&st->published, units);
+        store_progress64(&st->sealed, 1);
+        report_progress(st);
+    }
+    PyBuffer_Release(&shared);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "shared is not a shared_state");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* bind_zlibng(path) -> zlib-ng's version: finds zlib-ng's inflate in the extension module at path
  * (imagecodecs._zlibng, already loaded), which exports it. Raises where it does not, or where it is
  * not zlib-ng 2.x, whose stream layout this file declares. */
@@ -538,6 +566,8 @@ static PyMethodDef methods[] = {
      "Undo PNG row filters, as one of the threads working on one image (workers/png_unfilter.py)."},
     {"inflate_unfilter", py_inflate_unfilter, METH_VARARGS,
      "Inflate a PNG's image data and undo its row filters, with other threads following the inflate."},
+    {"seal", py_seal, METH_VARARGS,
+     "Publish an image's units, all of them (or a failure), to the threads already waiting for them."},
     {"bind_zlibng", py_bind_zlibng, METH_VARARGS,
      "Find zlib-ng's inflate in an already loaded library that exports it; its version."},
     {NULL, NULL, 0, NULL},

@@ -55,6 +55,37 @@ def unfilter(rows: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool
     return _on_threads(NATIVE.unfilter_rows, args, pool, threads)
 
 
+def unfilter_after(inflate: Callable[[np.ndarray], bool], out: np.ndarray, pool: Executor, threads: int) -> bool:
+    """`unfilter` of the rows `inflate(rows)` writes (into uint8 rows of the image's inflated size;
+    True where it filled them exactly), with up to threads - 1 of `pool`'s started first: they wait
+    while this thread inflates, so that all are running when the rows are ready (a pool thread takes
+    0.1-0.7 ms to begin, one after another, each taking the GIL: bench/RESULTS.md, eighteenth and
+    thirtieth sessions). False where `inflate` did not fill the rows or a filter type is not PNG's."""
+    if NATIVE is None:
+        raise RuntimeError("the C unfilterer was not built")
+    h, rowbytes, bpp = _shape(out)
+    if not rowbytes:
+        return False
+    rows = np.empty(h * (rowbytes + 1), np.uint8)
+    ends, done, shared = np.empty(h, np.int64), np.zeros(h, np.int32), np.zeros(SHARED, np.int64)
+    args = (rows, out, h, rowbytes, bpp, ends, done, shared)
+
+    def first() -> int:
+        filled = False
+        try:
+            filled = bool(inflate(rows))
+        finally:
+            if not filled:                              # also where inflate raised: the helpers stop
+                NATIVE.seal(shared, -1)
+        if not filled:
+            return -1
+        found = units(rows[::rowbytes + 1], threads)
+        ends[:len(found)] = found
+        NATIVE.seal(shared, len(found))
+        return NATIVE.unfilter_rows(*args)
+    return _on_threads(NATIVE.unfilter_rows, args, pool, threads, first=first)
+
+
 def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool:
     """`z`: a non-interlaced 8-bit PNG's image data (its IDAT chunks' bytes joined); `out` as for
     `unfilter`. This thread inflates it with zlib-ng (ZLIBNG), a chunk at a time, handing each
