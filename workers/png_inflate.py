@@ -1,7 +1,7 @@
 """8-bit RGB/RGBA PNGs: zlib-ng inflates the image data a chunk at a time while the row filters
 of the rows inflated so far are undone on other threads (workers/png_unfilter.c); or libdeflate (or
 zlib-ng) inflates it all first, and then the filters are undone, on several threads at once, by the
-same C code, or by libpng where that was not built.
+same C code (its threads started while libdeflate inflates), or by libpng where that was not built.
 
 Why (bench/RESULTS.md, bench.png_decoders): imagecodecs' libpng inflates with a stock zlib, which
 copies the short-distance matches of flat screenshot areas a byte at a time. On the CI box, 11.5 ms
