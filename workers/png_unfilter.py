@@ -71,18 +71,15 @@ def unfilter_after(inflate: Callable[[np.ndarray], bool], out: np.ndarray, pool:
     args = (rows, out, h, rowbytes, bpp, ends, done, shared)
 
     def first() -> int:
-        filled = False
+        published = -1                                  # a failure, also where anything here raised
         try:
-            filled = bool(inflate(rows))
+            if inflate(rows):
+                found = units(rows[::rowbytes + 1], threads)
+                ends[:len(found)] = found
+                published = len(found)
         finally:
-            if not filled:                              # also where inflate raised: the helpers stop
-                NATIVE.seal(shared, -1)
-        if not filled:
-            return -1
-        found = units(rows[::rowbytes + 1], threads)
-        ends[:len(found)] = found
-        NATIVE.seal(shared, len(found))
-        return NATIVE.unfilter_rows(*args)
+            NATIVE.seal(shared, published)              # the helpers go on, or stop
+        return NATIVE.unfilter_rows(*args) if published >= 0 else -1
     return _on_threads(NATIVE.unfilter_rows, args, pool, threads, first=first)
 
 
