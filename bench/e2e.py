@@ -154,6 +154,9 @@ def add_stack_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--direct-answers", default=None, choices=["on", "off"],
                     help="the frontend's `direct_answers` (workers answer it straight, ahead of the broker's "
                          "copy; common/protocol.py's Final); default: the config's")
+    ap.add_argument("--direct-jobs", default=None, choices=["on", "off"],
+                    help="the frontend's `direct_jobs` (it sends jobs to a worker that answered it straight, "
+                         "ahead of the broker's JOB; common/protocol.py's DIRECT_TO_WORKER); default: the config's")
     ap.add_argument("--broker-endpoints", default="tcp", choices=["tcp", "ipc"],
                     help="the broker's sockets: loopback TCP (the config's default) or Unix sockets")
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gui-grounding-bench"),
@@ -179,6 +182,8 @@ def bench_stack(tmp: str, args: argparse.Namespace) -> Stack:
               "models": {"bench": model}}
     if args.direct_answers is not None:
         config["server"]["direct_answers"] = args.direct_answers == "on"
+    if args.direct_jobs is not None:
+        config["server"]["direct_jobs"] = args.direct_jobs == "on"
     if args.cache_dir:
         config["cache_dir"] = args.cache_dir
     return Stack(Path(tmp), config)

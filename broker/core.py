@@ -222,7 +222,8 @@ class Broker:
                                       "an identical request recently crashed two workers")
         job = Job(id=msg.id, client=client, model=msg.model, params=msg.params, blobs=list(blobs),
                   blob_meta=msg.blob_meta, stream=msg.stream, accepted_at=now, deadline=now + msg.ttl_ms / 1000,
-                  finishing=msg.finishing, answer_to=msg.answer_to, answer_host=msg.answer_host)
+                  finishing=msg.finishing, answer_to=msg.answer_to, answer_host=msg.answer_host,
+                  direct_to=msg.direct_to)
         pos = self.jobs.add(job)
         self.count("jobs_accepted_total")
         self.emit(e.ToClient(client, p.Accepted(msg.id, pos, self.incarnation)))

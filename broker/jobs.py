@@ -38,6 +38,7 @@ class Job:
     finishing: bool = False          # the client asked for FINISHING before the answer
     answer_to: str | None = None     # the client's endpoint for direct answers (protocol.Final)
     answer_host: str | None = None
+    direct_to: str | None = None     # the worker endpoint the client sent its direct copy to
 
     def remaining_ms(self, now: float) -> int:
         return max(1, int((self.deadline - now) * 1000))

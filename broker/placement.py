@@ -8,7 +8,9 @@ there against ~120 ms on any other replica (1080p, 2B shape, bench/RESULTS.md). 
   kept state saves, and on the GPU it saves a whole forward;
 - a new screenshot goes to the least busy replica, ties broken by rendezvous hashing (each screenshot
   ranks the replicas in its own fixed order, unchanged by replicas coming or going), so that a
-  screen posted ahead (POST /v1/screenshots) and its question meet even if the broker forgot it.
+  screen posted ahead (POST /v1/screenshots) and its question meet even if the broker forgot it;
+  but where the client sent the job straight to one of the least busy replicas too (a direct job,
+  common/protocol.py), that one, which may have its screenshot decoded already.
 A screenshot's key is a CRC-32 of its size and its first and last 64 KiB: a routing hint, not an
 identity (a collision only sends two screens to one replica), bounded in cost on the broker's loop
 whatever the image's size.
@@ -46,6 +48,11 @@ def replica_rank(key: int, unit_id: str) -> int:
     return zlib.crc32(unit_id.encode(), key)
 
 
+def _has_copy(job: Job, w: "Worker") -> bool:
+    """The client sent `job` straight to `w` as well (its endpoint for direct jobs)."""
+    return job.direct_to is not None and w.capabilities.get("jobs_to") == job.direct_to
+
+
 class Placement:
     def __init__(self, homes: int = HOMES):
         self.limit = homes
@@ -59,7 +66,7 @@ class Placement:
         home = self.homes.get((job.model, key))
         chosen = next(((m, w) for m, w in ready if m.id == home and w.busy <= least + SLACK), None)
         if chosen is None:
-            chosen = min(ready, key=lambda mw: (mw[1].busy, -replica_rank(key, mw[0].id)))
+            chosen = min(ready, key=lambda mw: (mw[1].busy, not _has_copy(job, mw[1]), -replica_rank(key, mw[0].id)))
         self.homes[(job.model, key)] = chosen[0].id
         self.homes.move_to_end((job.model, key))
         if len(self.homes) > self.limit:

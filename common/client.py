@@ -13,6 +13,11 @@ Direct answers (unless `direct_answers=False`): the client also binds a loopback
 asks workers on this host to send each (non-streamed) job's FINAL there straight, ahead of the
 broker's copy (common/protocol.py's Final); the first of the two is kept, the other dropped. A
 client on another host than the workers gets the broker's copy alone.
+
+Direct jobs (unless `direct_jobs=False`, and only with direct answers): once a model's worker has
+answered straight, the client sends each next (non-streamed) SUBMIT for that model to the worker
+too, ahead of the broker's JOB, so it can decode the screenshot while the broker routes the job
+(common/protocol.py's DIRECT_TO_WORKER, common/client_direct_jobs.py).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import zmq.asyncio
 
 from common import protocol as p
 from common import wire
+from common.client_direct_jobs import DirectJobs
 from common.client_jobs import JobEntry, JobHandle, JobResult, sniff_mime
 from common.errors import ServerError
 from common.zmqutil import make_socket
@@ -49,11 +55,13 @@ DIRECT_BIND = "tcp://127.0.0.1:*"   # the direct answers' PULL socket: loopback,
 
 class AsyncClient:
     def __init__(self, endpoint: str, *, ctx: zmq.asyncio.Context | None = None, default_ttl_s: float = 120.0,
-                 finishing: bool = True, direct_answers: bool = True):
+                 finishing: bool = True, direct_answers: bool = True, direct_jobs: bool = True):
         self.endpoint = endpoint
         self.default_ttl_s = default_ttl_s
         self.finishing = finishing   # ask for FINISHING before each answer (protocol.Finishing says why)
         self.direct_answers = direct_answers
+        self.direct_jobs = direct_jobs
+        self._direct_jobs: DirectJobs | None = None
         self.answer_to: str | None = None    # the direct answers' endpoint, once started
         self._host: str | None = None
         self._direct: zmq.asyncio.Socket | None = None
@@ -71,7 +79,8 @@ class AsyncClient:
         self._heard_t: float | None = None    # last message from the broker
         self._started_t = 0.0
         self._ping_t = 0.0
-        self.counters = {"decode_errors": 0, "resends": 0, "unknown_job": 0, "direct_answers": 0}
+        self.counters = {"decode_errors": 0, "resends": 0, "unknown_job": 0, "direct_answers": 0, "direct_jobs": 0,
+                         "direct_jobs_unsent": 0}
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -92,6 +101,8 @@ class AsyncClient:
             direct.bind(DIRECT_BIND)
             self.answer_to = direct.getsockopt_string(zmq.LAST_ENDPOINT)
             self._host = socket.gethostname()
+            if self.direct_jobs:
+                self._direct_jobs = DirectJobs(self._ctx, self.counters)
             self._tasks.append(loop.create_task(self._read(direct, wire.DIRECT_TO_CLIENT, "a worker",
                                                            self._direct_final), name="vlm-client-direct"))
 
@@ -111,6 +122,9 @@ class AsyncClient:
         if self._direct is not None:
             self._direct.close(linger=0)
             self._direct = self.answer_to = None
+        if self._direct_jobs is not None:
+            self._direct_jobs.close()
+            self._direct_jobs = None
         if self._own_ctx and self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -147,13 +161,16 @@ class AsyncClient:
         # streamed jobs' answers stay on the broker's way (a direct FINAL could pass their
         # PARTIALs), and so do those of an id answered lately (its other copy may still come)
         direct = self.answer_to is not None and not stream and jid not in self._answered
+        copy_to = self._direct_jobs.endpoint(model) if direct and self._direct_jobs is not None else None
         msg = p.Submit(id=jid, model=model, params=params, blob_meta=meta, ttl_ms=max(1, int(ttl * 1000)),
                        stream=stream, finishing=self.finishing, answer_to=self.answer_to if direct else None,
-                       answer_host=self._host if direct else None)
+                       answer_host=self._host if direct else None, direct_to=copy_to)
         frames = wire.encode(msg, blobs)
         now = time.monotonic()
-        job = JobEntry(jid, asyncio.Queue(), frames, now, now + ttl + DEADLINE_SLACK_S, direct=direct)
+        job = JobEntry(jid, asyncio.Queue(), frames, now, now + ttl + DEADLINE_SLACK_S, direct=direct, model=model)
         self._jobs[jid] = job
+        if copy_to is not None:   # the worker's copy first: the broker's JOB is to find it there
+            self._direct_jobs.send(copy_to, frames)
         try:
             await self._send(frames, CONNECT_WAIT_S)
         except BaseException:   # unreachable broker, or the caller was cancelled mid-wait: the
@@ -338,6 +355,8 @@ class AsyncClient:
             self._unknown(msg.id)
         else:
             self.counters["direct_answers"] += 1
+            if self._direct_jobs is not None:
+                self._direct_jobs.learn(job.model, msg.jobs_to)
             self._finish(job, _job_result(msg, blobs))
 
     def _unknown(self, job_id: str) -> None:
@@ -435,12 +454,12 @@ class Client:
     """Blocking client: an AsyncClient on a private event loop in a daemon thread."""
 
     def __init__(self, endpoint: str, *, default_ttl_s: float = 120.0, finishing: bool = True,
-                 direct_answers: bool = True):
+                 direct_answers: bool = True, direct_jobs: bool = True):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vlm-client-loop", daemon=True)
         self._thread.start()
         self._async = AsyncClient(endpoint, default_ttl_s=default_ttl_s, finishing=finishing,
-                                  direct_answers=direct_answers)
+                                  direct_answers=direct_answers, direct_jobs=direct_jobs)
         self._call(self._async.start())
 
     def _call(self, coro: Any) -> Any:

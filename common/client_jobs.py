@@ -38,6 +38,7 @@ class JobEntry:
     accepted_inc: str | None = None
     resent: bool = False
     direct: bool = False    # asked for a direct answer: a second copy will come (protocol.Final)
+    model: str = ""
 
 
 def sniff_mime(blob: Any) -> str:

@@ -68,6 +68,10 @@ class ServerConfig:
     # workers on this host also send each answer straight to the frontend, ahead of the broker's
     # copy (common/protocol.py's Final): three hops less on the answer's way out
     direct_answers: bool = True
+    # ... and, once a worker has answered it straight, the frontend sends that model's next jobs
+    # to the worker too, which decodes their screenshots while the broker routes them (needs
+    # direct_answers; common/protocol.py's DIRECT_TO_WORKER)
+    direct_jobs: bool = True
 
     def validate(self, key: str) -> None:
         _check(1 <= self.port <= 65535, f"{key}.port", "must be within 1..65535")

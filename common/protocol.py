@@ -77,6 +77,9 @@ class Submit(Message):
     # straight, ahead of the broker's copy (see Final); None: the broker's alone
     answer_to: str | None = None
     answer_host: str | None = None
+    # the worker endpoint (a FINAL's `jobs_to`) this client also sent this SUBMIT to, straight
+    # (see DIRECT_TO_WORKER); the broker gives the job to that worker where it may
+    direct_to: str | None = None
 
 
 @_msg(C, 0x02)
@@ -129,12 +132,16 @@ class Final(Message):
     client's. The broker still sends its own FINAL (or an ERROR) for the job; that one is the
     guarantee, and the client keeps whichever comes first and drops the other. The direct copy
     skips three hops of the answer's way out (the worker's control thread, the broker, its send),
-    each a thread that slept through the forward (bench/RESULTS.md, twenty-eighth session)."""
+    each a thread that slept through the forward (bench/RESULTS.md, twenty-eighth session).
+
+    A direct FINAL also names in `jobs_to` the worker's endpoint for direct jobs: the client may
+    send its next SUBMITs for the same model there too (see DIRECT_TO_WORKER)."""
     id: str
     result: dict
     usage: dict = field(default_factory=dict)
     finish_reason: str = "stop"
     timings: dict = field(default_factory=dict)
+    jobs_to: str | None = None
 
 
 @_msg(C, 0x14)
@@ -361,6 +368,12 @@ def direct_endpoint_ok(endpoint: str) -> bool:
 
 
 CLIENT_TO_BROKER = (Submit, Cancel, Query, Ping)
+# Direct jobs: a client on a worker's host sends the SUBMIT's very frames to that worker's PULL
+# endpoint (a direct FINAL's `jobs_to`) as well as to the broker. The worker may decode the
+# screenshot while the broker routes the job (three hops: ~0.5-0.8 ms on H200 hosts, RESULTS'
+# twenty-seventh session), but runs it only once the broker's JOB for it comes, with the same
+# params and bytes. So the broker still owns every job: its queue, its retries, its one answer.
+DIRECT_TO_WORKER = (Submit,)
 BROKER_TO_CLIENT = (Accepted, Partial, Final, Error, Pong, QueryReply, Finishing)
 WORKER_TO_CLIENT = (Final,)   # direct answers (see Final)
 WORKER_TO_BROKER = (Ready, Heartbeat, WorkerPartial, WorkerFinishing, Result, WorkerError, Memory, Loaded,

@@ -38,6 +38,7 @@ class ProtocolError(Exception):
 FROM_CLIENT = p.registry(*p.CLIENT_TO_BROKER)
 TO_CLIENT = p.registry(*p.BROKER_TO_CLIENT)
 DIRECT_TO_CLIENT = p.registry(*p.WORKER_TO_CLIENT)
+DIRECT_TO_WORKER = p.registry(*p.DIRECT_TO_WORKER)
 FROM_WORKER = p.registry(*p.WORKER_TO_BROKER)
 TO_WORKER = p.registry(*p.BROKER_TO_WORKER)
 

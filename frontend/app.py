@@ -144,7 +144,7 @@ def create_app(cfg: AppConfig, name: str = "grounding_frontend") -> GroundingApp
     @app.before_server_start
     async def _open_client(app: GroundingApp) -> None:
         app.ctx.client = AsyncClient(cfg.broker.client_endpoint, default_ttl_s=s.request_timeout_s,
-                                     direct_answers=s.direct_answers)
+                                     direct_answers=s.direct_answers, direct_jobs=s.direct_jobs)
         await app.ctx.client.start()
         app.ctx.client_started = time.monotonic()
 

@@ -56,9 +56,9 @@ class Harness:
         return self.handle(e.ClientMessage(ident, msg, list(blobs), self.now))
 
     def submit(self, jid, model="m", ttl_ms=10_000, ident=C1, blobs=(IMG,), stream=False, params=None,
-               finishing=False) -> list:
+               finishing=False, direct_to=None) -> list:
         return self.client(p.Submit(jid, model, params or {"instruction": jid}, [{"mime": "image/png", "len": 1}] * len(blobs),
-                                    ttl_ms, stream, finishing=finishing), blobs, ident)
+                                    ttl_ms, stream, finishing=finishing, direct_to=direct_to), blobs, ident)
 
     def query(self, service, arg=None, ident=C1, qid="q1") -> list:
         return self.client(p.Query(qid, service, arg or {}), ident=ident)
@@ -67,10 +67,11 @@ class Harness:
     def worker(self, ident: bytes, msg, blobs=()) -> list:
         return self.handle(e.WorkerMessage(ident, msg, list(blobs), self.now))
 
-    def ready(self, ident: bytes, model="m", state="empty", est=100, slots=1, pid=None, device_mem=0) -> list:
+    def ready(self, ident: bytes, model="m", state="empty", est=100, slots=1, pid=None, device_mem=0,
+              jobs_to=None) -> list:
         pid = pid or 1000 + len(self.pids)
         self.pids[ident] = pid
-        caps = {"max_slots": slots, "max_batch": 1, "engine": "fake", "est_weights_bytes": est}
+        caps = {"max_slots": slots, "max_batch": 1, "engine": "fake", "est_weights_bytes": est, "jobs_to": jobs_to}
         if device_mem:
             caps["device_mem_total"] = device_mem
         return self.worker(ident, p.Ready(ident.hex(), pid, "host", model, state, caps,

@@ -192,7 +192,8 @@ def test_async_client_streams_events_on_any_loop_and_drops_finishing(finishing):
                 assert [type(e).__name__ for e in events] == ["Accepted", "Partial", "JobResult"]
                 assert events[0].queue_pos == 2 and events[-1].result == {"ok": True}
                 assert (await h.result()).result == {"ok": True}   # the terminal event is kept
-                assert c.counters == {"decode_errors": 0, "resends": 0, "unknown_job": 0, "direct_answers": 0}
+                assert c.counters == {"decode_errors": 0, "resends": 0, "unknown_job": 0, "direct_answers": 0,
+                                      "direct_jobs": 0, "direct_jobs_unsent": 0}
         finally:
             router.close(linger=0)
             ctx.term()
@@ -252,7 +253,8 @@ def test_direct_answers_first_copy_wins_either_way_and_streams_stay_on_the_broke
                 await via_broker(ident, p.Final(id=answered, result={"fresh": 1}))
                 assert (await reused.result()).result == {"fresh": 1}
                 await asyncio.sleep(0.2)
-                assert c.counters == {"decode_errors": 0, "resends": 0, "unknown_job": 0, "direct_answers": 1}
+                assert c.counters == {"decode_errors": 0, "resends": 0, "unknown_job": 0, "direct_answers": 1,
+                                      "direct_jobs": 0, "direct_jobs_unsent": 0}
             async with AsyncClient(endpoint, ctx=ctx, direct_answers=False) as plain:
                 await plain.submit("m", {"instruction": "plain"}, [IMG])
                 _, sub = await next_submit()
@@ -435,6 +437,36 @@ def test_e2e_direct_answers_match_the_brokers_and_each_job_ends_once(stack):
         # which copy comes first is the machine's scheduling (10-14 of these 14 on a 2-core box)
         assert counters["direct_answers"] >= 1 and counters["unknown_job"] == 0, counters
         assert plain._async.counters["direct_answers"] == 0
+
+
+def test_e2e_direct_jobs_run_as_the_brokers_jobs_with_the_same_answers(stack):
+    with Client(stack.client_endpoint, default_ttl_s=30) as d, \
+            Client(stack.client_endpoint, default_ttl_s=30, direct_jobs=False) as plain:
+        for i in range(20):   # until a direct answer has come first and named the worker's endpoint
+            d.ground("m1", IMG, f"warm {i}")
+            if d._async._direct_jobs.endpoint("m1"):
+                break
+        assert d._async._direct_jobs.endpoint("m1").startswith("tcp://127.0.0.1:")
+        early = []
+        for i in range(6):
+            want = plain.ground("m1", IMG, f"click button {i}", return_attention=True)
+            got = d.ground("m1", IMG, f"click button {i}", return_attention=True)
+            assert (got.result, got.usage, got.blobs) == (want.result, want.usage, want.blobs)
+            assert "early" not in want.timings
+            early.append(got.timings.get("early"))
+        # the worker had each copy before the broker's JOB (a few may lose the race on a busy box)
+        assert sum(e is not None and e > 0 for e in early) >= 3, early
+        assert d._async.counters["direct_jobs"] >= 6 and plain._async.counters["direct_jobs"] == 0
+        # a job the worker holds a copy of, cancelled, and one past its deadline: one answer each
+        slow = d.submit("m1", {"instruction": "slow", "fake": {"sleep_ms": 600}}, [IMG])
+        time.sleep(0.2)
+        slow.cancel()
+        with pytest.raises(ServerError) as ei:
+            d.ground("m1", IMG, "late", ttl_s=0.3, fake={"sleep_ms": 800})
+        assert ei.value.code == "deadline_exceeded"
+        assert d.ground("m1", IMG, "after").result["points"]
+        time.sleep(1.0)
+        assert d._async.counters["unknown_job"] == 0
 
 
 def test_e2e_poison_job_kills_two_workers_then_fails(stack, e2e):

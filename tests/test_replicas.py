@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,6 +18,7 @@ from common import protocol as p
 from common.config import ModelSpec, parse_config, units_of
 from common.errors import ConfigError
 from common.client import Client
+from broker.placement import replica_rank, screen_key
 from tests.rawbroker import png
 from tests.stackutil import Stack, fake_model
 from tests.test_broker_core import Harness, answers, of, spec
@@ -124,6 +126,29 @@ def test_a_screenshot_goes_back_to_the_replica_that_saw_it_when_both_are_idle():
         assert len(seen) == 1                             # the same replica every time
         homes[shot] = seen.pop()
     assert set(homes.values()) == {R0, R1}               # and different screens use both
+
+
+def test_a_new_screenshot_goes_to_the_least_busy_replica_the_client_sent_it_to():
+    h = replicated()
+    to = {R0: "tcp://127.0.0.1:7000", R1: "tcp://127.0.0.1:7001"}
+    h.ready(R0, "r@0", "loaded", slots=3, jobs_to=to[R0])
+    h.ready(R1, "r@1", "loaded", slots=3, jobs_to=to[R1])
+    for i in range(8):                                    # new screens, a job at a time: the copy's worker,
+        shot = SHOT_B + b"%d" % i                         # which their rank does not prefer
+        key = screen_key(SimpleNamespace(blobs=[shot], screen_key=None))
+        ident = R1 if replica_rank(key, "r@0") > replica_rank(key, "r@1") else R0
+        assert dispatched_to(h.submit(f"s{i}", blobs=[shot], direct_to=to[ident]), ident) == [f"s{i}"]
+        h.result(ident, f"s{i}")
+    cmds = h.submit("a1", blobs=[SHOT_A], direct_to=to[R0])
+    assert dispatched_to(cmds, R0) == ["a1"]
+    # busier: the least busy replica all the same (the copy is dropped there, unanswered)
+    assert dispatched_to(h.submit("n1", blobs=[SHOT_B + b"n1"], direct_to=to[R0]), R1) == ["n1"]
+    h.result(R0, "a1")
+    h.result(R1, "n1")
+    # a screenshot seen before: its replica, wherever the copy went
+    assert dispatched_to(h.submit("a2", blobs=[SHOT_A], direct_to=to[R1]), R0) == ["a2"]
+    # an endpoint no replica has: as without one
+    assert dispatched_to(h.submit("n2", blobs=[SHOT_B + b"n2"], direct_to="tcp://127.0.0.1:9"), R1) == ["n2"]
 
 
 def test_a_screenshot_seen_before_waits_one_job_for_its_replica_but_not_two():

@@ -393,3 +393,89 @@ def test_direct_answers_go_straight_to_a_client_on_this_host_only(tmp_path, brok
     finally:
         pull.close(linger=0)
         ctx.term()
+
+
+def test_direct_jobs_run_only_as_their_brokers_job(tmp_path, broker, proc_list):
+    proc_list.append(start(tmp_path, broker, spec=fake_spec(max_batch=1)))
+    ident, ready = loaded(broker)
+    jobs_to = ready.capabilities["jobs_to"]
+    assert p.direct_endpoint_ok(jobs_to) and jobs_to.startswith("tcp://127.0.0.1:")
+    ctx = zmq.Context()
+    push = make_socket(ctx, zmq.PUSH)
+    push.connect(jobs_to)
+    pull = make_socket(ctx, zmq.PULL)
+    pull.bind("tcp://127.0.0.1:*")
+    here, host = pull.getsockopt_string(zmq.LAST_ENDPOINT), socket.gethostname()
+    other = png(320, 200)
+
+    def copy(jid, blobs=(IMG,), model="m1", **params):
+        msg, _ = job(jid, **params)
+        push.send_multipart(wire.encode(p.Submit(id=jid, model=model, params=msg.params, ttl_ms=10_000), blobs))
+
+    def send(jid, blobs=(IMG,), **params):
+        msg, _ = job(jid, **params)
+        broker.send(ident, dataclasses.replace(msg, answer_to=here, answer_host=host), list(blobs))
+
+    def result(jid):
+        res, _ = answer(broker)
+        assert isinstance(res, p.Result) and res.id == jid, res
+        return res
+
+    try:
+        # a copy, then its JOB: it runs once, as the JOB, its total counted from the copy
+        copy("c1")
+        time.sleep(0.05)
+        send("c1")
+        res = result("c1")
+        assert 45 <= res.timings["early"] <= res.timings["total"], res.timings
+        assert pull.poll(3000)
+        final, _ = wire.decode(pull.recv_multipart(), wire.DIRECT_TO_CLIENT)
+        assert final.id == "c1" and final.jobs_to == jobs_to and final.timings["early"] == res.timings["early"]
+        # the same id with other bytes or params: the JOB's own are what run
+        copy("c2", blobs=(other,))
+        time.sleep(0.05)
+        send("c2")
+        res = result("c2")
+        assert "early" not in res.timings and res.result["image_size"] == [640, 480]
+        copy("c3", instruction="something else")
+        time.sleep(0.05)
+        send("c3")
+        assert "early" not in result("c3").timings
+        # a copy whose JOB never comes is dropped unanswered, and holds nothing after WAIT_S
+        copy("gone")
+        time.sleep(0.7)
+        send("c4")
+        assert "early" not in result("c4").timings
+        assert not broker.quiet(0.3)
+        # another JOB first: the copy is dropped at once; its JOB, later, runs from scratch
+        copy("c5")
+        time.sleep(0.05)
+        send("c6")
+        assert "early" not in result("c6").timings
+        send("c5")
+        assert "early" not in result("c5").timings
+        # taken only while the worker holds no job, for its model, from well-formed frames
+        send("busy", fake={"sleep_ms": 300})
+        time.sleep(0.05)
+        copy("c7")
+        push.send_multipart([b"junk"])
+        copy("c8", model="m2")
+        send("c7")
+        assert result("busy") and "early" not in result("c7").timings
+        copy("c8", model="m2")
+        time.sleep(0.05)
+        send("c8")
+        assert "early" not in result("c8").timings
+        # a copy, then UNLOAD: unloaded at once, not after the copy's wait
+        copy("c9")
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        broker.send(ident, p.Unload(model_id="m1"))
+        broker.expect(p.Unloaded, ignore=(p.Memory,))
+        assert time.monotonic() - t0 < 0.4
+        broker.expect(p.Memory)
+        assert not broker.quiet(0.7)   # nor any answer for the copy
+    finally:
+        push.close(linger=0)
+        pull.close(linger=0)
+        ctx.term()

@@ -22,6 +22,7 @@ import zmq
 from common import protocol as p
 from common import wire
 from workers.direct_answers import DirectAnswers
+from workers.direct_jobs import WAIT_S, EarlyGate
 from workers.engine import GroundingRequest, GroundingResult, JobError
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class Ticket:
     fwd_start: float = 0.0
     prepared: Any = None
     answer_to: str | None = None   # the client's endpoint for a direct FINAL (workers/direct_answers.py)
+    gate: EarlyGate | None = None  # a client's direct copy, until its JOB comes (workers/direct_jobs.py)
+    early_ms: float = 0.0          # a confirmed copy: how long before its JOB it came
 
 
 def _ms(seconds: float) -> float:
@@ -135,11 +138,21 @@ class Compute:
                         break
                 # jobs handed over directly (nothing to overlap with) are prepared here
                 batch = [t for t in batch if t.prep_end or self.prepare(t, self.push)]
+                batch = [t for t in batch if t.gate is None or self._confirmed(t)]
                 if batch:
                     self.run_batch(batch)
                 item = pending
             if item is not None and self.command(item):
                 return
+
+    def _confirmed(self, t: Ticket) -> bool:
+        """A direct copy, prepared: wait for its JOB; released unanswered if none comes."""
+        assert t.gate is not None
+        if t.gate.wait(WAIT_S) or not t.gate.drop():
+            return True
+        t.prepared = None
+        _release(self.push, t)
+        return False
 
     def command(self, cmd: tuple) -> bool:
         """Load / unload / shutdown; True when the loop must end."""
@@ -243,11 +256,13 @@ class Compute:
                 timings.update(queue=_ms((t.prep_start - t.recv_t) + (t.fwd_start - t.prep_end)),
                                preprocess=_ms(t.prep_end - t.prep_start), forward=_ms(end - t.fwd_start),
                                total=_ms(end - t.recv_t), batch=len(live))
+                if t.gate is not None:   # its total counts from the direct copy
+                    timings["early"] = round(t.early_ms, 3)
                 if warned:          # how long before the forward's end FINISHING went out
                     timings["finishing"] = _ms(end - warned[0])
                 if t.answer_to:     # first, straight to the client; then the broker's copy
-                    self.direct.send(t.answer_to, p.Final(id=t.id, result=result, usage=usage, timings=timings),
-                                     blobs)
+                    self.direct.send(t.answer_to, p.Final(id=t.id, result=result, usage=usage, timings=timings,
+                                                          jobs_to=self.w.jobs_to), blobs)
                 if not out.peak_mem and mem is None:
                     mem = self._memory()
                 self._job_msg(t, p.Result(id=t.id, result=result, usage=usage, finish_reason="stop",
@@ -276,4 +291,12 @@ class Compute:
 
 
 def _answer(push: zmq.Socket, t: Ticket, msg: p.Message, blobs: list | tuple = ()) -> None:
-    push.send_multipart([b"j%d" % t.seq, *wire.encode(msg, blobs)], copy=False)
+    if t.gate is not None and t.gate.drop():   # a direct copy its JOB did not confirm: no answer
+        _release(push, t)
+    else:
+        push.send_multipart([b"j%d" % t.seq, *wire.encode(msg, blobs)], copy=False)
+
+
+def _release(push: zmq.Socket, t: Ticket) -> None:
+    """Hand back an unconfirmed direct copy's slot: its tag alone."""
+    push.send_multipart([b"j%d" % t.seq])

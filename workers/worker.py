@@ -3,6 +3,8 @@
 - control thread: owns the DEALER to the broker. Sends READY on every (re)connection, heartbeats
   every interval, receives JOB / CANCEL / LOAD / UNLOAD / HEARTBEAT / DISCONNECT, and forwards
   answers that the other threads push to it over inproc PUSH/PULL (so its poll wakes at once).
+  It also owns the PULL socket where clients on this host send direct copies of their jobs ahead
+  of the broker's JOB (workers/direct_jobs.py).
 - preprocessing thread: GroundingRequest.from_job + engine.prepare (CPU work overlapping the
   previous forward pass). When both threads are idle there is nothing to overlap, so the job goes
   straight to the compute thread, which prepares it itself (one thread hop less: ~0.2 ms).
@@ -31,6 +33,8 @@ from common import wire
 from common.zmqutil import close_quietly, drain, make_socket
 from workers.compute import DONE_TAG, EXIT_TAG, Compute, Ticket
 from workers.direct_answers import DirectAnswers
+from workers import direct_jobs
+from workers.direct_jobs import EarlyGate
 from workers.engine import Engine
 from workers.keep_awake import KeepAwake
 
@@ -68,7 +72,7 @@ class Worker:
         self.load_seconds = 0.0
         self.mem: dict = {}                        # last engine memory report (compute thread reads it)
         self.counters = {"decode_errors": 0, "unexpected": 0, "stale_answers": 0, "reconnects": 0, "jobs": 0,
-                         "refused_leaving": 0}
+                         "refused_leaving": 0, "direct_jobs": 0, "direct_jobs_skipped": 0, "direct_jobs_dropped": 0}
         # control thread only: every ticket still held by prep/compute (by seq; they occupy slots),
         # and those of the current connection by job id (answers forwarded, listed in heartbeats)
         self._tickets: dict[int, Ticket] = {}
@@ -83,6 +87,8 @@ class Worker:
         self._inproc = f"inproc://worker-{uuid.uuid4().hex}"
         self._awake: KeepAwake | None = None       # the model's keep_cpus_awake_ms; the control thread holds it
         self._awake_held = False
+        self.jobs_to: str | None = None            # our PULL endpoint for direct jobs, once bound
+        self._early: Ticket | None = None          # control thread: the direct copy awaiting its JOB
 
     # ---- entry point (main thread) --------------------------------------------------------------
 
@@ -103,9 +109,15 @@ class Worker:
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         direct = DirectAnswers(ctx)
+        jobs_pull = ctx.socket(zmq.PULL)
+        jobs_pull.setsockopt(zmq.LINGER, 0)
+        jobs_pull.setsockopt(zmq.RCVHWM, direct_jobs.RCVHWM)
+        jobs_pull.bind(direct_jobs.BIND)
+        self.jobs_to = jobs_pull.getsockopt_string(zmq.LAST_ENDPOINT)
         compute = self._compute = Compute(self, push_compute, direct)
         self._start_keep_awake()
-        control = threading.Thread(target=self._control, args=(ctx, pull, wake_r), name="control", daemon=True)
+        control = threading.Thread(target=self._control, args=(ctx, pull, wake_r, jobs_pull), name="control",
+                                   daemon=True)
         preps = [threading.Thread(target=compute.prep_loop, args=(self._prep_q, push), name=f"prep-{i}", daemon=True)
                  for i, push in enumerate(push_preps)]
         control.start()
@@ -124,7 +136,7 @@ class Worker:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             if not control.is_alive() and not any(prep.is_alive() for prep in preps):
-                close_quietly(*push_preps, push_compute)
+                close_quietly(*push_preps, push_compute, jobs_pull)
                 ctx.destroy(linger=0)
             wake_r.close()
             wake_w.close()
@@ -160,19 +172,20 @@ class Worker:
 
     # ---- control thread ---------------------------------------------------------------------------
 
-    def _control(self, ctx: zmq.Context, pull: zmq.Socket, wake: socket.socket) -> None:
+    def _control(self, ctx: zmq.Context, pull: zmq.Socket, wake: socket.socket, jobs_pull: zmq.Socket) -> None:
         try:
-            self._control_loop(ctx, pull, wake)
+            self._control_loop(ctx, pull, wake, jobs_pull)
         except Exception:
             log.exception("control thread failed; exiting")
             os._exit(70)
 
-    def _control_loop(self, ctx: zmq.Context, pull: zmq.Socket, wake: socket.socket) -> None:
+    def _control_loop(self, ctx: zmq.Context, pull: zmq.Socket, wake: socket.socket, jobs_pull: zmq.Socket) -> None:
         interval = self.s.heartbeat_interval_s
         self._connect(ctx)
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        poller.register(jobs_pull, zmq.POLLIN)
         poller.register(self._dealer, zmq.POLLIN)
         next_hb = time.monotonic() + interval
         phase_deadline = 0.0
@@ -192,6 +205,9 @@ class Worker:
             if events.get(pull):
                 for frames in drain(pull, MAX_DRAIN):
                     self._on_internal(frames)
+            if events.get(jobs_pull):
+                for frames in drain(jobs_pull, MAX_DRAIN):
+                    self._on_direct_job(frames)
             if events.get(self._dealer):
                 for _ in range(MAX_DRAIN):   # not drain(): _on_broker may replace self._dealer
                     try:
@@ -255,7 +271,7 @@ class Worker:
         # slot_reports: our heartbeats' free_slots are exact (0 while draining: send no jobs)
         caps = {"max_slots": self.s.max_slots, "max_batch": self.engine.max_batch, "slot_reports": True,
                 "engine": self.s.engine_name, "est_weights_bytes": self.s.est_weights_bytes,
-                "device_mem_total": int(self.mem.get("limit", 0) or 0)}
+                "device_mem_total": int(self.mem.get("limit", 0) or 0), "jobs_to": self.jobs_to}
         self._send(p.Ready(worker_uid=self._uid.hex, pid=os.getpid(), host=self.s.host,
                            model_id=self.s.model_id, state=self.state, capabilities=caps,
                            mem=dict(self.mem), weights_bytes=self.weights_bytes,
@@ -282,6 +298,7 @@ class Worker:
             self._dealer.close(linger=LAST_WORDS_LINGER_MS)
 
     def _orphan_inflight(self) -> None:
+        self._drop_early()
         for t in self._inflight.values():
             t.cancelled = True   # not started yet: skipped; running: its answer is dropped
         self._inflight.clear()
@@ -299,7 +316,9 @@ class Worker:
                      "last_progress_ms_ago": int((now - t.progress_t) * 1000),
                      "state": "running" if t.fwd_start or (t.prep_start and not t.prep_end) else "waiting"}
                     for t in self._inflight.values()]
-        free = 0 if self._phase != "running" else max(0, self.s.max_slots - len(self._tickets))
+        # a direct copy awaiting its JOB takes no slot the broker counts: the JOB is to fill one
+        held = len(self._tickets) - (self._early is not None)
+        free = 0 if self._phase != "running" else max(0, self.s.max_slots - held)
         self._send(p.Heartbeat(seq=self._hb_seq, state=self.state, free_slots=free,
                                inflight=inflight, mem=dict(self.mem)))
 
@@ -311,6 +330,11 @@ class Worker:
             self._stop_requested = True
         elif tag:
             ticket = self._tickets.pop(int(tag[1:]), None)
+            if len(frames) == 1:   # a direct copy that no JOB confirmed, handed back
+                self.counters["direct_jobs_dropped"] += 1
+                if self._early is ticket:
+                    self._early = None
+                return
             if ticket is None or self._inflight.get(ticket.id) is not ticket:
                 self.counters["stale_answers"] += 1   # its connection is gone, or we are leaving
                 log.info("dropped the answer for job %s of an old connection", ticket.id if ticket else "?")
@@ -355,6 +379,53 @@ class Worker:
         else:
             self.counters["unexpected"] += 1   # e.g. a Kill meant for a supervisor
 
+    def _on_direct_job(self, frames: list) -> None:
+        """A client's direct copy of a SUBMIT: prepare it now, run it once its JOB comes. Taken only
+        while we hold no job (workers/direct_jobs.py says why); otherwise the JOB alone counts."""
+        try:
+            msg, blobs = wire.decode(frames, wire.DIRECT_TO_WORKER)
+        except wire.ProtocolError as exc:
+            self.counters["decode_errors"] += 1
+            log.warning("dropped a bad direct job (%s)", exc)
+            return
+        if (msg.model != self.s.model_id or self.state != "loaded" or self._phase != "running" or self._tickets
+                or (msg.blob_meta and len(msg.blob_meta) != len(blobs)) or not msg.id):
+            self.counters["direct_jobs_skipped"] += 1
+            return
+        now = time.monotonic()
+        self._seq += 1
+        ticket = Ticket(id=msg.id, params=msg.params, blobs=blobs, gen=self._gen, recv_t=now,
+                        deadline=now + max(0, msg.ttl_ms) / 1000.0, seq=self._seq, progress_t=now,
+                        gate=EarlyGate(msg.params, blobs))
+        self._tickets[ticket.seq] = ticket
+        self._early = ticket
+        self._work_q.put(ticket)   # we hold nothing else: compute prepares it at once
+
+    def _drop_early(self) -> None:
+        """Something other than its JOB came first: the direct copy will not run."""
+        early, self._early = self._early, None
+        if early is not None and early.gate.drop():
+            early.cancelled = True   # not prepared yet: skipped
+
+    def _confirm_early(self, msg: p.Job, blobs: list, direct_to_client: bool) -> bool:
+        """`msg` is the JOB of the direct copy we hold: it runs as that JOB. False if it is not."""
+        early = self._early
+        if early is None or early.id != msg.id or not early.gate.same_job(msg.params, blobs):
+            return False
+        now = time.monotonic()
+
+        def apply() -> None:
+            early.gen, early.deadline = self._gen, now + max(0, msg.ttl_ms) / 1000.0
+            early.answer_to = msg.answer_to if direct_to_client else None
+            early.early_ms = (now - early.recv_t) * 1000.0
+
+        if not early.gate.confirm(apply):
+            return False   # compute gave up on it just now; the JOB starts afresh
+        self._early = None
+        self._inflight[msg.id] = early
+        self.counters["direct_jobs"] += 1
+        return True
+
     def _on_job(self, msg: p.Job, blobs: list) -> None:
         if msg.id in self._inflight:
             return  # duplicate delivery; the first one will be answered
@@ -365,11 +436,14 @@ class Worker:
             self._send(p.WorkerError(id=msg.id, code="model_unavailable",
                                      message=f"model {self.s.model_id!r} is {self.state}, not loaded"))
             return
-        now = time.monotonic()
         self.counters["jobs"] += 1
-        self._seq += 1
         # a direct answer only to a client on this host (the broker checked the endpoint's form)
         direct = msg.answer_host == self.s.host and msg.answer_to and p.direct_endpoint_ok(msg.answer_to)
+        if self._confirm_early(msg, blobs, bool(direct)):
+            return
+        self._drop_early()
+        now = time.monotonic()
+        self._seq += 1
         ticket = Ticket(id=msg.id, params=msg.params, blobs=blobs, gen=self._gen, recv_t=now,
                         deadline=now + max(0, msg.ttl_ms) / 1000.0, seq=self._seq, progress_t=now,
                         answer_to=msg.answer_to if direct else None)
@@ -381,6 +455,7 @@ class Worker:
             self._prep_q.put(ticket)
 
     def _on_load(self, msg: p.Load) -> None:
+        self._drop_early()
         if msg.model_id != self.s.model_id:
             self._send(p.WorkerError(id=None, code="load_failed",
                                      message=f"this worker serves {self.s.model_id!r}, not {msg.model_id!r}"))
@@ -393,6 +468,7 @@ class Worker:
             self._work_q.put(("load", msg))   # after a pending unload: the queue keeps the order
 
     def _on_unload(self, msg: p.Unload) -> None:
+        self._drop_early()
         if msg.model_id != self.s.model_id:
             return
         if self.state == "empty":
