@@ -19,7 +19,9 @@ peak; with --devices, the largest replica's; with --gpus-per-replica, also the l
 as a markdown table on stdout; after it, per row, the p50s of the forward's last parts (the
 pointer head and the points, the response's `timings.head` and `.postprocess`), in how many requests
 the worker sent FINISHING and how long before the forward's end (`timings.finishing`;
-common/protocol.py), and how many jobs were answered from batches of each size (`timings.batch`:
+common/protocol.py), how many ran from a direct copy of the job and how long before the broker's JOB
+it came (`timings.early`; common/protocol.py's DIRECT_TO_WORKER), and how many jobs were answered
+from batches of each size (`timings.batch`:
 closed-loop clients settle into a repeating mix, such as 7 + 1 or 6 + 2 for eight, and the forward
 p50 and the last batch's peak follow its larger batch).
 
@@ -80,7 +82,8 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
     forward: list[float] = []
     overhead: list[float] = []
     outside: list[float] = []    # end to end minus the worker's `total` (receipt to answer)
-    parts: dict[str, list[float]] = {"queue": [], "preprocess": [], "head": [], "postprocess": [], "finishing": []}
+    parts: dict[str, list[float]] = {"queue": [], "preprocess": [], "head": [], "postprocess": [], "finishing": [],
+                                     "early": []}
     batches: collections.Counter = collections.Counter()   # batch size -> jobs answered from such batches
     counter = iter(range(total))
     lock = threading.Lock()
@@ -130,7 +133,7 @@ def run_level(port: int, bodies: list[bytes], concurrency: int, total: int) -> d
             "forward_p50": statistics.median(forward) if forward else float("nan"),
             "overhead_p50": statistics.median(overhead) if overhead else float("nan"),
             "outside_p50": statistics.median(outside) if outside else float("nan"),
-            "finishing_sent": len(parts["finishing"]), "batches": dict(sorted(batches.items(), reverse=True)),
+            "finishing_sent": len(parts["finishing"]), "early_jobs": len(parts["early"]), "batches": dict(sorted(batches.items(), reverse=True)),
             **{f"{k}_p50": statistics.median(v) if v else float("nan") for k, v in parts.items()}}
 
 
@@ -274,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
                         tails.append(f"{w}x{h} {label} {c}{' same' if same else ''}: head p50 {r['head_p50']*1e3:.2f} ms, "
                                      f"points p50 {r['postprocess_p50']*1e3:.2f} ms; FINISHING in "
                                      f"{r['finishing_sent']} of {total}, p50 {r['finishing_p50']*1e3:.2f} ms "
-                                     "before the forward's end; jobs by their batch's size "
+                                     f"before the forward's end; run from a direct copy {r['early_jobs']} "
+                                     f"(p50 {r['early_p50']*1e3:.2f} ms before the JOB); jobs by their batch's size "
                                      + ", ".join(f"{k}: {v}" for k, v in r["batches"].items()))
             print("\n".join(tails), flush=True)
 
