@@ -5,7 +5,7 @@
                         [--torch-baseline prefill_floor.py|bench/torch_forward.py [--shape 7b]]
                         [--formats png,jpeg,webp] [--content plain,busy] [--no-repeat] [--devices 0,1 [--gpus-per-replica 2]]
                         [--cache-dir DIR] [--finishing on|off] [--keep-cpus-awake-ms MS]
-                        [--direct-answers on|off]
+                        [--direct-answers on|off] [--direct-jobs on|off]
 
 For each screenshot size, format (bench.screens.SAVE), content (`busy`: dense text and a photo,
 PNGs ~15x larger) and client count it reports p50/p95
