@@ -415,6 +415,18 @@ def test_e2e_kill9_worker_mid_job(stack, e2e):
     assert e2e._async.counters["unknown_job"] == 0   # exactly one answer reached the client
 
 
+def cancel_and_miss_a_deadline(c: Client) -> None:
+    """A job cancelled while it runs, one past its deadline, then one more; after them, a second."""
+    slow = c.submit("m1", {"instruction": "slow", "fake": {"sleep_ms": 600}}, [IMG])
+    time.sleep(0.2)
+    slow.cancel()
+    with pytest.raises(ServerError) as ei:
+        c.ground("m1", IMG, "late", ttl_s=0.3, fake={"sleep_ms": 800})
+    assert ei.value.code == "deadline_exceeded"
+    assert c.ground("m1", IMG, "after").result["points"]
+    time.sleep(1.0)   # the late copies of all of them have come by now
+
+
 def test_e2e_direct_answers_match_the_brokers_and_each_job_ends_once(stack):
     with Client(stack.client_endpoint, default_ttl_s=30) as d, \
             Client(stack.client_endpoint, default_ttl_s=30, direct_answers=False) as plain:
@@ -425,14 +437,7 @@ def test_e2e_direct_answers_match_the_brokers_and_each_job_ends_once(stack):
         assert all(h.result().result["points"] for h in handles)
         stream = [type(ev).__name__ for ev in d.submit("m1", {"instruction": "s"}, [IMG], stream=True)]
         assert stream[-1] == "JobResult"
-        slow = d.submit("m1", {"instruction": "slow", "fake": {"sleep_ms": 600}}, [IMG])
-        time.sleep(0.2)
-        slow.cancel()
-        with pytest.raises(ServerError) as ei:
-            d.ground("m1", IMG, "late", ttl_s=0.3, fake={"sleep_ms": 800})
-        assert ei.value.code == "deadline_exceeded"
-        assert d.ground("m1", IMG, "after").result["points"]
-        time.sleep(1.0)   # the late copies of all of them have come by now
+        cancel_and_miss_a_deadline(d)
         counters = d._async.counters
         # which copy comes first is the machine's scheduling (10-14 of these 14 on a 2-core box)
         assert counters["direct_answers"] >= 1 and counters["unknown_job"] == 0, counters
@@ -457,15 +462,7 @@ def test_e2e_direct_jobs_run_as_the_brokers_jobs_with_the_same_answers(stack):
         # the worker had each copy before the broker's JOB (a few may lose the race on a busy box)
         assert sum(e is not None and e > 0 for e in early) >= 3, early
         assert d._async.counters["direct_jobs"] >= 6 and plain._async.counters["direct_jobs"] == 0
-        # a job the worker holds a copy of, cancelled, and one past its deadline: one answer each
-        slow = d.submit("m1", {"instruction": "slow", "fake": {"sleep_ms": 600}}, [IMG])
-        time.sleep(0.2)
-        slow.cancel()
-        with pytest.raises(ServerError) as ei:
-            d.ground("m1", IMG, "late", ttl_s=0.3, fake={"sleep_ms": 800})
-        assert ei.value.code == "deadline_exceeded"
-        assert d.ground("m1", IMG, "after").result["points"]
-        time.sleep(1.0)
+        cancel_and_miss_a_deadline(d)   # jobs the worker holds copies of: one answer each
         assert d._async.counters["unknown_job"] == 0
 
 

@@ -421,26 +421,24 @@ def test_direct_jobs_run_only_as_their_brokers_job(tmp_path, broker, proc_list):
         assert isinstance(res, p.Result) and res.id == jid, res
         return res
 
+    def copy_then_job(jid, copy_kw=None, job_kw=None):
+        """A copy, its JOB 50 ms later: the result."""
+        copy(jid, **(copy_kw or {}))
+        time.sleep(0.05)
+        send(jid, **(job_kw or {}))
+        return result(jid)
+
     try:
         # a copy, then its JOB: it runs once, as the JOB, its total counted from the copy
-        copy("c1")
-        time.sleep(0.05)
-        send("c1")
-        res = result("c1")
+        res = copy_then_job("c1")
         assert 45 <= res.timings["early"] <= res.timings["total"], res.timings
         assert pull.poll(3000)
         final, _ = wire.decode(pull.recv_multipart(), wire.DIRECT_TO_CLIENT)
         assert final.id == "c1" and final.jobs_to == jobs_to and final.timings["early"] == res.timings["early"]
         # the same id with other bytes or params: the JOB's own are what run
-        copy("c2", blobs=(other,))
-        time.sleep(0.05)
-        send("c2")
-        res = result("c2")
+        res = copy_then_job("c2", copy_kw={"blobs": (other,)})
         assert "early" not in res.timings and res.result["image_size"] == [640, 480]
-        copy("c3", instruction="something else")
-        time.sleep(0.05)
-        send("c3")
-        assert "early" not in result("c3").timings
+        assert "early" not in copy_then_job("c3", copy_kw={"instruction": "something else"}).timings
         # a copy whose JOB never comes is dropped unanswered, and holds nothing after WAIT_S
         copy("gone")
         time.sleep(0.7)
@@ -462,10 +460,7 @@ def test_direct_jobs_run_only_as_their_brokers_job(tmp_path, broker, proc_list):
         copy("c8", model="m2")
         send("c7")
         assert result("busy") and "early" not in result("c7").timings
-        copy("c8", model="m2")
-        time.sleep(0.05)
-        send("c8")
-        assert "early" not in result("c8").timings
+        assert "early" not in copy_then_job("c8", copy_kw={"model": "m2"}).timings
         # a copy, then UNLOAD: unloaded at once, not after the copy's wait
         copy("c9")
         time.sleep(0.05)

@@ -2,6 +2,8 @@
 
 A job normally goes control -> prep thread (from_job + engine.prepare) -> compute; when both are
 idle, control hands it to compute directly and compute prepares it inline (nothing to overlap).
+A client's direct copy of a job goes to compute too, which prepares it and then waits for the
+broker's JOB before running it (workers/direct_jobs.py).
 
 Both answer through their own inproc PUSH socket to the control thread, which owns the DEALER.
 Frames pushed: [tag, *wire frames] where tag is b"j" + the ticket's seq for a job's answer (so the

@@ -109,8 +109,7 @@ class Worker:
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         direct = DirectAnswers(ctx)
-        jobs_pull = ctx.socket(zmq.PULL)
-        jobs_pull.setsockopt(zmq.LINGER, 0)
+        jobs_pull = make_socket(ctx, zmq.PULL)   # frames bounded as on every link
         jobs_pull.setsockopt(zmq.RCVHWM, direct_jobs.RCVHWM)
         jobs_pull.bind(direct_jobs.BIND)
         self.jobs_to = jobs_pull.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -350,12 +349,17 @@ class Worker:
             self._dealer.send_multipart(frames[1:], copy=False)
             self._last_tx = time.monotonic()
 
-    def _on_broker(self, frames: list, ctx: zmq.Context, poller: zmq.Poller) -> None:
+    def _decode(self, frames: list, table: dict, source: str) -> tuple[p.Message | None, list]:
         try:
-            msg, blobs = wire.decode(frames, wire.TO_WORKER)
+            return wire.decode(frames, table)
         except wire.ProtocolError as exc:
             self.counters["decode_errors"] += 1
-            log.warning("dropped a bad message from the broker (%s)", exc)
+            log.warning("dropped a bad message from %s (%s)", source, exc)
+            return None, []
+
+    def _on_broker(self, frames: list, ctx: zmq.Context, poller: zmq.Poller) -> None:
+        msg, blobs = self._decode(frames, wire.TO_WORKER, "the broker")
+        if msg is None:
             return
         self._last_rx = time.monotonic()
         if isinstance(msg, p.Job):
@@ -382,11 +386,8 @@ class Worker:
     def _on_direct_job(self, frames: list) -> None:
         """A client's direct copy of a SUBMIT: prepare it now, run it once its JOB comes. Taken only
         while we hold no job (workers/direct_jobs.py says why); otherwise the JOB alone counts."""
-        try:
-            msg, blobs = wire.decode(frames, wire.DIRECT_TO_WORKER)
-        except wire.ProtocolError as exc:
-            self.counters["decode_errors"] += 1
-            log.warning("dropped a bad direct job (%s)", exc)
+        msg, blobs = self._decode(frames, wire.DIRECT_TO_WORKER, "a client's direct job")
+        if not isinstance(msg, p.Submit):
             return
         if (msg.model != self.s.model_id or self.state != "loaded" or self._phase != "running" or self._tickets
                 or (msg.blob_meta and len(msg.blob_meta) != len(blobs)) or not msg.id):
