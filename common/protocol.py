@@ -370,9 +370,10 @@ def direct_endpoint_ok(endpoint: str) -> bool:
 CLIENT_TO_BROKER = (Submit, Cancel, Query, Ping)
 # Direct jobs: a client on a worker's host sends the SUBMIT's very frames to that worker's PULL
 # endpoint (a direct FINAL's `jobs_to`) as well as to the broker. The worker may decode the
-# screenshot while the broker routes the job (three hops: ~0.5-0.8 ms on H200 hosts, RESULTS'
-# twenty-seventh session), but runs it only once the broker's JOB for it comes, with the same
-# params and bytes. So the broker still owns every job: its queue, its retries, its one answer.
+# screenshot while the broker routes the job (the copy comes 0.65-0.9 ms before the JOB on H200
+# hosts; the serving overhead fell 0.2-0.35 ms on one, not on another: bench/RESULTS.md, thirty-first
+# session), but runs it only once the broker's JOB for it comes, with the same params and bytes.
+# So the broker still owns every job: its queue, its retries, its one answer.
 DIRECT_TO_WORKER = (Submit,)
 BROKER_TO_CLIENT = (Accepted, Partial, Final, Error, Pong, QueryReply, Finishing)
 WORKER_TO_CLIENT = (Final,)   # direct answers (see Final)
