@@ -305,6 +305,43 @@ def test_submit_cancelled_while_waiting_for_the_broker_is_never_sent():
     asyncio.run(asyncio.wait_for(main(), 20))
 
 
+def test_direct_job_copies_go_only_to_loopback_workers_that_answered_and_never_wait():
+    from common import client_direct_jobs as cdj
+    ctx = zmq.Context()
+    counters = {"direct_jobs": 0, "direct_jobs_unsent": 0}
+    jobs = cdj.DirectJobs(ctx, counters)
+    pull = make_socket(ctx, zmq.PULL)
+    pull.bind("tcp://127.0.0.1:*")
+    worker = pull.getsockopt_string(zmq.LAST_ENDPOINT)
+    try:
+        for bad in ("tcp://10.0.0.1:5555", "tcp://127.0.0.1:1;tcp://10.0.0.1:2", "tcp://example.org:80", "", None):
+            jobs.learn("m", bad)
+            assert jobs.endpoint("m") is None
+        jobs.learn("m", worker)
+        assert jobs.endpoint("m") == worker and jobs.endpoint("other") is None
+        frames = wire.encode(p.Submit(id="j1", model="m", params={"instruction": "x"}), [IMG])
+        deadline = time.monotonic() + 5   # the socket connected at `learn`; up within moments
+        while not jobs.send(worker, frames) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pull.poll(2000)
+        msg, blobs = wire.decode(pull.recv_multipart(), wire.DIRECT_TO_WORKER)
+        assert msg.id == "j1" and blobs == [IMG] and counters["direct_jobs"] == 1
+        # a worker that is gone: nothing queues, nothing blocks
+        gone = free_tcp_endpoint()
+        jobs.learn("g", gone)
+        t0 = time.monotonic()
+        assert not any(jobs.send(gone, frames) for _ in range(50))
+        assert time.monotonic() - t0 < 0.5 and counters["direct_jobs_unsent"] >= 50
+        # at most MAX_ENDPOINTS sockets: the least recently used are closed
+        for i in range(cdj.MAX_ENDPOINTS + 4):
+            jobs.learn(f"r{i}", free_tcp_endpoint())
+        assert len(jobs._socks) == cdj.MAX_ENDPOINTS
+    finally:
+        jobs.close()
+        pull.close(linger=0)
+        ctx.term()
+
+
 # ---- part 2: end to end with the real broker, supervisor and fake-engine workers ----------------
 
 from tests.stackutil import Stack, fake_model  # noqa: E402
@@ -393,7 +430,19 @@ def test_e2e_cancel_and_deadline(stack, e2e):
     assert e2e._async.counters["unknown_job"] == 0
 
 
+def copies_to(c: Client, model: str = "m1", other_than: str | None = None) -> str:
+    """Ground until a direct answer has come first and named the worker's endpoint for direct jobs
+    (one other than `other_than`): that endpoint."""
+    for i in range(30):
+        to = c._async._direct_jobs.endpoint(model)
+        if to is not None and to != other_than:
+            return to
+        c.ground(model, IMG, f"until a direct answer {i}")
+    raise AssertionError(f"no direct answer named a new endpoint for direct jobs ({to})")
+
+
 def test_e2e_kill9_worker_mid_job(stack, e2e):
+    old_to = copies_to(e2e)
     pid = stack.worker_pid("m1")
     h = e2e.submit("m1", {"instruction": "long", "fake": {"sleep_ms": 800}}, [IMG])
     time.sleep(0.3)
@@ -411,6 +460,10 @@ def test_e2e_kill9_worker_mid_job(stack, e2e):
     assert new_pid != pid and not pid_alive(pid)
     stack.wait_ready(10, loaded=("m1",))
     assert e2e.ground("m1", IMG, "after restart").result["points"]
+    # copies go to the new worker once it has answered straight (until then, to the dead worker's
+    # endpoint, where they cannot go), and it runs jobs from them
+    assert copies_to(e2e, other_than=old_to).startswith("tcp://127.0.0.1:")
+    assert any("early" in e2e.ground("m1", IMG, f"copied {i}").timings for i in range(5))
     time.sleep(0.3)
     assert e2e._async.counters["unknown_job"] == 0   # exactly one answer reached the client
 
@@ -447,11 +500,7 @@ def test_e2e_direct_answers_match_the_brokers_and_each_job_ends_once(stack):
 def test_e2e_direct_jobs_run_as_the_brokers_jobs_with_the_same_answers(stack):
     with Client(stack.client_endpoint, default_ttl_s=30) as d, \
             Client(stack.client_endpoint, default_ttl_s=30, direct_jobs=False) as plain:
-        for i in range(20):   # until a direct answer has come first and named the worker's endpoint
-            d.ground("m1", IMG, f"warm {i}")
-            if d._async._direct_jobs.endpoint("m1"):
-                break
-        assert d._async._direct_jobs.endpoint("m1").startswith("tcp://127.0.0.1:")
+        assert copies_to(d).startswith("tcp://127.0.0.1:")
         early = []
         for i in range(6):
             want = plain.ground("m1", IMG, f"click button {i}", return_attention=True)
