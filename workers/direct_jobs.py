@@ -12,6 +12,10 @@ The control thread takes a copy only while the worker holds no job at all, one a
 when a request's way in is the whole wait (with jobs held, preprocessing already overlaps the
 forward), and it bounds what a copy can hold to one prepared job for WAIT_S.
 
+Measured (bench/RESULTS.md, thirty-first session, 2B at 1080p): copies came 0.65-0.9 ms before
+their JOB on two H200 hosts; the serving overhead fell 0.2-0.35 ms (median) on one and not on the
+other, where the decode took 0.1-0.5 ms longer while the JOB was received and compared beside it.
+
 `EarlyGate` is the one place where the control thread (a JOB confirms) and the compute thread (no
 JOB came) race to decide a copy's fate; whichever comes first wins, under a lock.
 """
