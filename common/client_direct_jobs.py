@@ -9,11 +9,10 @@ came late would only make the worker decode for nothing.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import zmq
 
 from common import protocol as p
+from common.zmqutil import PushSockets
 
 MAX_ENDPOINTS = 16   # workers (models, replicas) sent copies at once; least recently used closed
 SEND_HWM = 4
@@ -24,45 +23,31 @@ class DirectJobs:
         # plain (not asyncio) sockets: sends are NOBLOCK, and must not wait on the event loop
         self._ctx = zmq.Context.shadow(ctx.underlying)
         self._to: dict[str, str] = {}                       # model -> its worker's endpoint
-        self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()
+        self._socks = PushSockets(self._ctx, MAX_ENDPOINTS, {zmq.IMMEDIATE: 1, zmq.SNDHWM: SEND_HWM})
         self.counters = counters   # the client's: "direct_jobs" sent, "direct_jobs_unsent"
 
     def learn(self, model: str, endpoint: str | None) -> None:
         """A direct FINAL for a job of `model` named its worker's endpoint."""
         if not endpoint or not p.direct_endpoint_ok(endpoint) or self._to.get(model) == endpoint:
             return
+        try:
+            self._socks.get(endpoint)
+        except zmq.ZMQError:   # an endpoint libzmq refuses (an ipc:// path too long): no copies
+            return
         self._to[model] = endpoint
-        self._socket(endpoint)
 
     def endpoint(self, model: str) -> str | None:
         return self._to.get(model)
 
     def send(self, endpoint: str, frames: list) -> bool:
         try:
-            self._socket(endpoint).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self._socks.send(endpoint, frames)
         except zmq.ZMQError:   # not connected (yet, or any more), or the worker's queue is full
             self.counters["direct_jobs_unsent"] += 1
             return False
         self.counters["direct_jobs"] += 1
         return True
 
-    def _socket(self, endpoint: str) -> zmq.Socket:
-        sock = self._socks.get(endpoint)
-        if sock is None:
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.SNDHWM, SEND_HWM)
-            sock.connect(endpoint)
-            self._socks[endpoint] = sock
-            if len(self._socks) > MAX_ENDPOINTS:
-                _, old = self._socks.popitem(last=False)
-                old.close(linger=0)
-        self._socks.move_to_end(endpoint)
-        return sock
-
     def close(self) -> None:
-        for sock in self._socks.values():
-            sock.close(linger=0)
-        self._socks.clear()
+        self._socks.close()
         self._to.clear()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket as _socket
+from collections import OrderedDict
 from typing import Any, Iterator
 
 import zmq
@@ -61,6 +62,51 @@ def close_quietly(*sockets: Any) -> None:
     for s in sockets:
         if s is not None and not s.closed:
             s.close(linger=0)
+
+
+class PushSockets:
+    """PUSH sockets by endpoint, each made and connected on first use with `options` (sockopt ->
+    value; LINGER is 0), the least recently used closed beyond `max_endpoints`. Used by one thread
+    (zmq sockets are not thread-safe): direct answers (workers/direct_answers.py) and direct jobs
+    (common/client_direct_jobs.py)."""
+
+    def __init__(self, ctx: zmq.Context, max_endpoints: int, options: dict[int, int]):
+        self._ctx = ctx
+        self._max = max_endpoints
+        self._options = options
+        self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._socks)
+
+    def get(self, endpoint: str) -> zmq.Socket:
+        """The socket for `endpoint`, now the most recently used; raises zmq.ZMQError where libzmq
+        refuses the endpoint (nothing is kept then)."""
+        sock = self._socks.pop(endpoint, None)
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            for option, value in self._options.items():
+                sock.setsockopt(option, value)
+            try:
+                sock.connect(endpoint)
+            except zmq.ZMQError:
+                sock.close(linger=0)
+                raise
+            while len(self._socks) >= self._max:
+                self._socks.popitem(last=False)[1].close(linger=0)
+        self._socks[endpoint] = sock   # most recently used last
+        return sock
+
+    def send(self, endpoint: str, frames: list) -> None:
+        """Queue `frames` for `endpoint` without blocking; raises zmq.ZMQError where they could not
+        be (EAGAIN at the HWM or, with IMMEDIATE, while not connected; an endpoint refused)."""
+        self.get(endpoint).send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close(linger=0)
+        self._socks.clear()
 
 
 def drain(sock: zmq.Socket, limit: int | None = None, copy: bool = False) -> Iterator[list]:

@@ -12,12 +12,12 @@ leaves at most `SEND_HWM` answers queued for it, and the rest are dropped (count
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 import zmq
 
 from common import protocol as p
 from common import wire
+from common.zmqutil import PushSockets
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,13 @@ SEND_HWM = 64        # answers queued for one client whose connection is not up
 
 class DirectAnswers:
     def __init__(self, ctx: zmq.Context):
-        self._ctx = ctx
-        self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()
+        self._socks = PushSockets(ctx, MAX_ENDPOINTS, {zmq.SNDHWM: SEND_HWM, zmq.RECONNECT_IVL: 250})
         self.counters = {"sent": 0, "dropped": 0}
 
     def send(self, endpoint: str, msg: p.Final, blobs: list | tuple = ()) -> bool:
         """Queue `msg` for `endpoint` without blocking; False (and counted) where it could not be."""
         try:
-            self._socket(endpoint).send_multipart(wire.encode(msg, blobs), flags=zmq.NOBLOCK, copy=False)
+            self._socks.send(endpoint, wire.encode(msg, blobs))
         except zmq.ZMQError as exc:   # EAGAIN at the HWM, or an endpoint libzmq refuses
             self.counters["dropped"] += 1
             if self.counters["dropped"] in (1, 100, 10_000):
@@ -43,24 +42,5 @@ class DirectAnswers:
         self.counters["sent"] += 1
         return True
 
-    def _socket(self, endpoint: str) -> zmq.Socket:
-        sock = self._socks.pop(endpoint, None)
-        if sock is None:
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, SEND_HWM)
-            sock.setsockopt(zmq.RECONNECT_IVL, 250)
-            try:
-                sock.connect(endpoint)
-            except zmq.ZMQError:
-                sock.close(linger=0)
-                raise
-            while len(self._socks) >= MAX_ENDPOINTS:
-                self._socks.popitem(last=False)[1].close(linger=0)
-        self._socks[endpoint] = sock   # most recently used last
-        return sock
-
     def close(self) -> None:
-        for sock in self._socks.values():
-            sock.close(linger=0)
-        self._socks.clear()
+        self._socks.close()
