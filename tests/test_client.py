@@ -464,7 +464,8 @@ def test_e2e_kill9_worker_mid_job(stack, e2e):
     # copies go to the new worker once it has answered straight (until then, to the dead worker's
     # endpoint, where they cannot go), and it runs jobs from them
     assert copies_to(e2e, other_than=old_to).startswith("tcp://127.0.0.1:")
-    assert any("early" in e2e.ground("m1", IMG, f"copied {i}").timings for i in range(5))
+    timings = [e2e.ground("m1", IMG, f"copied {i}").timings for i in range(5)]
+    assert any("early" in t for t in timings), (timings, e2e._async.counters)
     time.sleep(0.3)
     assert e2e._async.counters["unknown_job"] == 0   # exactly one answer reached the client
 

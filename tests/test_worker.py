@@ -461,6 +461,12 @@ def test_direct_jobs_run_only_as_their_brokers_job(tmp_path, broker, proc_list):
         send("c7")
         assert result("busy") and "early" not in result("c7").timings
         assert "early" not in copy_then_job("c8", copy_kw={"model": "m2"}).timings
+        # a copy that comes after its JOB is refused, and keeps no later copy out
+        send("late")
+        result("late")
+        copy("late")
+        time.sleep(0.05)
+        assert "early" in copy_then_job("c10").timings
         # a copy, then UNLOAD: unloaded at once, not after the copy's wait
         copy("c9")
         time.sleep(0.05)

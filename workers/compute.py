@@ -59,6 +59,7 @@ class Ticket:
     answer_to: str | None = None   # the client's endpoint for a direct FINAL (workers/direct_answers.py)
     gate: EarlyGate | None = None  # a client's direct copy, until its JOB comes (workers/direct_jobs.py)
     early_ms: float = 0.0          # a confirmed copy: how long before its JOB it came
+    answered_direct: bool = False  # its FINAL went straight to the client: it holds compute no more
 
 
 def _ms(seconds: float) -> float:
@@ -263,6 +264,7 @@ class Compute:
                 if warned:          # how long before the forward's end FINISHING went out
                     timings["finishing"] = _ms(end - warned[0])
                 if t.answer_to:     # first, straight to the client; then the broker's copy
+                    t.answered_direct = True   # before the client can have it (and send the next job)
                     self.direct.send(t.answer_to, p.Final(id=t.id, result=result, usage=usage, timings=timings,
                                                           jobs_to=self.w.jobs_to), blobs)
                 if not out.peak_mem and mem is None:

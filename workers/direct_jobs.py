@@ -8,9 +8,10 @@ the same params and the same bytes, and it is answered as any JOB is. Otherwise 
 unanswered: when another JOB, a LOAD or an UNLOAD comes first, on a reconnect or shutdown, or when
 no JOB comes within WAIT_S (the broker refused the job, queued it, or gave it to another replica).
 
-The control thread takes a copy only while the worker holds no job at all, one at a time: that is
-when a request's way in is the whole wait (with jobs held, preprocessing already overlaps the
-forward), and it bounds what a copy can hold to one prepared job for WAIT_S.
+The control thread takes a copy only while compute has no job left to answer, one at a time, and
+not for a job whose JOB came already (a copy may lose the race): that is when a request's way in is
+the whole wait (with jobs held, preprocessing already overlaps the forward), and it bounds what a
+copy can hold to one prepared job for WAIT_S.
 
 Measured (bench/RESULTS.md, thirty-first session, 2B at 1080p): copies came 0.65-0.9 ms before
 their JOB on two H200 hosts; the serving overhead fell 0.2-0.35 ms (median) on one and not on the

@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ from workers.keep_awake import KeepAwake
 log = logging.getLogger(__name__)
 
 MAX_DRAIN = 256             # messages handled per socket per poll turn (fairness between sockets)
+SEEN_JOBS = 256             # ids of the latest JOBs, so that a direct copy coming after its JOB is refused
 FLUSH_S = 0.5               # after a freeze, how long ready answers are awaited before re-registering
 LAST_WORDS_LINGER_MS = 1000 # a closing link keeps sending what is queued (answers, DISCONNECT) this long
 
@@ -89,6 +91,7 @@ class Worker:
         self._awake_held = False
         self.jobs_to: str | None = None            # our PULL endpoint for direct jobs, once bound
         self._early: Ticket | None = None          # control thread: the direct copy awaiting its JOB
+        self._seen: OrderedDict[str, None] = OrderedDict()   # control thread: the latest JOBs' ids
 
     # ---- entry point (main thread) --------------------------------------------------------------
 
@@ -385,12 +388,18 @@ class Worker:
 
     def _on_direct_job(self, frames: list) -> None:
         """A client's direct copy of a SUBMIT: prepare it now, run it once its JOB comes. Taken only
-        while we hold no job (workers/direct_jobs.py says why); otherwise the JOB alone counts."""
+        while compute has no job to answer (workers/direct_jobs.py says why); otherwise the JOB alone
+        counts."""
         msg, blobs = self._decode(frames, wire.DIRECT_TO_WORKER, "a client's direct job")
         if not isinstance(msg, p.Submit):
             return
-        if (msg.model != self.s.model_id or self.state != "loaded" or self._phase != "running" or self._tickets
-                or (msg.blob_meta and len(msg.blob_meta) != len(blobs)) or not msg.id):
+        # Held: a job compute still has to answer. One it answered straight to its client counts
+        # no more: that client may send its next job before the RESULT has reached this thread.
+        held = any(not t.answered_direct for t in self._tickets.values())
+        # A copy may come after its JOB (both race from the client); taken then, it would wait for
+        # a JOB that has been and gone, and keep the next copies out.
+        if (msg.model != self.s.model_id or self.state != "loaded" or self._phase != "running" or held
+                or msg.id in self._seen or (msg.blob_meta and len(msg.blob_meta) != len(blobs)) or not msg.id):
             self.counters["direct_jobs_skipped"] += 1
             return
         now = time.monotonic()
@@ -400,7 +409,7 @@ class Worker:
                         gate=EarlyGate(msg.params, blobs))
         self._tickets[ticket.seq] = ticket
         self._early = ticket
-        self._work_q.put(ticket)   # we hold nothing else: compute prepares it at once
+        self._work_q.put(ticket)   # compute prepares it next: at once, or after the answers it is sending
 
     def _drop_early(self) -> None:
         """Something other than its JOB came first: the direct copy will not run."""
@@ -428,6 +437,9 @@ class Worker:
         return True
 
     def _on_job(self, msg: p.Job, blobs: list) -> None:
+        self._seen[msg.id] = None
+        if len(self._seen) > SEEN_JOBS:
+            self._seen.popitem(last=False)
         if msg.id in self._inflight:
             return  # duplicate delivery; the first one will be answered
         if self._phase != "running":
