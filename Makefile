@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py workers/png_unfilter.c workers/keep_awake.c workers/spin_wait.h
+$(STAMP): pyproject.toml setup.py $(wildcard workers/*.c workers/*.h)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# switching MLX=cpu <-> MLX=cuda: the two backends must not be installed side by side

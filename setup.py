@@ -15,11 +15,11 @@ LINUX = sys.platform.startswith("linux")
 
 def extension(name: str, source: str, **kw) -> Extension:
     return Extension(name, [source], define_macros=[("Py_LIMITED_API", "0x030B0000")], py_limited_api=True,
-                     extra_compile_args=["-O3", "-std=gnu11"], depends=["workers/spin_wait.h"], optional=True, **kw)
+                     extra_compile_args=["-O3", "-std=gnu11"], depends=["workers/spin_wait.h", "workers/deflate_blocks.h"], optional=True, **kw)
 
 
 setup(ext_modules=[
-    # dlopen, to bind imagecodecs' zlib-ng (in libc itself from glibc 2.34)
+    # dlopen, to bind imagecodecs' zlib-ng and libdeflate (in libc itself from glibc 2.34)
     extension("workers._png_unfilter", "workers/png_unfilter.c", libraries=["dl"] if LINUX else []),
     *([extension("workers._keep_awake", "workers/keep_awake.c")] if LINUX else []),
 ])

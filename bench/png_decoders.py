@@ -3,7 +3,8 @@ libspng builds, and the worker's paths (workers/png_inflate.py): libdeflate infl
 unfilters, on one thread and in bands on several, or the C unfilterer does, on one thread and on
 several, as a wavefront or in bands; or zlib-ng inflates a chunk at a time while the C unfilterer
 follows (the worker's choice where it was built, zlib-ng's inflate was bound, and the image
-compresses well). With and without the CPU idle before.
+compresses well); or libdeflate inflates a run of the stream's blocks at a time while the C
+unfilterer follows (the worker's choice for the rest). With and without the CPU idle before.
 
     python -m bench.png_decoders [--sizes 1280x720,1920x1080,2560x1440] [--reps 15]
 
@@ -25,17 +26,22 @@ from bench.screens import screenshot
 from workers import png_inflate
 
 
-def _decoder(parts: int | None, in_c: bool = True, alongside: bool = False):
+def _decoder(parts: int | None, in_c: bool = True, alongside: bool = False, blocks: bool = False):
     """png_inflate.decode on up to `parts` threads, the rows unfiltered by the C unfilterer
-    (`in_c`, while zlib-ng inflates them where `alongside`) or by libpng in bands."""
+    (`in_c`, while zlib-ng inflates them where `alongside`, or libdeflate in blocks where `blocks`)
+    or by libpng in bands."""
+    names = ("UNFILTER_IN_C", "INFLATE_ALONGSIDE", "ALONGSIDE_MAX_RATIO", "INFLATE_BLOCKS")
+
     def decode(data: bytes):
-        saved = png_inflate.UNFILTER_IN_C, png_inflate.INFLATE_ALONGSIDE, png_inflate.ALONGSIDE_MAX_RATIO
-        png_inflate.UNFILTER_IN_C, png_inflate.INFLATE_ALONGSIDE = in_c, alongside
-        png_inflate.ALONGSIDE_MAX_RATIO = 1.0          # however much data there is per pixel
+        saved = [getattr(png_inflate, n) for n in names]
+        # however much data there is per pixel
+        for n, v in zip(names, (in_c, alongside, 1.0, blocks and png_inflate.INFLATE_BLOCKS)):
+            setattr(png_inflate, n, v)
         try:
             return png_inflate.decode(data, parts=parts)
         finally:
-            png_inflate.UNFILTER_IN_C, png_inflate.INFLATE_ALONGSIDE, png_inflate.ALONGSIDE_MAX_RATIO = saved
+            for n, v in zip(names, saved):
+                setattr(png_inflate, n, v)
     return decode
 
 
@@ -79,8 +85,12 @@ def main() -> None:
         decoders["zlib-ng chunks, C alongside, 1 thread"] = _decoder(1, alongside=True)
         decoders[f"zlib-ng chunks, C alongside, {min(n, png_inflate.ALONGSIDE_THREADS)} threads"] = \
             _decoder(None, alongside=True)
-        print(f"the worker decodes as the last column where the image data is at most "
-              f"{png_inflate.ALONGSIDE_MAX_RATIO:.0%} of the rows' size, else as the one before the last two")
+    if png_inflate.INFLATE_BLOCKS:
+        decoders["libdeflate blocks, C alongside, 1 thread"] = _decoder(1, blocks=True)
+        decoders[f"libdeflate blocks, C alongside, {n} threads"] = _decoder(None, blocks=True)
+    if png_inflate.INFLATE_ALONGSIDE and png_inflate.INFLATE_BLOCKS:
+        print(f"the worker decodes as 'zlib-ng chunks, C alongside' where the image data is at most "
+              f"{png_inflate.ALONGSIDE_MAX_RATIO:.0%} of the rows' size, else as 'libdeflate blocks, C alongside'")
     print(f"imagecodecs {imagecodecs.__version__}, Pillow {Image.__version__}")
     print("| image | PNG KB | CPU idle before | " + " | ".join(f"{n} ms" for n in decoders) + " | same pixels |")
     print("|---|---|---|" + "---|" * len(decoders) + "---|")

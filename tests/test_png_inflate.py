@@ -21,32 +21,38 @@ from workers.engine import JobError
 pytestmark = pytest.mark.skipif(not png_inflate.available(), reason="imagecodecs built without zlib-ng")
 
 
-PATHS = {   # name: (unfilter in C, inflate alongside, libdeflate)
-    "zlib-ng chunks, C alongside": (True, True, False),
-    "libdeflate, then C": (True, False, True),
-    "zlib-ng, then C": (True, False, False),
-    "libdeflate, then libpng in bands": (False, False, True),
-    "zlib-ng, then libpng in bands": (False, False, False),
+PATHS = {   # name: (unfilter in C, inflate alongside, libdeflate, libdeflate in blocks)
+    "zlib-ng chunks, C alongside": (True, True, False, False),
+    "libdeflate blocks, C alongside": (True, False, True, True),
+    "libdeflate, then C": (True, False, True, False),
+    "zlib-ng, then C": (True, False, False, False),
+    "libdeflate, then libpng in bands": (False, False, True, False),
+    "zlib-ng, then libpng in bands": (False, False, False, False),
 }
 
 
 @pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
     """Each way this module decodes: zlib-ng inflating a chunk at a time while the C unfilterer
-    follows (however well the image compresses), or libdeflate or zlib-ng (where imagecodecs was
-    built without libdeflate) inflating all first, then the C unfilterer or (where it was not built)
-    libpng in bands."""
-    in_c, alongside, libdeflate = PATHS[request.param]
+    follows (however well the image compresses), or libdeflate inflating the stream's blocks a part
+    at a time (parts of 2 KB here, so that small images have several) while it follows, or
+    libdeflate or zlib-ng (where imagecodecs was built without libdeflate) inflating all first, then
+    the C unfilterer or (where it was not built) libpng in bands."""
+    in_c, alongside, libdeflate, blocks = PATHS[request.param]
     if in_c and not png_inflate.UNFILTER_IN_C:
         pytest.skip("the C unfilterer was not built")
     if alongside and not png_inflate.INFLATE_ALONGSIDE:
         pytest.skip("zlib-ng's inflate is not bound")
     if libdeflate and not png_inflate.LIBDEFLATE:
         pytest.skip("imagecodecs built without libdeflate")
+    if blocks and not png_inflate.INFLATE_BLOCKS:
+        pytest.skip("libdeflate is not bound for inflating in blocks")
     monkeypatch.setattr(png_inflate, "UNFILTER_IN_C", in_c)
     monkeypatch.setattr(png_inflate, "INFLATE_ALONGSIDE", alongside)
     monkeypatch.setattr(png_inflate, "ALONGSIDE_MAX_RATIO", 1.0)
     monkeypatch.setattr(png_inflate, "LIBDEFLATE", libdeflate)
+    monkeypatch.setattr(png_inflate, "INFLATE_BLOCKS", blocks)
+    monkeypatch.setattr(png_inflate.png_unfilter, "BLOCK_PART_BYTES", 2048)
     return request.param
 
 
@@ -149,15 +155,18 @@ def test_decodes_into_the_callers_buffers(path):
     np.testing.assert_array_equal(got, imagecodecs.png_decode(data))
 
 
-@pytest.mark.skipif(not (png_inflate.INFLATE_ALONGSIDE and png_inflate.UNFILTER_IN_C),
-                    reason="zlib-ng's inflate is not bound, or the C unfilterer not built")
-def test_only_image_data_that_compresses_well_is_inflated_alongside_the_unfiltering(monkeypatch):
+@pytest.mark.skipif(not (png_inflate.INFLATE_ALONGSIDE and png_inflate.INFLATE_BLOCKS),
+                    reason="zlib-ng's or libdeflate's inflate is not bound, or the C unfilterer not built")
+def test_image_data_that_compresses_well_goes_to_zlib_ng_alongside_and_the_rest_to_libdeflate_in_blocks(monkeypatch):
     from workers import png_unfilter
     calls, real = [], png_unfilter.inflate_unfilter
-    monkeypatch.setattr(png_unfilter, "inflate_unfilter", lambda *a: calls.append(len(a[0])) or real(*a))
+    monkeypatch.setattr(png_unfilter, "inflate_unfilter",
+                        lambda *a, **kw: calls.append((len(a[0]), kw.get("blocks", False))) or real(*a, **kw))
     rng = np.random.default_rng(7)
     flat = np.repeat(rng.integers(0, 256, (300, 1, 3), dtype=np.uint8), 200, axis=1)   # <1 % of its rows
     noise = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)                         # all of them
     for pixels in (flat, noise):
         np.testing.assert_array_equal(png_inflate.decode(_filtered_png(pixels, [2])), pixels)
-    assert len(calls) == 1 and calls[0] <= png_inflate.ALONGSIDE_MAX_RATIO * 300 * (1 + 600)
+    (small, small_in_blocks), (large, large_in_blocks) = calls
+    assert small <= png_inflate.ALONGSIDE_MAX_RATIO * 300 * (1 + 600) < large
+    assert not small_in_blocks and large_in_blocks

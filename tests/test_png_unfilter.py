@@ -357,3 +357,135 @@ def test_helpers_that_never_start_do_not_hold_the_inflate_up():
         np.testing.assert_array_equal(out, pixels)
         assert blocker.running()
         release.set()
+
+
+# -- inflating in blocks: libdeflate inflates a run of the stream's blocks at a time, the others
+# unfilter the rows as they come (workers/deflate_blocks.h) --
+
+in_blocks = pytest.mark.skipif(not png_unfilter.LIBDEFLATE, reason="libdeflate is not bound")
+
+
+def _dense(h: int, w: int, c: int, seed: int) -> np.ndarray:
+    """About 4 bits a byte, filtered or not: zlib cuts its data into dynamic blocks of a few KB."""
+    return np.random.default_rng(seed).integers(0, 16, (h, w, c), dtype=np.uint8)
+
+
+def _starts_found(z: bytes) -> int:
+    """Parts after the first that a block header was found for (and so begin a part of their own)."""
+    plan = png_unfilter.block_plan(z)
+    png_unfilter.NATIVE.find_blocks(z, plan)
+    return int((plan[4::2] >= 0).sum())
+
+
+def _inflate_in_blocks(z: bytes, pixels: np.ndarray, plan: np.ndarray) -> tuple[int, np.ndarray]:
+    """The C call itself, on this thread alone, with a plan of the test's making: (rc, pixels)."""
+    h, w, c = pixels.shape
+    out, rows = np.empty_like(pixels), np.empty(h * (1 + w * c), np.uint8)
+    ends, done, shared = np.zeros(h, np.int64), np.zeros(h, np.int32), np.zeros(png_unfilter.SHARED, np.int64)
+    rc = png_unfilter.NATIVE.inflate_unfilter(z, rows, out, h, w * c, c, ends, done, shared, 1 << 18, 16, 64, plan)
+    return rc, out
+
+
+@in_blocks
+@pytest.mark.parametrize("threads", [1, 2, 8])
+@pytest.mark.parametrize("level", [1, 6, 9])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_rows_unfiltered_while_libdeflate_inflates_them_in_blocks_are_the_pixels(pool, monkeypatch, channels, level,
+                                                                              threads):
+    monkeypatch.setattr(png_unfilter, "BLOCK_PART_BYTES", 16 * 1024)
+    pixels = _dense(240, 300, channels, seed=level * 10 + channels)
+    for filters in ([2], [4, 1, 3], [0]):
+        z = zlib.compress(filtered_rows(pixels, filters), level)
+        assert _starts_found(z) >= 3, "too few parts to test"
+        out = np.full_like(pixels, 7)
+        assert png_unfilter.inflate_unfilter(z, out, pool, threads, blocks=True)
+        np.testing.assert_array_equal(out, pixels, err_msg=f"filters {filters}")
+
+
+@in_blocks
+@pytest.mark.parametrize("shape", [(1, 1), (1, 700), (50, 1), (41, 1921)])
+def test_images_too_small_to_cut_are_inflated_in_one_part(pool, shape):
+    pixels = _pixels(*shape, 3, np.random.default_rng(shape[0] + shape[1]))
+    z = zlib.compress(filtered_rows(pixels, [4, 1]))
+    out = np.full_like(pixels, 7)
+    assert png_unfilter.inflate_unfilter(z, out, pool, 4, blocks=True)
+    np.testing.assert_array_equal(out, pixels)
+
+
+@in_blocks
+def test_a_part_that_does_not_begin_where_a_block_does_is_refused():
+    # part 1 begins where the search found a block, or a few bits off it, or inside a block: only
+    # the first inflates (its part 0 ends exactly there, and the whole Adler-32 checks out)
+    pixels = _dense(200, 300, 3, seed=3)
+    z = zlib.compress(filtered_rows(pixels, [1]), 6)
+    cut = len(z) * 4
+    plan = np.array([2, 16, 16, cut, -1], np.int64)
+    png_unfilter.NATIVE.find_blocks(z, plan)
+    start = int(plan[4])
+    assert start > cut, "no block header found after the cut"
+    for off in (0, -1, 1, -3, 5, 8, -8, 13, 1000, 20000):
+        rc, out = _inflate_in_blocks(z, pixels, np.array([2, 16, 16, min(cut, start + off), start + off], np.int64))
+        assert (rc == 0) == (off == 0), f"a part begun {off} bits from a block's start"
+        if rc == 0:
+            np.testing.assert_array_equal(out, pixels)
+
+
+@in_blocks
+def test_data_that_does_not_inflate_in_blocks_to_the_image_fails_without_leaving_a_thread_waiting(pool, monkeypatch):
+    monkeypatch.setattr(png_unfilter, "BLOCK_PART_BYTES", 16 * 1024)
+    pixels = _dense(240, 300, 3, seed=4)
+    rows = filtered_rows(pixels, [4, 2])
+    z = zlib.compress(rows)
+    assert _starts_found(z) >= 3
+    rng = np.random.default_rng(5)
+    flipped = []
+    while len(flipped) < 20:
+        bad = bytearray(z)
+        bad[rng.integers(2, len(z))] ^= 1 << int(rng.integers(0, 8))
+        try:
+            zlib.decompress(bytes(bad))               # (a flip of a padding bit is none)
+        except zlib.error:
+            flipped.append(bytes(bad))
+    bad_check = z[:-1] + bytes([z[-1] ^ 1])                  # the Adler-32 of the inflated rows
+    flg = (z[1] & 0xC0) | 0x20                               # FDICT set: a preset dictionary ...
+    with_dictionary = bytes([z[0], flg + (31 - (z[0] << 8 | flg) % 31) % 31]) + z[2:]     # ... and FCHECK
+    for data in (zlib.compress(rows[:-1]), zlib.compress(rows + b"\0"), z[:len(z) // 2], z[:-1], bad_check,
+                 with_dictionary, *flipped, b"", b"not zlib data",
+                 z + b"after the stream"):                   # (inflated whole instead, by png_inflate)
+        out = np.empty_like(pixels)
+        assert not _within(10, lambda: png_unfilter.inflate_unfilter(data, out, pool, 4, blocks=True))
+    out = np.empty_like(pixels)
+    assert png_unfilter.inflate_unfilter(z, out, pool, 4, blocks=True)
+    np.testing.assert_array_equal(out, pixels)
+
+
+@in_blocks
+def test_a_call_in_blocks_that_raises_leaves_no_helper_waiting():
+    pixels = _dense(200, 100, 3, seed=6)
+    z = zlib.compress(filtered_rows(pixels, [4]))
+    helpers = ThreadPoolExecutor(3)
+    try:
+        with pytest.raises(TypeError):                # a plan made of it, refused by the C side after the helpers began
+            png_unfilter.inflate_unfilter(list(z), np.empty_like(pixels), helpers, threads=4, blocks=True)
+        with pytest.raises(TypeError):                # refused before
+            png_unfilter.inflate_unfilter(12345, np.empty_like(pixels), helpers, threads=4, blocks=True)
+        assert [f.result(timeout=10) for f in [helpers.submit(lambda: "free") for _ in range(3)]] == ["free"] * 3
+    finally:
+        helpers.shutdown(wait=False)
+
+
+@in_blocks
+def test_helpers_that_never_start_do_not_hold_the_inflate_in_blocks_up(monkeypatch):
+    # the inflating thread searches for every part's start itself
+    monkeypatch.setattr(png_unfilter, "BLOCK_PART_BYTES", 16 * 1024)
+    pixels = _dense(240, 300, 4, seed=8)
+    z = zlib.compress(filtered_rows(pixels, [4, 1]))
+    assert _starts_found(z) >= 3
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as busy:
+        blocker = busy.submit(release.wait, 30)
+        out = np.empty_like(pixels)
+        assert png_unfilter.inflate_unfilter(z, out, busy, threads=4, blocks=True)
+        np.testing.assert_array_equal(out, pixels)
+        assert blocker.running()
+        release.set()

@@ -1,7 +1,8 @@
-"""8-bit RGB/RGBA PNGs: zlib-ng inflates the image data a chunk at a time while the row filters
-of the rows inflated so far are undone on other threads (workers/png_unfilter.c); or libdeflate (or
-zlib-ng) inflates it all first, and then the filters are undone, on several threads at once, by the
-same C code (its threads started while libdeflate inflates), or by libpng where that was not built.
+"""8-bit RGB/RGBA PNGs: zlib-ng inflates the image data a chunk at a time, or libdeflate a run of
+its blocks at a time, while the row filters of the rows inflated so far are undone on other threads
+(workers/png_unfilter.c); or libdeflate (or zlib-ng) inflates it all first, and then the filters
+are undone, on several threads at once, by the same C code (its threads started while libdeflate
+inflates), or by libpng where that was not built.
 
 Why (bench/RESULTS.md, bench.png_decoders): imagecodecs' libpng inflates with a stock zlib, which
 copies the short-distance matches of flat screenshot areas a byte at a time. On the CI box, 11.5 ms
@@ -24,6 +25,10 @@ streaming interface), the calling thread inflates a chunk at a time and hands ea
 in units, while the other threads unfilter them. zlib-ng is slower than libdeflate alone, but for
 screenshots that compress well the whole decode is shorter (H200 host, 1080p plain: 2.8 -> 2.2 ms,
 or 3.9 -> 2.7 with the CPU idle before; CI box 1.5 -> 1.0 ms); ALONGSIDE_MAX_RATIO says where not.
+Denser image data goes to libdeflate a run of blocks at a time instead (workers/deflate_blocks.h
+says how): on an H200 host a text- and photo-dense 1080p screenshot's preprocessing took 5.6-7.4 ms
+(median 6.6) against 6.6-9.2 (7.3) inflated whole first, in seven pairs of whole-stack rows, and
+a decode of it alone 3.8-6.1 ms against 5.3-6.6 (bench/RESULTS.md, thirty-second session).
 
 Without the C library, libpng undoes the filters, handed the inflated rows re-wrapped in stored
 (uncompressed) deflate blocks, which any zlib copies at memory speed: the pixels are libpng's by
@@ -42,6 +47,7 @@ import logging
 import os
 import struct
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -121,6 +127,9 @@ def _decode(data: bytes, parts: int, alloc: Alloc) -> np.ndarray | None:
     inflate = imagecodecs.deflate_decode if LIBDEFLATE else imagecodecs.zlibng_decode
     if UNFILTER_IN_C:
         out = alloc((h, w, CHANNELS[colour]))
+        if INFLATE_BLOCKS and png_unfilter.inflate_unfilter(idat, out, _pool, parts, blocks=True):
+            return out
+        # else (rarely: a stream not cut in blocks here, or corrupt data) inflated whole
 
         def fill(rows: np.ndarray) -> bool:
             try:                                      # a stream that inflates to more fails here
@@ -230,7 +239,25 @@ def _c_unfilters_as_libpng_does(unfilter: Callable[[bytes, np.ndarray], bool]) -
     return True
 
 
-UNFILTER_IN_C = INFLATE_ALONGSIDE = False
+def _inflates_in_blocks() -> bool:
+    """inflate_unfilter(blocks=True) gives libpng's pixels for an image whose data zlib cut into
+    several dynamic blocks, inflated in parts: checked once at import (~5 ms), as the unfilterer is.
+    It relies on how libdeflate, as imagecodecs built it, reads a stream of stored and fixed-code
+    blocks and reports where it stopped; where that differs, every dense screenshot would be tried
+    in parts, refused (the checks of deflate_blocks.h), and inflated again whole."""
+    rng = np.random.default_rng(1)
+    h, w = 100, 1000
+    rows = rng.integers(0, 16, (h, 1 + w * 3), dtype=np.uint8)     # ~4 bits a byte: dynamic blocks
+    rows[:, 0] = np.arange(h) % 5
+    z = zlib.compress(rows.tobytes(), 1)
+    plan = png_unfilter.block_plan(z)
+    want = imagecodecs.png_decode(_stored_png(struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0), rows.tobytes()).copy())
+    got = np.empty((h, w, 3), np.uint8)
+    return plan is not None and plan[0] >= 2 and \
+        png_unfilter.inflate_unfilter(z, got, _pool, 2, blocks=True) and np.array_equal(got, want)
+
+
+UNFILTER_IN_C = INFLATE_ALONGSIDE = INFLATE_BLOCKS = False
 if png_unfilter.NATIVE is None:
     # silent, this cost a session's GPU runs ~2.5 ms per request before anyone noticed
     log.warning("the C PNG unfilterer (workers/_png_unfilter) is not built here: libpng unfilters PNGs, "
@@ -245,3 +272,8 @@ elif available():
         if not INFLATE_ALONGSIDE:
             log.warning("zlib-ng's inflate, as bound from imagecodecs, gives other pixels here: "
                         "the image data is inflated in one call instead")
+    if UNFILTER_IN_C and png_unfilter.LIBDEFLATE:
+        INFLATE_BLOCKS = _inflates_in_blocks()
+        if not INFLATE_BLOCKS:
+            log.warning("libdeflate, inflating a stream's blocks a part at a time, gives other pixels here: "
+                        "dense screenshots' image data is inflated in one call instead")

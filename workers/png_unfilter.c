@@ -15,11 +15,13 @@
  * left, so the call is correct with any number of threads, one included, a helper that starts late
  * finds nothing left to do, and no thread waits on a row that no running thread holds.
  *
- * The calling thread may also inflate the image data itself (inflate_unfilter), a chunk at a time,
+ * The calling thread may also inflate the image data itself (inflate_unfilter), a part at a time,
  * handing the rows out in units as they come: then the threads undo the filters while the data is
  * still inflating, instead of after it. The inflater is zlib-ng's, as imagecodecs built it (bound
- * by bind_zlibng from imagecodecs' own extension module, which exports it); libdeflate, faster
- * alone, inflates only in one call.
+ * by bind_zlibng from imagecodecs' own extension module, which exports it), a chunk at a time; or
+ * libdeflate's (bind_libdeflate), faster alone but with no streaming interface, given a run of the
+ * stream's blocks at a time as a stream of its own (deflate_blocks.h), while the other threads
+ * first search ahead for where the runs begin (find_blocks).
  *
  * A thread that waits for another spins a while, then sleeps until a thread reports progress. It
  * never calls sched_yield: on Linux's EEVDF scheduler (6.6 on) that hands the core to whatever else
@@ -44,6 +46,7 @@
 #include <unistd.h>
 #endif
 #include "spin_wait.h"
+#include "deflate_blocks.h"
 
 #define SEGMENT_PIXELS 128   /* per wait: whole pixels, so a segment never ends inside one */
 #define SPIN_NS 50000        /* a wait spins this long before it sleeps (most waits here are shorter,
@@ -422,6 +425,62 @@ static int inflate_rows(const uint8_t *z, int64_t zlen, uint8_t *in, int64_t h, 
     return ok ? 0 : -1;
 }
 
+/* inflate_rows with libdeflate (deflate_blocks.h): the stream's blocks a part at a time, as `plan`
+ * cuts them (plan[0] parts, then each part's cut and start: part 0's its first block, after the
+ * zlib header; the others' found here or by the helpers, block_start). Each part's rows are
+ * published once the next part is inflated, as that part's inflate writes its window back over
+ * the last 32 KB before it; the last part's after the Adler-32 of all of them checked out. */
+static int inflate_rows_blocks(const uint8_t *z, int64_t zlen, uint8_t *in, int64_t h, int64_t stride,
+                               int64_t *plan, int64_t umin, int64_t umax, int64_t *ends, shared_state *st) {
+    const int64_t parts = plan[0], size = h * stride;
+    struct libdeflate_decompressor *d = ld_alloc();
+    uint8_t *scratch = malloc((size_t)(STORED_HEAD + WINDOW + zlen + 8));
+    int64_t offset = 0, rows_in = 0, unit_start = 0, start = plan[2];
+    uint32_t adler = 1;
+    int ok = d && scratch && zlen >= 6;
+    for (int64_t k = 0; ok;) {
+        int64_t stop = -1, next = parts;
+        for (int64_t j = k + 1; j < parts && stop < 0; j++)
+            if ((stop = block_start(plan, j, z, zlen)) >= 0)
+                next = j;
+            else
+                stop = -1;
+        if (stop >= 0 && stop <= start) {   /* starts ascend, parts' cuts do */
+            ok = 0;
+            break;
+        }
+        const int64_t wlen = offset < WINDOW ? offset : WINDOW;
+        int64_t n = inflate_blocks(d, scratch, z, zlen, start, stop, in + offset, wlen, size - offset);
+        ok = n >= 0 && !load_acquire64(&st->failed);
+        if (!ok)
+            break;
+        adler = ld_adler32(adler, in + offset, (size_t)n);
+        offset += n;
+        if (stop < 0)
+            break;
+        int64_t rows = (offset - WINDOW) / stride;   /* whole rows the next part leaves alone */
+        if (rows > rows_in && rows < h) {
+            publish_units(in, stride, rows_in, rows, h, umin, umax, &unit_start, ends, st);
+            rows_in = rows;
+        }
+        start = stop, k = next;
+    }
+    if (ok) {
+        const uint8_t *t = z + zlen - 4;
+        ok = offset == size && adler == ((uint32_t)t[0] << 24 | (uint32_t)t[1] << 16 | (uint32_t)t[2] << 8 | t[3]);
+    }
+    if (ok)
+        publish_units(in, stride, rows_in, h, h, umin, umax, &unit_start, ends, st);
+    free(scratch);
+    if (d)
+        ld_free(d);
+    if (!ok)
+        store_progress64(&st->failed, 1);
+    store_progress64(&st->sealed, 1);
+    report_progress(st);
+    return ok ? 0 : -1;
+}
+
 /* The buffers' sizes against the image's shape. */
 static int shapes_fit(const Py_buffer *rows, const Py_buffer *out, long long h, long long rowbytes,
                       const Py_buffer *ends, const Py_buffer *done, const Py_buffer *shared) {
@@ -439,6 +498,46 @@ static PyObject *release_and_answer(int ok, int rc, Py_buffer *const *views, int
         return NULL;
     }
     return PyLong_FromLong(rc);
+}
+
+/* A plan for inflate_rows_blocks against its stream: 1..MAX_BLOCK_PARTS parts, cuts ascending
+ * inside the stream's bits, part 0's start its cut, the others' starts unknown or found. */
+#define MAX_BLOCK_PARTS 64
+static int plan_fits(const Py_buffer *plan, const Py_buffer *z) {
+    const int64_t *p = plan->buf;
+    int64_t parts = plan->len >= (Py_ssize_t)(3 * sizeof(int64_t)) ? p[0] : 0;
+    int ok = parts >= 1 && parts <= MAX_BLOCK_PARTS && plan->len == (Py_ssize_t)((1 + 2 * parts) * sizeof(int64_t)) &&
+             p[1] == 16 && p[2] == 16;
+    for (int64_t k = 1; ok && k < parts; k++) {
+        int64_t start = __atomic_load_n(&p[2 + 2 * k], __ATOMIC_ACQUIRE);   /* helpers may be writing it */
+        ok = p[1 + 2 * k] > p[2 * k - 1] && p[1 + 2 * k] < z->len * 8 &&
+             (start == BLOCK_UNKNOWN || start == NO_BLOCK || start == BLOCK_SEARCHING ||
+              (start >= p[1 + 2 * k] && start < z->len * 8));
+    }
+    return ok;
+}
+
+/* find_blocks(z, plan) -> None: part starts of plan (inflate_rows_blocks') searched for ahead of
+ * the inflating thread that needs them, parts taken in turn; by helper threads before they wait for
+ * rows to unfilter. plan[0] is read, the starts written (atomically, each found once or twice). */
+static PyObject *py_find_blocks(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer z, plan;
+    if (!PyArg_ParseTuple(args, "y*w*", &z, &plan))
+        return NULL;
+    int ok = plan_fits(&plan, &z);
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        block_search_ahead(plan.buf, z.buf, z.len);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&z);
+    PyBuffer_Release(&plan);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "plan does not fit the stream");
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 /* unfilter_rows(rows, out, height, rowbytes, bpp, ends, done, shared) -> 0, or -1 (see above).
@@ -477,26 +576,36 @@ static PyObject *py_unfilter_rows(PyObject *self, PyObject *args) {
  * buffers meanwhile, or not at all. shared: zeroed. */
 static PyObject *py_inflate_unfilter(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer z, rows, out, ends, done, shared;
+    Py_buffer z, rows, out, ends, done, shared, plan = {0};
     long long h, rowbytes, chunk, umin, umax;
     int bpp, rc = -1;
-    if (!zng_inflate) {
-        PyErr_SetString(PyExc_RuntimeError, "no inflater bound: call bind_zlibng first");
+    if (!PyArg_ParseTuple(args, "y*w*w*LLiw*w*w*LLL|w*", &z, &rows, &out, &h, &rowbytes, &bpp, &ends,
+                          &done, &shared, &chunk, &umin, &umax, &plan))
         return NULL;
+    int blocks = plan.buf != NULL;
+    if (!(blocks ? ld_decompress_ex != NULL : zng_inflate != NULL)) {
+        PyErr_SetString(PyExc_RuntimeError, blocks ? "libdeflate is not bound: call bind_libdeflate first"
+                                                   : "no inflater bound: call bind_zlibng first");
+        rc = -2;
     }
-    if (!PyArg_ParseTuple(args, "y*w*w*LLiw*w*w*LLL", &z, &rows, &out, &h, &rowbytes, &bpp, &ends,
-                          &done, &shared, &chunk, &umin, &umax))
-        return NULL;
     int ok = shapes_fit(&rows, &out, h, rowbytes, &ends, &done, &shared) &&
              ends.len >= h * (Py_ssize_t)sizeof(int64_t) && chunk > 0 && chunk <= UINT32_MAX &&
-             umin >= 1 && umax >= umin;
-    if (ok) {
+             umin >= 1 && umax >= umin && (!blocks || plan_fits(&plan, &z));
+    if (ok && rc != -2) {
         shared_state *st = shared.buf;
         Py_BEGIN_ALLOW_THREADS
-        rc = inflate_rows(z.buf, z.len, rows.buf, h, rowbytes + 1, chunk, umin, umax, ends.buf, st);
+        rc = blocks ? inflate_rows_blocks(z.buf, z.len, rows.buf, h, rowbytes + 1, plan.buf, umin, umax, ends.buf, st)
+                    : inflate_rows(z.buf, z.len, rows.buf, h, rowbytes + 1, chunk, umin, umax, ends.buf, st);
         int unfiltered = unfilter_rows(rows.buf, out.buf, h, rowbytes, bpp, ends.buf, done.buf, st);
         rc = rc ? rc : unfiltered;
         Py_END_ALLOW_THREADS
+    }
+    if (blocks)
+        PyBuffer_Release(&plan);
+    if (rc == -2) {
+        for (Py_buffer *v[] = {&z, &rows, &out, &ends, &done, &shared}, **b = v; b < v + 6; b++)
+            PyBuffer_Release(*b);
+        return NULL;
     }
     return release_and_answer(ok, rc, (Py_buffer *const[]){&z, &rows, &out, &ends, &done, &shared}, 6);
 }
@@ -561,6 +670,37 @@ static PyObject *py_bind_zlibng(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* bind_libdeflate(path) -> None: finds libdeflate through the extension module at path
+ * (imagecodecs._deflate, already loaded, which links it: dlsym searches what a library links too).
+ * Raises where it is not found. */
+static PyObject *py_bind_libdeflate(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s", &path))
+        return NULL;
+#if defined(_WIN32)
+    PyErr_SetString(PyExc_OSError, "libdeflate is bound only where dlopen is");
+    return NULL;
+#else
+    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    void *alloc = lib ? dlsym(lib, "libdeflate_alloc_decompressor") : NULL,
+         *release = lib ? dlsym(lib, "libdeflate_free_decompressor") : NULL,
+         *inflate = lib ? dlsym(lib, "libdeflate_deflate_decompress_ex") : NULL,
+         *adler = lib ? dlsym(lib, "libdeflate_adler32") : NULL;
+    if (!alloc || !release || !inflate || !adler) {
+        PyErr_Format(PyExc_OSError, "%s is not loaded, or links no libdeflate", path);
+        return NULL;
+    }
+    if (!kraft4[1])
+        init_kraft4();   /* under the GIL, before any thread searches */
+    ld_alloc = (ld_alloc_fn)alloc;
+    ld_free = (ld_free_fn)release;
+    ld_adler32 = (ld_adler32_fn)adler;
+    ld_decompress_ex = (ld_decompress_ex_fn)inflate;   /* the handle stays open: the calls stay in use */
+    Py_RETURN_NONE;
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"unfilter_rows", py_unfilter_rows, METH_VARARGS,
      "Undo PNG row filters, as one of the threads working on one image (workers/png_unfilter.py)."},
@@ -568,6 +708,10 @@ static PyMethodDef methods[] = {
      "Inflate a PNG's image data and undo its row filters, with other threads following the inflate."},
     {"seal", py_seal, METH_VARARGS,
      "Publish an image's units, all of them (or a failure), to the threads already waiting for them."},
+    {"find_blocks", py_find_blocks, METH_VARARGS,
+     "Search ahead for where the parts of inflate_unfilter's plan begin (deflate_blocks.h)."},
+    {"bind_libdeflate", py_bind_libdeflate, METH_VARARGS,
+     "Find libdeflate through an already loaded library that links it, for inflate_unfilter's plans."},
     {"bind_zlibng", py_bind_zlibng, METH_VARARGS,
      "Find zlib-ng's inflate in an already loaded library that exports it; its version."},
     {NULL, NULL, 0, NULL},

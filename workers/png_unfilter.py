@@ -1,6 +1,7 @@
 """The C unfilterer (workers/png_unfilter.c): PNG rows, as inflated, to pixels, on the calling
 thread and up to `threads - 1` of a pool's at once, as a wavefront or in bands (`units`); or, with
-`inflate_unfilter`, while the calling thread is still inflating them.
+`inflate_unfilter`, while the calling thread is still inflating them: with zlib-ng a chunk at a
+time, or with libdeflate a run of the stream's blocks at a time (`blocks`, workers/deflate_blocks.h).
 
 The extension is built by the install (setup.py, optional). Without it (no C compiler at install)
 `NATIVE` is None and workers/png_inflate.py unfilters with libpng as before.
@@ -23,6 +24,8 @@ MIN_BAND_ROWS = 64                   # below this a thread hand-off costs about 
 BALANCED = 2.0                       # bands where the largest is at most this times an even share
 CHUNK_BYTES = 256 * 1024             # inflated per step, then handed out (smaller steps cost more)
 UNIT_MIN_ROWS = 16                   # while inflating: a unit closes at a None/Sub row after this many
+BLOCK_PART_BYTES = 64 * 1024         # compressed bytes per part of inflate_unfilter(blocks=True)
+MAX_BLOCK_PARTS = 64                 # png_unfilter.c's
 SHARED = 5                           # int64s the threads of one image share (png_unfilter.c's shared_state)
 
 
@@ -37,7 +40,20 @@ def _bind_zlibng() -> str | None:
         return None
 
 
+def _bind_libdeflate() -> bool:
+    """Whether the C side found libdeflate through imagecodecs' module that links it; else the
+    image data is inflated in parts by zlib-ng only (or in one call by libdeflate)."""
+    if NATIVE is None:
+        return False
+    try:
+        NATIVE.bind_libdeflate(importlib.import_module("imagecodecs._deflate").__file__)
+    except (ImportError, OSError):
+        return False
+    return True
+
+
 ZLIBNG = _bind_zlibng()
+LIBDEFLATE = _bind_libdeflate()
 
 
 def unfilter(rows: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool:
@@ -83,28 +99,57 @@ def unfilter_after(inflate: Callable[[np.ndarray], bool], out: np.ndarray, pool:
     return _on_threads(NATIVE.unfilter_rows, args, pool, threads, first=first)
 
 
-def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int) -> bool:
+def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int, blocks: bool = False) -> bool:
     """`z`: a non-interlaced 8-bit PNG's image data (its IDAT chunks' bytes joined); `out` as for
-    `unfilter`. This thread inflates it with zlib-ng (ZLIBNG), a chunk at a time, handing each
-    chunk's rows out in units as it goes, and up to threads - 1 of `pool`'s undo their filters
-    meanwhile; then this thread helps. False where the data does not inflate to exactly this shape,
-    or a row's filter type is not one PNG defines."""
-    if ZLIBNG is None:
-        raise RuntimeError("zlib-ng's inflate is not bound")
+    `unfilter`. This thread inflates it, a part at a time, handing each part's rows out in units as
+    it goes, and up to threads - 1 of `pool`'s undo their filters meanwhile; then this thread helps.
+    The parts: zlib-ng's chunks (ZLIBNG); or with `blocks`, libdeflate's runs of the stream's blocks
+    (LIBDEFLATE; workers/deflate_blocks.h), where the helpers first search ahead for where the parts
+    begin. False where the data does not inflate to exactly this shape (or is not cut in blocks
+    here: a preset dictionary, a header found where no block begins), or a row's filter type is not
+    one PNG defines; `out` is then partly written."""
+    if not (LIBDEFLATE if blocks else ZLIBNG):
+        raise RuntimeError(f"{'libdeflate' if blocks else 'zlib-ng'}'s inflate is not bound")
     h, rowbytes, bpp = _shape(out)
     if not rowbytes:
+        return False
+    plan = block_plan(z) if blocks else None
+    if blocks and plan is None:
         return False
     threads = min(threads, max(1, h // UNIT_MIN_ROWS))      # no helper for rows too few to share
     rows = np.empty(h * (rowbytes + 1), np.uint8)
     ends, done, shared = np.empty(h, np.int64), np.zeros(h, np.int32), np.zeros(SHARED, np.int64)
     args = (rows, out, h, rowbytes, bpp, ends, done, shared)
     umax = max(2 * UNIT_MIN_ROWS, h // max(1, threads))     # no None/Sub row in an even share: single rows
+    inflate = (*args, CHUNK_BYTES, UNIT_MIN_ROWS, umax, *((plan,) if blocks else ()))
+
+    def helper() -> int:
+        NATIVE.find_blocks(z, plan)
+        return NATIVE.unfilter_rows(*args)
     try:
-        return _on_threads(NATIVE.unfilter_rows, args, pool, threads,
-                           first=lambda: NATIVE.inflate_unfilter(z, *args, CHUNK_BYTES, UNIT_MIN_ROWS, umax))
+        return _on_threads(helper if blocks else NATIVE.unfilter_rows, () if blocks else args, pool, threads,
+                           first=lambda: NATIVE.inflate_unfilter(z, *inflate))
     except BaseException:
         shared[2:4] = 1         # failed, sealed: the helpers stop waiting (asleep: within 1 ms)
         raise
+
+
+def block_plan(z: bytes) -> np.ndarray | None:
+    """inflate_unfilter's cuts of a zlib stream into parts of about BLOCK_PART_BYTES (int64s: the
+    parts, then each part's cut and start in bits, the starts after part 0's unknown); None where the
+    stream has a preset dictionary or is not deflate."""
+    if len(z) < 6:
+        return None
+    cmf, flg = z[0], z[1]
+    if cmf & 15 != 8 or cmf >> 4 > 7 or (cmf << 8 | flg) % 31 or flg & 0x20:
+        return None
+    parts = max(1, min(MAX_BLOCK_PARTS, len(z) // BLOCK_PART_BYTES))
+    bits = (len(z) - 4) * 8                             # before the Adler-32
+    plan = np.full(1 + 2 * parts, -1, np.int64)         # starts unknown (deflate_blocks.h: BLOCK_UNKNOWN)
+    plan[0] = parts
+    plan[1::2] = [16 + k * (bits - 16) // parts for k in range(parts)]
+    plan[2] = 16                                        # part 0: the first block, after the zlib header
+    return plan
 
 
 def sealed(units: int) -> np.ndarray:
