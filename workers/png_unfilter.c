@@ -638,23 +638,40 @@ static PyObject *py_seal(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+#if defined(_WIN32)
+static void *dlsym(void *lib, const char *name) {   /* never called: loaded_library gives no library */
+    (void)lib;
+    (void)name;
+    return NULL;
+}
+#endif
+
+/* The handle of the library at the path in args (one str), which must be loaded already (the
+ * bind_ calls find imagecodecs' inflaters in its own modules); NULL with an OSError raised where it
+ * is not, or where there is no dlopen. */
+static void *loaded_library(PyObject *args, const char **path) {
+    if (!PyArg_ParseTuple(args, "s", path))
+        return NULL;
+#if defined(_WIN32)
+    PyErr_SetString(PyExc_OSError, "inflaters are bound only where dlopen is");
+    return NULL;
+#else
+    void *lib = dlopen(*path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    if (!lib)
+        PyErr_Format(PyExc_OSError, "%s is not loaded", *path);
+    return lib;
+#endif
+}
+
 /* bind_zlibng(path) -> zlib-ng's version: finds zlib-ng's inflate in the extension module at path
  * (imagecodecs._zlibng, already loaded), which exports it. Raises where it does not, or where it is
  * not zlib-ng 2.x, whose stream layout this file declares. */
 static PyObject *py_bind_zlibng(PyObject *self, PyObject *args) {
     (void)self;
     const char *path;
-    if (!PyArg_ParseTuple(args, "s", &path))
+    void *lib = loaded_library(args, &path);
+    if (!lib)
         return NULL;
-#if defined(_WIN32)
-    PyErr_SetString(PyExc_OSError, "zlib-ng is bound only where dlopen is");
-    return NULL;
-#else
-    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
-    if (!lib) {
-        PyErr_Format(PyExc_OSError, "%s is not loaded", path);
-        return NULL;
-    }
     const char *(*version)(void) = (const char *(*)(void))dlsym(lib, "zlibng_version");
     void *init = dlsym(lib, "zng_inflateInit2"), *step = dlsym(lib, "zng_inflate"),
          *end = dlsym(lib, "zng_inflateEnd");
@@ -667,7 +684,6 @@ static PyObject *py_bind_zlibng(PyObject *self, PyObject *args) {
     zng_inflateEnd = (int32_t (*)(zng_stream *))end;
     zng_inflate = (int32_t (*)(zng_stream *, int32_t))step;   /* the others are set before */
     return PyUnicode_FromString(v);   /* the handle stays open: the functions stay in use */
-#endif
 }
 
 /* bind_libdeflate(path) -> None: finds libdeflate through the extension module at path
@@ -676,19 +692,13 @@ static PyObject *py_bind_zlibng(PyObject *self, PyObject *args) {
 static PyObject *py_bind_libdeflate(PyObject *self, PyObject *args) {
     (void)self;
     const char *path;
-    if (!PyArg_ParseTuple(args, "s", &path))
+    void *lib = loaded_library(args, &path);
+    if (!lib)
         return NULL;
-#if defined(_WIN32)
-    PyErr_SetString(PyExc_OSError, "libdeflate is bound only where dlopen is");
-    return NULL;
-#else
-    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
-    void *alloc = lib ? dlsym(lib, "libdeflate_alloc_decompressor") : NULL,
-         *release = lib ? dlsym(lib, "libdeflate_free_decompressor") : NULL,
-         *inflate = lib ? dlsym(lib, "libdeflate_deflate_decompress_ex") : NULL,
-         *adler = lib ? dlsym(lib, "libdeflate_adler32") : NULL;
+    void *alloc = dlsym(lib, "libdeflate_alloc_decompressor"), *release = dlsym(lib, "libdeflate_free_decompressor"),
+         *inflate = dlsym(lib, "libdeflate_deflate_decompress_ex"), *adler = dlsym(lib, "libdeflate_adler32");
     if (!alloc || !release || !inflate || !adler) {
-        PyErr_Format(PyExc_OSError, "%s is not loaded, or links no libdeflate", path);
+        PyErr_Format(PyExc_OSError, "%s links no libdeflate", path);
         return NULL;
     }
     if (!kraft4[1])
@@ -698,7 +708,6 @@ static PyObject *py_bind_libdeflate(PyObject *self, PyObject *args) {
     ld_adler32 = (ld_adler32_fn)adler;
     ld_decompress_ex = (ld_decompress_ex_fn)inflate;   /* the handle stays open: the calls stay in use */
     Py_RETURN_NONE;
-#endif
 }
 
 static PyMethodDef methods[] = {
