@@ -489,3 +489,19 @@ def test_helpers_that_never_start_do_not_hold_the_inflate_in_blocks_up(monkeypat
         np.testing.assert_array_equal(out, pixels)
         assert blocker.running()
         release.set()
+
+
+@in_blocks
+def test_the_search_finds_a_block_from_any_cut_before_it():
+    # cuts 0-127 bits before a block's start, so at every bit of a byte and at every place of the
+    # start in the search's 64-bit windows
+    pixels = _dense(200, 300, 3, seed=12)
+    z = zlib.compress(filtered_rows(pixels, [2]), 6)
+    plan = np.array([2, 16, 16, len(z) * 4, -1], np.int64)
+    png_unfilter.NATIVE.find_blocks(z, plan)
+    start = int(plan[4])
+    assert start > len(z) * 4
+    for before in range(128):
+        plan = np.array([2, 16, 16, start - before, -1], np.int64)
+        png_unfilter.NATIVE.find_blocks(z, plan)
+        assert plan[4] == start, f"cut {before} bits before the block"

@@ -92,6 +92,8 @@ static int block_header_at(const uint8_t *z, int64_t zlen, int64_t pos) {
     static const uint8_t order[19] = {16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15};
     uint64_t v = peek_bits(z, zlen, pos);
     int hlit = 257 + (int)((v >> 3) & 31), hdist = 1 + (int)((v >> 8) & 31), hclen = 4 + (int)((v >> 13) & 15);
+    if (hlit > 286 || hdist > 30)   /* as zlib; and lens below holds no more */
+        return 0;
     uint64_t c = peek_bits(z, zlen, pos + 17) & ((UINT64_C(1) << (3 * hclen)) - 1);
     if (kraft4[c & 4095] + kraft4[(c >> 12) & 4095] + kraft4[(c >> 24) & 4095] + kraft4[(c >> 36) & 4095] +
         kraft4[(c >> 48) & 4095] != 128)
@@ -151,7 +153,8 @@ static int block_header_at(const uint8_t *z, int64_t zlen, int64_t pos) {
     return pos <= bits && lens[256] && code_ok(lens, hlit, 0) && code_ok(lens + hlit, hdist, 1);
 }
 
-/* Of the 64 bit positions from base, those where a block's first 13 bits may begin, as a bit mask:
+/* Of the 64 bit positions from base (a byte's first bit: peek_bits then gives 64 bits, not 57),
+ * those where a block's first 13 bits may begin, as a bit mask:
  * BFINAL 0 unless `final` (only the last part may begin with the last block), BTYPE 2 (bits 1-2: 0,
  * 1), HLIT and HDIST at most 29 (not all of their upper 4 bits set). Seven in eight positions fail
  * the first two tests: this takes 64 at a time. */
@@ -175,10 +178,10 @@ static int64_t block_start(int64_t *plan, int64_t k, const uint8_t *z, int64_t z
         return s;
     s = NO_BLOCK;
     int64_t end = k + 1 < parts ? p[2] : zlen * 8 - 17;
-    for (int64_t base = p[0]; base < end && s == NO_BLOCK; base += 64)
+    for (int64_t base = p[0] & ~7; base < end && s == NO_BLOCK; base += 64)   /* from a byte: block_candidates */
         for (uint64_t m = block_candidates(z, zlen, base, k + 1 == parts); m && s == NO_BLOCK; m &= m - 1) {
             int64_t pos = base + __builtin_ctzll(m);
-            if (pos < end && block_header_at(z, zlen, pos))
+            if (pos >= p[0] && pos < end && block_header_at(z, zlen, pos))
                 s = pos;
         }
     __atomic_store_n(&p[1], s, __ATOMIC_RELEASE);
