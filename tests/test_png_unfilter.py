@@ -505,3 +505,28 @@ def test_the_search_finds_a_block_from_any_cut_before_it():
         plan = np.array([2, 16, 16, start - before, -1], np.int64)
         png_unfilter.NATIVE.find_blocks(z, plan)
         assert plan[4] == start, f"cut {before} bits before the block"
+
+
+@in_blocks
+def test_plans_of_any_cuts_and_starts_give_the_pixels_or_a_refusal():
+    # what deflate_blocks.h reads and writes stays inside its buffers whatever the plan says (run
+    # under AddressSanitizer in the thirty-second session); a plan whose starts are block starts
+    # gives the pixels, any other is refused
+    rng = np.random.default_rng(13)
+    pixels = _dense(120, 300, 3, seed=13)
+    for level in (1, 6):
+        z = zlib.compress(filtered_rows(pixels, [4, 1]), level)
+        bits = len(z) * 8
+        for _ in range(60):
+            cuts = sorted({16, *(int(c) for c in rng.integers(17, bits, int(rng.integers(1, 9))))})
+            plan = np.full(1 + 2 * len(cuts), -1, np.int64)
+            plan[0], plan[1::2], plan[2] = len(cuts), cuts, 16
+            for k in range(1, len(cuts)):                # some starts given: anywhere before the next cut
+                if rng.random() < 0.3:
+                    plan[2 + 2 * k] = int(rng.integers(cuts[k], cuts[k + 1] if k + 1 < len(cuts) else bits))
+            given = plan.copy()
+            rc, out = _inflate_in_blocks(z, pixels, plan)
+            if rc == 0:
+                np.testing.assert_array_equal(out, pixels)
+            else:
+                assert (given[4::2] >= 0).any(), "refused a plan with no start given"
