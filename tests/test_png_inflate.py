@@ -170,3 +170,6 @@ def test_image_data_that_compresses_well_goes_to_zlib_ng_alongside_and_the_rest_
     (small, small_in_blocks), (large, large_in_blocks) = calls
     assert small <= png_inflate.ALONGSIDE_MAX_RATIO * 300 * (1 + 600) < large
     assert not small_in_blocks and large_in_blocks
+    # a decode with one thread (eight at once on eight threads, say) inflates dense data whole
+    np.testing.assert_array_equal(png_inflate.decode(_filtered_png(noise, [2]), parts=1), noise)
+    assert len(calls) == 2
