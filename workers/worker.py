@@ -402,14 +402,19 @@ class Worker:
                 or msg.id in self._seen or (msg.blob_meta and len(msg.blob_meta) != len(blobs)) or not msg.id):
             self.counters["direct_jobs_skipped"] += 1
             return
+        ticket = self._hold(msg, blobs, gate=EarlyGate(msg.params, blobs))
+        self._early = ticket
+        self._work_q.put(ticket)   # compute prepares it next: at once, or after the answers it is sending
+
+    def _hold(self, msg: p.Job | p.Submit, blobs: list, **extra: Any) -> Ticket:
+        """A ticket for `msg` (a JOB, or a client's direct copy of one) received now, held by
+        prep/compute under the next seq."""
         now = time.monotonic()
         self._seq += 1
         ticket = Ticket(id=msg.id, params=msg.params, blobs=blobs, gen=self._gen, recv_t=now,
-                        deadline=now + max(0, msg.ttl_ms) / 1000.0, seq=self._seq, progress_t=now,
-                        gate=EarlyGate(msg.params, blobs))
+                        deadline=_deadline(now, msg.ttl_ms), seq=self._seq, progress_t=now, **extra)
         self._tickets[ticket.seq] = ticket
-        self._early = ticket
-        self._work_q.put(ticket)   # compute prepares it next: at once, or after the answers it is sending
+        return ticket
 
     def _drop_early(self) -> None:
         """Something other than its JOB came first: the direct copy will not run."""
@@ -425,7 +430,7 @@ class Worker:
         now = time.monotonic()
 
         def apply() -> None:
-            early.gen, early.deadline = self._gen, now + max(0, msg.ttl_ms) / 1000.0
+            early.gen, early.deadline = self._gen, _deadline(now, msg.ttl_ms)
             early.answer_to = msg.answer_to if direct_to_client else None
             early.early_ms = (now - early.recv_t) * 1000.0
 
@@ -455,13 +460,8 @@ class Worker:
         if self._confirm_early(msg, blobs, bool(direct)):
             return
         self._drop_early()
-        now = time.monotonic()
-        self._seq += 1
-        ticket = Ticket(id=msg.id, params=msg.params, blobs=blobs, gen=self._gen, recv_t=now,
-                        deadline=now + max(0, msg.ttl_ms) / 1000.0, seq=self._seq, progress_t=now,
-                        answer_to=msg.answer_to if direct else None)
+        ticket = self._hold(msg, blobs, answer_to=msg.answer_to if direct else None)
         self._inflight[msg.id] = ticket
-        self._tickets[ticket.seq] = ticket
         if self._compute.idle and self._compute.prep_idle and self._prep_q.empty():
             self._work_q.put(ticket)   # nothing to overlap with: one thread hop less
         else:
@@ -504,3 +504,6 @@ def _cpu_list(cpus: list[int]) -> str:
             runs.append([c, c])
     return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
+
+def _deadline(now: float, ttl_ms: int) -> float:
+    return now + max(0, ttl_ms) / 1000.0
