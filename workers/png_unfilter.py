@@ -121,14 +121,15 @@ def inflate_unfilter(z: bytes, out: np.ndarray, pool: Executor, threads: int, bl
     ends, done, shared = np.empty(h, np.int64), np.zeros(h, np.int32), np.zeros(SHARED, np.int64)
     args = (rows, out, h, rowbytes, bpp, ends, done, shared)
     umax = max(2 * UNIT_MIN_ROWS, h // max(1, threads))     # no None/Sub row in an even share: single rows
-    inflate = (*args, CHUNK_BYTES, UNIT_MIN_ROWS, umax, *((plan,) if blocks else ()))
+    parts = () if plan is None else (plan,)
 
     def helper() -> int:
-        NATIVE.find_blocks(z, plan)
+        if plan is not None:                                # first, where the parts begin
+            NATIVE.find_blocks(z, plan)
         return NATIVE.unfilter_rows(*args)
     try:
-        return _on_threads(helper if blocks else NATIVE.unfilter_rows, () if blocks else args, pool, threads,
-                           first=lambda: NATIVE.inflate_unfilter(z, *inflate))
+        return _on_threads(helper, (), pool, threads,
+                           first=lambda: NATIVE.inflate_unfilter(z, *args, CHUNK_BYTES, UNIT_MIN_ROWS, umax, *parts))
     except BaseException:
         shared[2:4] = 1         # failed, sealed: the helpers stop waiting (asleep: within 1 ms)
         raise
