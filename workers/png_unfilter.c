@@ -579,19 +579,19 @@ static PyObject *py_inflate_unfilter(PyObject *self, PyObject *args) {
     Py_buffer z, rows, out, ends, done, shared, plan = {0};
     long long h, rowbytes, chunk, umin, umax;
     int bpp, rc = -1;
-    if (!PyArg_ParseTuple(args, "y*w*w*LLiw*w*w*LLL|w*", &z, &rows, &out, &h, &rowbytes, &bpp, &ends,
-                          &done, &shared, &chunk, &umin, &umax, &plan))
-        return NULL;
-    int blocks = plan.buf != NULL;
+    const int blocks = PyTuple_Size(args) > 12;   /* a plan: libdeflate's runs of blocks */
     if (!(blocks ? ld_decompress_ex != NULL : zng_inflate != NULL)) {
         PyErr_SetString(PyExc_RuntimeError, blocks ? "libdeflate is not bound: call bind_libdeflate first"
                                                    : "no inflater bound: call bind_zlibng first");
-        rc = -2;
+        return NULL;
     }
+    if (!PyArg_ParseTuple(args, "y*w*w*LLiw*w*w*LLL|w*", &z, &rows, &out, &h, &rowbytes, &bpp, &ends,
+                          &done, &shared, &chunk, &umin, &umax, &plan))
+        return NULL;
     int ok = shapes_fit(&rows, &out, h, rowbytes, &ends, &done, &shared) &&
              ends.len >= h * (Py_ssize_t)sizeof(int64_t) && chunk > 0 && chunk <= UINT32_MAX &&
              umin >= 1 && umax >= umin && (!blocks || plan_fits(&plan, &z));
-    if (ok && rc != -2) {
+    if (ok) {
         shared_state *st = shared.buf;
         Py_BEGIN_ALLOW_THREADS
         rc = blocks ? inflate_rows_blocks(z.buf, z.len, rows.buf, h, rowbytes + 1, plan.buf, umin, umax, ends.buf, st)
@@ -602,11 +602,6 @@ static PyObject *py_inflate_unfilter(PyObject *self, PyObject *args) {
     }
     if (blocks)
         PyBuffer_Release(&plan);
-    if (rc == -2) {
-        for (Py_buffer *v[] = {&z, &rows, &out, &ends, &done, &shared}, **b = v; b < v + 6; b++)
-            PyBuffer_Release(*b);
-        return NULL;
-    }
     return release_and_answer(ok, rc, (Py_buffer *const[]){&z, &rows, &out, &ends, &done, &shared}, 6);
 }
 
