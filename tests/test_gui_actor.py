@@ -248,7 +248,7 @@ def _head_tensors(D: int, rng) -> dict:
 
 
 @pytest.mark.mlx
-@pytest.mark.parametrize("n_img,n_ptr", [(1, 1), (37, 1), (50, 2)])
+@pytest.mark.parametrize("n_img,n_ptr", [(1, 1), (37, 1), (50, 2), (2049, 1), (2052, 1)])  # 2049: keys padded
 def test_head_matches_numpy(n_img, n_ptr):
     mx = pytest.importorskip("mlx.core")
     from workers.mlx.head import head_from_tensors
@@ -268,16 +268,23 @@ def test_head_matches_numpy(n_img, n_ptr):
 
 
 @pytest.mark.mlx
-def test_head_query_chunking_is_exact():
+@pytest.mark.parametrize("n", [1, 37, 63, 130])
+def test_head_padded_keys_score_masked_and_leave_real_scores(n):
+    """Keys padded to KEY_ALIGN (where n % 4 != 0 and n >= PAD_FROM): real keys' scores unchanged,
+    padded ones masked."""
     mx = pytest.importorskip("mlx.core")
     from workers.mlx import head as head_mod
-    rng = np.random.default_rng(1)
-    t = _head_tensors(32, rng)
-    h = head_mod.head_from_tensors({ga.HEAD_PREFIX + k: mx.array(v) for k, v in t.items()}, 32)
-    enc, dec = mx.array(rng.standard_normal((300, 32)).astype(np.float32)), mx.array(rng.standard_normal((1, 32)).astype(np.float32))
-    whole = np.array(h(enc, dec))
-    h.self_attention.query_chunk = 64   # 300 queries in 5 chunks
-    np.testing.assert_allclose(np.array(h(enc, dec)), whole, rtol=1e-6, atol=1e-9)
+    rng = np.random.default_rng(n)
+    q, k, v = (mx.array(rng.standard_normal((3, n, 24)).astype(np.float32)) for _ in range(3))
+    q2, k2, v2 = head_mod._aligned_keys(q, k, v)
+    m = -(-n // head_mod.KEY_ALIGN) * head_mod.KEY_ALIGN
+    assert k2.shape == (3, m, 32) and v2.shape == (3, m, 24) and q2.shape == (3, n, 32)
+    scores = np.array(q2 @ k2.transpose(0, 2, 1))
+    np.testing.assert_allclose(scores[:, :, :n], np.array(q @ k.transpose(0, 2, 1)), rtol=1e-5, atol=1e-5)
+    assert (scores[:, :, n:] <= head_mod.MASKED_SCORE / 2).all()
+    assert not np.array(v2[:, n:]).any()
+    w = np.array(mx.softmax(q2 @ k2.transpose(0, 2, 1), axis=-1))
+    assert not w[:, :, n:].any()
 
 
 @pytest.mark.mlx

@@ -22,7 +22,10 @@ from mlx.utils import tree_flatten
 
 from workers.families.gui_actor import HEAD_HEADS, HEAD_PREFIX
 
-QUERY_CHUNK = 2048                     # bounds the [heads, chunk, n] score matrix in memory
+KEY_ALIGN = 64                         # keys padded to a multiple of this where n % 4 != 0 ...
+PAD_FROM = 2048                        # ... and n >= this: below it the padding's own ops cost about
+                                       # what alignment saves (H200, bench/RESULTS.md, 33rd session)
+MASKED_SCORE = -1e30                   # a padded key's score: exp() of it is exactly 0
 
 
 class _SelfAttention(nn.Module):
@@ -31,7 +34,6 @@ class _SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.query_chunk = QUERY_CHUNK
         self.in_proj_weight = mx.zeros((3 * dim, dim))
         self.in_proj_bias = mx.zeros((3 * dim,))
         self.out_proj = nn.Linear(dim, dim, bias=True)
@@ -41,13 +43,34 @@ class _SelfAttention(nn.Module):
         hd = dim // self.heads
         qkv = x @ self.in_proj_weight.T + self.in_proj_bias             # [n, 3D]
         q, k, v = (t.reshape(n, self.heads, hd).transpose(1, 0, 2) for t in mx.split(qkv, 3, axis=-1))
-        scale = 1.0 / math.sqrt(hd)
-        outs = []
-        for s in range(0, n, self.query_chunk):  # exact softmax per query row; chunks bound memory
-            w = mx.softmax((q[:, s:s + self.query_chunk] * scale) @ k.transpose(0, 2, 1), axis=-1)
-            outs.append(w @ v)
-        o = mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]   # [heads, n, hd]
+        q = q * (1.0 / math.sqrt(hd))
+        if n % 4 and n >= PAD_FROM:
+            q, k, v = _aligned_keys(q, k, v)
+        # One product for all queries: MLX evaluates a chunked product's chunks together, so
+        # chunks did not bound the score matrix's memory, and cost time (RESULTS, 33rd session).
+        o = mx.softmax(q @ k.transpose(0, 2, 1), axis=-1) @ v           # [heads, n, hd]
         return self.out_proj(o.transpose(1, 0, 2).reshape(n, dim))
+
+
+def _aligned_keys(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """Keys and values padded to a multiple of KEY_ALIGN, with padded keys scoring MASKED_SCORE.
+
+    The [heads, n, n] float32 score matrix's rows are n floats long; where n % 4 != 0 (1080p's
+    2,691 visual tokens, 1440p's 4,641) no row after the first starts 16-byte aligned, and the
+    products and the softmax over it run slower. The whole head on an H200 (bench.head_precision,
+    two rounds): 1080p 2.08-2.24 -> 1.74-1.93 ms, 1440p 4.09-4.38 -> 2.65-2.67 ms. The mask is one
+    more feature rather than a bias added to the scores, which would be another pass over them:
+    1 in every query, 0 in a real key, MASKED_SCORE in a padded one (then 7 zeros, keeping rows
+    16-byte aligned). A real key's scores are unchanged, a padded key's weight is exactly 0, and
+    padded values are zeros."""
+    heads, n, hd = k.shape
+    m = -(-n // KEY_ALIGN) * KEY_ALIGN
+    extra = mx.zeros((heads, n, 7))
+    q = mx.concatenate([q, mx.ones((heads, n, 1)), extra], axis=-1)
+    mark = mx.concatenate([mx.zeros((n, 1)), mx.full((m - n, 1), MASKED_SCORE)])
+    k = mx.concatenate([mx.pad(k, [(0, 0), (0, m - n), (0, 0)]), mx.broadcast_to(mark, (heads, m, 1)),
+                        mx.zeros((heads, m, 7))], axis=-1)
+    return q, k, mx.pad(v, [(0, 0), (0, m - n), (0, 0)])
 
 
 class PointerHead(nn.Module):
