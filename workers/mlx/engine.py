@@ -471,7 +471,7 @@ class MlxEngine:
         t1 = time.perf_counter()
         if near_end is not None:
             # what is left, the head's float32 attention and the points, takes ~3 ms at 1080p on
-            # an H200 (head 2.3-2.9 ms, points 0.4-0.7): about the lead in which waking the
+            # an H200 (head 2.3-2.4 ms, points 0.4-0.7): about the lead in which waking the
             # answer's way out pays (bench/RESULTS.md, twenty-fourth and twenty-fifth sessions).
             # Later, after the head's image side (~1.1 ms ahead), gained no more.
             near_end()
