@@ -361,26 +361,27 @@ class MlxEngine:
 
     def forward(self, batch: list[PreparedJob]) -> tuple[list[mx.array], mx.array]:
         """(encoder vectors per job [n_img, D], pointer states [B, D]), evaluated."""
-        encs, dec, _ = self._forward(batch)
+        encs, dec, _, _ = self._forward(batch)
         return encs, dec
 
-    def _forward(self, batch: list[PreparedJob], keep: list[int] | None = None):
+    def _forward(self, batch: list[PreparedJob], keep: list[int] | None = None, sides: bool = False):
         """`forward`, plus each job's kept prefix keys and values where `keep` asks (see
-        FastLanguageModel.pointer_states) -> (encs, dec, kept or None), evaluated."""
+        FastLanguageModel.pointer_states) -> (encs, dec, kept or None, sides or None), evaluated;
+        with `sides`, also the head's image side of each job, only scheduled after them."""
         patches = [normalized_patches(self._resized(j.image), self._vision.dtype) for j in batch]
         grids = [j.image.grid_thw[1:] for j in batch]
         if self._helpers is None:
-            return self._forward_from(batch, patches, grids, keep)
+            return self._forward_from(batch, patches, grids, keep, sides=sides)
         ranks = self._helpers.ranks
         length = padded_length([len(j.input_ids) for j in batch], prompt_multiple(ranks))
         split_lm = self._lm is not None and self._helpers.language and \
             split_pays(self._lm.layer_params, len(batch) * length, ranks)
         prompts = (len(batch), length) if split_lm else None
         with self._helpers.forward(mx.concatenate(patches) if len(patches) > 1 else patches[0], grids, prompts) as shared:
-            return self._forward_from(batch, [shared], grids, keep, self._helpers.split if split_lm else None)
+            return self._forward_from(batch, [shared], grids, keep, self._helpers.split if split_lm else None, sides)
 
     def _forward_from(self, batch: list[PreparedJob], patches: list[mx.array], grids: list, keep: list[int] | None,
-                      split=None):
+                      split=None, sides: bool = False):
         # one RunAhead for the whole pass, so the vision tower's last chunks count in the language model's
         pace = RunAhead(self.run_ahead)
         enc_all = self._vision(patches, grids, pace)
@@ -390,8 +391,16 @@ class MlxEngine:
                                    encs, [j.position_ids for j in batch], [j.pointer_pos for j in batch],
                                    fast_lm=self._lm, pace=pace, keep=keep, split=split)
         dec, kept = out if keep is not None else (out, None)
+        image_sides = None
+        if sides:
+            # Scheduled behind the forward while this thread would only wait for it: the device goes
+            # from the language model's last layer to the head without waiting for this thread to
+            # wake and build the head's graph.
+            mx.async_eval(encs, dec, kept)
+            image_sides = [self._head.encode_image(enc) for enc in encs]
+            mx.async_eval(image_sides)
         mx.eval(encs, dec, kept)
-        return encs, dec, kept
+        return encs, dec, kept, image_sides
 
     def _resized(self, image: PreparedImage) -> mx.array:
         """The image as the ViT sees it, uint8 [H', W', 3], resized here if preprocessing left it."""
@@ -467,21 +476,20 @@ class MlxEngine:
                    ) -> list[GroundingResult | JobError]:
         t0 = time.perf_counter()
         keep = [self._keep_length(j) for j in batch]
-        encs, dec, kept = self._forward(batch, keep if any(keep) else None)
+        encs, dec, kept, sides = self._forward(batch, keep if any(keep) else None, sides=True)
         t1 = time.perf_counter()
         if near_end is not None:
-            # what is left, the head's float32 attention and the points, takes ~3 ms at 1080p on
-            # an H200 (head 2.3-2.4 ms, points 0.4-0.7): about the lead in which waking the
-            # answer's way out pays (bench/RESULTS.md, twenty-fourth and twenty-fifth sessions).
-            # Later, after the head's image side (~1.1 ms ahead), gained no more.
+            # what is left, the head's instruction side and the points, takes ~1.3 ms at 1080p on
+            # an H200 (the image side ran behind the forward): a lead in which waking the answer's
+            # way out pays as much as a ~3 ms one did (bench/RESULTS.md, 24th, 25th, 33rd sessions).
             near_end()
-        sides = [self._head.encode_image(enc) for enc in encs]
         maps = [self._head.point(side, dec[i:i + 1])[0] for i, side in enumerate(sides)]
         mx.eval(sides, maps)
         t2 = time.perf_counter()
         peak = mx.get_peak_memory()
         out = []
         for i, job in enumerate(batch):
+            # "forward" includes the head's image side (scheduled behind the forward), "head" the rest
             timings = {"forward": (t1 - t0) * 1e3, "head": (t2 - t1) * 1e3}
             result = self._result(job, maps[i], {"preprocess": job.preprocess_ms, **timings}, peak)
             stored = False
