@@ -3,10 +3,11 @@
     python -m bench.head_precision            (and again with MLX_ENABLE_TF32=0 in the environment)
 
 MLX runs float32 matmuls as TF32 on CUDA unless MLX_ENABLE_TF32=0. Prints the relative error of a
-float32 matmul against float64 (~1e-6: full float32; ~3e-4: TF32) and the head's median time and peak memory over
-the visual tokens of screenshots from 720p to the largest one the default max_pixels keeps
-(2B shape, random weights, bf16 inputs as the engine gives them). Token counts come from
-`smart_resize`: where one is not a multiple of 4 the head pads its keys (workers/mlx/head.py).
+float32 matmul against float64 (~1e-6: full float32; ~3e-4: TF32) and the head's median time and
+peak memory over the visual tokens of screenshots from 720p to the largest one the default
+max_pixels keeps (2B shape, random weights, bf16 inputs as the engine gives them). Token counts come
+from `smart_resize`: where one is 2,048 or more and not a multiple of 4, the head pads its keys
+(workers/mlx/head.py).
 """
 from __future__ import annotations
 

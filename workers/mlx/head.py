@@ -1,9 +1,10 @@
 """GUI-Actor's action head (`VisionHead_MultiPatch`) in MLX, run in float32.
 
 On CUDA, MLX runs float32 matmuls as TF32 unless MLX_ENABLE_TF32=0 is set (relative error ~3e-4
-per matmul instead of ~1e-6; still far finer than the reference's bf16 head). There the head takes
+per matmul instead of ~1e-6; still far finer than the reference's bf16 head). There the head took
 2.2 ms for a 1080p screenshot's tokens, against 3.8 ms in full float32 (bench.head_precision on an
-H100, bench/RESULTS.md). The engine logs which one it got at load.
+H100, bench/RESULTS.md); 1.7-1.9 ms on an H200 since its keys are padded (`_aligned_keys`). The
+engine logs which one it got at load.
 
 Parameter names equal the checkpoint's `multi_patch_pointer_head.*` names without the prefix, so
 the 14 tensors load with `load_weights(strict=True)`. Math (docs/gui-actor.md section 7.4):
@@ -63,10 +64,9 @@ def _aligned_keys(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, mx.a
     1 in every query, 0 in a real key, MASKED_SCORE in a padded one (then 7 zeros, keeping rows
     16-byte aligned). A real key's scores are unchanged, a padded key's weight is exactly 0, and
     padded values are zeros."""
-    heads, n, hd = k.shape
+    heads, n, _ = k.shape
     m = -(-n // KEY_ALIGN) * KEY_ALIGN
-    extra = mx.zeros((heads, n, 7))
-    q = mx.concatenate([q, mx.ones((heads, n, 1)), extra], axis=-1)
+    q = mx.concatenate([q, mx.ones((heads, n, 1)), mx.zeros((heads, n, 7))], axis=-1)
     mark = mx.concatenate([mx.zeros((n, 1)), mx.full((m - n, 1), MASKED_SCORE)])
     k = mx.concatenate([mx.pad(k, [(0, 0), (0, m - n), (0, 0)]), mx.broadcast_to(mark, (heads, m, 1)),
                         mx.zeros((heads, m, 7))], axis=-1)
