@@ -39,7 +39,7 @@ import struct
 
 import mlx.core as mx
 
-from workers.mlx import nvrtc
+from workers.mlx import cuda_sm90, nvrtc
 from workers.mlx.cuda_driver import CudaError, Driver
 from workers.mlx.cuda_rotary import ROTARY_HELPERS, kernel_name, on_cuda, rotate_qk
 
@@ -51,51 +51,17 @@ STAGES = 4               # k/v tiles resident in shared memory
 AHEAD = 2                # tiles copied ahead of the one in use (STAGES >= AHEAD + 2)
 
 
-def _regs(first: int, count: int) -> str:
-    return ", ".join(f"%{i}" for i in range(first, first + count))
-
-
-def _wgmma_ss(n: int) -> str:
-    """D[64 x n] (+)= A[64 x 16] B[16 x n], A and B from shared memory (K-major), f32 accumulate."""
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n // 2))
-    k = n // 2
-    return f"""
-__device__ __forceinline__ void wgmma_ss_n{n}(float (&d)[{k}], u64 da, u64 db, int accumulate) {{
-    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{k + 2}, 0;\\n"
-                 "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{_regs(0, k)}}}, %{k}, %{k + 1}, p, 1, 1, 0, 0;\\n}}\\n"
-                 : {outs}
-                 : "l"(da), "l"(db), "r"(accumulate));
-}}
-"""
-
-
-def _wgmma_rs(n: int) -> str:
-    """D[64 x n] += A[64 x 16] B[16 x n], A from registers, B from shared memory, MN-major."""
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(n // 2))
-    k = n // 2
-    return f"""
-__device__ __forceinline__ void wgmma_rs_n{n}(float (&d)[{k}], const u32 (&a)[4], u64 db) {{
-    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{k + 5}, 0;\\n"
-                 "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{_regs(0, k)}}}, {{{_regs(k, 4)}}}, %{k + 4}, p, 1, 1, 1;\\n}}\\n"
-                 : {outs}
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
-}}
-"""
-
-
 def source(heads: int, head_dim: int) -> str:
     """The attention kernel's CUDA source for `heads` heads of `head_dim` (80: see `supported`)."""
     prelude = _PRELUDE.format(heads=heads, hd=head_dim, bkv=BKV, stages=STAGES, ahead=AHEAD, wgs=WARPGROUPS)
-    return prelude + _wgmma_ss(BKV) + _wgmma_rs(head_dim) + _BODY
+    return prelude + cuda_sm90.HELPERS + cuda_sm90.wgmma_ss(BKV, "bf16") + cuda_sm90.wgmma_rs(head_dim, "bf16", "rs_mn") + _BODY
 
 
 _PRELUDE = """
 typedef unsigned short bf16_t;
-typedef unsigned int u32;
-typedef unsigned long long u64;
 #define HEADS {heads}
 #define HD {hd}
-#define WGMMA_RS wgmma_rs_n{hd}
+#define WGMMA_RS wgmma_rs_mn_bf16_n{hd}
 constexpr int BKV = {bkv}, STAGES = {stages}, AHEAD = {ahead};
 #ifndef WGS
 #define WGS {wgs}                              // warpgroups: WARPGROUPS, unless a variant defines it
@@ -109,7 +75,6 @@ _BODY = r"""
 #ifndef PRODUCER
 #define PRODUCER (WGS - 1)
 #endif
-#define NEG_INF __int_as_float(0xff800000)
 constexpr int BQ = 64 * WGS, NT = 128 * WGS;
 constexpr int KC = HD / 8;                      // 16-byte pieces in a row
 constexpr int ROWB = KC * 128;                  // bytes between groups of 8 rows in a tile
@@ -119,49 +84,12 @@ constexpr int STAGE_BYTES = 2 * TILE_BYTES;     // k tile, then v tile
 constexpr int NS = BKV / 2;                     // score registers per thread (64 x BKV per warpgroup)
 constexpr int NO = HD / 2;                      // output registers per thread
 
-template <int K> __device__ __forceinline__ void pin(float (&d)[K]) {   // order reads after the waits
-    #pragma unroll
-    for (int i = 0; i < K; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
-}
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    return static_cast<u32>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void bar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count));
-}
-__device__ __forceinline__ void bar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
-}
 // the warpgroups take turns at the tensor cores, in a ring: warpgroup w waits at named barrier 1 + w
 // for the one before it to pass (256 threads: the 128 waiting and the 128 passing)
 __device__ __forceinline__ void turn_wait(int wg) { asm volatile("bar.sync %0, 256;\n" :: "r"(1 + wg) : "memory"); }
 __device__ __forceinline__ void turn_pass(int wg) { asm volatile("bar.arrive %0, 256;\n" :: "r"(1 + (wg + 1) % WGS) : "memory"); }
-// one tile copied whole by the bulk-copy engine, completing on the stage's barrier
-__device__ __forceinline__ void bulk_load(u32 dst, const bf16_t* src, u32 bytes, u32 bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-__device__ __forceinline__ void bar_expect(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bar_wait(u32 bar, u32 parity) {
-    u32 done = 0;
-    while (!done) {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    }
-}
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
-__device__ __forceinline__ float ex2(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     u32 r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
-}
-// shared-memory matrix descriptor, no swizzle: lbo and sbo are the bytes between 8x8 core matrices
-// along K and along M or N (for the transposed, MN-major v: along K and along N)
-__device__ __forceinline__ u64 desc(u32 addr, u32 lbo, u32 sbo) {
-    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
 }
 
 struct Ctx {
@@ -186,7 +114,7 @@ __device__ __forceinline__ void issue_s(const Ctx& c, float (&s)[NS], int tile) 
     wg_fence();
     #pragma unroll
     for (int k = 0; k < HD / 16; ++k)
-        wgmma_ss_n128(s, desc(qb + k * 256, 128, ROWB), desc(kb + k * 256, 128, ROWB), k > 0);
+        wgmma_ss_bf16_n128(s, desc(qb + k * 256, 128, ROWB), desc(kb + k * 256, 128, ROWB), k > 0);
     wg_commit();
 }
 
@@ -199,46 +127,9 @@ __device__ __forceinline__ void issue_pv(const Ctx& c, float (&o)[NO], const u32
     wg_commit();
 }
 
-struct Row { float m0, m1, l0, l1; };
-
-// The online softmax of one tile's scores: running maxima and sums updated, the scores turned into
-// probabilities in place; returns the factors that rescale what O holds so far (rows g and g + 8).
+// The online softmax of tile j's scores (keys past n leave it)
 __device__ __forceinline__ float2 softmax(const Ctx& c, int j, float (&s)[NS], Row& r) {
-    const int t4 = threadIdx.x & 3;
-    const int lim = c.n - j * BKV - 2 * t4;        // keys past the end: out of the softmax
-    if (lim < BKV) {
-        #pragma unroll
-        for (int i = 0; i < NS / 4; ++i) {
-            if (i * 8 >= lim) { s[4 * i] = NEG_INF; s[4 * i + 2] = NEG_INF; }
-            if (i * 8 + 1 >= lim) { s[4 * i + 1] = NEG_INF; s[4 * i + 3] = NEG_INF; }
-        }
-    }
-    float m0 = r.m0, m1 = r.m1;
-    #pragma unroll
-    for (int i = 0; i < NS / 4; ++i) {
-        m0 = fmaxf(m0, fmaxf(s[4 * i], s[4 * i + 1]));
-        m1 = fmaxf(m1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
-    }
-    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 1));
-    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 2));
-    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 1));
-    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 2));
-    const float c0 = ex2((r.m0 - m0) * c.sl2), c1 = ex2((r.m1 - m1) * c.sl2);
-    const float b0 = m0 * c.sl2, b1 = m1 * c.sl2;
-    float l0 = 0.0f, l1 = 0.0f;
-    #pragma unroll
-    for (int i = 0; i < NS / 4; ++i) {
-        s[4 * i] = ex2(fmaf(s[4 * i], c.sl2, -b0));
-        s[4 * i + 1] = ex2(fmaf(s[4 * i + 1], c.sl2, -b0));
-        s[4 * i + 2] = ex2(fmaf(s[4 * i + 2], c.sl2, -b1));
-        s[4 * i + 3] = ex2(fmaf(s[4 * i + 3], c.sl2, -b1));
-        l0 += s[4 * i] + s[4 * i + 1];
-        l1 += s[4 * i + 2] + s[4 * i + 3];
-    }
-    r.m0 = m0; r.m1 = m1;
-    r.l0 = r.l0 * c0 + l0;
-    r.l1 = r.l1 * c1 + l1;
-    return make_float2(c0, c1);
+    return online_softmax(c.n - j * BKV - 2 * (threadIdx.x & 3), c.sl2, s, r);
 }
 
 // P as wgmma's A operand: the scores' accumulator layout is the A fragments' layout, rounded to bf16
@@ -326,12 +217,8 @@ KNAME(const bf16_t* tiles, bf16_t* out, int n, int sl2_bits) {
     wg_wait<0>();
     pin(o);
 
-    float l0 = r.l0, l1 = r.l1;
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+    const float2 inv = inverse_sums(r);
+    const float i0 = inv.x, i1 = inv.y;
     const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int row = q0 + (threadIdx.x >> 5) * 16 + g;    // warp w of the block: rows 16w..16w+15
     u32* o32 = reinterpret_cast<u32*>(out);
