@@ -6,7 +6,9 @@ MLX runs float32 matmuls as TF32 on CUDA unless MLX_ENABLE_TF32=0. Prints the re
 float32 matmul against float64 (~1e-6: full float32; ~3e-4: TF32) and the head's median time and
 peak memory over the visual tokens of screenshots from 720p to the largest one the default
 max_pixels keeps (2B shape, random weights, bf16 inputs as the engine gives them). Token counts come
-from `smart_resize`: where one is 2,048 or more and not a multiple of 4, the head pads its keys
+from `smart_resize`. The head's self-attention runs as the engine runs it: the CUDA kernel on a
+Hopper GPU (workers/mlx/cuda_head_attention.py; GROUNDING_HEAD_ATTENTION=0 for the MLX ops), else
+MLX ops, whose keys are padded where the tokens number 2,048 or more and not a multiple of 4
 (workers/mlx/head.py).
 """
 from __future__ import annotations
@@ -17,7 +19,9 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from bench.timing import median_ms
+from workers.families.gui_actor import HEAD_HEADS
 from workers.images import FACTOR, smart_resize
+from workers.mlx import cuda_head_attention
 from workers.mlx.head import PointerHead, float32_matmul_error
 
 DIM = 1536                          # GUI-Actor-2B's hidden size
@@ -36,6 +40,8 @@ def main() -> None:
     head = PointerHead(DIM)
     head.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.02, head.parameters()))
     mx.eval(head.parameters())
+    head.self_attention.fused = cuda_head_attention.load(HEAD_HEADS, DIM // HEAD_HEADS)
+    print("self-attention:", "the CUDA kernel" if head.self_attention.fused is not None else "MLX ops")
     for w, h in SIZES:
         name, n = f"{w}x{h}", visual_tokens(w, h)
         enc = (mx.random.normal((n, DIM)) * 0.5).astype(mx.bfloat16)

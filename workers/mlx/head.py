@@ -22,6 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from workers.families.gui_actor import HEAD_HEADS, HEAD_PREFIX
+from workers.mlx import cuda_head_attention
 
 KEY_ALIGN = 64                         # keys padded to a multiple of this where n % 4 != 0 ...
 PAD_FROM = 2048                        # ... and n >= this: below it the padding's own ops cost about
@@ -30,7 +31,8 @@ MASKED_SCORE = -1e30                   # a padded key's score: exp() of it is ex
 
 
 class _SelfAttention(nn.Module):
-    """torch.nn.MultiheadAttention's parameter layout, self-attention only, no mask."""
+    """torch.nn.MultiheadAttention's parameter layout, self-attention only, no mask. `fused`: the
+    CUDA kernel (workers/mlx/cuda_head_attention.py) where `head_from_tensors` loaded one."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -38,19 +40,27 @@ class _SelfAttention(nn.Module):
         self.in_proj_weight = mx.zeros((3 * dim, dim))
         self.in_proj_bias = mx.zeros((3 * dim,))
         self.out_proj = nn.Linear(dim, dim, bias=True)
+        self.fused = None
 
     def __call__(self, x: mx.array) -> mx.array:
-        n, dim = x.shape
-        hd = dim // self.heads
         qkv = x @ self.in_proj_weight.T + self.in_proj_bias             # [n, 3D]
-        q, k, v = (t.reshape(n, self.heads, hd).transpose(1, 0, 2) for t in mx.split(qkv, 3, axis=-1))
-        q = q * (1.0 / math.sqrt(hd))
-        if n % 4 and n >= PAD_FROM:
-            q, k, v = _aligned_keys(q, k, v)
-        # One product for all queries: MLX evaluates a chunked product's chunks together, so
-        # chunks did not bound the score matrix's memory, and cost time (RESULTS, 33rd session).
-        o = mx.softmax(q @ k.transpose(0, 2, 1), axis=-1) @ v           # [heads, n, hd]
-        return self.out_proj(o.transpose(1, 0, 2).reshape(n, dim))
+        o = self.fused(qkv) if self.fused is not None else attend_mlx(qkv, self.heads)
+        return self.out_proj(o)
+
+
+def attend_mlx(qkv: mx.array, heads: int) -> mx.array:
+    """qkv [n, 3D] (q;k;v, each `heads` heads) -> softmax(q k^T / sqrt(D / heads)) v, [n, D], with
+    MLX ops."""
+    n, dim = qkv.shape[0], qkv.shape[1] // 3
+    hd = dim // heads
+    q, k, v = (t.reshape(n, heads, hd).transpose(1, 0, 2) for t in mx.split(qkv, 3, axis=-1))
+    q = q * (1.0 / math.sqrt(hd))
+    if n % 4 and n >= PAD_FROM:
+        q, k, v = _aligned_keys(q, k, v)
+    # One product for all queries: MLX evaluates a chunked product's chunks together, so
+    # chunks did not bound the score matrix's memory, and cost time (RESULTS, 33rd session).
+    o = mx.softmax(q @ k.transpose(0, 2, 1), axis=-1) @ v           # [heads, n, hd]
+    return o.transpose(1, 0, 2).reshape(n, dim)
 
 
 def _aligned_keys(q: mx.array, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -145,4 +155,5 @@ def head_from_tensors(tensors: dict[str, mx.array], hidden_size: int) -> Pointer
         raise ValueError(f"unexpected pointer-head tensor {extra[0]}")
     head.load_weights(weights, strict=True)
     head.eval()
+    head.self_attention.fused = cuda_head_attention.load(HEAD_HEADS, dim // HEAD_HEADS)
     return head
