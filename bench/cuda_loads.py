@@ -1,6 +1,6 @@
 """Which of the workers' CUDA kernels load on this machine (GPU only): each module's `load`, which
 builds the kernel and checks it against the MLX-ops path on a probe, at the ViT's shape (16 heads of
-80, bf16), timed twice in one process (the first pays for what the process sets up once: the CUDA
+80, bf16) and the pointer head's (8 heads of 192 and of 256, float32: GUI-Actor-2B's and 3B's), timed twice in one process (the first pays for what the process sets up once: the CUDA
 context, MLX's kernel cache, cuDNN). A kernel that declines logs why and prints "declined".
 
   python3 -m bench.cuda_loads
@@ -14,7 +14,7 @@ import time
 
 import mlx.core as mx
 
-from workers.mlx import cuda_flash_attention, cuda_rotary, cuda_upload, cuda_window_attention
+from workers.mlx import cuda_flash_attention, cuda_head_attention, cuda_rotary, cuda_upload, cuda_window_attention
 
 HEADS, HEAD_DIM = 16, 80
 
@@ -32,6 +32,11 @@ def main() -> None:
     if not cuda_flash_attention.supported(HEAD_DIM, mx.bfloat16):     # sm_90 only: elsewhere, no failure
         print("flash attention: not for this GPU (or GROUNDING_FLASH_ATTENTION=0)", flush=True)
         loads.pop()
+    for hd in (192, 256):
+        if cuda_head_attention.supported(hd):
+            loads.append((f"head attention, D={hd}", lambda hd=hd: cuda_head_attention.load(8, hd)))
+        else:
+            print(f"head attention, D={hd}: not for this GPU (or GROUNDING_HEAD_ATTENTION=0)", flush=True)
     failed = 0
     for name, load in loads:
         ms = []

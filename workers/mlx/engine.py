@@ -215,8 +215,9 @@ class MlxEngine:
             log.info("CPU matmuls: %s", f"OpenBLAS ({cpu_blas.loaded()})" if cpu_blas.loaded()
                      else "MLX's bundled BLAS")
         err = float32_matmul_error()
-        log.info("pointer head in float32: its matmuls run %s here (relative error %.1e)",
-                 "in full float32" if err < 1e-5 else "as TF32 (MLX_ENABLE_TF32=0 for full float32)", err)
+        log.info("pointer head in float32: its matmuls run %s here (relative error %.1e); its self-attention "
+                 "runs %s", "in full float32" if err < 1e-5 else "as TF32 (MLX_ENABLE_TF32=0 for full float32)", err,
+                 "as the CUDA kernel" if head.self_attention.fused is not None else "as MLX ops")
         # resize on a GPU: exact there, ~1 ms instead of ~14 ms of host CPU per 1080p screenshot
         self._device_resize = mx.default_device() == mx.gpu and resize.matches_pil_here()
         if mx.default_device() == mx.gpu and not self._device_resize:
