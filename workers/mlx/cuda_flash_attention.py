@@ -161,11 +161,7 @@ KNAME(const bf16_t* tiles, bf16_t* out, int n, int sl2_bits) {
     c.n = n; c.sl2 = __int_as_float(sl2_bits);
     const u32 qbar = c.bars + 16 * STAGES, empty = c.bars + 8 * STAGES;
     const int wg = threadIdx.x >> 7;
-    if (threadIdx.x == 0) {
-        for (int i = 0; i <= 2 * STAGES; ++i) bar_init(c.bars + 8 * i, i >= STAGES && i < 2 * STAGES ? WGS : 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
+    init_barriers(c.bars, STAGES, WGS);
     if (threadIdx.x == 0) {
         // each warpgroup's 64 rows of q: half a tile, contiguous (row groups 0-7 or 8-15)
         const int halves = min(WGS, 2 * ntiles - q0 / 64);
@@ -178,9 +174,7 @@ KNAME(const bf16_t* tiles, bf16_t* out, int n, int sl2_bits) {
 
     float s[NS], o[NO];
     u32 p[BKV / 16][4];
-    #pragma unroll
-    for (int i = 0; i < NO; ++i) o[i] = 0.0f;
-    Row r = {NEG_INF, NEG_INF, 0.0f, 0.0f};
+    Row r = start_rows(o);
     bar_wait(qbar, 0);
     bar_wait(c.bars, 0);
     issue_s(c, s, 0);
@@ -206,10 +200,7 @@ KNAME(const bf16_t* tiles, bf16_t* out, int n, int sl2_bits) {
         wg_wait<0>();
         pin(o);
         if ((threadIdx.x & 127) == 0) bar_arrive(empty + 8 * ((j - 1) % STAGES));   // tile j - 1 is used up
-        #pragma unroll
-        for (int i = 0; i < NO / 4; ++i) {
-            o[4 * i] *= f.x; o[4 * i + 1] *= f.x; o[4 * i + 2] *= f.y; o[4 * i + 3] *= f.y;
-        }
+        rescale(o, f);
         pack_p(s, p);
     }
     if (wg == 0 && ntiles > 1) turn_wait(wg);     // the last warpgroup's last pass, so none is left pending

@@ -151,11 +151,7 @@ KNAME(const float* qt, const float* kt, const float* vt, float* out, int n, int 
     c.vg = vt + (long)h * ntiles * BKV * HD;
     c.n = n; c.sl2 = __int_as_float(sl2_bits);
     const u32 qbar = c.bars + 16 * STAGES, empty = c.bars + 8 * STAGES;
-    if (threadIdx.x == 0) {
-        for (int i = 0; i <= 2 * STAGES; ++i) bar_init(c.bars + 8 * i, i >= STAGES && i < 2 * STAGES ? 4 : 1);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
-    __syncthreads();
+    init_barriers(c.bars, STAGES, 4);
     if (threadIdx.x == 0) {
         bar_expect(qbar, Q_BYTES);
         bulk_load(c.sq, qt + ((long)h * qblocks + qb) * 64 * HD, Q_BYTES, qbar);
@@ -164,9 +160,7 @@ KNAME(const float* qt, const float* kt, const float* vt, float* out, int n, int 
 
     float s[NS], o[NO];
     u32 p[BKV / 8][4];
-    #pragma unroll
-    for (int i = 0; i < NO; ++i) o[i] = 0.0f;
-    Row r = {NEG_INF, NEG_INF, 0.0f, 0.0f};
+    Row r = start_rows(o);
     bar_wait(qbar, 0);
     bar_wait(c.bars, 0);
     issue_s(c, s, 0);
@@ -189,10 +183,7 @@ KNAME(const float* qt, const float* kt, const float* vt, float* out, int n, int 
             bar_wait(empty + 8 * (t % STAGES), ((t / STAGES) & 1) ^ 1);
             load_kv(c, t);
         }
-        #pragma unroll
-        for (int i = 0; i < NO / 4; ++i) {
-            o[4 * i] *= f.x; o[4 * i + 1] *= f.x; o[4 * i + 2] *= f.y; o[4 * i + 3] *= f.y;
-        }
+        rescale(o, f);
         to_p(s, p);
     }
     issue_pv(c, o, p, ntiles - 1);

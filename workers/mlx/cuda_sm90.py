@@ -94,7 +94,32 @@ __device__ __forceinline__ u64 desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32);
 }
 
+// Thread 0: `stages` "full" barriers (one arrival: the copier's, with the bytes), `stages` "empty"
+// ones (`releasers` arrivals), then q's; the others wait for it at __syncthreads
+__device__ __forceinline__ void init_barriers(u32 bars, int stages, u32 releasers) {
+    if (threadIdx.x == 0) {
+        for (int i = 0; i <= 2 * stages; ++i) bar_init(bars + 8 * i, i >= stages && i < 2 * stages ? releasers : 1);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+}
+
 struct Row { float m0, m1, l0, l1; };
+
+// O's accumulators zeroed, and a row's running maximum and sum before its first tile
+template <int NO> __device__ __forceinline__ Row start_rows(float (&o)[NO]) {
+    #pragma unroll
+    for (int i = 0; i < NO; ++i) o[i] = 0.0f;
+    return Row{NEG_INF, NEG_INF, 0.0f, 0.0f};
+}
+
+// O (accumulator layout) rescaled by the online softmax's factors for rows g and g + 8
+template <int NO> __device__ __forceinline__ void rescale(float (&o)[NO], float2 f) {
+    #pragma unroll
+    for (int i = 0; i < NO / 4; ++i) {
+        o[4 * i] *= f.x; o[4 * i + 1] *= f.x; o[4 * i + 2] *= f.y; o[4 * i + 3] *= f.y;
+    }
+}
 
 // The online softmax of one tile's scores (a warpgroup's 64 x 2*NS, wgmma's accumulator layout:
 // this thread holds rows g and g + 8 of its warp's 16, columns 8i + 2*t4 and 8i + 2*t4 + 1):
