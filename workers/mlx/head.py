@@ -3,8 +3,10 @@
 On CUDA, MLX runs float32 matmuls as TF32 unless MLX_ENABLE_TF32=0 is set (relative error ~3e-4
 per matmul instead of ~1e-6; still far finer than the reference's bf16 head). There the head took
 2.2 ms for a 1080p screenshot's tokens, against 3.8 ms in full float32 (bench.head_precision on an
-H100, bench/RESULTS.md); 1.7-1.9 ms on an H200 since its keys are padded (`_aligned_keys`). The
-engine logs which one it got at load.
+H100, bench/RESULTS.md); 1.7-1.9 ms on an H200 since its keys are padded (`_aligned_keys`), and 1.3
+ms where its self-attention runs as one CUDA kernel (Hopper GPUs, heads up to 256 wide:
+workers/mlx/cuda_head_attention.py), which never writes the score matrix. The engine logs which
+of these it got at load.
 
 Parameter names equal the checkpoint's `multi_patch_pointer_head.*` names without the prefix, so
 the 14 tensors load with `load_weights(strict=True)`. Math (docs/gui-actor.md section 7.4):
