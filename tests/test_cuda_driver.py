@@ -11,6 +11,8 @@ import pytest
 
 from workers.mlx import cuda_driver
 from workers.mlx import cuda_flash_attention as cfa
+from workers.mlx import cuda_head_attention as cha
+from workers.mlx import cuda_sm90
 
 
 class FakeLibcuda:
@@ -51,12 +53,17 @@ def test_compute_capability_through_checked_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("fail", ["no libcuda", "cuInit"])
-def test_flash_attention_is_unsupported_where_the_driver_fails(monkeypatch, fail):
+def test_hopper_kernels_are_unsupported_where_the_driver_fails(monkeypatch, fail):
+    # the ViT's flash attention and the pointer head's attention ask the same check (cuda_sm90.on_hopper)
     def missing(name):
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(ctypes, "CDLL", missing if fail == "no libcuda" else lambda name: FakeLibcuda(fail))
-    monkeypatch.setattr(cfa, "on_cuda", lambda: True)
+    monkeypatch.setattr(cuda_sm90, "on_cuda", lambda: True)
     monkeypatch.delenv("GROUNDING_FLASH_ATTENTION", raising=False)
+    monkeypatch.delenv(cha.ENV_SWITCH, raising=False)
     assert cfa.supported(80, mx.bfloat16) is False
+    assert cha.supported(192) is False
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibcuda())
     assert cfa.supported(80, mx.bfloat16) is True                      # the same on a working sm_90
+    assert cha.supported(192) is True
+    assert cha.supported(448) is False                                 # but not for heads it cannot fit

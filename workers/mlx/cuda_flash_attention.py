@@ -35,13 +35,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import struct
 
 import mlx.core as mx
 
 from workers.mlx import cuda_sm90, nvrtc
-from workers.mlx.cuda_driver import CudaError, Driver
-from workers.mlx.cuda_rotary import ROTARY_HELPERS, kernel_name, on_cuda, rotate_qk
+from workers.mlx.cuda_rotary import ROTARY_HELPERS, kernel_name, rotate_qk
 
 log = logging.getLogger(__name__)
 
@@ -288,9 +286,7 @@ class CudaFlashAttention:
         flags = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
         self.name = f"vit_flash_sm90_{hashlib.sha256((src + repr(flags)).encode()).hexdigest()[:12]}"
         self.cubin, self.log = nvrtc.compile_cubin(src, "sm_90a", flags + [f"-DKNAME={self.name}", "--ptxas-options=-v"])
-        # MLX 0.32.4 turns away float scalars ("Received float but must be one of bool, int or
-        # float"): the scale goes as its float32 bits
-        self.sl2_bits = struct.unpack("<i", struct.pack("<f", float(scale) * 1.4426950408889634))[0]
+        self.sl2_bits = cuda_sm90.float_bits(scale * 1.4426950408889634)    # the scale times log2(e)
         self.tiler = mx.fast.cuda_kernel(name=kernel_name("vit_flash_tiles", _TILES_SOURCE, ROTARY_HELPERS),
                                          input_names=["qkv", "cos", "sin"], output_names=["out"],
                                          source=_TILES_SOURCE, header=ROTARY_HELPERS)
@@ -333,12 +329,7 @@ def supported(head_dim: int, dtype: mx.Dtype) -> bool:
     GROUNDING_FLASH_ATTENTION=0 is not in the environment (the switch back to cuDNN)."""
     if os.environ.get("GROUNDING_FLASH_ATTENTION") == "0":
         return False
-    if not on_cuda() or dtype != mx.bfloat16 or head_dim != 80:
-        return False
-    try:
-        return Driver().compute_capability()[0] == 9
-    except (OSError, CudaError):            # no libcuda, or no device it can see
-        return False
+    return dtype == mx.bfloat16 and head_dim == 80 and cuda_sm90.on_hopper()
 
 
 def load(heads: int, head_dim: int, scale: float, dtype: mx.Dtype) -> CudaFlashAttention | None:

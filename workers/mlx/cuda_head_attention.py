@@ -40,13 +40,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import struct
 
 import mlx.core as mx
 
 from workers.mlx import cuda_sm90, nvrtc
-from workers.mlx.cuda_driver import CudaError, Driver
-from workers.mlx.cuda_rotary import kernel_name, on_cuda
+from workers.mlx.cuda_rotary import kernel_name
 
 log = logging.getLogger(__name__)
 
@@ -260,9 +258,7 @@ class CudaHeadAttention:
         src = source(heads, head_dim, bkv)
         self.name = f"head_attention_sm90_{hashlib.sha256(src.encode()).hexdigest()[:12]}"
         self.cubin, self.log = nvrtc.compile_cubin(src, "sm_90a", [f"-DKNAME={self.name}", "--ptxas-options=-v"])
-        # MLX turns away float scalars: the scale (times log2 e) goes as its float32 bits
-        sl2 = head_dim ** -0.5 * 1.4426950408889634
-        self.sl2_bits = struct.unpack("<i", struct.pack("<f", sl2))[0]
+        self.sl2_bits = cuda_sm90.float_bits(head_dim ** -0.5 * 1.4426950408889634)   # the scale times log2(e)
         self.tiler = mx.fast.cuda_kernel(name=kernel_name("head_attention_tiles", _TILES_SOURCE, _TILES_HEADER),
                                          input_names=["qkv"], output_names=["out"],
                                          source=_TILES_SOURCE, header=_TILES_HEADER)
@@ -301,12 +297,7 @@ def reference(qkv: mx.array, heads: int) -> mx.array:
 def supported(head_dim: int) -> bool:
     """Whether MLX runs on a Hopper GPU (sm_90), heads of `head_dim` fit the kernel, and
     GROUNDING_HEAD_ATTENTION=0 is not in the environment (the switch back to MLX ops)."""
-    if os.environ.get(ENV_SWITCH) == "0" or key_tile(head_dim) is None or not on_cuda():
-        return False
-    try:
-        return Driver().compute_capability()[0] == 9
-    except (OSError, CudaError):            # no libcuda, or no device it can see
-        return False
+    return os.environ.get(ENV_SWITCH) != "0" and key_tile(head_dim) is not None and cuda_sm90.on_hopper()
 
 
 def load(heads: int, head_dim: int) -> CudaHeadAttention | None:

@@ -7,6 +7,27 @@ Kernels: workers/mlx/cuda_flash_attention.py (the ViT, bf16) and workers/mlx/cud
 """
 from __future__ import annotations
 
+import struct
+
+from workers.mlx.cuda_driver import CudaError, Driver
+from workers.mlx.cuda_rotary import on_cuda
+
+
+def on_hopper() -> bool:
+    """Whether MLX runs on CUDA and its GPU is a Hopper (sm_90), the one these kernels are built for."""
+    if not on_cuda():
+        return False
+    try:
+        return Driver().compute_capability()[0] == 9
+    except (OSError, CudaError):            # no libcuda, or no device it can see
+        return False
+
+
+def float_bits(x: float) -> int:
+    """`x` as its float32 bits, for a kernel's float scalar: MLX 0.32.4 turns away float scalars
+    ("Received float but must be one of bool, int or float")."""
+    return struct.unpack("<i", struct.pack("<f", float(x)))[0]
+
 # wgmma's operand types: (PTX type, K of one instruction, the immediates after scale-d for each form).
 # bf16 takes transpose bits (A K-major, B K-major or MN-major); tf32 takes none (both K-major only).
 _TYPES = {
