@@ -14,11 +14,10 @@ turns): the rotary kernel + cuDNN as the tower ran them, each part alone, and ea
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import mlx.core as mx
 
-from bench.timing import device_times
+from bench.timing import taking_turns_ms
 from workers.mlx import cuda_rotary
 from workers.mlx.cuda_flash_attention import CudaFlashAttention, reference
 from workers.mlx.vision import attend
@@ -94,15 +93,7 @@ def main() -> None:
         for spec, k in kernels:
             rows += [(f"{spec}: tiles + wgmma kernel", lambda k=k: k(qkv, cos, sin)),
                      (f"{spec}: wgmma kernel alone", lambda k=k: k.attend(tl, n))]
-        # the rows take turns, repeat after repeat: the card's clock drifts as it heats, and a row timed
-        # after a long run of others would pay for their heat
-        batches = [lambda fn=fn: [fn() for _ in range(32)] for _, fn in rows]
-        times = [device_times(b, 1, warmup=1) for b in batches]
-        for _ in range(a.reps - 1):
-            for t, b in zip(times, batches):
-                t += device_times(b, 1, warmup=0)
-        for (label, _), t in zip(rows, times):
-            ms = statistics.median(t) * 1e3 / 32
+        for (label, _), ms in zip(rows, taking_turns_ms([fn for _, fn in rows], a.reps, 32)):
             print(f"n={n} {label}: {ms:.3f} ms ({flop / ms / 1e9:.0f} TFLOP/s of attention)", flush=True)
 
 

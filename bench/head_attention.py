@@ -14,13 +14,12 @@ behind the forward) both ways, with the peak memory of one head call.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
-from bench.timing import device_times
+from bench.timing import taking_turns_ms
 from workers.families.gui_actor import HEAD_HEADS
 from workers.mlx.cuda_head_attention import CudaHeadAttention
 from workers.mlx.head import PointerHead, attend_mlx
@@ -88,14 +87,8 @@ def main() -> None:
                 ("kernel's tiles alone", lambda: att.tiles(qkv)),
                 ("head's image side, MLX ops", lambda: plain.encode_image(enc)),
                 ("head's image side, kernel", lambda: fused.encode_image(enc))]
-        batches = [lambda fn=fn: [fn() for _ in range(16)] for _, fn in rows]
-        times = [device_times(b, 1, warmup=1) for b in batches]
-        for _ in range(a.reps - 1):       # the rows take turns: the card's clock drifts as it heats
-            for t, b in zip(times, batches):
-                t += device_times(b, 1, warmup=0)
         flop = 4 * n * n * a.dim
-        for (label, fn), t in zip(rows, times):
-            ms = statistics.median(t) * 1e3 / 16
+        for (label, fn), ms in zip(rows, taking_turns_ms([fn for _, fn in rows], a.reps, 16)):
             extra = f", {flop / ms / 1e9:.0f} TFLOP/s of attention" if label.startswith("attention") else ""
             print(f"n={n} {label}: {ms:.3f} ms{extra}, peak {peak_mb(fn):.0f} MB", flush=True)
 

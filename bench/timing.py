@@ -23,3 +23,15 @@ def device_times(fn, reps: int, warmup: int = 2) -> list[float]:
 
 def median_ms(fn, reps: int, warmup: int = 2) -> float:
     return statistics.median(device_times(fn, reps, warmup)) * 1e3
+
+
+def taking_turns_ms(fns, reps: int, calls: int) -> list[float]:
+    """Milliseconds per call of each of `fns`, each timed as `calls` calls in one graph, the median of
+    `reps`. The functions take turns, repeat after repeat: the card's clock drifts as it heats, and one
+    timed after a long run of the others would pay for their heat."""
+    batches = [lambda fn=fn: [fn() for _ in range(calls)] for fn in fns]
+    times = [device_times(b, 1, warmup=1) for b in batches]
+    for _ in range(reps - 1):
+        for t, b in zip(times, batches):
+            t += device_times(b, 1, warmup=0)
+    return [statistics.median(t) * 1e3 / calls for t in times]

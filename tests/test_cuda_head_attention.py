@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
+from bench.head_attention import float64_attention
 from common.config import ModelSpec
 from workers.engine import EngineOptions
 from workers.mlx import cuda_head_attention as cha
@@ -41,18 +42,6 @@ def test_a_tile_of_keys_fits_shared_memory_for_the_heads_it_serves(head_dim, key
         assert cha.smem_bytes(head_dim, 32) > cha.SMEM_MAX
 
 
-def _float64_attention(qkv: np.ndarray, heads: int) -> np.ndarray:
-    n, dim = qkv.shape[0], qkv.shape[1] // 3
-    hd = dim // heads
-    x = qkv.astype(np.float64).reshape(n, 3, heads, hd)
-    out = np.empty((n, dim))
-    for h in range(heads):
-        s = x[:, 0, h] @ x[:, 1, h].T / np.sqrt(hd)
-        p = np.exp(s - s.max(axis=1, keepdims=True))
-        out[:, h * hd:(h + 1) * hd] = (p / p.sum(axis=1, keepdims=True)) @ x[:, 2, h]
-    return out
-
-
 def test_the_head_hands_the_kernel_qkv_and_takes_token_major_heads():
     # A float64 attention stands in for the kernel, with the kernel's signature: the head's output
     # must equal the head's own (MLX ops), so q;k;v go in and [n, heads * D] comes out as the
@@ -67,7 +56,7 @@ def test_the_head_hands_the_kernel_qkv_and_takes_token_major_heads():
 
     def stand_in(qkv):
         calls.append(qkv.shape)
-        return mx.array(_float64_attention(np.array(qkv), head.self_attention.heads).astype(np.float32))
+        return mx.array(float64_attention(np.array(qkv), head.self_attention.heads, n).astype(np.float32))
 
     head.self_attention.fused = stand_in
     got = np.array(head(enc, dec))
