@@ -80,12 +80,22 @@ def assert_same_regions(got, want):
 
 # ---- post-processing ----------------------------------------------------------------------------
 
-def test_hand_computed_grid():
+@pytest.fixture(params=["c", "numpy"])
+def extract(request, monkeypatch):
+    """extract_regions in C (workers/regions.c, as installs build it) and in NumPy (its fallback)."""
+    if request.param == "c":
+        assert ga._regions is not None, "workers._regions was not built (setup.py)"
+    else:
+        monkeypatch.setattr(ga, "_regions", None)
+    return ga.extract_regions
+
+
+def test_hand_computed_grid(extract):
     # 3x4 grid, max 0.5 -> threshold 0.15 (strict). Regions: {1,2,6} and {8} and {11}.
     s = np.array([0.0, 0.5, 0.2, 0.0,
                   0.0, 0.15, 0.3, 0.0,
                   0.16, 0.0, 0.0, 0.16], dtype=np.float32)
-    regs = ga.extract_regions(s, 3, 4)
+    regs = extract(s, 3, 4)
     assert [r.indices for r in regs] == [(1, 2, 6), (8,), (11,)]  # tie 0.16/0.16 keeps index order
     w = np.float32([0.5, 0.2, 0.3]).astype(float)
     assert regs[0].score == pytest.approx(w.mean())
@@ -94,47 +104,47 @@ def test_hand_computed_grid():
     assert regs[1].point == pytest.approx((0.5 / 4, 2.5 / 3))
 
 
-def test_single_patch_map():
-    regs = ga.extract_regions(np.array([1.0], np.float32), 1, 1)
+def test_single_patch_map(extract):
+    regs = extract(np.array([1.0], np.float32), 1, 1)
     assert len(regs) == 1 and regs[0].point == (0.5, 0.5) and regs[0].score == 1.0
     pts = ga.to_points(regs, 3, (1920, 1080))
     assert pts == [{"x": 960.0, "y": 540.0, "nx": 0.5, "ny": 0.5, "score": 1.0}]
 
 
-def test_uniform_map_is_one_region_at_the_centre():
+def test_uniform_map_is_one_region_at_the_centre(extract):
     n_h, n_w = 6, 9
-    regs = ga.extract_regions(np.full(n_h * n_w, 1 / 54, np.float32), n_h, n_w)
+    regs = extract(np.full(n_h * n_w, 1 / 54, np.float32), n_h, n_w)
     assert len(regs) == 1 and regs[0].point == pytest.approx((0.5, 0.5))
 
 
-def test_no_wraparound_and_no_diagonals():
+def test_no_wraparound_and_no_diagonals(extract):
     n_h, n_w = 3, 3
     s = np.zeros(9, np.float32)
     s[[2, 3]] = 1.0            # end of row 0 and start of row 1: adjacent in memory only
     s[8] = 1.0                 # (2, 2): an isolated corner
-    regs = ga.extract_regions(s, n_h, n_w)
+    regs = extract(s, n_h, n_w)
     assert sorted(r.indices for r in regs) == [(2,), (3,), (8,)]
     s = np.zeros(9, np.float32)
     s[[0, 4]] = 1.0            # diagonal neighbours are separate regions
-    assert len(ga.extract_regions(s, 3, 3)) == 2
+    assert len(extract(s, 3, 3)) == 2
 
 
-def test_threshold_is_strict():
+def test_threshold_is_strict(extract):
     s = np.array([1.0, 0.3, 0.30001, 0.0], np.float32)
-    regs = ga.extract_regions(s, 1, 4)
+    regs = extract(s, 1, 4)
     assert [r.indices for r in regs] == [(0,), (2,)]
 
 
-def test_ties_keep_discovery_order():
+def test_ties_keep_discovery_order(extract):
     s = np.zeros(25, np.float32)
     for i in (24, 12, 0, 4, 20):    # five isolated equal peaks
         s[i] = 0.2
-    regs = ga.extract_regions(s, 5, 5)
+    regs = extract(s, 5, 5)
     assert [r.indices[0] for r in regs] == [0, 4, 12, 20, 24]
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_random_maps_match_reference(seed):
+def test_random_maps_match_reference(seed, extract):
     rng = np.random.default_rng(seed)
     n_h, n_w = int(rng.integers(1, 14)), int(rng.integers(1, 14))
     logits = rng.standard_normal(n_h * n_w) * rng.choice([0.5, 2.0, 6.0])
@@ -142,7 +152,7 @@ def test_random_maps_match_reference(seed):
     s /= s.sum()
     if seed % 5 == 0:           # quantised scores: many exact ties
         s = (np.round(s * 20) / 20).astype(np.float32) + np.float32(1e-3)
-    assert_same_regions(ga.extract_regions(s, n_h, n_w), ref_regions(s, n_h, n_w))
+    assert_same_regions(extract(s, n_h, n_w), ref_regions(s, n_h, n_w))
 
 
 def _snake(n_h, n_w):
@@ -155,7 +165,7 @@ def _snake(n_h, n_w):
 
 
 @pytest.mark.parametrize("kind", ["flat", "snake", "checkerboard", "random", "blobs"])
-def test_1080p_grid_shapes_match_reference(kind):
+def test_1080p_grid_shapes_match_reference(kind, extract):
     # a 1080p screenshot's 39x69 tokens, in shapes that stress the run labelling differently
     n_h, n_w = 39, 69
     rng = np.random.default_rng(7)
@@ -165,7 +175,7 @@ def test_1080p_grid_shapes_match_reference(kind):
          "random": rng.random((n_h, n_w)),
          "blobs": (rng.random((n_h, n_w)) > 0.45) + 0.1 * rng.random((n_h, n_w))}[kind]
     s = np.asarray(s, np.float32).reshape(-1)
-    regs = ga.extract_regions(s, n_h, n_w)
+    regs = extract(s, n_h, n_w)
     assert_same_regions(regs, ref_regions(s, n_h, n_w))
     if kind in ("flat", "snake"):
         assert len(regs) == 1
@@ -173,24 +183,64 @@ def test_1080p_grid_shapes_match_reference(kind):
         assert len(regs) == (n_h * n_w) // 2
 
 
-def test_first_keeps_the_best_regions():
+def test_first_keeps_the_best_regions(extract):
     rng = np.random.default_rng(3)
     s = rng.random(39 * 69).astype(np.float32)
-    every = ga.extract_regions(s, 39, 69)
+    every = extract(s, 39, 69)
     assert len(every) > 5
-    assert ga.extract_regions(s, 39, 69, first=3) == every[:3]
-    assert ga.extract_regions(s, 39, 69, first=len(every) + 4) == every
+    assert extract(s, 39, 69, first=3) == every[:3]
+    assert extract(s, 39, 69, first=len(every) + 4) == every
 
 
-def test_to_points_back_projection_and_topk():
+def test_to_points_back_projection_and_topk(extract):
     s = np.zeros(12, np.float32)
     s[[0, 5, 11]] = [0.9, 0.5, 0.7]
-    regs = ga.extract_regions(s, 3, 4)
+    regs = extract(s, 3, 4)
     pts = ga.to_points(regs, 2, (1000, 600))
     assert len(pts) == 2
     assert pts[0] == pytest.approx({"x": 125.0, "y": 100.0, "nx": 0.125, "ny": 1 / 6, "score": float(np.float32(0.9))})
     assert pts[1]["x"] == pytest.approx(875.0) and pts[1]["y"] == pytest.approx(500.0)
     assert len(ga.to_points(regs, 10, (10, 10))) == 3
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_c_and_numpy_agree_to_the_last_bit(seed):
+    # the same Region values (floats compared exactly), on maps of screenshot-sized grids, from
+    # nearly flat to peaked, with quantised scores for exact ties between regions' means
+    assert ga._regions is not None
+    rng = np.random.default_rng(100 + seed)
+    n_h, n_w = [(39, 69), (26, 46), (51, 91), (1, 200), (200, 1), (17, 23)][seed % 6]
+    logits = rng.standard_normal(n_h * n_w) * [0.2, 1.0, 3.0, 8.0][seed % 4]
+    s = np.exp(logits - logits.max()).astype(np.float32)
+    s /= s.sum()
+    if seed % 3 == 0:
+        s = (np.round(s / s.max() * 8) / 8).astype(np.float32) + np.float32(1e-4)
+    for first in (None, 1, 3, 1000):
+        c = ga.extract_regions(s, n_h, n_w, first=first)
+        assert c == ga.regions_numpy(s, n_h, n_w, first=first)
+        assert all(type(r.score) is float and type(r.point[0]) is float for r in c)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_raise(extract, bad):
+    s = np.full(12, 0.1, np.float32)
+    s[7] = bad
+    with pytest.raises(ga.NonFiniteScores):
+        extract(s, 3, 4)
+
+
+def test_grid_size_must_match(extract):
+    with pytest.raises(ValueError, match="grid is 3x5"):
+        extract(np.ones(12, np.float32), 3, 5)
+
+
+def test_scores_in_other_dtypes_and_layouts(extract):
+    # the engine hands float32 from MLX; anything array-like is taken as float32, row-major
+    s = np.zeros((3, 4), np.float64)
+    s[0, 1], s[2, 3] = 0.9, 0.5
+    regs = extract(s.T.copy().T, 3, 4)         # a Fortran-ordered float64 view of the same grid
+    assert [r.indices for r in regs] == [(1,), (11,)]
+    assert [r.indices for r in extract(s.tolist(), 3, 4)] == [(1,), (11,)]
 
 
 # ---- prompt, positions, dispatch ----------------------------------------------------------------

@@ -172,6 +172,15 @@ def test_bfloat16_quantized_and_sharded(tmp_path):
     assert np.isfinite(np.frombuffer(d.attention, "<f4")).all() and d.points
 
 
+def test_non_finite_attention_is_a_job_error(tmp_path):
+    # weights that overflow (a dtype too narrow for them, say) give a NaN map: an error, no points
+    eng = _engine("tiny:qwen2_vl", tmp_path)
+    last = eng._head.projection_dec[2]
+    last.bias = mx.full(last.bias.shape, float("nan"))
+    res = eng.run([eng.prepare(GroundingRequest("n", _png(200, 150), "x"))])[0]
+    assert isinstance(res, JobError) and res.code == "internal" and "non-finite" in res.message
+
+
 def test_unload_frees(tmp_path):
     eng = _engine("tiny:qwen2_vl", tmp_path)
     eng.unload()

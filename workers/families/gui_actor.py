@@ -1,11 +1,17 @@
 """GUI-Actor (Qwen2-VL / Qwen2.5-VL + pointer head): prompts, token names, region extraction and
-back-projection. Pure Python / NumPy; the spec is docs/gui-actor.md (sections 3, 5 and 8).
+back-projection. Python and NumPy, the regions in C where that was built (workers/regions.c); the
+spec is docs/gui-actor.md (sections 3, 5 and 8).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+try:
+    from workers import _regions
+except ImportError:         # built without a C compiler (setup.py): NumPy finds them, as fast warm
+    _regions = None
 
 BACKBONES = ("qwen2_vl", "qwen2_5_vl")
 ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGenerationWithPointer",
@@ -77,20 +83,41 @@ class Region:
     indices: tuple[int, ...]
 
 
+class NonFiniteScores(ValueError):
+    """The attention map holds a NaN or an infinity (a dtype too narrow for the weights, say)."""
+
+
 def extract_regions(scores, n_h: int, n_w: int, ratio: float = SELECT_RATIO, first: int | None = None) -> list[Region]:
     """Regions of the first pointer's attention map `scores` (n_h*n_w, row-major), best first
-    (only the `first` best, where given).
+    (only the `first` best, where given). Raises NonFiniteScores if a score is NaN or infinite.
 
     Tokens with score > ratio*max (strict) are selected; 4-connected (up, down, left, right)
     selected tokens form a region; regions are numbered in the order of their first token (the
     reference's BFS seeds them in ascending index) and sorted by mean score, descending and
-    stable. The same regions as the reference's BFS, in NumPy: that BFS in Python took 3-7 ms on
-    a flat 1080p map (bench/RESULTS.md, twenty-fourth session). Sums are in float64 in ascending
-    token order rather than the BFS's: the last bits of a score can differ, which only matters
-    between regions whose means tie to the last bit."""
-    s = np.asarray(scores, dtype=np.float32).reshape(-1)
+    stable. Sums are in float64 in ascending token order rather than the BFS's: the last bits of
+    a score can differ, which only matters between regions whose means tie to the last bit.
+
+    In C where it was built: right after a forward, this thread's caches are cold, and the NumPy
+    version's ~40 calls then take 0.6-0.8 ms for a 1080p map, the C pass ~0.05 (bench/RESULTS.md,
+    thirty-fifth session). Both give the same regions to the last bit."""
+    s = np.ascontiguousarray(scores, dtype=np.float32).reshape(-1)
     if s.size != n_h * n_w:
         raise ValueError(f"scores has {s.size} entries, grid is {n_h}x{n_w}")
+    if _regions is None:
+        return regions_numpy(s, n_h, n_w, ratio, first)
+    found = _regions.regions(s, n_h, n_w, ratio, -1 if first is None else first)
+    if found is None:
+        raise NonFiniteScores("the attention map holds a non-finite score")
+    return [Region(mean, (x, y), members) for mean, x, y, members in found]
+
+
+def regions_numpy(s: np.ndarray, n_h: int, n_w: int, ratio: float = SELECT_RATIO,
+                  first: int | None = None) -> list[Region]:
+    """extract_regions in NumPy, for a float32 map of n_h*n_w scores: the same regions as the
+    reference's BFS, which in Python took 3-7 ms on a flat 1080p map (bench/RESULTS.md,
+    twenty-fourth session)."""
+    if not np.all(np.isfinite(s)):
+        raise NonFiniteScores("the attention map holds a non-finite score")
     # torch compares a float32 tensor with a Python float in float32: round the threshold alike
     selected = s > np.float32(float(s.max()) * ratio)
     rows, starts, lengths = _runs(selected.reshape(n_h, n_w))

@@ -543,11 +543,12 @@ class MlxEngine:
                 cached_tokens: int = 0) -> GroundingResult | JobError:
         t3 = time.perf_counter()
         s = np.array(scores, dtype=np.float32)
-        if not np.all(np.isfinite(s)):
+        n_h, n_w = job.image.token_grid
+        try:
+            regions = self._family.extract_regions(s, n_h, n_w, first=job.topk)
+        except self._family.NonFiniteScores:
             return JobError("internal", "the pointer head produced non-finite attention "
                                         f"(dtype {self.dtype}); try dtype float32")
-        n_h, n_w = job.image.token_grid
-        regions = self._family.extract_regions(s, n_h, n_w, first=job.topk)
         points = self._family.to_points(regions, job.topk, job.image.original)
         return GroundingResult(
             points=points, image_size=job.image.original, resized_size=job.image.resized,
