@@ -11,24 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 from PIL import Image
 
 from bench.screens import png_bytes
+from bench.timing import host_median_ms as med
 from workers import parallel_resize as pr
 from workers.images import decode_image, plan_resize, preprocess, size_of
-
-
-def med(fn, reps: int, gap_s: float = 0.0) -> float:
-    ts = []
-    for _ in range(reps):
-        time.sleep(gap_s)
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def main() -> None:

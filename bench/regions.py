@@ -13,11 +13,10 @@ that both ways give the same regions first. The cold cells take reps x sleep eac
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
+from bench.timing import host_median_ms
 from workers.families import gui_actor as ga
 
 
@@ -32,17 +31,6 @@ def maps(n_h: int, n_w: int) -> dict[str, np.ndarray]:
     snake[3::4, 0] = 1
     return {"flat": np.ones((n_h, n_w)), "random": rng.random((n_h, n_w)), "peaked": peaked,
             "snake": snake + 1e-3 * rng.random((n_h, n_w)), "checkerboard": (y + x) % 2 + 0.01}
-
-
-def p50_ms(fn, reps: int, sleep_s: float) -> float:
-    ts = []
-    for _ in range(reps):
-        if sleep_s:
-            time.sleep(sleep_s)
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def main() -> None:
@@ -67,7 +55,7 @@ def main() -> None:
             for sleep in (0.0, a.sleep_ms / 1e3):
                 for way in (c_way, None):
                     ga._regions = way
-                    cells.append(p50_ms(lambda: ga.extract_regions(s, n_h, n_w, first=first), a.reps, sleep))
+                    cells.append(host_median_ms(lambda: ga.extract_regions(s, n_h, n_w, first=first), a.reps, sleep))
             ga._regions = c_way
             print(f"| {name} | {len(every)} | {first or 'all'} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
 

@@ -1,4 +1,5 @@
-"""Device timing for the GPU benches: warm up, then time each repeat between mx.synchronize calls."""
+"""Timing for the benches: on the device, warm up, then time each repeat between mx.synchronize
+calls; on the host, the median of calls, each optionally after the thread slept."""
 from __future__ import annotations
 
 import statistics
@@ -35,3 +36,16 @@ def taking_turns_ms(fns, reps: int, calls: int) -> list[float]:
         for t, b in zip(times, batches):
             t += device_times(b, 1, warmup=0)
     return [statistics.median(t) * 1e3 / calls for t in times]
+
+
+def host_median_ms(fn, reps: int, gap_s: float = 0.0) -> float:
+    """Median milliseconds of `fn()` on the host, each call after `gap_s` asleep: as between a
+    single client's requests, or on the compute thread after a forward's wait, caches go cold."""
+    ts = []
+    for _ in range(reps):
+        if gap_s:
+            time.sleep(gap_s)
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
