@@ -4,7 +4,7 @@
  *
  * Why C: workers/families/gui_actor.py's NumPy version makes ~40 NumPy calls. Back to back they
  * take 0.1-0.3 ms for a 1080p map, but a request's points are found right after a ~90 ms forward,
- * during which this thread slept, and then those calls take 0.6-0.8 ms (cold caches: the CI box and
+ * during which this thread slept, and then those calls take 0.5-0.9 ms (cold caches: the CI box and
  * the GPU hosts alike, bench/RESULTS.md, thirty-fifth session). One pass here touches a few KB
  * of code. The NumPy version stays as the fallback where this was not built, and as the test's
  * second opinion; both give the same regions, scores and points to the last bit:
@@ -52,7 +52,7 @@ static int best_first(const void *x, const void *y) {
     const region_t *a = *(const region_t *const *)x, *b = *(const region_t *const *)y;
     if (a->mean != b->mean)
         return a->mean > b->mean ? -1 : 1;
-    return a->order < b->order ? -1 : 1;
+    return (a->order > b->order) - (a->order < b->order);
 }
 
 /* The regions as a list of (mean, x, y, members) for the `first` best (all where first < 0);
@@ -151,7 +151,8 @@ static PyObject *py_regions(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*LLdL", &map, &n_h, &n_w, &ratio, &first))
         return NULL;
     PyObject *out = NULL;
-    if (n_h < 1 || n_w < 1 || (Py_ssize_t)(n_h * n_w * (long long)sizeof(float)) != map.len)
+    if (n_h < 1 || n_w < 1 || n_h > map.len / (Py_ssize_t)sizeof(float) / n_w
+        || (Py_ssize_t)(n_h * n_w * (long long)sizeof(float)) != map.len)
         PyErr_Format(PyExc_ValueError, "scores has %zd bytes, grid is %lldx%lld float32", map.len, n_h, n_w);
     else
         out = find_regions((const float *)map.buf, n_h, n_w, ratio, first);

@@ -10,7 +10,7 @@ import numpy as np
 
 try:
     from workers import _regions
-except ImportError:         # built without a C compiler (setup.py): NumPy finds them, as fast warm
+except ImportError:         # built without a C compiler (setup.py): NumPy finds them, ~0.5 ms slower cold
     _regions = None
 
 BACKBONES = ("qwen2_vl", "qwen2_5_vl")
@@ -98,7 +98,7 @@ def extract_regions(scores, n_h: int, n_w: int, ratio: float = SELECT_RATIO, fir
     a score can differ, which only matters between regions whose means tie to the last bit.
 
     In C where it was built: right after a forward, this thread's caches are cold, and the NumPy
-    version's ~40 calls then take 0.6-0.8 ms for a 1080p map, the C pass ~0.05 (bench/RESULTS.md,
+    version's ~40 calls then take 0.5-0.9 ms for a 1080p map, the C pass 0.1-0.25 (bench/RESULTS.md,
     thirty-fifth session). Both give the same regions to the last bit."""
     s = np.ascontiguousarray(scores, dtype=np.float32).reshape(-1)
     if s.size != n_h * n_w:
