@@ -1,6 +1,6 @@
 """Which of the workers' CUDA kernels load on this machine (GPU only): each module's `load`, which
 builds the kernel and checks it against the MLX-ops path on a probe, at the ViT's shape (16 heads of
-80, bf16) and the pointer head's (8 heads of 192 and of 256, float32: GUI-Actor-2B's and 3B's), timed twice in one process (the first pays for what the process sets up once: the CUDA
+80, bf16), the language model's prefix join (2B's and 7B's heads) and the pointer head's (8 heads of 192 and of 256, float32: GUI-Actor-2B's and 3B's), timed twice in one process (the first pays for what the process sets up once: the CUDA
 context, MLX's kernel cache, cuDNN). A kernel that declines logs why and prints "declined".
 
   python3 -m bench.cuda_loads
@@ -14,7 +14,8 @@ import time
 
 import mlx.core as mx
 
-from workers.mlx import cuda_flash_attention, cuda_head_attention, cuda_rotary, cuda_upload, cuda_window_attention
+from workers.mlx import (cuda_flash_attention, cuda_head_attention, cuda_prefix_join, cuda_rotary, cuda_upload,
+                         cuda_window_attention)
 
 HEADS, HEAD_DIM = 16, 80
 
@@ -27,6 +28,9 @@ def main() -> None:
         ("rotary", lambda: cuda_rotary.load(HEADS, HEAD_DIM, mx.bfloat16)),
         ("window attention", lambda: cuda_window_attention.load(HEADS, HEAD_DIM, scale, mx.bfloat16,
                                                                 cuda_window_attention.WINDOW_MAX)),
+        ("prefix join, 2B (12 heads, 2 KV, bf16)", lambda: cuda_prefix_join.load(12, 2, 128, mx.bfloat16)),
+        ("prefix join, 7B (28 heads, 4 KV, bf16)", lambda: cuda_prefix_join.load(28, 4, 128, mx.bfloat16)),
+        ("prefix join, float32", lambda: cuda_prefix_join.load(12, 2, 128, mx.float32)),
         ("flash attention", lambda: cuda_flash_attention.load(HEADS, HEAD_DIM, scale, mx.bfloat16)),
     ]
     if not cuda_flash_attention.supported(HEAD_DIM, mx.bfloat16):     # sm_90 only: elsewhere, no failure

@@ -24,7 +24,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_vlm.models.cache import KVCache
 
-from workers.mlx.cuda_rotary import on_cuda, rotate_half
+from workers.mlx import cuda_prefix_join
+from workers.mlx.cuda_prefix_join import after_prefix, rope, split_heads
+from workers.mlx.cuda_rotary import on_cuda
 from workers.mlx.run_ahead import RunAhead
 
 if TYPE_CHECKING:
@@ -73,13 +75,6 @@ def _qkv(x, norm_w, qkv_w, qkv_b, eps, dequantize_rows):
     if qkv_w[1] is None:
         return mx.addmm(qkv_b, normed, qkv_w[0][0].T)
     return _mm(normed, qkv_w, dequantize_rows) + qkv_b
-
-
-@mx.compile
-def _rope(q, k, cos, sin):
-    """q [B, H, L, D], k [B, KV, L, D], cos/sin [B, L, D] (mlx-vlm's, in the model dtype)."""
-    c, s = cos[:, None], sin[:, None]
-    return (q * c + rotate_half(q) * s).astype(q.dtype), (k * c + rotate_half(k) * s).astype(k.dtype)
 
 
 @mx.compile
@@ -190,6 +185,8 @@ class FastLanguageModel:
         weights = [w for block, rest in self.layers for w in (block[1], rest[0], rest[2], rest[3])]
         self.packed = any(fmt is not None for _, fmt in weights)
         self.eval_every = eval_every if eval_every is not None else 1 if self.packed and dequantize_rows else 4
+        # a cached question's q, k, v in one kernel on CUDA (None elsewhere: MLX ops)
+        self.prefix_join = cuda_prefix_join.load(self.heads, self.kv_heads, self.head_dim, lm.norm.weight.dtype)
 
     @staticmethod
     def supports(lm) -> bool:
@@ -230,12 +227,15 @@ class FastLanguageModel:
             self.dequantize_rows = configured
 
     def _attention_inputs(self, h, block, cos, sin):
-        b, length, _ = h.shape
-        qkv = _qkv(h, *block, self.eps, self.dequantize_rows)
-        q, k, v = mx.split(qkv, [self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim], axis=-1)
-        q, k, v = (t.reshape(b, length, -1, self.head_dim).transpose(0, 2, 1, 3) for t in (q, k, v))
-        q, k = _rope(q, k, cos, sin)
+        q, k, v = split_heads(_qkv(h, *block, self.eps, self.dequantize_rows), self.heads, self.kv_heads, self.head_dim)
+        q, k = rope(q, k, cos, sin)
         return q, k, v
+
+    def _attention_inputs_after(self, h, block, cos, sin, pk, pv):
+        """`_attention_inputs` of a tail, its k and v joined after the kept prefix's (pk, pv)."""
+        if self.prefix_join is not None:
+            return self.prefix_join(_qkv(h, *block, self.eps, self.dequantize_rows), cos, sin, pk, pv)
+        return after_prefix(*self._attention_inputs(h, block, cos, sin), pk, pv)
 
     def pointer_states(self, h: mx.array, position_ids: mx.array, pointer_pos: list[int],
                        pace: RunAhead | None = None, keep: list[int] | None = None, split: "Split | None" = None):
@@ -313,24 +313,20 @@ class FastLanguageModel:
         prompt's forward; only the prefix's keys and values come from the store instead of being
         recomputed. One graph, evaluated once: handing it to the device every few layers, as the
         whole forward does, made a 1080p screenshot's question 7.1 -> 11.5 ms on an H100 (the
-        device waits at each hand-over, and a chunk is too small to hide it; bench.cached_tail)."""
+        device waits at each hand-over, and a chunk is too small to hide it; bench.cached_tail).
+        The host's encoding of its small kernels sets its time, so on CUDA each layer's q, k and v
+        come from one kernel (`prefix_join`, workers/mlx/cuda_prefix_join.py)."""
         b, t, _ = h.shape
         prefix = kept[0][0].shape[2]
-        cos, sin = self.lm.layers[0].self_attn.rotary_emb(h, position_ids)
-
-        def with_prefix(q, k, v, pk, pv):
-            if b > 1:
-                pk, pv = (mx.broadcast_to(p, (b, *p.shape[1:])) for p in (pk, pv))
-            return q, mx.concatenate([pk, k], axis=2), mx.concatenate([pv, v], axis=2)
-
+        cos, sin = (mx.contiguous(x) for x in self.lm.layers[0].self_attn.rotary_emb(h, position_ids))
         for (block, rest), (pk, pv) in zip(self.layers[:-1], kept[:-1]):
-            q, k, v = with_prefix(*self._attention_inputs(h, block, cos, sin), pk, pv)
+            q, k, v = self._attention_inputs_after(h, block, cos, sin, pk, pv)
             # "causal" aligns the last query with the last key: tail token i sees the prefix and
             # the tail up to itself
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
             h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, t, -1), *rest, self.eps, self.dequantize_rows)
         block, rest = self.layers[-1]
-        q, k, v = with_prefix(*self._attention_inputs(h, block, cos, sin), *kept[-1])
+        q, k, v = self._attention_inputs_after(h, block, cos, sin, *kept[-1])
         return self._at_pointers(h, q, k, v, rest, pointers, offset=prefix)
 
     def _at_pointers(self, h, q, k, v, rest, pointer_pos: list[int], offset: int = 0) -> mx.array:
