@@ -1,7 +1,9 @@
 """Which of the workers' CUDA kernels load on this machine (GPU only): each module's `load`, which
 builds the kernel and checks it against the MLX-ops path on a probe, at the ViT's shape (16 heads of
-80, bf16), the language model's prefix join (2B's and 7B's heads) and the pointer head's (8 heads of 192 and of 256, float32: GUI-Actor-2B's and 3B's), timed twice in one process (the first pays for what the process sets up once: the CUDA
-context, MLX's kernel cache, cuDNN). A kernel that declines logs why and prints "declined".
+80, bf16), the language model's prefix join (the 2B's and 7B's heads, and float32) and the pointer
+head's (8 heads of 192 and of 256, float32: GUI-Actor-2B's and 3B's), timed twice in one process
+(the first pays for what the process sets up once: the CUDA context, MLX's kernel cache, cuDNN). A
+kernel that declines logs why and prints "declined".
 
   python3 -m bench.cuda_loads
 

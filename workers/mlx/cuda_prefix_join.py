@@ -5,10 +5,11 @@ the kept prefix's, as `pointer_state_after` needs them.
 Why (bench/RESULTS.md, thirty-sixth session, H200): a question about a cached screenshot runs the
 language model over its ~55 tail tokens against the kept ~2,850-token prefix, ~730 small kernels
 in all. MLX's CUDA backend spends 2-5 us of host time encoding each elementwise kernel (12-34 us
-each matmul), so the host, not the GPU (~4 ms of kernels), sets the tail's time (6-11 ms). Per layer, the MLX-ops path
-(`reference`) runs ~12 kernels between the q/k/v projection and the attention: q, k and v out of the
-projection, `rotate_half`'s negation and concatenation and the fused rotary for each of q and k, and
-the two concatenations with the prefix. This is one.
+each matmul), so the host, not the GPU (~4 ms of kernels), sets the tail's time (6-11 ms). Per
+layer, the MLX-ops path (`reference`) runs ~12 kernels between the q/k/v projection and the
+attention: q, k and v out of the projection, `rotate_half`'s negation and concatenation and the
+fused rotary for each of q and k, and the two concatenations with the prefix. This is one: 728 ->
+420 kernels a tail, ~1.5 ms less.
 
 Same arithmetic as the MLX-ops path (`rope`, compiled): MLX's fused kernel rounds the second
 product to the model dtype and fuses the first into the sum (an FMA), and so does this kernel; it
@@ -93,14 +94,12 @@ _SOURCE = """
 """
 
 
-def _rope(q, k, cos, sin):
-    """The language model's rotary (language.py's `_rope`): q [B, H, L, D], k [B, KV, L, D],
-    cos/sin [B, L, D] in the model dtype."""
+@mx.compile
+def rope(q, k, cos, sin):
+    """The language model's rotary with MLX ops (every prompt's, and a tail's without the kernel):
+    q [B, H, L, D], k [B, KV, L, D], cos/sin [B, L, D] (mlx-vlm's M-RoPE tables, in the model dtype)."""
     c, s = cos[:, None], sin[:, None]
     return (q * c + rotate_half(q) * s).astype(q.dtype), (k * c + rotate_half(k) * s).astype(k.dtype)
-
-
-rope = mx.compile(_rope)
 
 
 def split_heads(qkv: mx.array, heads: int, kv_heads: int, head_dim: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -168,8 +167,8 @@ def load(heads: int, kv_heads: int, head_dim: int, dtype: mx.Dtype) -> CudaPrefi
             pk, pv = (mx.random.normal((1, kv_heads, p, head_dim), key=kk).astype(dtype) for kk in keys[2:])
             got, want = join(qkv, cos, sin, pk, pv), reference(qkv, cos, sin, pk, pv, heads, kv_heads)
             if any(g.shape != w.shape or not bool(mx.array_equal(g, w)) for g, w in zip(got, want)):
-                worst = max(mx.abs(g.astype(mx.float32) - w.astype(mx.float32)).max().item()
-                            for g, w in zip(got, want) if g.shape == w.shape)
+                worst = max((mx.abs(g.astype(mx.float32) - w.astype(mx.float32)).max().item()
+                             for g, w in zip(got, want) if g.shape == w.shape), default=float("inf"))
                 log.warning("CUDA prefix-join kernel disagrees with the MLX-ops path (max diff %.3g); not used", worst)
                 return None
         return join
