@@ -317,6 +317,9 @@ def test_frozen_worker_is_lost_within_3s_rerun_and_its_late_answer_dropped(defau
         assert res.result["points"]
         wait_for(lambda: counters(st).get("zombie_results_dropped_total", 0)
                  > before.get("zombie_results_dropped_total", 0), 5, what="late answer counted")
+        # the answer may reach the client straight from the thawed worker (a direct job) before the
+        # broker has taken the worker's re-registration, which follows its late answer
+        wait_for(lambda: model_status(st, "m1")["status"] == "loaded", 3, what="the worker re-registered")
         m = model_status(st, "m1")
         assert m["status"] == "loaded" and m["worker"]["pid"] == pid    # same process, re-registered
         assert c.ground("m1", IMG, "after thaw").result["points"]
