@@ -3,12 +3,11 @@ implementation of the formulas in docs/gui-actor.md (sections 7.4 and 8), prompt
 from __future__ import annotations
 
 import math
-import shutil
-import sysconfig
 
 import numpy as np
 import pytest
 
+from tests.native import skip_without_c_compiler
 from workers import families
 from workers.families import gui_actor as ga
 
@@ -86,9 +85,7 @@ built = pytest.mark.skipif(ga._regions is None, reason="the C region search was 
 
 
 def test_the_install_built_the_region_search_wherever_there_is_a_compiler():
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(compiler) is None:
-        pytest.skip(f"no C compiler ({compiler}) here")
+    skip_without_c_compiler()
     assert ga._regions is not None, "rebuild it: make install (or pip install -e .)"
 
 

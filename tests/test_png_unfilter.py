@@ -3,10 +3,8 @@ number of threads, and never waits for ever: not on a bad row, not on a pool tha
 helpers."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 import zlib
@@ -15,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from tests.native import skip_without_c_compiler
 from tests.pngs import filtered_rows
 from workers import png_inflate, png_unfilter
 
@@ -22,9 +21,7 @@ built = pytest.mark.skipif(png_unfilter.NATIVE is None, reason="the C unfilterer
 
 
 def test_the_install_built_it_wherever_there_is_a_compiler():
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(compiler) is None:
-        pytest.skip(f"no C compiler ({compiler}) here")
+    skip_without_c_compiler()
     assert png_unfilter.NATIVE is not None, "rebuild it: make install (or pip install -e .)"
     assert png_inflate.UNFILTER_IN_C                   # and its check against libpng at import passed
 
