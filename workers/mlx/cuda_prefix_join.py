@@ -4,7 +4,7 @@ the kept prefix's, as `pointer_state_after` needs them.
 
 Why (bench/RESULTS.md, thirty-sixth session, H200): a question about a cached screenshot runs the
 language model over its ~55 tail tokens against the kept ~2,850-token prefix, ~730 small kernels
-in all. MLX's CUDA backend spends 2-5 us of host time encoding each elementwise kernel (12-34 us
+in all. MLX's CUDA backend spends 1.6-4.7 us of host time encoding each elementwise kernel (12-34 us
 each matmul), so the host, not the GPU (~4 ms of kernels), sets the tail's time (6-11 ms). Per
 layer, the MLX-ops path (`reference`) runs ~12 kernels between the q/k/v projection and the
 attention: q, k and v out of the projection, `rotate_half`'s negation and concatenation and the
