@@ -1,4 +1,7 @@
 """Our language-model forward gives mlx-vlm's pointer states, padded batches included."""
+import gc
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -8,6 +11,7 @@ from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest
 from workers.mlx.backbone import pointer_states_batch
 from workers.mlx.engine import MlxEngine
+from workers.mlx.cuda_prefix_join import reference
 from workers.mlx.language import PROBE_REFERENCE_STEP, FastLanguageModel, _reference_forward
 
 
@@ -107,3 +111,58 @@ def test_the_probe_reference_run_a_few_tokens_at_a_time_is_mlx_vlms_forward(back
     swapped = [mx.concatenate([a[half:], a[:half]]) for a in (qkv_w, *packed)]
     fast.layers[0] = ((norm_w, (tuple(swapped), fmt), qkv_b), rest)
     assert not fast.agrees_with(text, reference_step=PROBE_REFERENCE_STEP)
+
+
+def test_a_cached_questions_tail_is_traced_once_per_shape(tmp_path):
+    # pointer_state_after runs a compiled graph: the Python that builds it (here the prefix join,
+    # swapped for a stand-in that counts) runs when a shape is new, not for every question
+    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", max_pixels=200_704), EngineOptions("t", str(tmp_path), 1 << 30))
+    eng.load()
+    lm = eng._lm
+    img = png_bytes(400, 300, 1)
+    eng.run([eng.prepare(GroundingRequest("0", img, "click OK"))])
+    entry = eng.prepare(GroundingRequest("1", img, "x")).cached
+    traced = []
+
+    def join(qkv, cos, sin, pk, pv):
+        traced.append(qkv.shape)
+        return reference(qkv, cos, sin, pk, pv, lm.heads, lm.kv_heads)
+
+    def tail(n: int, seed: int):
+        h = (mx.random.normal((1, n, lm.lm.norm.weight.shape[0]), key=mx.random.key(seed)) * 0.5).astype(lm.lm.norm.weight.dtype)
+        pos = mx.broadcast_to(mx.arange(entry.prefix, entry.prefix + n)[None, None], (3, 1, n)).astype(mx.int32)
+        return h, pos
+
+    lm.prefix_join = None
+    h, pos = tail(32, 0)
+    want = lm.pointer_state_after(entry.kept, h, pos, [20])
+    lm.prefix_join = join                                  # a new join: traced again, with it
+    assert mx.array_equal(lm.pointer_state_after(entry.kept, h, pos, [20]), want)
+    assert len(traced) == len(lm.layers)
+    h2, pos2 = tail(32, 1)
+    other = lm.pointer_state_after(entry.kept, h2, pos2, [31])   # same shapes: the trace, other values
+    assert len(traced) == len(lm.layers)
+    lm.prefix_join = None
+    assert mx.array_equal(other, lm.pointer_state_after(entry.kept, h2, pos2, [31]))
+    lm.prefix_join = join
+    lm.pointer_state_after(entry.kept, *tail(64, 2), [40])       # a longer tail: traced again
+    assert len(traced) == 2 * len(lm.layers)
+
+
+def test_an_unloaded_models_language_model_is_freed_without_the_garbage_collector(tmp_path):
+    # the compiled tail must not tie the model in a reference cycle: an unload frees the weights
+    # at once, not when the collector next runs
+    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", max_pixels=200_704), EngineOptions("t", str(tmp_path), 1 << 30))
+    eng.load()
+    img = png_bytes(400, 300, 1)
+    eng.run([eng.prepare(GroundingRequest("0", img, "click OK"))])
+    eng.run([eng.prepare(GroundingRequest("1", img, "open the menu"))])        # a tail, traced
+    assert eng._lm._tail_fn is not None
+    alive = weakref.ref(eng._lm)
+    gc.collect()
+    gc.disable()
+    try:
+        eng.unload()
+        assert alive() is None
+    finally:
+        gc.enable()

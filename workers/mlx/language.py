@@ -18,6 +18,7 @@ the weight dequantized just before its matmul: a transient the size of one plain
 """
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -187,6 +188,7 @@ class FastLanguageModel:
         self.eval_every = eval_every if eval_every is not None else 1 if self.packed and dequantize_rows else 4
         # a cached question's q, k, v in one kernel on CUDA (None elsewhere: MLX ops)
         self.prefix_join = cuda_prefix_join.load(self.heads, self.kv_heads, self.head_dim, lm.norm.weight.dtype)
+        self._tail_fn = None           # (the join it was traced with, the compiled tail)
 
     @staticmethod
     def supports(lm) -> bool:
@@ -315,7 +317,22 @@ class FastLanguageModel:
         whole forward does, made a 1080p screenshot's question 7.1 -> 11.5 ms on an H100 (the
         device waits at each hand-over, and a chunk is too small to hide it; bench.cached_tail).
         The host's encoding of its small kernels sets its time, so on CUDA each layer's q, k and v
-        come from one kernel (`prefix_join`, workers/mlx/cuda_prefix_join.py)."""
+        come from one kernel (`prefix_join`, workers/mlx/cuda_prefix_join.py), and the graph is
+        traced once per shape (`mx.compile`; tails are padded to TAIL_MULTIPLE rows, so questions
+        about a screenshot repeat a few shapes). Building the graph took 1.0-1.5 ms of every tail,
+        replaying the trace 0.7-0.9: a 1080p or 720p question 0.06-0.36 ms shorter, the same bits
+        (H200, bench/RESULTS.md); a new shape pays its trace once (~3-9 ms)."""
+        join = self.prefix_join
+        if self._tail_fn is None or self._tail_fn[0] is not join:      # traced with this join (tests swap it)
+            # through a weak reference: a bound method would keep this object, and the weights its
+            # trace holds, alive after an unload until the garbage collector finds the cycle
+            me = weakref.ref(self)
+            self._tail_fn = (join, mx.compile(lambda *args: me()._tail(*args)))
+        return self._tail_fn[1](kept, h, position_ids, mx.array(pointers, dtype=mx.int32))
+
+    def _tail(self, kept: list[tuple[mx.array, mx.array]], h: mx.array, position_ids: mx.array,
+              pointers: mx.array) -> mx.array:
+        """`pointer_state_after`'s graph; pointers [B] int32."""
         b, t, _ = h.shape
         prefix = kept[0][0].shape[2]
         cos, sin = (mx.contiguous(x) for x in self.lm.layers[0].self_attn.rotary_emb(h, position_ids))
@@ -329,11 +346,12 @@ class FastLanguageModel:
         q, k, v = self._attention_inputs_after(h, block, cos, sin, *kept[-1])
         return self._at_pointers(h, q, k, v, rest, pointers, offset=prefix)
 
-    def _at_pointers(self, h, q, k, v, rest, pointer_pos: list[int], offset: int = 0) -> mx.array:
+    def _at_pointers(self, h, q, k, v, rest, pointer_pos: "list[int] | mx.array", offset: int = 0) -> mx.array:
         """The last layer at the pointer rows only: their queries over the keys up to them (the
         queries' rows sit `offset` positions after the first key), MLP, final norm -> [B, C]."""
         b = h.shape[0]
-        rows, ptr = mx.arange(b), mx.array(pointer_pos)
+        rows = mx.arange(b)
+        ptr = pointer_pos if isinstance(pointer_pos, mx.array) else mx.array(pointer_pos)
         q_ptr = q[rows, :, ptr][:, :, None]                                         # [B, H, 1, D]
         visible = (mx.arange(k.shape[2])[None, :] <= ptr[:, None] + offset)[:, None, None]
         o = mx.fast.scaled_dot_product_attention(q_ptr, k, v, scale=self.scale, mask=visible)
