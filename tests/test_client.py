@@ -512,7 +512,11 @@ def test_e2e_direct_jobs_run_as_the_brokers_jobs_with_the_same_answers(stack):
             early.append(got.timings.get("early"))
         # the worker had each copy before the broker's JOB (a few may lose the race on a busy box)
         assert sum(e is not None and e > 0 for e in early) >= 3, early
-        assert d._async.counters["direct_jobs"] >= 6 and plain._async.counters["direct_jobs"] == 0
+        # a copy each, sent, or not sent where its socket had not connected yet (the broker's JOB
+        # carries the job then; seen once on this 2-core box under load)
+        counters = d._async.counters
+        assert counters["direct_jobs"] + counters["direct_jobs_unsent"] == 6 and counters["direct_jobs"] >= 3, counters
+        assert plain._async.counters["direct_jobs"] == 0
         cancel_and_miss_a_deadline(d)   # jobs the worker holds copies of: one answer each
         assert d._async.counters["unknown_job"] == 0
 
