@@ -10,8 +10,8 @@ from bench.screens import png_bytes
 from common.config import ModelSpec
 from workers.engine import EngineOptions, GroundingRequest
 from workers.mlx.backbone import pointer_states_batch
-from workers.mlx.engine import MlxEngine
 from workers.mlx.cuda_prefix_join import reference
+from workers.mlx.engine import MlxEngine
 from workers.mlx.language import PROBE_REFERENCE_STEP, FastLanguageModel, _reference_forward
 
 
@@ -129,7 +129,8 @@ def test_a_cached_questions_tail_is_traced_once_per_shape(tmp_path):
         return reference(qkv, cos, sin, pk, pv, lm.heads, lm.kv_heads)
 
     def tail(n: int, seed: int):
-        h = (mx.random.normal((1, n, lm.lm.norm.weight.shape[0]), key=mx.random.key(seed)) * 0.5).astype(lm.lm.norm.weight.dtype)
+        c, dtype = lm.lm.norm.weight.shape[0], lm.lm.norm.weight.dtype
+        h = (mx.random.normal((1, n, c), key=mx.random.key(seed)) * 0.5).astype(dtype)
         pos = mx.broadcast_to(mx.arange(entry.prefix, entry.prefix + n)[None, None], (3, 1, n)).astype(mx.int32)
         return h, pos
 
