@@ -148,6 +148,9 @@ def test_a_cached_questions_tail_is_traced_once_per_shape(tmp_path):
     lm.prefix_join = join
     lm.pointer_state_after(entry.kept, *tail(64, 2), [40])       # a longer tail: traced again
     assert len(traced) == 2 * len(lm.layers)
+    lm.dequantize_rows += 1                                        # read by the trace: traced again
+    lm.pointer_state_after(entry.kept, *tail(64, 2), [40])
+    assert len(traced) == 3 * len(lm.layers)
 
 
 def test_an_unloaded_models_language_model_is_freed_without_the_garbage_collector(tmp_path):

@@ -188,7 +188,7 @@ class FastLanguageModel:
         self.eval_every = eval_every if eval_every is not None else 1 if self.packed and dequantize_rows else 4
         # a cached question's q, k, v in one kernel on CUDA (None elsewhere: MLX ops)
         self.prefix_join = cuda_prefix_join.load(self.heads, self.kv_heads, self.head_dim, lm.norm.weight.dtype)
-        self._tail_fn = None           # (the join it was traced with, the compiled tail)
+        self._tail_fn = None           # ((join, dequantize_rows) it was traced with, the compiled tail)
 
     @staticmethod
     def supports(lm) -> bool:
@@ -322,12 +322,13 @@ class FastLanguageModel:
         about a screenshot repeat a few shapes). Building the graph took 1.0-1.5 ms of every tail,
         replaying the trace 0.7-0.9: a 1080p or 720p question 0.06-0.36 ms shorter, the same bits
         (H200, bench/RESULTS.md); a new shape pays its trace once (~3-9 ms)."""
-        join = self.prefix_join
-        if self._tail_fn is None or self._tail_fn[0] is not join:      # traced with this join (tests swap it)
+        # what the trace reads besides its inputs; tests swap the join, bench.quantized_lm the rows
+        traced_with = (self.prefix_join, self.dequantize_rows)
+        if self._tail_fn is None or self._tail_fn[0] != traced_with:
             # through a weak reference: a bound method would keep this object, and the weights its
             # trace holds, alive after an unload until the garbage collector finds the cycle
             me = weakref.ref(self)
-            self._tail_fn = (join, mx.compile(lambda *args: me()._tail(*args)))
+            self._tail_fn = (traced_with, mx.compile(lambda *args: me()._tail(*args)))
         return self._tail_fn[1](kept, h, position_ids, mx.array(pointers, dtype=mx.int32))
 
     def _tail(self, kept: list[tuple[mx.array, mx.array]], h: mx.array, position_ids: mx.array,
