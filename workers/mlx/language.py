@@ -261,7 +261,7 @@ class FastLanguageModel:
         block, rest = self.layers[-1]
         q, k, v = self._attention_inputs(h, block, cos, sin)
         self._keep(kept, k, v, keep)
-        states = self._at_pointers(h, q, k, v, rest, pointer_pos)
+        states = self._at_pointers(h, q, k, v, rest, mx.array(pointer_pos))
         return (states, kept) if keep is not None else states
 
     def helper_layers(self, split: "Split", batch: int, length: int, pace: RunAhead) -> None:
@@ -347,12 +347,12 @@ class FastLanguageModel:
         q, k, v = self._attention_inputs_after(h, block, cos, sin, *kept[-1])
         return self._at_pointers(h, q, k, v, rest, pointers, offset=prefix)
 
-    def _at_pointers(self, h, q, k, v, rest, pointer_pos: "list[int] | mx.array", offset: int = 0) -> mx.array:
-        """The last layer at the pointer rows only: their queries over the keys up to them (the
-        queries' rows sit `offset` positions after the first key), MLP, final norm -> [B, C]."""
+    def _at_pointers(self, h, q, k, v, rest, ptr: mx.array, offset: int = 0) -> mx.array:
+        """The last layer at the pointer rows only (ptr [B], each row's pointer index): their
+        queries over the keys up to them (the queries' rows sit `offset` positions after the first
+        key), MLP, final norm -> [B, C]."""
         b = h.shape[0]
         rows = mx.arange(b)
-        ptr = pointer_pos if isinstance(pointer_pos, mx.array) else mx.array(pointer_pos)
         q_ptr = q[rows, :, ptr][:, :, None]                                         # [B, H, 1, D]
         visible = (mx.arange(k.shape[2])[None, :] <= ptr[:, None] + offset)[:, None, None]
         o = mx.fast.scaled_dot_product_attention(q_ptr, k, v, scale=self.scale, mask=visible)
