@@ -11,12 +11,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from bench.screens import png_bytes
-from common.config import ModelSpec
-from workers.engine import EngineOptions, GroundingRequest
+from tests.tiny_engine import engine_keeping_a_screenshot
+from workers.engine import GroundingRequest
 from workers.mlx import cuda_prefix_join as cpj
 from workers.mlx.backbone import pointer_state_after
-from workers.mlx.engine import MlxEngine
 
 
 def test_reference_rotates_the_tails_q_and_k_and_joins_k_and_v_after_the_prefix():
@@ -50,12 +48,9 @@ def test_load_declines_without_cuda_and_where_it_would_not_give_mlxs_bits():
 
 @pytest.mark.parametrize("questions", [1, 3])
 def test_a_tail_hands_the_kernel_each_layers_projection_and_the_kept_prefix(questions, tmp_path):
-    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", max_pixels=200_704), EngineOptions("t", str(tmp_path), 1 << 30))
-    eng.load()
+    eng, img = engine_keeping_a_screenshot(tmp_path)
     lm = eng._lm
     assert (lm.prefix_join is None) == (not mx.cuda.is_available())
-    img = png_bytes(400, 300, 1)
-    eng.run([eng.prepare(GroundingRequest("0", img, "click OK"))])                   # the screenshot is kept
     jobs = [eng.prepare(GroundingRequest(str(i), img, "open the menu" + ", then the tab" * i)) for i in range(questions)]
     entry = jobs[0].cached
     assert entry is not None

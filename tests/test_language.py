@@ -8,6 +8,7 @@ import pytest
 
 from bench.screens import png_bytes
 from common.config import ModelSpec
+from tests.tiny_engine import engine_keeping_a_screenshot
 from workers.engine import EngineOptions, GroundingRequest
 from workers.mlx.backbone import pointer_states_batch
 from workers.mlx.cuda_prefix_join import reference
@@ -113,19 +114,10 @@ def test_the_probe_reference_run_a_few_tokens_at_a_time_is_mlx_vlms_forward(back
     assert not fast.agrees_with(text, reference_step=PROBE_REFERENCE_STEP)
 
 
-def _engine_keeping_a_screenshot(tmp_path) -> tuple[MlxEngine, bytes]:
-    """The tiny model loaded, with one screenshot's state in its cache -> (engine, the PNG)."""
-    eng = MlxEngine(ModelSpec(path="tiny:qwen2_vl", max_pixels=200_704), EngineOptions("t", str(tmp_path), 1 << 30))
-    eng.load()
-    img = png_bytes(400, 300, 1)
-    eng.run([eng.prepare(GroundingRequest("0", img, "click OK"))])
-    return eng, img
-
-
 def test_a_cached_questions_tail_is_traced_once_per_shape(tmp_path):
     # pointer_state_after runs a compiled graph: the Python that builds it (here the prefix join,
     # swapped for a stand-in that counts) runs when a shape is new, not for every question
-    eng, img = _engine_keeping_a_screenshot(tmp_path)
+    eng, img = engine_keeping_a_screenshot(tmp_path)
     lm = eng._lm
     entry = eng.prepare(GroundingRequest("1", img, "x")).cached
     traced = []
@@ -162,7 +154,7 @@ def test_a_cached_questions_tail_is_traced_once_per_shape(tmp_path):
 def test_an_unloaded_models_language_model_is_freed_without_the_garbage_collector(tmp_path):
     # the compiled tail must not tie the model in a reference cycle: an unload frees the weights
     # at once, not when the collector next runs
-    eng, img = _engine_keeping_a_screenshot(tmp_path)
+    eng, img = engine_keeping_a_screenshot(tmp_path)
     eng.run([eng.prepare(GroundingRequest("1", img, "open the menu"))])        # a tail, traced
     assert eng._lm._tail_fn is not None
     alive = weakref.ref(eng._lm)
