@@ -14,6 +14,7 @@ from workers.mlx.backbone import pointer_states_batch
 from workers.mlx.cuda_prefix_join import reference
 from workers.mlx.engine import MlxEngine
 from workers.mlx.language import PROBE_REFERENCE_STEP, FastLanguageModel, _reference_forward
+from workers.mlx.uncompiled import uncompiled
 
 
 @pytest.mark.parametrize("backbone", ["qwen2_vl", "qwen2_5_vl"])
@@ -84,13 +85,12 @@ def test_the_load_probe_checks_the_dequantizing_path_of_packed_weights(tmp_path)
     # a dequantizing path gone wrong, which the probe's 140 rows would never take at 512: caught.
     # (Uncompiled, so that the forward looks mx.dequantize up at each call.)
     real = mx.dequantize
-    mx.disable_compile()
-    mx.dequantize = lambda *a, **kw: real(*a, **kw) * 3
-    try:
-        assert not fast.agrees_with(text)
-    finally:
-        mx.dequantize = real
-        mx.enable_compile()
+    with uncompiled():
+        mx.dequantize = lambda *a, **kw: real(*a, **kw) * 3
+        try:
+            assert not fast.agrees_with(text)
+        finally:
+            mx.dequantize = real
     assert fast.dequantize_rows == 512 and fast.agrees_with(text)
 
 

@@ -29,6 +29,7 @@ from workers.mlx import cuda_prefix_join
 from workers.mlx.cuda_prefix_join import after_prefix, rope, split_heads
 from workers.mlx.cuda_rotary import on_cuda
 from workers.mlx.run_ahead import RunAhead
+from workers.mlx.uncompiled import uncompiled
 
 if TYPE_CHECKING:
     from workers.mlx.split import Split
@@ -214,8 +215,9 @@ class FastLanguageModel:
         pos = mx.broadcast_to(mx.arange(70)[None, None], (3, 2, 70)).astype(mx.int32)
         ptr = [69, 40]
         step = probe_reference_step_here(self.packed) if reference_step is None else reference_step
-        theirs = _reference_forward(lm, h, pos, step)
-        theirs = theirs[mx.arange(2), mx.array(ptr)].astype(mx.float32)
+        with uncompiled():       # built for this probe only (workers/mlx/uncompiled.py)
+            theirs = _reference_forward(lm, h, pos, step)
+            theirs = theirs[mx.arange(2), mx.array(ptr)].astype(mx.float32)
         scale = max(mx.abs(theirs).max().item(), 1e-6)
         configured = self.dequantize_rows
         try:

@@ -1,0 +1,96 @@
+"""Load probes' references run uncompiled (workers/mlx/uncompiled.py), so that a machine's first
+load builds only the fused kernels serving uses. The kernels are MLX's CPU JIT's here (a
+machine with no C++ compiler builds none, and the subprocess test skips); on CUDA the same
+fusions are NVRTC builds of 3-7 s each (bench/RESULTS.md)."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.mlx
+mx = pytest.importorskip("mlx.core")
+
+from workers.mlx.uncompiled import uncompiled  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def counting_compiled():
+    """A compiled function and how many times its Python body ran (once per trace)."""
+    runs = []
+
+    def body(x):
+        runs.append(1)
+        return mx.exp(x) * 2 + 1
+    return mx.compile(body), runs
+
+
+def test_compiled_functions_run_as_python_inside_and_are_traced_again_after():
+    fn, runs = counting_compiled()
+    x = mx.ones((4,))
+    fn(x), fn(x)
+    assert len(runs) == 1                              # traced once
+    with uncompiled():
+        want = fn(x)
+        fn(x)
+        with uncompiled():
+            fn(x)
+        fn(x)                                          # the inner block's end kept it off
+    assert len(runs) == 5
+    assert mx.array_equal(fn(x), want) and len(runs) == 5   # compiled again, from its trace
+
+
+def test_the_users_own_switch_stays_as_set(monkeypatch):
+    fn, runs = counting_compiled()
+    monkeypatch.setenv("MLX_DISABLE_COMPILE", "1")
+    mx.disable_compile()
+    try:
+        with uncompiled():
+            fn(mx.ones((2,)))
+        fn(mx.ones((2,))), fn(mx.ones((2,)))
+        assert len(runs) == 3                          # still off after the block
+    finally:
+        mx.enable_compile()
+
+
+PROBE = textwrap.dedent("""
+    import sys, tempfile
+    from pathlib import Path
+    import mlx.core as mx
+    from workers.mlx.backbone import load_backbone
+    from workers.mlx.checkpoint import read_checkpoint
+    from workers.mlx.language import FastLanguageModel
+    from workers.tiny_checkpoint import write_tiny_checkpoint
+
+    cache = Path(tempfile.gettempdir()) / "mlx" / mx.__version__ / "cpu"
+    def kernels():
+        return {p.name for p in cache.glob("*")} if cache.exists() else set()
+
+    # the model alone: an engine's load would run the probe before anything is counted
+    model, _ = load_backbone(read_checkpoint(write_tiny_checkpoint(sys.argv[1])), mx.bfloat16)
+    text = model.language_model.model
+    fast = FastLanguageModel(text)
+    h = (mx.random.normal((2, 70, text.norm.weight.shape[0]), key=mx.random.key(0)) * 0.5).astype(text.norm.weight.dtype)
+    pos = mx.broadcast_to(mx.arange(70)[None, None], (3, 2, 70)).astype(mx.int32)
+    mx.eval(fast.pointer_states(h, pos, [69, 40]))      # what serving builds for these shapes
+    served = kernels()
+    assert fast.agrees_with(text)
+    print("SERVED", len(served), "PROBE", len(kernels() - served), *sorted(kernels() - served))
+""")
+
+
+def test_the_language_models_load_probe_builds_no_kernel_serving_does_not(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}     # MLX's CPU JIT writes under the temp dir
+    env.pop("MLX_DISABLE_COMPILE", None)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "checkpoint")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("SERVED"))
+    words = line.split()
+    if int(words[1]) == 0:
+        pytest.skip("MLX's CPU JIT built nothing here (no C++ compiler?)")
+    assert words[3] == "0", line     # before uncompiled(), mlx-vlm's forward built two fused kernels
+
