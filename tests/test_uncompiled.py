@@ -79,6 +79,10 @@ PROBE = textwrap.dedent("""
     served = kernels()
     assert fast.agrees_with(text)
     print("SERVED", len(served), "PROBE", len(kernels() - served), *sorted(kernels() - served))
+    whole, kept = fast.pointer_states(h[:1], pos[:, :1], [60], keep=[40])
+    before = kernels()
+    mx.eval(fast.pointer_state_after(kept[0], h[:1, 40:], pos[:, :1, 40:], [20]))
+    print("TAIL", *sorted(kernels() - before))
 """)
 
 
@@ -94,3 +98,15 @@ def test_the_language_models_load_probe_builds_no_kernel_serving_does_not(tmp_pa
         pytest.skip("MLX's CPU JIT built nothing here (no C++ compiler?)")
     assert words[3] == "0", line     # before uncompiled(), mlx-vlm's forward built two fused kernels
 
+
+def test_a_cached_questions_trace_fuses_no_rotary_table_or_mask(tmp_path):
+    """Inside the tail's `mx.compile` trace, the rotary tables' sin and cos and the pointer rows'
+    mask fused into kernels only the tail used (nine NVRTC builds, ~40 s of a first load on an
+    H200); they are computed outside it now."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("MLX_DISABLE_COMPILE", None)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "checkpoint")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tail = next(l for l in out.stdout.splitlines() if l.startswith("TAIL")).split()[1:]
+    assert not [k for k in tail if any(op in k for op in ("Sin", "Cos", "LessEqual"))], tail

@@ -484,7 +484,8 @@ class MlxEngine:
             # an H200 (the image side ran behind the forward): a lead in which waking the answer's
             # way out pays as much as a ~3 ms one did (bench/RESULTS.md, 24th, 25th, 33rd sessions).
             near_end()
-        maps = [self._head.point(side, dec[i:i + 1])[0] for i, side in enumerate(sides)]
+        # squeezed, not indexed: `[0]` is a gather, a kernel of its own to build on a first load
+        maps = [self._head.point(side, dec[i:i + 1]).squeeze(0) for i, side in enumerate(sides)]
         mx.eval(sides, maps)
         t2 = time.perf_counter()
         peak = mx.get_peak_memory()
@@ -536,10 +537,11 @@ class MlxEngine:
         t2 = time.perf_counter()
         timings = {"forward": (t1 - t0) * 1e3, "head": (t2 - t1) * 1e3}
         peak = mx.get_peak_memory()
-        return [self._result(job, maps[i], {"preprocess": job.preprocess_ms, **timings}, peak,
+        rows = np.array(maps, dtype=np.float32)      # one copy out, and no gather per row
+        return [self._result(job, rows[i], {"preprocess": job.preprocess_ms, **timings}, peak,
                              cached_tokens=entry.prefix) for i, job in enumerate(jobs)]
 
-    def _result(self, job: PreparedJob, scores: mx.array, timings: dict, peak: int,
+    def _result(self, job: PreparedJob, scores: mx.array | np.ndarray, timings: dict, peak: int,
                 cached_tokens: int = 0) -> GroundingResult | JobError:
         t3 = time.perf_counter()
         s = np.array(scores, dtype=np.float32)

@@ -330,24 +330,28 @@ class FastLanguageModel:
             # through a weak reference: a bound method would keep this object, and the weights its
             # trace holds, alive after an unload until the garbage collector finds the cycle
             me = weakref.ref(self)
-            self._tail_fn = (traced_with, mx.compile(lambda *args: me()._tail(*args)))
-        return self._tail_fn[1](kept, h, position_ids, mx.array(pointers, dtype=mx.int32))
-
-    def _tail(self, kept: list[tuple[mx.array, mx.array]], h: mx.array, position_ids: mx.array,
-              pointers: mx.array) -> mx.array:
-        """`pointer_state_after`'s graph; pointers [B] int32."""
-        b, t, _ = h.shape
-        prefix = kept[0][0].shape[2]
+            self._tail_fn = (traced_with, mx.compile(lambda *args: me()._tail_layers(*args)))
+        # The rotary tables and the pointer rows stay outside the trace: inside it, MLX fused
+        # their small elementwise chains into nine kernels of their own, each built by NVRTC for
+        # 3-7 s on a machine's first load (~40 s on an H200; bench/RESULTS.md, thirty-ninth
+        # session). Outside it they run as MLX's prebuilt kernels. They are ~25 of ~420 operations.
         cos, sin = (mx.contiguous(x) for x in self.lm.layers[0].self_attn.rotary_emb(h, position_ids))
+        h, q, k, v = self._tail_fn[1](kept, h, cos, sin)
+        return self._at_pointers(h, q, k, v, self.layers[-1][1], mx.array(pointers, dtype=mx.int32),
+                                 offset=kept[0][0].shape[2])
+
+    def _tail_layers(self, kept: list[tuple[mx.array, mx.array]], h: mx.array, cos: mx.array,
+                     sin: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """`pointer_state_after`'s traced graph: every layer but the last, then the last one's
+        inputs -> (h, q, k, v) for `_at_pointers`."""
+        b, t, _ = h.shape
         for (block, rest), (pk, pv) in zip(self.layers[:-1], kept[:-1]):
             q, k, v = self._attention_inputs_after(h, block, cos, sin, pk, pv)
             # "causal" aligns the last query with the last key: tail token i sees the prefix and
             # the tail up to itself
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal")
             h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, t, -1), *rest, self.eps, self.dequantize_rows)
-        block, rest = self.layers[-1]
-        q, k, v = self._attention_inputs_after(h, block, cos, sin, *kept[-1])
-        return self._at_pointers(h, q, k, v, rest, pointers, offset=prefix)
+        return (h, *self._attention_inputs_after(h, self.layers[-1][0], cos, sin, *kept[-1]))
 
     def _at_pointers(self, h, q, k, v, rest, ptr: mx.array, offset: int = 0) -> mx.array:
         """The last layer at the pointer rows only (ptr [B], each row's pointer index): their
