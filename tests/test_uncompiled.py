@@ -1,7 +1,7 @@
 """Load probes' references run uncompiled (workers/mlx/uncompiled.py), so that a machine's first
 load builds only the fused kernels serving uses. The kernels are MLX's CPU JIT's here (a
-machine with no C++ compiler builds none, and the subprocess test skips); on CUDA the same
-fusions are NVRTC builds of 3-7 s each (bench/RESULTS.md)."""
+machine with no C++ compiler builds none, and the tests that count them skip); on CUDA the same
+fusions are NVRTC builds of 3-7 s each (bench/RESULTS.md, thirty-ninth session)."""
 import os
 import subprocess
 import sys
@@ -78,7 +78,8 @@ PROBE = textwrap.dedent("""
     mx.eval(fast.pointer_states(h, pos, [69, 40]))      # what serving builds for these shapes
     served = kernels()
     assert fast.agrees_with(text)
-    print("SERVED", len(served), "PROBE", len(kernels() - served), *sorted(kernels() - served))
+    print("SERVED", len(served))
+    print("PROBE", *sorted(kernels() - served))
     whole, kept = fast.pointer_states(h[:1], pos[:, :1], [60], keep=[40])
     before = kernels()
     mx.eval(fast.pointer_state_after(kept[0], h[:1, 40:], pos[:, :1, 40:], [20]))
@@ -86,27 +87,30 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def test_the_language_models_load_probe_builds_no_kernel_serving_does_not(tmp_path):
-    env = {**os.environ, "TMPDIR": str(tmp_path)}     # MLX's CPU JIT writes under the temp dir
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory) -> dict[str, list[str]]:
+    """PROBE's lines by their first word, run with an empty CPU JIT cache; skips where that JIT
+    built nothing (no C++ compiler)."""
+    tmp = tmp_path_factory.mktemp("jit")
+    env = {**os.environ, "TMPDIR": str(tmp)}          # MLX's CPU JIT writes under the temp dir
     env.pop("MLX_DISABLE_COMPILE", None)
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "checkpoint")], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp / "checkpoint")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    line = next(l for l in out.stdout.splitlines() if l.startswith("SERVED"))
-    words = line.split()
-    if int(words[1]) == 0:
+    lines = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines() if line.strip()}
+    if int(lines["SERVED"][0]) == 0:
         pytest.skip("MLX's CPU JIT built nothing here (no C++ compiler?)")
-    assert words[3] == "0", line     # before uncompiled(), mlx-vlm's forward built two fused kernels
+    return lines
 
 
-def test_a_cached_questions_trace_fuses_no_rotary_table_or_mask(tmp_path):
+def test_the_language_models_load_probe_builds_no_kernel_serving_does_not(probe_run):
+    # before uncompiled(), mlx-vlm's forward built a fused kernel of its own here (its SwiGLU)
+    assert probe_run["PROBE"] == []
+
+
+def test_a_cached_questions_trace_fuses_no_rotary_table_or_mask(probe_run):
     """Inside the tail's `mx.compile` trace, the rotary tables' sin and cos and the pointer rows'
     mask fused into kernels only the tail used (nine NVRTC builds, ~40 s of a first load on an
     H200); they are computed outside it now."""
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    env.pop("MLX_DISABLE_COMPILE", None)
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "checkpoint")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    tail = next(l for l in out.stdout.splitlines() if l.startswith("TAIL")).split()[1:]
+    tail = probe_run["TAIL"]
     assert not [k for k in tail if any(op in k for op in ("Sin", "Cos", "LessEqual"))], tail
