@@ -263,7 +263,7 @@ class FastLanguageModel:
         block, rest = self.layers[-1]
         q, k, v = self._attention_inputs(h, block, cos, sin)
         self._keep(kept, k, v, keep)
-        states = self._at_pointers(h, q, k, v, rest, mx.array(pointer_pos))
+        states = self._at_pointers(h, q, k, v, rest, pointer_pos)
         return (states, kept) if keep is not None else states
 
     def helper_layers(self, split: "Split", batch: int, length: int, pace: RunAhead) -> None:
@@ -337,8 +337,7 @@ class FastLanguageModel:
         # session). Outside it they run as MLX's prebuilt kernels. They are ~25 of ~420 operations.
         cos, sin = (mx.contiguous(x) for x in self.lm.layers[0].self_attn.rotary_emb(h, position_ids))
         h, q, k, v = self._tail_fn[1](kept, h, cos, sin)
-        return self._at_pointers(h, q, k, v, self.layers[-1][1], mx.array(pointers, dtype=mx.int32),
-                                 offset=kept[0][0].shape[2])
+        return self._at_pointers(h, q, k, v, self.layers[-1][1], pointers, offset=kept[0][0].shape[2])
 
     def _tail_layers(self, kept: list[tuple[mx.array, mx.array]], h: mx.array, cos: mx.array,
                      sin: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
@@ -353,12 +352,11 @@ class FastLanguageModel:
             h = _mlp_block(h, o.transpose(0, 2, 1, 3).reshape(b, t, -1), *rest, self.eps, self.dequantize_rows)
         return (h, *self._attention_inputs_after(h, self.layers[-1][0], cos, sin, *kept[-1]))
 
-    def _at_pointers(self, h, q, k, v, rest, ptr: mx.array, offset: int = 0) -> mx.array:
-        """The last layer at the pointer rows only (ptr [B], each row's pointer index): their
-        queries over the keys up to them (the queries' rows sit `offset` positions after the first
-        key), MLP, final norm -> [B, C]."""
+    def _at_pointers(self, h, q, k, v, rest, pointer_pos: list[int], offset: int = 0) -> mx.array:
+        """The last layer at the pointer rows only: their queries over the keys up to them (the
+        queries' rows sit `offset` positions after the first key), MLP, final norm -> [B, C]."""
         b = h.shape[0]
-        rows = mx.arange(b)
+        rows, ptr = mx.arange(b), mx.array(pointer_pos)
         q_ptr = q[rows, :, ptr][:, :, None]                                         # [B, H, 1, D]
         visible = (mx.arange(k.shape[2])[None, :] <= ptr[:, None] + offset)[:, None, None]
         o = mx.fast.scaled_dot_product_attention(q_ptr, k, v, scale=self.scale, mask=visible)
