@@ -1,7 +1,7 @@
 """Load probes' references run uncompiled (workers/mlx/uncompiled.py), so that a machine's first
 load builds only the fused kernels serving uses. The kernels are MLX's CPU JIT's here (a
 machine with no C++ compiler builds none, and the tests that count them skip); on CUDA the same
-fusions are NVRTC builds of 3-7 s each (bench/RESULTS.md, thirty-ninth session)."""
+fusions are NVRTC builds, 2.3-7.9 s apart on an H200 (bench/RESULTS.md, thirty-ninth session)."""
 import os
 import subprocess
 import sys
@@ -110,7 +110,7 @@ def test_the_language_models_load_probe_builds_no_kernel_serving_does_not(probe_
 
 def test_a_cached_questions_trace_fuses_no_rotary_table_or_mask(probe_run):
     """Inside the tail's `mx.compile` trace, the rotary tables' sin and cos and the pointer rows'
-    mask fused into kernels only the tail used (nine NVRTC builds, ~40 s of a first load on an
+    mask fused into kernels only the tail used (nine NVRTC builds, 31.9 s of a first load on an
     H200); they are computed outside it now."""
     tail = probe_run["TAIL"]
     assert not [k for k in tail if any(op in k for op in ("Sin", "Cos", "LessEqual"))], tail

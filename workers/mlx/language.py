@@ -332,9 +332,9 @@ class FastLanguageModel:
             me = weakref.ref(self)
             self._tail_fn = (traced_with, mx.compile(lambda *args: me()._tail_layers(*args)))
         # The rotary tables and the pointer rows stay outside the trace: inside it, MLX fused
-        # their small elementwise chains into nine kernels of their own, each built by NVRTC for
-        # 3-7 s on a machine's first load (~40 s on an H200; bench/RESULTS.md, thirty-ninth
-        # session). Outside it they run as MLX's prebuilt kernels. They are ~25 of ~420 operations.
+        # their small elementwise chains into nine kernels of their own, built by NVRTC on a
+        # machine's first load (31.9 s of it on an H200; bench/RESULTS.md, thirty-ninth session).
+        # Outside it they run as MLX's prebuilt kernels. They are ~25 of ~420 operations.
         cos, sin = (mx.contiguous(x) for x in self.lm.layers[0].self_attn.rotary_emb(h, position_ids))
         h, q, k, v = self._tail_fn[1](kept, h, cos, sin)
         return self._at_pointers(h, q, k, v, self.layers[-1][1], pointers, offset=kept[0][0].shape[2])

@@ -1,7 +1,7 @@
 """The load probes' reference paths, run with `mx.compile` off.
 
 Why: on CUDA, each elementwise chain that `mx.compile` fuses is a kernel MLX builds with NVRTC the
-first time it runs on a machine (its kernel cache empty): 3-7 s each on an H200 host, most of a
+first time it runs on a machine (its kernel cache empty): 2.3-7.9 s apart on an H200 host, most of a
 first load's two minutes (bench/RESULTS.md, thirty-ninth session). A probe's reference (mlx-vlm's
 language-model forward; the ViT's rotary in MLX ops where the CUDA kernels replace it) runs only
 at load, so its fused kernels were built for nothing. With compile off its ops run as MLX's
