@@ -39,7 +39,8 @@ import os
 import mlx.core as mx
 
 from workers.mlx import cuda_sm90, nvrtc
-from workers.mlx.cuda_rotary import ROTARY_HELPERS, kernel_name, rotate_qk
+from workers.mlx.cuda_kernel import Kernel
+from workers.mlx.cuda_rotary import ROTARY_HELPERS, rotate_qk
 from workers.mlx.uncompiled import uncompiled
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,9 @@ _TILES_SOURCE = """
 """
 
 
+TILER = Kernel("vit_flash_tiles", ["qkv", "cos", "sin"], ["out"], _TILES_SOURCE, ROTARY_HELPERS)
+
+
 def smem_bytes(head_dim: int, warpgroups: int) -> int:
     return 64 * warpgroups * head_dim * 2 + STAGES * 2 * BKV * head_dim * 2 + 8 * (2 * STAGES + 1)
 
@@ -286,17 +290,14 @@ class CudaFlashAttention:
         src = source(heads, head_dim)
         flags = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
         self.name = f"vit_flash_sm90_{hashlib.sha256((src + repr(flags)).encode()).hexdigest()[:12]}"
-        self.cubin, self.log = nvrtc.compile_cubin(src, "sm_90a", flags + [f"-DKNAME={self.name}", "--ptxas-options=-v"])
+        self.cubin, self.log = nvrtc.cached_cubin(src, "sm_90a", flags + [f"-DKNAME={self.name}", "--ptxas-options=-v"])
         self.sl2_bits = cuda_sm90.float_bits(scale * 1.4426950408889634)    # the scale times log2(e)
-        self.tiler = mx.fast.cuda_kernel(name=kernel_name("vit_flash_tiles", _TILES_SOURCE, ROTARY_HELPERS),
-                                         input_names=["qkv", "cos", "sin"], output_names=["out"],
-                                         source=_TILES_SOURCE, header=ROTARY_HELPERS)
 
     def tiles(self, qkv: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         """[3, H, T, 128*D]: rotated q, rotated k, v, in the attention kernel's tiles."""
         n, hd = qkv.shape[0], self.head_dim
         t = -(-n // BKV)
-        (out,) = self.tiler(inputs=[qkv, cos, sin],
+        (out,) = TILER(inputs=[qkv, cos, sin],
                             template=[("T", qkv.dtype), ("HEADS", self.heads), ("HALF", hd // 2), ("ROWS", BKV)],
                             grid=(3 * self.heads * t * 256, 1, 1), threadgroup=(256, 1, 1),
                             output_shapes=[(3, self.heads, t, BKV * hd)], output_dtypes=[qkv.dtype])

@@ -44,7 +44,7 @@ import os
 import mlx.core as mx
 
 from workers.mlx import cuda_sm90, nvrtc
-from workers.mlx.cuda_rotary import kernel_name
+from workers.mlx.cuda_kernel import Kernel
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,9 @@ _TILES_SOURCE = """
 """
 
 
+TILER = Kernel("head_attention_tiles", ["qkv"], ["out"], _TILES_SOURCE, _TILES_HEADER)
+
+
 class CudaHeadAttention:
     """qkv [n, 3*H*D] float32 (the in-projection's output, q;k;v) -> softmax(q k^T / sqrt(D)) v,
     [n, H*D] float32, token-major (what the out-projection takes)."""
@@ -257,11 +260,8 @@ class CudaHeadAttention:
         self.heads, self.head_dim, self.bkv = heads, head_dim, bkv
         src = source(heads, head_dim, bkv)
         self.name = f"head_attention_sm90_{hashlib.sha256(src.encode()).hexdigest()[:12]}"
-        self.cubin, self.log = nvrtc.compile_cubin(src, "sm_90a", [f"-DKNAME={self.name}", "--ptxas-options=-v"])
+        self.cubin, self.log = nvrtc.cached_cubin(src, "sm_90a", [f"-DKNAME={self.name}", "--ptxas-options=-v"])
         self.sl2_bits = cuda_sm90.float_bits(head_dim ** -0.5 * 1.4426950408889634)   # the scale times log2(e)
-        self.tiler = mx.fast.cuda_kernel(name=kernel_name("head_attention_tiles", _TILES_SOURCE, _TILES_HEADER),
-                                         input_names=["qkv"], output_names=["out"],
-                                         source=_TILES_SOURCE, header=_TILES_HEADER)
 
     def tiles(self, qkv: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q [H, ceil(n/64), 64*D], k [H, T, BKV*D], v transposed [H, T, D*BKV], in the kernel's order."""
@@ -270,7 +270,7 @@ class CudaHeadAttention:
         for part, rows, cols, tok in ((0, BQ, hd, BQ), (1, bkv, hd, bkv), (2, hd, bkv, bkv)):
             t = -(-n // tok)
             pieces = heads * t * rows * cols // 4
-            (x,) = self.tiler(inputs=[qkv], template=[("PART", part), ("ROWS", rows), ("COLS", cols), ("HEADS", heads)],
+            (x,) = TILER(inputs=[qkv], template=[("PART", part), ("ROWS", rows), ("COLS", cols), ("HEADS", heads)],
                               grid=(-(-pieces // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
                               output_shapes=[(heads, t, rows * cols // 4, 4)], output_dtypes=[mx.float32])
             out.append(x.reshape(heads, t, rows * cols))

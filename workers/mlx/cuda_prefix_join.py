@@ -23,7 +23,8 @@ import logging
 
 import mlx.core as mx
 
-from workers.mlx.cuda_rotary import kernel_name, on_cuda, rotate_half
+from workers.mlx.cuda_kernel import Kernel
+from workers.mlx.cuda_rotary import on_cuda, rotate_half
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,7 @@ class CudaPrefixJoin:
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int):
         self.heads, self.kv_heads, self.half = heads, kv_heads, head_dim // 2
-        self.kernel = mx.fast.cuda_kernel(
-            name=kernel_name("lm_prefix_join", _SOURCE, _HEADER), input_names=["qkv", "cos", "sin", "pk", "pv"],
-            output_names=["q", "k", "v"], source=_SOURCE, header=_HEADER)
+        self.kernel = Kernel("lm_prefix_join", ["qkv", "cos", "sin", "pk", "pv"], ["q", "k", "v"], _SOURCE, _HEADER)
 
     def __call__(self, qkv, cos, sin, pk, pv):
         b, t, _ = qkv.shape

@@ -15,11 +15,11 @@ the MLX-ops path.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import mlx.core as mx
 
+from workers.mlx.cuda_kernel import Kernel
 from workers.mlx.uncompiled import uncompiled
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,7 @@ class CudaRotary:
 
     def __init__(self, heads: int, head_dim: int):
         self.heads, self.half = heads, head_dim // 2
-        self.kernel = mx.fast.cuda_kernel(name=kernel_name("vit_qkv_rotary", _SOURCE, ROTARY_HELPERS),
-                                          input_names=["qkv", "cos", "sin"], output_names=["out"],
-                                          source=_SOURCE, header=ROTARY_HELPERS)
+        self.kernel = Kernel("vit_qkv_rotary", ["qkv", "cos", "sin"], ["out"], _SOURCE, ROTARY_HELPERS)
 
     def __call__(self, qkv: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
         n = qkv.shape[0]
@@ -72,15 +70,6 @@ class CudaRotary:
                              grid=(n * 2 * self.heads * self.half, 1, 1), threadgroup=(256, 1, 1),
                              output_shapes=[(n, 2, self.heads, 2 * self.half)], output_dtypes=[qkv.dtype])
         return out
-
-
-def kernel_name(name: str, source: str, header: str = "") -> str:
-    """`name` tagged with a digest of the kernel's source and the header it is given. MLX's CUDA
-    backend caches compiled kernels on disk under their name and template arguments
-    (`cu::get_jit_module` asks for the source only on a miss), across processes and versions of
-    this code: an edited kernel, or one whose header was edited, under an unchanged name would run
-    its old build."""
-    return f"{name}_{hashlib.sha256((header + source).encode()).hexdigest()[:12]}"
 
 
 def rotate_half(x: mx.array) -> mx.array:

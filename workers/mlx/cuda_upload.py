@@ -29,7 +29,8 @@ import mlx.core as mx
 import numpy as np
 
 from workers.mlx.cuda_driver import CudaError, Driver
-from workers.mlx.cuda_rotary import kernel_name, on_cuda
+from workers.mlx.cuda_kernel import Kernel
+from workers.mlx.cuda_rotary import on_cuda
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ class _Address:
     """The device address of an MLX array's buffer, read by a kernel on the device."""
 
     def __init__(self):
-        self.kernel = mx.fast.cuda_kernel(name=kernel_name("buffer_address", _ADDRESS_SOURCE),
-                                          input_names=["buf"], output_names=["addr"], source=_ADDRESS_SOURCE)
+        self.kernel = Kernel("buffer_address", ["buf"], ["addr"], _ADDRESS_SOURCE)
 
     def __call__(self, a: mx.array) -> int:
         (addr,) = self.kernel(inputs=[a], grid=(1, 1, 1), threadgroup=(1, 1, 1),

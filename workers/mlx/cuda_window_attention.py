@@ -23,7 +23,8 @@ import logging
 
 import mlx.core as mx
 
-from workers.mlx.cuda_rotary import ROTARY_HELPERS, kernel_name, on_cuda, rotate_qk
+from workers.mlx.cuda_kernel import Kernel
+from workers.mlx.cuda_rotary import ROTARY_HELPERS, on_cuda, rotate_qk
 from workers.mlx.uncompiled import uncompiled
 from workers.mlx.vision import attend
 
@@ -32,9 +33,6 @@ log = logging.getLogger(__name__)
 WINDOW_MAX = 64       # tokens per window: 8 x 8 patches (112-pixel windows of 14-pixel patches)
 
 BF16_HELPERS = """
-__device__ __forceinline__ unsigned short bf16_bits(float x) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-}
 __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
     return (unsigned int)bf16_bits(lo) | ((unsigned int)bf16_bits(hi) << 16);
 }
@@ -83,8 +81,8 @@ _SOURCE = """
             q2b = bf16_bits(rotary_second(q1, q2, c, s));
             k1b = bf16_bits(rotary_first(k1, k2, c, s));
             k2b = bf16_bits(rotary_second(k1, k2, c, s));
-            v1b = __bfloat16_as_ushort(qkv[base + 2 * HEADS * D]);
-            v2b = __bfloat16_as_ushort(qkv[base + 2 * HEADS * D + HALF]);
+            v1b = qkv[base + 2 * HEADS * D].bits;
+            v2b = qkv[base + 2 * HEADS * D + HALF].bits;
         }
         qs[r * QS + d] = q1b;
         qs[r * QS + d + HALF] = q2b;
@@ -185,9 +183,8 @@ class CudaWindowAttention:
     def __init__(self, heads: int, head_dim: int, scale: float):
         self.heads, self.half = heads, head_dim // 2
         self.scale = mx.array([scale], dtype=mx.float32)
-        self.kernel = mx.fast.cuda_kernel(name=kernel_name(self.name, self.source, self.header),
-                                          input_names=["qkv", "cos", "sin", "win_start", "win_size", "scale"],
-                                          output_names=["out"], source=self.source, header=self.header)
+        self.kernel = Kernel(self.name, ["qkv", "cos", "sin", "win_start", "win_size", "scale"], ["out"],
+                             self.source, self.header)
 
     def __call__(self, qkv: mx.array, cos: mx.array, sin: mx.array, starts: mx.array, sizes: mx.array) -> mx.array:
         threads = self.threads

@@ -1,17 +1,24 @@
-"""CUDA C++ to a cubin for one GPU architecture, with NVRTC through ctypes (MLX CUDA backend only).
+"""CUDA C++ to a cubin for one GPU architecture, with NVRTC through ctypes (MLX CUDA backend only),
+kept on disk.
 
 Why not `mx.fast.cuda_kernel`: MLX compiles those for `sm_XY`, and Hopper's warpgroup instructions
-(`wgmma`) exist only for the architecture-specific target `sm_90a`. `mx.fast.precompiled_cuda_kernel`
-runs a cubin built elsewhere; this builds it, with the NVRTC library that MLX's CUDA build itself
-loads (the `nvidia-cuda-nvrtc` wheel, or the CUDA toolkit's).
+(`wgmma`) exist only for the architecture-specific target `sm_90a`; and MLX 0.32.4 builds them again
+in every process (workers/mlx/cuda_kernel.py). `mx.fast.precompiled_cuda_kernel` runs a cubin built
+elsewhere; this builds it, with the NVRTC library that MLX's CUDA build itself loads (the
+`nvidia-cuda-nvrtc` wheel, or the CUDA toolkit's), and keeps it for the next process.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
+import hashlib
+import json
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 _SONAMES = ("libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so")
 
@@ -37,6 +44,52 @@ def _library() -> ctypes.CDLL:
         except OSError:
             continue
     raise NvrtcError("libnvrtc not found")
+
+
+def version() -> tuple[int, int]:
+    """NVRTC's (major, minor)."""
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    if _library().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) != 0:
+        raise NvrtcError("nvrtcVersion failed")
+    return major.value, minor.value
+
+
+def cache_dir() -> Path:
+    """Where builds are kept: the kernel cache folder, which MLX keeps its own kernels in
+    (`MLX_PTX_CACHE_DIR`; the worker points it into `cache_dir`), else one in the temp folder."""
+    return Path(os.environ.get("MLX_PTX_CACHE_DIR") or Path(tempfile.gettempdir()) / "gui-grounding-kernels")
+
+
+@functools.lru_cache(maxsize=None)
+def _version_or_none() -> tuple[int, int] | None:
+    try:
+        return version()
+    except NvrtcError:
+        return None
+
+
+def cached_cubin(source: str, arch: str, options: list[str] = ()) -> tuple[bytes, str]:
+    """`compile_cubin`, kept on disk under a digest of the source, the architecture, the options
+    and NVRTC's version: built once per machine, read back (~1 ms) by every later process. Where
+    the folder cannot be written, it is built each time."""
+    key = json.dumps([source, arch, list(options), _version_or_none()])
+    path = cache_dir() / f"nvrtc-{hashlib.sha256(key.encode()).hexdigest()[:32]}.cubin"
+    try:
+        cubin = path.read_bytes()
+        if cubin[:4] == b"\x7fELF":
+            return cubin, path.with_suffix(".log").read_text()
+    except OSError:
+        pass
+    cubin, log = compile_cubin(source, arch, options)
+    try:                                   # written whole, then renamed: a reader never sees half
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for suffix, data in ((".log", log.encode()), (".cubin", cubin)):
+            tmp = path.with_suffix(f"{suffix}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path.with_suffix(suffix))
+    except OSError:
+        pass
+    return cubin, log
 
 
 def compile_cubin(source: str, arch: str, options: list[str] = ()) -> tuple[bytes, str]:
