@@ -8,7 +8,8 @@ driver cache (CUDA_CACHE_PATH): the first loads with the cache empty, the second
 Each loads the engine (the load probe, then the warm-up at --size, as a worker does) and times the
 load, a first request at --size and a question about the same screenshot (the screenshot cache's
 path). After the cold child, the kernels it wrote, in the order written, with the seconds since the
-one before (~ its compile time, plus whatever ran in between).
+one before (~ its compile time, plus whatever ran in between; the kernel prebuild's helpers,
+workers/mlx/prebuild.py, build theirs at the same time, and the load's lines about them are shown).
 Modes: bf16; 8 or 4 (quantize, the engine as it is); "4:before" (the rule before: MLX's quantized
 matmul under 512 rows, the load probe's reference in one call).
 """
@@ -25,6 +26,8 @@ from pathlib import Path
 
 
 def child(path: str, mode: str, size: str) -> None:
+    import logging
+
     import mlx.core as mx
 
     from bench.screens import png_bytes
@@ -38,6 +41,7 @@ def child(path: str, mode: str, size: str) -> None:
         engine.dequantize_rows_here = lambda: 512
         language.probe_reference_step_here = lambda packed: 0
     w, h = (int(v) for v in size.split("x"))
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")     # the load's lines, for the parent
     spec = ModelSpec(path=path, dtype="bfloat16", quantize=None if bits == "bf16" else int(bits),
                      max_pixels=5_720_064, warmup=[size])
     eng = MlxEngine(spec, EngineOptions("first-load", tempfile.gettempdir(), 1 << 30))
@@ -57,6 +61,9 @@ def child(path: str, mode: str, size: str) -> None:
 def run_child(path: str, mode: str, size: str, env: dict) -> dict:
     proc = subprocess.run([sys.executable, "-m", "bench.first_load", path, "--child", mode, "--size", size],
                           env=env, capture_output=True, text=True)
+    for line in proc.stderr.splitlines():
+        if "prebuild" in line or "loaded" in line:
+            print("   ", line, flush=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -84,17 +91,17 @@ def main() -> None:
     if a.child:
         child(a.checkpoint, a.child, a.size)
         return
-    summary = ["| mode | cache | load s | first request ms | cached question ms | kernels written |",
-               "|---|---|---|---|---|---|"]
+    summary = ["| mode | cache | load s | first request ms | cached question ms | MLX's kernels | ours |",
+               "|---|---|---|---|---|---|---|"]
     for mode in a.modes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             cache = Path(tmp) / "mlx-kernels"
             env = dict(os.environ, MLX_PTX_CACHE_DIR=str(cache), CUDA_CACHE_PATH=str(Path(tmp) / "nv"))
             for state in ("empty", "full"):
                 r = run_child(a.checkpoint, mode, a.size, env)
-                count = sum(1 for p in cache.rglob("*") if p.is_file()) if cache.exists() else 0
+                mlx_kernels, ours = len(list(cache.glob("*.ptx"))), len(list(cache.glob("nvrtc-*.cubin")))
                 summary.append(f"| {mode} | {state} | {r['load_s']:.1f} | {r['first_request_ms']:.0f} | "
-                               f"{r['cached_question_ms']:.0f} | {count} |")
+                               f"{r['cached_question_ms']:.0f} | {mlx_kernels} | {ours} |")
                 print(summary[-1], flush=True)
                 if state == "empty":
                     print(f"\n{mode}: kernels in the order written\n\n| file | KB | s since the one before |\n"

@@ -70,9 +70,10 @@ def _model_config(arch, ckpt: Checkpoint, vocab: int):
     return cfg
 
 
-def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None):
+def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None, lm_layers: int | None = None):
     """-> (mlx-vlm Model, head tensors {name: array} in float32). Checks every parameter against
-    the checkpoint (missing tensor / wrong shape -> CheckpointError naming tensor and file)."""
+    the checkpoint (missing tensor / wrong shape -> CheckpointError naming tensor and file).
+    `lm_layers`: keep only the language model's first layers (workers/mlx/prebuild.py's helpers)."""
     embed = ckpt.tensors.get("model.embed_tokens.weight") or ckpt.tensors.get("model.language_model.embed_tokens.weight")
     if embed is None:
         raise CheckpointError("checkpoint is missing tensor model.embed_tokens.weight")
@@ -83,6 +84,9 @@ def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None
         raise CheckpointError(f"config.json does not describe a valid {ckpt.model_type} model: {exc}") from None
     if "lm_head" in model.language_model:  # grounding never computes vocab logits
         model.language_model.pop("lm_head")
+    if lm_layers is not None:
+        text = model.language_model.model
+        text.layers = text.layers[:lm_layers]
     expected = dict(tree_flatten(model.parameters()))
 
     arrays: dict[str, mx.array] = {}

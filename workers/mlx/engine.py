@@ -32,6 +32,7 @@ from workers.mlx.language import FastLanguageModel, dequantize_rows_here, split_
 from workers.mlx.run_ahead import RunAhead
 from workers.mlx.split import Helpers
 from workers.mlx import cpu_blas, cuda_upload, resize
+from workers.mlx.prebuild import Prebuild
 from workers.mlx.vision import FastQwen2Vision, FastVision, normalized_patches
 from workers.mlx.vision_qwen2_5 import FastQwen25Vision
 from workers.parallel_resize import learn_now
@@ -131,6 +132,7 @@ class MlxEngine:
         self._weights_bytes = 0
         self._vision: FastVision | None = None   # our vision forward (both backbones)
         self._helpers: Helpers | None = None       # a vision split's helper processes (gpus_per_replica)
+        self._prebuild: Prebuild | None = None     # a fresh CUDA machine's kernel builders, during a load
         self._device_resize = False
         self._upload: cuda_upload.CudaUpload | None = None   # screenshots to a CUDA GPU in one copy
         self._lm: FastLanguageModel | None = None     # our language-model forward; None: mlx-vlm's
@@ -161,6 +163,10 @@ class MlxEngine:
             if self._helpers is not None:
                 self._helpers.unload()
             raise
+        finally:
+            if self._prebuild is not None:
+                self._prebuild.stop()
+                self._prebuild = None
 
     def _start_helpers(self) -> Helpers:
         """The vision split's helpers, started at the first load; they live as long as the worker
@@ -187,6 +193,8 @@ class MlxEngine:
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
         dtype = resolve_dtype(self.spec.dtype)
+        self._prebuild = Prebuild.start(path, ckpt.model_type, self.spec.dtype, self.spec.quantize,
+                                        sum(f.stat().st_size for f in ckpt.weight_files), _device_memory())
         model, head_tensors = load_backbone(ckpt, dtype, self.spec.quantize)
         vocab, hidden = model.language_model.model.embed_tokens.weight.shape
         if max(ids.values()) >= vocab:
@@ -218,6 +226,8 @@ class MlxEngine:
         log.info("pointer head in float32: its matmuls run %s here (relative error %.1e); its self-attention "
                  "runs %s", "in full float32" if err < 1e-5 else "as TF32 (MLX_ENABLE_TF32=0 for full float32)", err,
                  "as the CUDA kernel" if head.self_attention.fused is not None else "as MLX ops")
+        if self._prebuild is not None:      # the image side's kernels: from here on
+            self._prebuild.wait()
         # resize on a GPU: exact there, ~1 ms instead of ~14 ms of host CPU per 1080p screenshot
         self._device_resize = mx.default_device() == mx.gpu and resize.matches_pil_here()
         if mx.default_device() == mx.gpu and not self._device_resize:
@@ -232,6 +242,8 @@ class MlxEngine:
             self._helpers.wait_loaded()
         self._warm_up()
         self._cache.clear()
+        if self._prebuild is not None:
+            self._prebuild.done()
         seconds = time.perf_counter() - t0
         log.info("loaded %s (%s, %s, %.1f MB) in %.2fs", path, ckpt.model_type, dtype,
                  self._weights_bytes / 1e6, seconds)
