@@ -298,9 +298,9 @@ class CudaFlashAttention:
         n, hd = qkv.shape[0], self.head_dim
         t = -(-n // BKV)
         (out,) = TILER(inputs=[qkv, cos, sin],
-                            template=[("T", qkv.dtype), ("HEADS", self.heads), ("HALF", hd // 2), ("ROWS", BKV)],
-                            grid=(3 * self.heads * t * 256, 1, 1), threadgroup=(256, 1, 1),
-                            output_shapes=[(3, self.heads, t, BKV * hd)], output_dtypes=[qkv.dtype])
+                       template=[("T", qkv.dtype), ("HEADS", self.heads), ("HALF", hd // 2), ("ROWS", BKV)],
+                       grid=(3 * self.heads * t * 256, 1, 1), threadgroup=(256, 1, 1),
+                       output_shapes=[(3, self.heads, t, BKV * hd)], output_dtypes=[qkv.dtype])
         return out
 
     def attend(self, tiles: mx.array, n: int) -> mx.array:

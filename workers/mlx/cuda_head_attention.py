@@ -271,8 +271,8 @@ class CudaHeadAttention:
             t = -(-n // tok)
             pieces = heads * t * rows * cols // 4
             (x,) = TILER(inputs=[qkv], template=[("PART", part), ("ROWS", rows), ("COLS", cols), ("HEADS", heads)],
-                              grid=(-(-pieces // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
-                              output_shapes=[(heads, t, rows * cols // 4, 4)], output_dtypes=[mx.float32])
+                         grid=(-(-pieces // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+                         output_shapes=[(heads, t, rows * cols // 4, 4)], output_dtypes=[mx.float32])
             out.append(x.reshape(heads, t, rows * cols))
         return out[0], out[1], out[2]
 

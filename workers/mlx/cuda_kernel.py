@@ -1,9 +1,10 @@
-"""Our element-wise CUDA kernels, built by NVRTC once per machine and kept on disk (MLX CUDA backend only).
+"""Our CUDA kernels written as `mx.fast.cuda_kernel` bodies, built by NVRTC once per machine and kept
+on disk (MLX CUDA backend only).
 
 Why: with `mx.fast.cuda_kernel`, MLX 0.32.4 compiles a kernel with NVRTC in every process and keeps
-the build nowhere: 1.4-1.8 s per kernel on an H200, 4.6-5.0 s for the head's three tilers, so that
-~11 s of a 2B model's 14 s load went to rebuilding the same five kernels at every worker start and
-every reload after an eviction (bench/RESULTS.md, fortieth session).
+the build nowhere: 1.4-1.8 s per kernel on an H200, 4.6-5.0 s for the head's three tilings, so that
+~11 s of a 2B model's 14 s load went to the same seven builds at every worker start and every
+reload after an eviction (bench/RESULTS.md, fortieth session).
 
 How: `Kernel` writes the kernel that `mx.fast.cuda_kernel` would from the same body (the inputs,
 then the outputs, as pointers; each template argument a constant; `x_shape` for an input `x` whose
