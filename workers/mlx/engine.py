@@ -193,7 +193,7 @@ class MlxEngine:
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
         dtype = resolve_dtype(self.spec.dtype)
-        self._prebuild = Prebuild.start(path, ckpt.model_type, self.spec.dtype, self.spec.quantize,
+        self._prebuild = Prebuild.start(path, self.spec.dtype, self.spec.quantize,
                                         sum(f.stat().st_size for f in ckpt.weight_files), _device_memory())
         model, head_tensors = load_backbone(ckpt, dtype, self.spec.quantize)
         vocab, hidden = model.language_model.model.embed_tokens.weight.shape
@@ -242,8 +242,6 @@ class MlxEngine:
             self._helpers.wait_loaded()
         self._warm_up()
         self._cache.clear()
-        if self._prebuild is not None:
-            self._prebuild.done()
         seconds = time.perf_counter() - t0
         log.info("loaded %s (%s, %s, %.1f MB) in %.2fs", path, ckpt.model_type, dtype,
                  self._weights_bytes / 1e6, seconds)

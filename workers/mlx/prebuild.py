@@ -10,8 +10,9 @@ model). Meanwhile two helper processes build the image side's on small inputs, e
 cache of its own: `pixels` the device resize and the patches' normalization, `image` the vision
 tower and the pointer head's image side (the checkpoint read without its language-model layers).
 The worker waits for them before the first step that uses their kernels, and moves what they built
-into its cache. A marker in the cache says that this model type, dtype and quantization were done;
-a helper that fails costs only its time (the worker builds what is missing itself, as before).
+into its cache. Only a load into an empty cache starts them: where MLX has built kernels before,
+they would mostly rebuild what is there while the worker waited for them. A helper that fails costs
+only its time (the worker builds what is missing itself, as before).
 """
 from __future__ import annotations
 
@@ -30,38 +31,36 @@ STAGES = ("pixels", "image")
 IMAGE_GRID = (32, 32)            # patches of the helper's screenshot (448 x 448 px): every kernel, little work
 WAIT_S = 180.0                   # a helper still running after this is stopped (the worker builds the rest)
 HELPER_MEMORY = 8 << 30          # device memory the helpers may take beside the weights (~2-4 GB measured)
-MARKER = "gui-grounding-prebuilt"
 
 
-def marker(cache: Path, model_type: str, dtype: str, quantize: int | None, mlx_version: str) -> Path:
-    return cache / f"{MARKER}-{model_type}-{dtype}-q{quantize or 0}-mlx{mlx_version}"
+def needed(folder: str | None, cuda: bool, weights_bytes: int, device_bytes: int) -> bool:
+    """Whether a load would build every kernel and the helpers fit: MLX on CUDA, its kernel cache
+    folder known (`MLX_PTX_CACHE_DIR`; the worker sets it) and holding none of MLX's kernels, and
+    room on the device beside the weights."""
+    return (bool(folder) and cuda and device_bytes >= weights_bytes + HELPER_MEMORY
+            and not any(Path(folder).glob("*.ptx")))
 
 
 class Prebuild:
-    """The helpers of one load: `start`, then `wait` before the image side's first kernel, then
-    `done` once the load has succeeded (`stop` ends them early)."""
+    """The helpers of one load: `start`, then `wait` before the image side's first kernel (`stop`
+    ends them early)."""
 
-    def __init__(self, cache: Path, mark: Path, procs: list[tuple[str, subprocess.Popen, Path]], t0: float):
-        self.cache, self.mark, self.procs, self.t0 = cache, mark, procs, t0
+    def __init__(self, cache: Path, procs: list[tuple[str, subprocess.Popen, Path]], t0: float):
+        self.cache, self.procs, self.t0 = cache, procs, t0
 
     @classmethod
-    def start(cls, path: Path, model_type: str, dtype: str, quantize: int | None, weights_bytes: int,
+    def start(cls, path: Path, dtype: str, quantize: int | None, weights_bytes: int,
               device_bytes: int) -> "Prebuild | None":
-        """The helpers, started, where this load would build kernels they can build beside it: MLX
-        on CUDA, its kernel cache folder set (`MLX_PTX_CACHE_DIR`; the worker sets it), no marker
-        for this model there, and room on the device for them. None otherwise."""
-        import mlx.core as mx
-
+        """The helpers, started where `needed`; else None."""
         from workers.mlx.cuda_rotary import on_cuda
 
         folder = os.environ.get("MLX_PTX_CACHE_DIR")
-        if not folder or not on_cuda() or device_bytes < weights_bytes + HELPER_MEMORY:
+        if not needed(folder, on_cuda(), weights_bytes, device_bytes):
             return None
-        mark = marker(Path(folder), model_type, dtype, quantize, mx.__version__)
-        return None if mark.exists() else cls.launch(Path(folder), mark, path, dtype, quantize)
+        return cls.launch(Path(folder), path, dtype, quantize)
 
     @classmethod
-    def launch(cls, cache: Path, mark: Path, path: Path, dtype: str, quantize: int | None) -> "Prebuild":
+    def launch(cls, cache: Path, path: Path, dtype: str, quantize: int | None) -> "Prebuild":
         """A helper per stage, each building into its own folder under `cache`."""
         _remove_orphans(cache)
         procs = []
@@ -79,7 +78,7 @@ class Prebuild:
             except OSError as exc:
                 log.warning("kernel prebuild helper %s not started: %s", stage, exc)
         log.info("building the image side's GPU kernels beside the load (%s)", ", ".join(s for s, _, _ in procs))
-        return cls(cache, mark, procs, time.perf_counter())
+        return cls(cache, procs, time.perf_counter())
 
     def wait(self) -> None:
         """Wait for the helpers (each at most until WAIT_S after the start), and move what they
@@ -101,13 +100,6 @@ class Prebuild:
                 log.warning("kernel prebuild %s failed (exit %s): %s", stage, proc.returncode, err)
             shutil.rmtree(own, ignore_errors=True)
         self.procs = []
-
-    def done(self) -> None:
-        """The load succeeded: later loads of this model need no helpers."""
-        try:
-            self.mark.touch()
-        except OSError:
-            pass
 
     def stop(self) -> None:
         for _, proc, own in self.procs:
