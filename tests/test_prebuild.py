@@ -65,7 +65,7 @@ def test_the_worker_waits_and_moves_their_kernels_into_its_cache(tmp_path, caplo
     assert (cache / "kept.ptx").read_text() == "the worker's own"           # a kernel already there is kept
     # the helpers' folders are gone, and the killed worker's; the live one's stays
     assert [p.name for p in cache.iterdir() if p.name.startswith(".prebuild")] == [f".prebuild-{os.getppid()}-image"]
-    assert "kernel prebuild pixels: " in caplog.text and "kernel prebuild image: " in caplog.text
+    assert "kernel prebuild inputs: " in caplog.text and "kernel prebuild image: " in caplog.text
 
 
 def test_a_failing_helper_is_reported_and_costs_the_load_nothing(tmp_path, caplog):

@@ -6,9 +6,10 @@ model's 62 s load (bench/RESULTS.md, thirty-ninth and fortieth sessions). One bu
 core busy; the machine has others.
 
 How: the worker's own load builds the language model's kernels first (its probe runs the language
-model). Meanwhile two helper processes build the image side's on small inputs, each with a kernel
-cache of its own: `pixels` the device resize and the patches' normalization, `image` the vision
-tower and the pointer head's image side (the checkpoint read without its language-model layers).
+model). Meanwhile two helper processes build the rest on small inputs, each with a kernel cache of
+its own: `inputs` the device resize, the patches' normalization and the prompt's token embedding,
+`image` the vision tower and the pointer head's image side (the checkpoint read without its
+language-model layers).
 The worker waits for them before the first step that uses their kernels, and moves what they built
 into its cache. Only a load into an empty cache starts them: where MLX has built kernels before,
 they would mostly rebuild what is there while the worker waited for them. A helper that fails costs
@@ -27,7 +28,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pixels", "image")
+STAGES = ("inputs", "image")
 IMAGE_GRID = (32, 32)            # patches of the helper's screenshot (448 x 448 px): every kernel, little work
 WAIT_S = 180.0                   # a helper still running after this is stopped (the worker builds the rest)
 HELPER_MEMORY = 8 << 30          # device memory the helpers may take beside the weights (~2-4 GB measured)
@@ -77,7 +78,7 @@ class Prebuild:
                                                           stderr=err), own))
             except OSError as exc:
                 log.warning("kernel prebuild helper %s not started: %s", stage, exc)
-        log.info("building the image side's GPU kernels beside the load (%s)", ", ".join(s for s, _, _ in procs))
+        log.info("building GPU kernels beside the load (%s)", ", ".join(s for s, _, _ in procs))
         return cls(cache, procs, time.perf_counter())
 
     def wait(self) -> None:
@@ -139,6 +140,8 @@ def _move_kernels(own: Path, cache: Path) -> int:
 def run_stage(stage: str, path: Path, dtype_name: str, quantize: int | None) -> None:
     """One helper's work: the stage's part of a forward on small inputs, which builds its kernels."""
     import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
 
     from workers.mlx import resize
     from workers.mlx.backbone import resolve_dtype
@@ -146,9 +149,14 @@ def run_stage(stage: str, path: Path, dtype_name: str, quantize: int | None) -> 
 
     dtype = resolve_dtype(dtype_name)
     gh, gw = IMAGE_GRID
-    if stage == "pixels":                   # MLX and PIL only: no model code to import
+    if stage == "inputs":                   # no model code to import, no weights to read
         resize.matches_pil_here()           # the device resize, as the worker checks it at load
         mx.eval(normalized_patches(mx.zeros((gh * 14, gw * 14, 3), mx.uint8), dtype))
+        # the prompt's embedding lookup as pointer_states_batch makes it (MLX names a gather's
+        # kernel by its dtypes and number of indices alone: the table's size does not matter)
+        table = nn.Embedding(16, 8)
+        table.set_dtype(dtype)
+        mx.eval(table(mx.array(np.arange(4, dtype=np.int32))))
         return
     from workers.mlx.backbone import load_backbone
     from workers.mlx.checkpoint import read_checkpoint
