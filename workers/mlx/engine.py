@@ -226,7 +226,7 @@ class MlxEngine:
         log.info("pointer head in float32: its matmuls run %s here (relative error %.1e); its self-attention "
                  "runs %s", "in full float32" if err < 1e-5 else "as TF32 (MLX_ENABLE_TF32=0 for full float32)", err,
                  "as the CUDA kernel" if head.self_attention.fused is not None else "as MLX ops")
-        if self._prebuild is not None:      # the image side's kernels: from here on
+        if self._prebuild is not None:      # the helpers' kernels are used from here on
             self._prebuild.wait()
         # resize on a GPU: exact there, ~1 ms instead of ~14 ms of host CPU per 1080p screenshot
         self._device_resize = mx.default_device() == mx.gpu and resize.matches_pil_here()

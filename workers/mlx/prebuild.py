@@ -1,4 +1,4 @@
-"""A fresh CUDA machine's MLX kernels for the image side, built beside the first load by helper processes.
+"""A fresh CUDA machine's MLX kernels, built beside the first load by helper processes.
 
 Why: where MLX's kernel cache is empty, a model's first load waits while MLX builds each of the
 forward's kernels with NVRTC, one at a time inside its evaluations: 2.3-7.9 s each, ~50 of the 2B
@@ -9,11 +9,10 @@ How: the worker's own load builds the language model's kernels first (its probe 
 model). Meanwhile two helper processes build the rest on small inputs, each with a kernel cache of
 its own: `inputs` the device resize, the patches' normalization and the prompt's token embedding,
 `image` the vision tower and the pointer head's image side (the checkpoint read without its
-language-model layers).
-The worker waits for them before the first step that uses their kernels, and moves what they built
-into its cache. Only a load into an empty cache starts them: where MLX has built kernels before,
-they would mostly rebuild what is there while the worker waited for them. A helper that fails costs
-only its time (the worker builds what is missing itself, as before).
+language-model layers). The worker waits for them before the first step that uses their kernels,
+and moves what they built into its cache. Only a load into an empty cache starts them: where MLX
+has built kernels before, they would mostly rebuild what is there while the worker waited for them.
+A helper that fails costs only its time (the worker builds what is missing itself, as before).
 """
 from __future__ import annotations
 
@@ -43,8 +42,8 @@ def needed(folder: str | None, cuda: bool, weights_bytes: int, device_bytes: int
 
 
 class Prebuild:
-    """The helpers of one load: `start`, then `wait` before the image side's first kernel (`stop`
-    ends them early)."""
+    """The helpers of one load: `start`, then `wait` before the first step that uses their kernels
+    (`stop` ends them early)."""
 
     def __init__(self, cache: Path, procs: list[tuple[str, subprocess.Popen, Path]], t0: float):
         self.cache, self.procs, self.t0 = cache, procs, t0
