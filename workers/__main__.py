@@ -31,9 +31,10 @@ def default_prep_threads() -> int:
 
 
 def keep_kernel_cache(cache_dir: str) -> None:
-    """Point MLX's CUDA kernel cache into our cache folder unless the user chose one. MLX's default
-    is /tmp/mlx/<version>/ptx, which many systems empty at boot; an empty cache makes the first
-    forward compile every kernel again (36 s at 1080p on an H100, bench/RESULTS.md)."""
+    """Point MLX's CUDA kernel cache into our cache folder unless the user chose one (our own
+    kernels' builds go there too, workers/mlx/nvrtc.py). MLX's default is /tmp/mlx/<version>/ptx,
+    which many systems empty at boot; an empty cache makes the first forward compile every kernel
+    again (36 s at 1080p on an H100, bench/RESULTS.md)."""
     if "MLX_PTX_CACHE_DIR" in os.environ:
         return
     try:
