@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from common.config import ModelSpec
+from tests.native import skip_without_nvrtc
 from workers.engine import EngineOptions
 from workers.mlx import cuda_flash_attention as cfa
 from workers.mlx import nvrtc
@@ -60,20 +61,12 @@ def test_nvrtc_failures_are_nvrtc_errors():
     assert "compile failed" in str(err.value) or "not found" in str(err.value)
 
 
-def _nvrtc_or_skip():
-    try:
-        nvrtc._library()
-    except nvrtc.NvrtcError:
-        # the test extra installs nvidia-cuda-nvrtc on x86-64 Linux; NVIDIA ships none for macOS
-        pytest.skip("NVRTC is not installed on this platform")
-
-
 @pytest.mark.parametrize("heads", [16, 8])                # a whole ViT, and half its heads (a split)
 def test_attention_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(heads):
     # What a worker on an H100 compiles at load. ptxas reports two silent slowdowns: registers
     # spilled to memory, and wgmma serialized because a product stayed in flight where ptxas
     # cannot follow it (C7513/C7514: an edit to the loop's order brings them back).
-    _nvrtc_or_skip()
+    skip_without_nvrtc()
     cubin, log = nvrtc.compile_cubin(cfa.source(heads, 80), "sm_90a", ["-DKNAME=k", "--ptxas-options=-v"])
     assert cubin[:4] == b"\x7fELF"
     assert "0 bytes spill stores, 0 bytes spill loads" in log

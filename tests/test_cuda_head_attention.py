@@ -15,6 +15,7 @@ from mlx.utils import tree_map
 
 from bench.head_attention import float64_attention
 from common.config import ModelSpec
+from tests.native import skip_without_nvrtc
 from workers.engine import EngineOptions
 from workers.mlx import cuda_head_attention as cha
 from workers.mlx import nvrtc
@@ -64,18 +65,11 @@ def test_the_head_hands_the_kernel_qkv_and_takes_token_major_heads():
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
 
 
-def _nvrtc_or_skip():
-    try:
-        nvrtc._library()
-    except nvrtc.NvrtcError:
-        pytest.skip("NVRTC is not installed on this platform")
-
-
 @pytest.mark.parametrize("head_dim", [192, 256])
 def test_kernel_compiles_for_sm90a_without_spills_or_serialized_wgmma(head_dim):
     # What a worker on an H100/H200 compiles at load (C7513/C7514: wgmma serialized because a product
     # stayed in flight where ptxas cannot follow it)
-    _nvrtc_or_skip()
+    skip_without_nvrtc()
     bkv = cha.key_tile(head_dim)
     src = cha.source(8, head_dim, bkv)
     assert f"m64n{bkv}k8.f32.tf32.tf32" in src and f"m64n{head_dim}k8.f32.tf32.tf32" in src

@@ -9,19 +9,13 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 
+from tests.native import skip_without_nvrtc  # noqa: E402
 from workers.mlx import cuda_flash_attention as cfa  # noqa: E402
 from workers.mlx import cuda_head_attention as cha  # noqa: E402
 from workers.mlx import cuda_prefix_join as cpj  # noqa: E402
 from workers.mlx import cuda_rotary, cuda_upload, nvrtc  # noqa: E402
 from workers.mlx import cuda_window_attention as cwa  # noqa: E402
 from workers.mlx.cuda_kernel import Kernel  # noqa: E402
-
-
-def _nvrtc_or_skip():
-    try:
-        nvrtc._library()
-    except nvrtc.NvrtcError:
-        pytest.skip("NVRTC is not installed on this platform")
 
 
 def test_the_text_declares_what_mlx_would_for_the_same_body():
@@ -62,7 +56,7 @@ SERVED = [
 @pytest.mark.parametrize("kernel, template, dtypes, ndims, outs, archs", SERVED,
                          ids=lambda v: v.name if isinstance(v, Kernel) else None)
 def test_every_kernel_compiles_for_the_gpus_it_serves(kernel, template, dtypes, ndims, outs, archs):
-    _nvrtc_or_skip()
+    skip_without_nvrtc()
     text = kernel.text(template, dtypes, tuple(n if s else 0 for n, s in zip(ndims, kernel.shaped)), outs)
     for arch in archs:
         cubin, log = nvrtc.compile_cubin(text.replace("KNAME", "k"), arch, ["--ptxas-options=-v"])
@@ -71,7 +65,7 @@ def test_every_kernel_compiles_for_the_gpus_it_serves(kernel, template, dtypes, 
 
 
 def test_a_build_is_made_once_and_read_back(tmp_path, monkeypatch):
-    _nvrtc_or_skip()
+    skip_without_nvrtc()
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "kernels"))
     builds = []
     compile_cubin = nvrtc.compile_cubin
@@ -96,7 +90,7 @@ def test_a_build_is_made_once_and_read_back(tmp_path, monkeypatch):
 
 
 def test_a_folder_that_cannot_be_written_still_gives_the_build(tmp_path, monkeypatch):
-    _nvrtc_or_skip()
+    skip_without_nvrtc()
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(blocker / "kernels"))     # under a file: mkdir fails
