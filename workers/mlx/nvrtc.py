@@ -46,33 +46,30 @@ def _library() -> ctypes.CDLL:
     raise NvrtcError("libnvrtc not found")
 
 
-def version() -> tuple[int, int]:
-    """NVRTC's (major, minor)."""
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    if _library().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) != 0:
-        raise NvrtcError("nvrtcVersion failed")
-    return major.value, minor.value
-
-
 def cache_dir() -> Path:
     """Where builds are kept: the kernel cache folder, which MLX keeps its own kernels in
     (`MLX_PTX_CACHE_DIR`; the worker points it into `cache_dir`), else one in the temp folder."""
     return Path(os.environ.get("MLX_PTX_CACHE_DIR") or Path(tempfile.gettempdir()) / "gui-grounding-kernels")
 
 
-@functools.lru_cache(maxsize=None)
-def _version_or_none() -> tuple[int, int] | None:
+@functools.cache
+def _version() -> tuple[int, int] | None:
+    """NVRTC's (major, minor), for the builds' keys; None where it cannot be had (the build then
+    fails with its own error)."""
+    major, minor = ctypes.c_int(), ctypes.c_int()
     try:
-        return version()
+        if _library().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) != 0:
+            return None
     except NvrtcError:
         return None
+    return major.value, minor.value
 
 
 def cached_cubin(source: str, arch: str, options: list[str] = ()) -> tuple[bytes, str]:
     """`compile_cubin`, kept on disk under a digest of the source, the architecture, the options
     and NVRTC's version: built once per machine, read back (~1 ms) by every later process. Where
     the folder cannot be written, it is built each time."""
-    key = json.dumps([source, arch, list(options), _version_or_none()])
+    key = json.dumps([source, arch, list(options), _version()])
     path = cache_dir() / f"nvrtc-{hashlib.sha256(key.encode()).hexdigest()[:32]}.cubin"
     try:
         cubin = path.read_bytes()
