@@ -53,6 +53,8 @@ class TensorInfo:
     file: Path
     dtype: str                      # safetensors dtype name (F32, BF16, ...)
     shape: tuple[int, ...]
+    start: int                      # its bytes in the file: [start, end) from the file's beginning
+    end: int
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             start, end = meta["data_offsets"]
-            out[name] = TensorInfo(path, meta["dtype"], tuple(int(d) for d in meta["shape"]))
+            out[name] = TensorInfo(path, meta["dtype"], tuple(int(d) for d in meta["shape"]),
+                                   8 + n + int(start), 8 + n + int(end))
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path.name}: bad header entry for tensor {name}") from None
         if end > size - 8 - n:
