@@ -49,7 +49,7 @@ SERVED = [
     (cwa.CudaWindowAttention(16, 80, 0.1).kernel, (("T", mx.bfloat16), ("HEADS", 16), ("HALF", 40), ("WMAX", 64)),
      (mx.bfloat16, mx.float32, mx.float32, mx.int32, mx.int32, mx.float32), (2, 2, 2, 1, 1, 1), (mx.bfloat16,),
      ("sm_80", "sm_90")),
-    (cuda_upload._Address().kernel, (), (mx.uint8,), (1,), (mx.uint64,), ELEMENTWISE),
+    *[(cuda_upload.Addresses(w).kernel, (), (mx.uint8,) * w, (1,) * w, (mx.uint64,), ELEMENTWISE) for w in (1, 32)],
 ]
 
 

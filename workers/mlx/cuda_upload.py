@@ -36,21 +36,26 @@ log = logging.getLogger(__name__)
 
 POOL_FREE_BYTES = 256 << 20      # page-locked buffers kept for reuse beyond this are released
 
-_ADDRESS_SOURCE = """
-    if (blockIdx.x == 0 && threadIdx.x == 0) addr[0] = reinterpret_cast<unsigned long long>(buf);
-"""
+class Addresses:
+    """The device addresses of MLX arrays' buffers, read by a kernel on the device, `width` at a
+    time (the screenshot upload takes one; a checkpoint's read, workers/mlx/cuda_weights.py, many)."""
 
+    def __init__(self, width: int = 1):
+        self.width = width
+        source = "\n".join(f"    if (blockIdx.x == 0 && threadIdx.x == 0) addr[{i}] = "
+                           f"reinterpret_cast<unsigned long long>(buf{i});" for i in range(width))
+        self.kernel = Kernel(f"buffer_addresses_{width}", [f"buf{i}" for i in range(width)], ["addr"], source)
 
-class _Address:
-    """The device address of an MLX array's buffer, read by a kernel on the device."""
-
-    def __init__(self):
-        self.kernel = Kernel("buffer_address", ["buf"], ["addr"], _ADDRESS_SOURCE)
-
-    def __call__(self, a: mx.array) -> int:
-        (addr,) = self.kernel(inputs=[a], grid=(1, 1, 1), threadgroup=(1, 1, 1),
-                              output_shapes=[(1,)], output_dtypes=[mx.uint64])
-        return int(np.array(addr)[0])          # waits for the kernel, and so for `a`'s zeros
+    def __call__(self, arrays: list[mx.array]) -> list[int]:
+        """Waits for the kernels, and so for the arrays (their zeros, say)."""
+        out = []
+        for i in range(0, len(arrays), self.width):
+            group = arrays[i:i + self.width]
+            (addr,) = self.kernel(inputs=group + group[-1:] * (self.width - len(group)), grid=(1, 1, 1),
+                                  threadgroup=(1, 1, 1), output_shapes=[(self.width,)], output_dtypes=[mx.uint64])
+            out.append((len(group), addr))
+        mx.eval([addr for _, addr in out])
+        return [int(a) for n, addr in out for a in np.array(addr)[:n]]
 
 
 class PinnedPool:
@@ -108,7 +113,7 @@ class CudaUpload:
 
     def __init__(self, driver: Driver):
         self._driver = driver
-        self._address = _Address()
+        self._address = Addresses()
         self.host_buffer = PinnedPool(driver, driver.context())
 
     def __call__(self, host: np.ndarray) -> mx.array:
@@ -116,7 +121,7 @@ class CudaUpload:
             raise TypeError(f"uploads take uint8 arrays, not {host.dtype}")
         host = np.ascontiguousarray(host)
         buf = mx.zeros((max(1, host.nbytes),), mx.uint8)
-        addr = self._address(buf)
+        (addr,) = self._address([buf])
         self._driver.cuMemcpyHtoD_v2(addr, host.ctypes.data, host.nbytes)
         self._driver.cuStreamSynchronize(None)        # the copy has landed before MLX reads it
         return buf[:host.nbytes].reshape(host.shape)
