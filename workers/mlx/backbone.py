@@ -14,6 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from workers.families.gui_actor import HEAD_PREFIX
+from workers.mlx import cuda_weights
 from workers.mlx.checkpoint import QUANT_GROUP, Checkpoint, CheckpointError, packed_by_quantize
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -89,25 +90,26 @@ def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None
         text.layers = text.layers[:lm_layers]
     expected = dict(tree_flatten(model.parameters()))
 
-    arrays: dict[str, mx.array] = {}
-    for f in ckpt.weight_files:
-        try:
-            arrays.update(mx.load(str(f)))
-        except Exception as exc:  # mlx raises RuntimeError/ValueError for unreadable files
-            raise CheckpointError(f"cannot read {f.name}: {exc}") from None
-    head = {k: v for k, v in arrays.items() if k.startswith(HEAD_PREFIX)}
-    weights = []
-    by_mlx = {mlx_name(k): k for k in arrays if not k.startswith(HEAD_PREFIX)}
+    by_mlx = {mlx_name(k): k for k in ckpt.tensors if not k.startswith(HEAD_PREFIX)}
+    sources = {}
     for name, param in expected.items():
         src = by_mlx.get(name)
         if src is None:
             raise CheckpointError(f"checkpoint is missing tensor {checkpoint_name(name)}")
+        shape = ckpt.tensors[src].shape
+        if name.endswith("patch_embed.proj.weight") and len(shape) == 5 and shape[1] == 3:
+            shape = (shape[0], *shape[2:], shape[1])     # transposed below
+        if shape != tuple(param.shape):
+            raise CheckpointError(f"tensor {src} in {ckpt.tensors[src].file.name} has shape "
+                                  f"{list(ckpt.tensors[src].shape)}, expected {list(param.shape)}")
+        sources[name] = src
+    arrays = _read(ckpt, [*sources.values(), *(k for k in ckpt.tensors if k.startswith(HEAD_PREFIX))])
+    head = {k: v for k, v in arrays.items() if k.startswith(HEAD_PREFIX)}
+    weights = []
+    for name, src in sources.items():
         v = arrays[src]
         if name.endswith("patch_embed.proj.weight") and v.ndim == 5 and v.shape[1] == 3:
             v = v.transpose(0, 2, 3, 4, 1)  # PyTorch Conv3d [out, C, T, H, W] -> MLX [out, T, H, W, C]
-        if tuple(v.shape) != tuple(param.shape):
-            raise CheckpointError(f"tensor {src} in {ckpt.tensors[src].file.name} has shape "
-                                  f"{list(arrays[src].shape)}, expected {list(param.shape)}")
         weights.append((name, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v))
     model.load_weights(weights, strict=True)
     if quantize:
@@ -117,6 +119,22 @@ def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None
     mx.eval(model.parameters())
     model.eval()
     return model, head
+
+
+def _read(ckpt: Checkpoint, names: list[str]) -> dict[str, mx.array]:
+    """The named tensors as stored: on CUDA straight to the device on several threads
+    (workers/mlx/cuda_weights.py), else (or where that declines) by mx.load, which reads a
+    tensor when it is first evaluated."""
+    direct = cuda_weights.read({k: ckpt.tensors[k] for k in names})
+    if direct is not None:
+        return direct
+    arrays: dict[str, mx.array] = {}
+    for f in ckpt.weight_files:
+        try:
+            arrays.update(mx.load(str(f)))
+        except Exception as exc:  # mlx raises RuntimeError/ValueError for unreadable files
+            raise CheckpointError(f"cannot read {f.name}: {exc}") from None
+    return {k: arrays[k] for k in names}
 
 
 def encode_image(model, pixel_values: np.ndarray, grid_thw: tuple[int, int, int]) -> mx.array:
