@@ -172,6 +172,24 @@ def test_bfloat16_quantized_and_sharded(tmp_path):
     assert np.isfinite(np.frombuffer(d.attention, "<f4")).all() and d.points
 
 
+def test_a_load_that_converts_the_weights_peaks_near_the_models_size(tmp_path):
+    # the tiny checkpoint is stored as float32: as bfloat16 the stored copies (2x the model) must
+    # not all be held at once, only the one being converted
+    from mlx.utils import tree_flatten
+
+    from workers.mlx.backbone import load_backbone
+    from workers.mlx.checkpoint import read_checkpoint
+    ckpt = read_checkpoint(write_tiny_checkpoint(tmp_path / "ckpt", "qwen2_vl"))
+    mx.synchronize()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    model, head = load_backbone(ckpt, mx.bfloat16)
+    params = [v for _, v in tree_flatten(model.parameters())]
+    kept = sum(v.nbytes for v in params) + sum(v.nbytes for v in head.values())
+    assert all(v.dtype == mx.bfloat16 for v in params)
+    assert mx.get_peak_memory() - before <= 1.1 * (kept + 2 * max(v.nbytes for v in params))
+
+
 def test_non_finite_attention_is_a_job_error(tmp_path):
     # weights that overflow (a dtype too narrow for them, say) give a NaN map: an error, no points
     eng = _engine("tiny:qwen2_vl", tmp_path)

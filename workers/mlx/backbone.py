@@ -107,10 +107,16 @@ def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None
     head = {k: v for k, v in arrays.items() if k.startswith(HEAD_PREFIX)}
     weights = []
     for name, src in sources.items():
-        v = arrays[src]
+        v = arrays.pop(src)
         if name.endswith("patch_embed.proj.weight") and v.ndim == 5 and v.shape[1] == 3:
             v = v.transpose(0, 2, 3, 4, 1)  # PyTorch Conv3d [out, C, T, H, W] -> MLX [out, T, H, W, C]
-        weights.append((name, v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v))
+        if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype:
+            # one tensor at a time, so the stored copy is gone before the next is converted: the
+            # load's peak stays near the model's size (a bf16 checkpoint as float32 on the CPU
+            # peaked at both copies, 1.5x the model)
+            v = v.astype(dtype)
+            mx.eval(v)
+        weights.append((name, v))
     model.load_weights(weights, strict=True)
     if quantize:
         nn.quantize(model.language_model, group_size=QUANT_GROUP, bits=quantize,
