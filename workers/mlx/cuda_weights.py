@@ -10,7 +10,7 @@ How: MLX allocates each tensor's device buffer (`mx.zeros`), a kernel reads the 
 bytes: many small tensors or a part of a large one), each read into a page-locked buffer of the
 thread's own. Every tensor's part of it goes to the device with `cuMemcpyHtoD`, which from
 page-locked memory runs at the bus's speed and returns when the bytes have landed, so the buffer
-can take the next run. A small tensor of each file is then compared with mx.load's.
+can take the next run. Each file's CHECKED smallest tensors are then compared with mx.load's.
 
 Where MLX does not run on CUDA, the driver or a call fails, a tensor's dtype is not one MLX holds,
 its size disagrees with its shape, or the comparison fails, `read` returns None and the caller uses
