@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.torchless import keep_torch_out
+from workers.torchless import keep_torch_and_transformers_out
 
-keep_torch_out()    # before mlx_vlm comes in below: this process is a worker, as `python -m workers` is
+keep_torch_and_transformers_out()   # before mlx_vlm comes in below: this process is a worker, as `python -m workers` is
 
 from bench.screens import png_bytes  # noqa: E402
 from common.config import ModelSpec  # noqa: E402

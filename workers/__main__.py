@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 from common.config import AppConfig, ModelSpec, add_config_argument, expand_path, load_or_exit
 from common.logs import configure_logging
 from workers.engine import HELPER_GPUS_ENV, EngineOptions, make_engine
-from workers.torchless import keep_torch_out
+from workers.torchless import keep_torch_and_transformers_out
 from workers.worker import Worker, WorkerSettings
 
 SUPERVISOR_PID_ENV = "GROUNDING_SUPERVISOR_PID"   # set by workers/supervisor.py for its children
@@ -81,7 +81,7 @@ def worker_settings(cfg: AppConfig, model_id: str, spec: ModelSpec, options: Eng
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
-    keep_torch_out()
+    keep_torch_and_transformers_out()
     parser = argparse.ArgumentParser(prog="python -m workers", description="Run one model worker.")
     add_config_argument(parser)
     parser.add_argument("--model", required=True, metavar="ID",

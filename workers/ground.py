@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from common.config import AppConfig, ModelSpec, expand_path
-from workers.torchless import keep_torch_out
+from workers.torchless import keep_torch_and_transformers_out
 
 
 def _positive(name: str, low: int = 1, high: int | None = None):
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keep_torch_out()
+    keep_torch_and_transformers_out()
     args = parse_args(argv)
     try:
         with open(args.image, "rb") as fh:

@@ -175,8 +175,8 @@ def run_stage(stage: str, path: Path, dtype_name: str, quantize: int | None) -> 
 
 
 def main() -> int:
-    from workers.torchless import keep_torch_out
-    keep_torch_out()
+    from workers.torchless import keep_torch_and_transformers_out
+    keep_torch_and_transformers_out()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stage", choices=STAGES, required=True)
     p.add_argument("--path", type=Path, required=True)

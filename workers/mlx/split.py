@@ -55,7 +55,7 @@ from typing import Callable
 import mlx.core as mx
 
 from common.zmqutil import free_port
-from workers.torchless import keep_torch_out
+from workers.torchless import keep_torch_and_transformers_out
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def helper_main(rank: int, ranks: int, parent: int) -> int:
 
 
 def main() -> int:
-    keep_torch_out()
+    keep_torch_and_transformers_out()
     ap = argparse.ArgumentParser(prog="python -m workers.mlx.split", description="A vision split's helper rank.")
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--ranks", type=int, required=True)
