@@ -44,3 +44,14 @@ def test_it_leaves_an_imported_mlx_vlm_as_it_is():
             "assert sys.modules['mlx_vlm'] is before and hasattr(before, 'generate'); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_a_process_that_never_runs_mlx_does_not_import_it_at_exit():
+    # a fake engine's worker calls it too: the stream cleanup it registers must not load MLX then
+    code = ("import sys\n"
+            "sys.addaudithook(lambda ev, args: ev == 'import' and args[0].startswith('mlx')"
+            " and print('imported', args[0], file=sys.stderr))\n"
+            "from workers.torchless import keep_torch_and_transformers_out\n"
+            "keep_torch_and_transformers_out()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "imported" not in proc.stderr, proc.stderr[-2000:]

@@ -41,7 +41,12 @@ def keep_torch_and_transformers_out() -> None:
     sys.modules["mlx_vlm"] = importlib.util.module_from_spec(spec)
     for name in PROCESSORS:
         sys.modules.setdefault(name, types.ModuleType(name))
-    # what mlx_vlm's __init__ would have registered: MLX's thread-local streams released before
-    # the interpreter's teardown
-    from mlx_vlm._stream_cleanup import clear_mlx_streams
-    atexit.register(clear_mlx_streams)
+    atexit.register(_release_mlx_streams)
+
+
+def _release_mlx_streams() -> None:
+    """What mlx_vlm's __init__ registers at its import: MLX's thread-local streams released before
+    the interpreter's teardown. Only where MLX ran (a fake engine's worker never imports it)."""
+    if "mlx.core" in sys.modules:
+        from mlx_vlm._stream_cleanup import clear_mlx_streams
+        clear_mlx_streams()
