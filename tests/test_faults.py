@@ -579,7 +579,10 @@ def test_broker_kill9_and_restart_over_http(tmp_path):
         assert post(st.http_base, chat_body("m1"))[0] == 200
         print(f"\nbroker restart: health back after {recovered_s:.2f}s")
 
-        # graceful stop with one job in flight: answered, then the broker leaves at once
+        # graceful stop with one job in flight: answered, then the broker leaves at once. The job
+        # before may still be live at the broker (its answer came straight from the worker), and
+        # counting it as this one would send the SIGTERM before this one's SUBMIT
+        wait_for(lambda: st.query(p.Q_STATS)["jobs"]["live"] == 0, 5, what="earlier jobs gone from the broker")
         with ThreadPoolExecutor(1) as pool:
             fut = pool.submit(post, st.http_base, chat_body("m1", fake={"sleep_ms": 600}))
             wait_for(lambda: st.query(p.Q_STATS)["jobs"]["live"] == 1, 5, what="job at the broker")
