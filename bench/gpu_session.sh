@@ -3,7 +3,7 @@
 #   source .gpu/b/setup.sh && bash bench/gpu_session.sh [steps...]
 # Steps (default all, in this order): env vit 2b e2e2b 7b e2e7b; also: prep lm q25 e2e3b25 q25_7b cmp2b first
 # coldfirst e2e2b1080 mem newsize png decab head plans still e2eformats e2eall e2ecache tail e2ecache7b
-# agent agent7b pause varlen e2ebusy body evict quant quant7b e2eq firstload qtail replicas (2 GPUs) replicas4 (4 GPUs) agentreplicas (2 GPUs)
+# agent agent7b pause varlen e2ebusy body evict imports quant quant7b e2eq firstload qtail replicas (2 GPUs) replicas4 (4 GPUs) agentreplicas (2 GPUs)
 # towerops wattn split (2 GPUs) tpprobe (2 GPUs) split4 (4 GPUs) split7b (2 GPUs) splitfaults (2 GPUs) splitcmp (2 GPUs) splitcmp7b (2 GPUs) q25split (2 GPUs) q25split7b (2 GPUs) nccl (2 GPUs) rows (2 GPUs) idlehops energy fp8 finishing finishing8 awake direct
 # The worker decodes PNGs with imagecodecs, whose wheel (26 MB) does not fit beside .gpu/b in one
 # call's carry. Here: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .gpu/ic imagecodecs
@@ -105,6 +105,7 @@ for s in $steps; do case $s in
          run e2ebusy 500 python3 -m bench.e2e --model-path /tmp/ga2b --dtype bfloat16 --sizes 1920x1080 \
              --content plain,busy --concurrency 1,8 --requests 48 --no-repeat --torch-baseline .gpu/b/prefill_floor.py ;;
   body)  run body 180 python3 -m bench.body_cost ;;
+  imports) run imports 200 python3 -m bench.worker_imports --runs 5 ;;
   evict) [ -d /tmp/ga2b ] || run ckpt2b 180 python3 -m bench.write_checkpoint /tmp/ga2b
          [ -d /tmp/ga7b ] || run ckpt7b 300 python3 -m bench.write_checkpoint /tmp/ga7b --shape 7b
          run evict 450 python3 -m bench.eviction --skip-fake --mlx-models /tmp/ga2b,/tmp/ga7b --dtype bfloat16 ;;
