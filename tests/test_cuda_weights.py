@@ -99,6 +99,16 @@ def test_a_failed_copy_stops_every_thread_and_is_raised(tmp_path):
     assert len(copies) < len(runs)
 
 
+def test_tensors_mlx_cannot_hold_as_stored_are_left_to_mx_load(tmp_path):
+    from workers.mlx.checkpoint import TensorInfo
+    f = tmp_path / "w.safetensors"
+    assert cuda_weights.readable(TensorInfo(f, "BF16", (3, 4), 100, 124))
+    assert cuda_weights.readable(TensorInfo(f, "BOOL", (0, 4), 100, 100))
+    assert not cuda_weights.readable(TensorInfo(f, "BF16", (3, 4), 100, 120))        # fewer bytes than its shape
+    assert not cuda_weights.readable(TensorInfo(f, "F8_E4M3", (3, 4), 100, 112))     # a dtype MLX does not hold
+    assert not cuda_weights.readable(TensorInfo(f, "F64", (2,), 0, 16))
+
+
 def test_read_declines_off_cuda(tmp_path):
     if mx.cuda.is_available():
         pytest.skip("the CUDA backend is here")

@@ -129,12 +129,8 @@ def execute(runs: list[Run], buffers: list[tuple[memoryview, int]], copy: Callab
 def read(tensors: dict[str, TensorInfo], threads: int = THREADS, chunk: int = CHUNK) -> dict[str, mx.array] | None:
     """name -> MLX array on the device holding the tensor's bytes as stored, for every tensor of
     `tensors` (header entries, workers/mlx/checkpoint.py); None where this way is unavailable."""
-    if not on_cuda() or not tensors:
+    if not on_cuda() or not tensors or not all(map(readable, tensors.values())):
         return None
-    for name, t in tensors.items():
-        dtype = DTYPES.get(t.dtype)
-        if dtype is None or t.end - t.start != math.prod(t.shape) * dtype.size:
-            return None
     try:
         arrays = {name: mx.zeros(t.shape, DTYPES[t.dtype]) for name, t in tensors.items()}
         mx.eval(list(arrays.values()))          # MLX's context is current on this thread from here
@@ -163,6 +159,13 @@ def read(tensors: dict[str, TensorInfo], threads: int = THREADS, chunk: int = CH
         log.warning("reading the checkpoint straight to the device failed (%s: %s); using mx.load",
                     type(exc).__name__, exc)
         return None
+
+
+def readable(t: TensorInfo) -> bool:
+    """Whether a tensor's bytes can go into an MLX array as they are: a dtype MLX holds, and as many
+    bytes as its shape says (mx.load reports a file where they disagree)."""
+    dtype = DTYPES.get(t.dtype)
+    return dtype is not None and t.end - t.start == math.prod(t.shape) * dtype.size
 
 
 def _agrees_with_mx_load(tensors: dict[str, TensorInfo], arrays: dict[str, mx.array]) -> bool:
