@@ -6,8 +6,8 @@ JIT-compiles (NVRTC, CUDA) and how long each kernel takes.
 Per mode, two child processes share one fresh kernel cache (MLX_PTX_CACHE_DIR) and one fresh CUDA
 driver cache (CUDA_CACHE_PATH): the first loads with the cache empty, the second finds it full.
 Each loads the engine (the load probe, then the warm-up at --size, as a worker does) and times the
-load, a first request at --size and a question about the same screenshot (the screenshot cache's
-path). After the cold child, the kernels it wrote, in the order written, with the seconds since the
+load, a first request at --size, a question about the same screenshot (the screenshot cache's
+path), and a reload in the same process after an unload (what an eviction leaves). After the cold child, the kernels it wrote, in the order written, with the seconds since the
 one before (~ its compile time, plus whatever ran in between; the kernel prebuild's helpers,
 workers/mlx/prebuild.py, build theirs at the same time, and the load's lines about them are shown).
 Modes: bf16; 8 or 4 (quantize, the engine as it is); "4:before" (the rule before: MLX's quantized
@@ -55,6 +55,10 @@ def child(path: str, mode: str, size: str) -> None:
         eng.run([eng.prepare(GroundingRequest(name, img, question))])
         mx.synchronize()
         out[name] = (time.perf_counter() - t) * 1e3
+    eng.unload()                    # as an eviction does: the worker's process stays, the model goes
+    t = time.perf_counter()
+    eng.load()
+    out["reload_s"] = time.perf_counter() - t
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -91,8 +95,8 @@ def main() -> None:
     if a.child:
         child(a.checkpoint, a.child, a.size)
         return
-    summary = ["| mode | cache | load s | first request ms | cached question ms | MLX's kernels | ours |",
-               "|---|---|---|---|---|---|---|"]
+    summary = ["| mode | cache | load s | first request ms | cached question ms | reload in the process s "
+               "| MLX's kernels | ours |", "|---|---|---|---|---|---|---|---|"]
     for mode in a.modes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             cache = Path(tmp) / "mlx-kernels"
@@ -101,7 +105,7 @@ def main() -> None:
                 r = run_child(a.checkpoint, mode, a.size, env)
                 mlx_kernels, ours = len(list(cache.glob("*.ptx"))), len(list(cache.glob("nvrtc-*.cubin")))
                 summary.append(f"| {mode} | {state} | {r['load_s']:.1f} | {r['first_request_ms']:.0f} | "
-                               f"{r['cached_question_ms']:.0f} | {mlx_kernels} | {ours} |")
+                               f"{r['cached_question_ms']:.0f} | {r['reload_s']:.1f} | {mlx_kernels} | {ours} |")
                 print(summary[-1], flush=True)
                 if state == "empty":
                     print(f"\n{mode}: kernels in the order written\n\n| file | KB | s since the one before |\n"
