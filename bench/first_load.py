@@ -7,9 +7,10 @@ Per mode, two child processes share one fresh kernel cache (MLX_PTX_CACHE_DIR) a
 driver cache (CUDA_CACHE_PATH): the first loads with the cache empty, the second finds it full.
 Each loads the engine (the load probe, then the warm-up at --size, as a worker does) and times the
 load, a first request at --size, a question about the same screenshot (the screenshot cache's
-path), and a reload in the same process after an unload (what an eviction leaves). After the cold child, the kernels it wrote, in the order written, with the seconds since the
-one before (~ its compile time, plus whatever ran in between; the kernel prebuild's helpers,
-workers/mlx/prebuild.py, build theirs at the same time, and the load's lines about them are shown).
+path), and a reload in the same process after an unload (what an eviction leaves). After the cold
+child, the kernels it wrote, in the order written, with the seconds since the one before (~ its
+compile time, plus whatever ran in between; the kernel prebuild's helpers, workers/mlx/prebuild.py,
+build theirs at the same time, and the load's lines about them are shown).
 Modes: bf16; 8 or 4 (quantize, the engine as it is); "4:before" (the rule before: MLX's quantized
 matmul under 512 rows, the load probe's reference in one call).
 """
