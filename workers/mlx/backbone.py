@@ -91,24 +91,26 @@ def load_backbone(ckpt: Checkpoint, dtype: mx.Dtype, quantize: int | None = None
     expected = dict(tree_flatten(model.parameters()))
 
     by_mlx = {mlx_name(k): k for k in ckpt.tensors if not k.startswith(HEAD_PREFIX)}
-    sources = {}
+    sources = {}          # parameter -> (checkpoint tensor, whether it is PyTorch's Conv3d layout)
     for name, param in expected.items():
         src = by_mlx.get(name)
         if src is None:
             raise CheckpointError(f"checkpoint is missing tensor {checkpoint_name(name)}")
         shape = ckpt.tensors[src].shape
-        if name.endswith("patch_embed.proj.weight") and len(shape) == 5 and shape[1] == 3:
+        conv3d = name.endswith("patch_embed.proj.weight") and len(shape) == 5 and shape[1] == 3
+        if conv3d:
             shape = (shape[0], *shape[2:], shape[1])     # transposed below
         if shape != tuple(param.shape):
             raise CheckpointError(f"tensor {src} in {ckpt.tensors[src].file.name} has shape "
                                   f"{list(ckpt.tensors[src].shape)}, expected {list(param.shape)}")
-        sources[name] = src
-    arrays = _read(ckpt, [*sources.values(), *(k for k in ckpt.tensors if k.startswith(HEAD_PREFIX))])
+        sources[name] = src, conv3d
+    head_names = [k for k in ckpt.tensors if k.startswith(HEAD_PREFIX)]
+    arrays = _read(ckpt, [*(src for src, _ in sources.values()), *head_names])
     head = {k: v for k, v in arrays.items() if k.startswith(HEAD_PREFIX)}
     weights = []
-    for name, src in sources.items():
+    for name, (src, conv3d) in sources.items():
         v = arrays.pop(src)
-        if name.endswith("patch_embed.proj.weight") and v.ndim == 5 and v.shape[1] == 3:
+        if conv3d:
             v = v.transpose(0, 2, 3, 4, 1)  # PyTorch Conv3d [out, C, T, H, W] -> MLX [out, T, H, W, C]
         if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype:
             # one tensor at a time, so the stored copy is gone before the next is converted: the
